@@ -1,0 +1,69 @@
+"""Exporting the student as a plain Hugging Face folder that loads without this package."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def export_student(
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    metadata: dict[str, Any] | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write ``save_pretrained`` safetensors plus the tokenizer, atomically, and check the reload.
+
+    The folder is assembled next to ``out_dir`` and swapped in only when complete, so a failed export
+    never leaves a partial folder where a good one was. With ``verify``, the written folder is loaded
+    back with plain ``AutoModelForCausalLM`` and its logits must match the in-memory student's.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if metadata is not None:
+            (tmp / "distill.json").write_text(json.dumps(metadata, indent=2, default=str))
+        if verify:
+            check_reload(student, tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@torch.no_grad()
+def check_reload(student: PreTrainedModel, folder: str | Path, atol: float = 1e-5) -> float:
+    """Reload ``folder`` with plain transformers and compare logits on a fixed probe; returns the max diff."""
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=student.dtype).eval()
+    device = next(student.parameters()).device
+    vocab = student.get_output_embeddings().weight.shape[0]
+    probe = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = student.training
+    student.eval()
+    try:
+        expected = student(input_ids=probe).logits.float()
+    finally:
+        student.train(was_training)
+    got = reloaded.to(device)(input_ids=probe).logits.float()
+    diff = float((expected - got).abs().max())
+    if diff > atol:
+        raise RuntimeError(f"exported model at {folder} does not reproduce the student (max |Δlogit| = {diff:.3g})")
+    return diff

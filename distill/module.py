@@ -1,0 +1,159 @@
+"""The LightningModule: a frozen teacher, a trainable student, and the distillation objective."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from distill import structure
+from distill.objective import DistillationObjective
+from distill.teacher import FrozenTeacher
+
+TEACHER_PREFIX = "teacher."
+
+
+class DistillModule(pl.LightningModule):
+    """Trains ``student`` to match ``teacher`` under ``objective``.
+
+    The teacher is a real submodule, so device moves and strategy wrapping (FSDP, DeepSpeed) treat
+    it like the student, but it is frozen, never in the optimizer, and stripped from every
+    ``state_dict`` and therefore from checkpoints. Loading a checkpoint tolerates its absence.
+
+    Structural changes to the student are recorded in ``self.structure`` (see :mod:`distill.structure`)
+    and saved with the checkpoint, so resuming rebuilds them before the weights load.
+
+    Args:
+        teacher: the frozen teacher.
+        student: the model to train.
+        objective: the loss (it may hold trainable parameters, such as a hidden-state projection).
+        optimizer: a partial optimizer factory taking the parameters.
+        scheduler: a partial LR scheduler factory taking the optimizer, stepped every optimizer step.
+        vocab_size: vocabulary compared between the models (the shared prefix when sizes differ).
+
+    """
+
+    def __init__(
+        self,
+        teacher: FrozenTeacher,
+        student: PreTrainedModel,
+        objective: DistillationObjective,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.student = student
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.vocab_size = vocab_size or min(teacher.vocab_size, student.get_output_embeddings().weight.shape[0])
+        self.structure: list[dict[str, Any]] = []
+        self._last_step_end: float | None = None
+        self.save_hyperparameters(
+            {
+                "vocab_size": self.vocab_size,
+                "loss": objective.loss_name,
+                "alpha": objective.alpha,
+                "temperature": objective.temperature,
+                "teacher": teacher.name,
+            }
+        )
+        self.register_state_dict_post_hook(_drop_teacher_keys)
+        self.register_load_state_dict_post_hook(_ignore_missing_teacher_keys)
+
+    # -- structure ----------------------------------------------------------------------------
+    def record_structure_change(self, kind: str, spec: dict[str, Any]) -> None:
+        """Log a change a callback made to the student, so checkpoints can rebuild it."""
+        self.structure.append({"kind": kind, "spec": copy.deepcopy(spec)})
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the structure log and the student's config next to the weights."""
+        checkpoint["student_structure"] = copy.deepcopy(self.structure)
+        checkpoint["student_config"] = self.student.config.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the saved structure on the fresh student; Lightning loads the weights right after."""
+        saved = checkpoint.get("student_structure", [])
+        done = len(self.structure)
+        if saved[:done] != self.structure:
+            raise RuntimeError("the student already went through structure changes that differ from the checkpoint's")
+        structure.replay(self.student, saved[done:])
+        self.structure = copy.deepcopy(saved)
+
+    # -- forward ------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> DistillModule:
+        """Switch the student (and objective) mode; the teacher stays in eval."""
+        super().train(mode)
+        self.teacher.train(False)
+        return self
+
+    def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        hidden = self.objective.needs_hidden_states
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        t_out = self.teacher(ids, attention_mask=mask, output_hidden_states=hidden)
+        s_out = self.student(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
+        v = self.vocab_size
+        return self.objective(
+            s_out.logits[..., :v],
+            t_out.logits[..., :v],
+            batch["labels"],
+            student_hidden=s_out.hidden_states if hidden else None,
+            teacher_hidden=t_out.hidden_states if hidden else None,
+            attention_mask=mask,
+        )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """One distillation step; logs the total, CE, KD (and hidden) losses."""
+        out = self._step(batch)
+        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log_dict({f"train/{k}_loss": out[k] for k in ("ce", "kd", "hidden") if k in out})
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Log tokens/s over the whole step."""
+        # Throughput over the whole step (data, teacher, student, optimizer), across all ranks.
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            tokens = batch["input_ids"].numel() * self.trainer.world_size
+            self.log("train/tokens_per_s", tokens / (now - self._last_step_end), prog_bar=True)
+        self._last_step_end = now
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Validation losses and perplexity, averaged across ranks."""
+        out = self._step(batch)
+        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
+        self.log_dict({f"val/{k}_loss": out[k] for k in ("ce", "kd", "hidden") if k in out}, sync_dist=True)
+        self.log("val/ppl", torch.exp(out["ce"]), sync_dist=True)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student and objective parameters that require grad; never the teacher's."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        params += [p for p in self.objective.parameters() if p.requires_grad]
+        return params
+
+    def configure_optimizers(self) -> Any:
+        """The optimizer over :meth:`trainable_parameters`, with the per-step LR schedule."""
+        optimizer = self.optimizer_factory(params=self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _drop_teacher_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + TEACHER_PREFIX)]:
+        del state_dict[key]
+
+
+def _ignore_missing_teacher_keys(module: nn.Module, incompatible_keys: Any) -> None:
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if not k.startswith(TEACHER_PREFIX)]

@@ -1,0 +1,35 @@
+"""A pretrained student loaded from a hub id or local folder (it must share the teacher's tokenizer)."""
+
+from __future__ import annotations
+
+from transformers import PreTrainedModel
+
+from distill.loading import load_causal_lm, resolve_source
+from distill.teacher import FrozenTeacher
+from distill.tokenization import load_tokenizer, shared_vocab_size
+
+
+def load(
+    teacher: FrozenTeacher,
+    *,
+    path: str,
+    gguf_file: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> PreTrainedModel:
+    """Load the student and stop at once if its tokenizer differs from the teacher's."""
+    source = resolve_source(path, None, gguf_file, "student")
+    tokenizer = load_tokenizer(
+        source, gguf_file=gguf_file, trust_remote_code=trust_remote_code, revision=revision, field="student"
+    )
+    model = load_causal_lm(
+        source,
+        gguf_file=gguf_file,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        field="student",
+    )
+    shared_vocab_size(teacher.tokenizer, tokenizer, teacher.vocab_size, model.get_output_embeddings().weight.shape[0])
+    return model

@@ -1,0 +1,61 @@
+"""A randomly initialised student of the teacher's family with chosen sizes."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from distill.errors import config_error
+from distill.teacher import FrozenTeacher
+from students.config import student_config
+
+
+def build(
+    teacher: FrozenTeacher,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    head_dim: int | None = None,
+    tie_word_embeddings: bool | None = None,
+) -> PreTrainedModel:
+    """Build a student from scratch, with the teacher's vocabulary and special-token ids.
+
+    Args:
+        teacher: the frozen teacher whose config is the template.
+        hidden_size: model width.
+        num_layers: decoder layers.
+        num_heads: query heads; ``hidden_size`` must divide by it unless ``head_dim`` is set.
+        num_kv_heads: key/value heads for GQA (defaults to ``num_heads``); must divide ``num_heads``.
+        intermediate_size: MLP width (defaults to 4 × hidden_size).
+        head_dim: per-head width (defaults to hidden_size / num_heads).
+        tie_word_embeddings: share input and output embeddings (defaults to the teacher's choice).
+
+    """
+    num_kv_heads = num_kv_heads or num_heads
+    if num_heads % num_kv_heads:
+        raise config_error("student.num_kv_heads", num_kv_heads, f"must divide student.num_heads={num_heads}")
+    if head_dim is None:
+        if hidden_size % num_heads:
+            raise config_error(
+                "student.num_heads",
+                num_heads,
+                f"must divide student.hidden_size={hidden_size}, or set student.head_dim",
+            )
+        head_dim = hidden_size // num_heads
+    config = student_config(
+        teacher.config,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        head_dim=head_dim,
+        tie_word_embeddings=tie_word_embeddings,
+        dtype=torch.float32,
+    )
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[:num_layers]
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

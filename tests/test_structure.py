@@ -1,0 +1,58 @@
+"""Structure changes recorded by callbacks are rebuilt from a checkpoint before the weights load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from distill import structure
+from distill.errors import ConfigError
+from distill.module import DistillModule
+from distill.objective import DistillationObjective
+from students import scratch
+
+
+@structure.register("test_drop_last_layer")
+def _drop_last_layer(student: nn.Module, spec: dict) -> None:
+    keep = spec["keep"]
+    student.model.layers = student.model.layers[:keep]
+    student.config.num_hidden_layers = keep
+
+
+def _module(teacher) -> DistillModule:
+    torch.manual_seed(0)
+    student = scratch.build(teacher, hidden_size=32, num_layers=3, num_heads=2)
+    return DistillModule(teacher, student, DistillationObjective(), optimizer=torch.optim.SGD)
+
+
+def test_checkpoint_replays_structure_before_weights(tiny_teacher):
+    a = _module(tiny_teacher)
+    _drop_last_layer(a.student, {"keep": 2})
+    a.record_structure_change("test_drop_last_layer", {"keep": 2})
+    ckpt = {"state_dict": a.state_dict()}
+    a.on_save_checkpoint(ckpt)
+    assert ckpt["student_structure"] == [{"kind": "test_drop_last_layer", "spec": {"keep": 2}}]
+    assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+
+    b = _module(tiny_teacher)  # a fresh 3-layer student, as at the start of a resumed run
+    b.on_load_checkpoint(ckpt)  # what Lightning calls before load_state_dict
+    b.load_state_dict(ckpt["state_dict"], strict=True)  # teacher keys absent: tolerated
+    assert len(b.student.model.layers) == 2 and b.structure == a.structure
+    probe = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(b.student(input_ids=probe).logits, a.student(input_ids=probe).logits)
+
+
+def test_unknown_structure_kind_is_a_clear_error(tiny_teacher):
+    b = _module(tiny_teacher)
+    with pytest.raises(ConfigError, match=r"kind='prune'.*resume with the same callbacks"):
+        b.on_load_checkpoint({"student_structure": [{"kind": "prune", "spec": {}}]})
+
+
+def test_strict_load_still_catches_missing_student_keys(tiny_teacher):
+    a = _module(tiny_teacher)
+    sd = a.state_dict()
+    sd.pop("student.lm_head.weight")
+    with pytest.raises(RuntimeError, match="student.lm_head.weight"):
+        a.load_state_dict(sd, strict=True)

@@ -1,0 +1,183 @@
+"""End-to-end runs of ``train(cfg)`` on a tiny teacher and student."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from tests.helpers import read_metrics, series
+from train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_end_to_end_loss_drops_and_export_reloads(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("trainer.max_steps=60", "trainer.val_check_interval=20", "trainer.log_every_n_steps=1")
+    metrics, objects = train(cfg)
+
+    losses = [v for _, v in series(read_metrics(tmp_path), "train/loss")]
+    assert len(losses) >= 55
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.2, (first, last)  # the floor (unigram entropy) is about 0.45 below the start
+    assert "val/loss" in metrics and "heldout/student/ppl" in metrics
+    assert metrics["heldout/teacher/kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["heldout/teacher/top1_agreement"] == 1.0
+
+    # The teacher never trained: no grads, requires_grad off, weights unchanged from a fresh build.
+    teacher = objects["teacher"]
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert not teacher.training
+    from distill.teacher import random_teacher
+
+    fresh = random_teacher(cache_dir=cfg.paths.cache_dir)
+    for (name, p), q in zip(teacher.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+    # The export loads in a process where this package cannot be imported, and its logits match.
+    export = Path(objects["export_dir"])
+    assert (export / "model.safetensors").is_file() and (export / "tokenizer.json").is_file()
+    probe = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    student = objects["student"].eval()
+    with torch.no_grad():
+        expected = student(input_ids=probe).logits
+    torch.save({"probe": probe}, tmp_path / "probe.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["distill"] = None  # any import of this package now fails
+        sys.modules["students"] = None
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        m = AutoModelForCausalLM.from_pretrained({str(export)!r}).eval()
+        tok = AutoTokenizer.from_pretrained({str(export)!r})
+        assert len(tok) == 512, len(tok)
+        probe = torch.load({str(tmp_path / "probe.pt")!r})["probe"]
+        with torch.no_grad():
+            torch.save(m(input_ids=probe).logits, {str(tmp_path / "reloaded.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    torch.testing.assert_close(torch.load(tmp_path / "reloaded.pt"), expected, rtol=0, atol=1e-5)
+    meta = json.loads((export / "distill.json").read_text())
+    assert meta["teacher"]["name"].startswith("tiny_random")
+
+
+def test_checkpoint_holds_student_and_optimizer_only(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        "trainer.max_steps=4",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "eval.enabled=false",
+        "export.enabled=false",
+    )
+    _, objects = train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and not any(k.startswith("teacher.") for k in keys)
+    student_keys = {f"student.{k}" for k in objects["student"].state_dict()}
+    assert student_keys <= set(keys)
+    assert ckpt["optimizer_states"] and ckpt["optimizer_states"][0]["state"]
+    n_params = sum(1 for p in objects["module"].trainable_parameters())
+    assert len(ckpt["optimizer_states"][0]["state"]) == n_params  # no teacher parameter in the optimizer
+    assert "teacher" not in json.dumps(ckpt["hyper_parameters"], default=str).replace('"teacher": "tiny', "")
+    assert ckpt["student_structure"] == []
+    assert ckpt["student_config"]["hidden_size"] == 32
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
+    common = (
+        "trainer.max_steps=8",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=100",
+        "trainer.limit_val_batches=0",
+        "eval.enabled=false",
+        "export.enabled=false",
+    )
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    _, full = train(tiny_cfg(*common, output_dir=full_dir))
+
+    crash = tiny_cfg(*common, output_dir=cut_dir)
+    with open_dict(crash):
+        crash.callbacks.crash = {"_target_": "tests.helpers.CrashAtStep", "step": 5}
+    with pytest.raises(SystemExit, match="simulated crash"):
+        train(crash)
+    assert (cut_dir / "checkpoints" / "last.ckpt").exists()
+
+    _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
+    assert resumed["trainer"].global_step == 8
+    full_loss = dict(series(read_metrics(full_dir), "train/loss"))
+    cut_loss = dict(series(read_metrics(cut_dir), "train/loss"))
+    assert set(full_loss) == set(cut_loss)
+    for step in full_loss:
+        assert cut_loss[step] == pytest.approx(full_loss[step], rel=1e-5), step
+    a, b = _weights(full["student"]), _weights(resumed["student"])
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_path_that_does_not_exist_is_refused(tiny_cfg, tmp_path):
+    from distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"resume='.*nope.ckpt'.*no such checkpoint"):
+        train(tiny_cfg(f"resume={tmp_path}/nope.ckpt"))
+
+
+def _run_cli(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def _cli_paths(tmp_path: Path, cache_dir: Path) -> list[str]:
+    return [
+        f"hydra.run.dir={tmp_path}/run",
+        f"paths.cache_dir={cache_dir}",
+        f"data.cache_dir={cache_dir}/data",
+        "callbacks.progress_bar=null",
+    ]
+
+
+def test_cli_bad_value_gives_one_line_error(tmp_path, cache_dir):
+    proc = _run_cli(["experiment=smoke", "distill.objective.alpha=2", *_cli_paths(tmp_path, cache_dir)], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: distill.objective.alpha=2: alpha must lie in [0, 1]")
+    assert "Traceback" not in proc.stderr
+
+
+def test_fast_dev_run_cli(tmp_path, cache_dir):
+    proc = _run_cli(["experiment=smoke", "debug=fdr", *_cli_paths(tmp_path, cache_dir)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fast_dev_run" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "student").exists()  # a debug step exports nothing
+
+
+@pytest.mark.ddp
+def test_ddp_sim_two_processes_train_and_log_once(tmp_path, cache_dir):
+    proc = _run_cli(["experiment=smoke", "trainer=ddp_sim", *_cli_paths(tmp_path, cache_dir)], tmp_path, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "distributed_backend=gloo" in out and "All distributed processes registered" in out
+    assert out.count("Held-out evaluation") == 1
+    run = tmp_path / "run"
+    versions = list(run.glob("csv/version_*"))
+    assert len(versions) == 1
+    rows = read_metrics(run)
+    steps = [s for s, _ in series(rows, "train/loss")]
+    assert steps and len(steps) == len(set(steps))  # each step logged once, not once per rank
+    assert (run / "student" / "model.safetensors").is_file()
