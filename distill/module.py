@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,9 @@ from distill.objective import DistillationObjective
 from distill.teacher import FrozenTeacher
 
 TEACHER_PREFIX = "teacher."
+
+# Lightning warns about submodules left in eval mode when fit starts; the frozen teacher is exactly that.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 class DistillModule(pl.LightningModule):
