@@ -12,9 +12,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from distill import structure
 from distill.checkpointing import resolve_resume
 from distill.evaluation import format_table, heldout_metrics
-from distill.export import export_student
+from distill.export import export_compact_forms, export_student
 from distill.instantiate import build, find_config_error, instantiate_callbacks, instantiate_loggers
 from distill.module import DistillModule
 
@@ -48,6 +49,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer: pl.Trainer = build(
         cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=loggers or False
     )
+    structure.check_schedule(trainer.callbacks)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -69,6 +71,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         )
         objects["export_dir"] = out
         log.info("exported the student to %s", out)
+        for name, path in export_compact_forms(
+            student, teacher.tokenizer, trainer.callbacks, cfg.paths.output_dir
+        ).items():
+            log.info("%s wrote a compact export to %s", name, path)
     if cfg.eval.enabled:
         device = next(student.parameters()).device
         teacher.to(device)

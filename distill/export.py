@@ -49,6 +49,33 @@ def export_student(
     return out_dir
 
 
+def plain_model(student: PreTrainedModel, callbacks: list[Any]) -> PreTrainedModel:
+    """The model that the plain Hugging Face export writes.
+
+    Compression callbacks that change how weights are stored (sharing, low-rank, quantization) give a
+    plain equivalent through ``materialize(model) -> PreTrainedModel``, applied in callback order; the
+    live student is left as it is.
+    """
+    model = student
+    for cb in callbacks:
+        materialize = getattr(cb, "materialize", None)
+        if materialize is not None:
+            model = materialize(model)
+    return model
+
+
+def export_compact_forms(
+    student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, callbacks: list[Any], run_dir: str | Path
+) -> dict[str, Path]:
+    """Let callbacks with ``export_compact(model, tokenizer, run_dir) -> Path`` write their compact form."""
+    out = {}
+    for cb in callbacks:
+        export = getattr(cb, "export_compact", None)
+        if export is not None:
+            out[type(cb).__name__] = Path(export(student, tokenizer, Path(run_dir)))
+    return out
+
+
 @torch.no_grad()
 def check_reload(student: PreTrainedModel, folder: str | Path, atol: float = 1e-5) -> float:
     """Reload ``folder`` with plain transformers and compare logits on a fixed probe; returns the max diff."""

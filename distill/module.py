@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +18,7 @@ from distill.objective import DistillationObjective
 from distill.teacher import FrozenTeacher
 
 TEACHER_PREFIX = "teacher."
+Carry = Callable[[Tensor], Tensor]
 
 # Lightning warns about submodules left in eval mode when fit starts; the frozen teacher is exactly that.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -75,7 +76,11 @@ class DistillModule(pl.LightningModule):
 
     # -- structure ----------------------------------------------------------------------------
     def record_structure_change(self, kind: str, spec: dict[str, Any]) -> None:
-        """Log a change a callback made to the student, so checkpoints can rebuild it."""
+        """Log a change a callback made to the student, so checkpoints can rebuild it.
+
+        Refuses a change of an earlier compression stage after a later one (see :data:`distill.structure.STAGES`).
+        """
+        structure.check_stage_order([c["kind"] for c in self.structure], kind)
         self.structure.append({"kind": kind, "spec": copy.deepcopy(spec)})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -143,6 +148,38 @@ class DistillModule(pl.LightningModule):
         params = [p for p in self.student.parameters() if p.requires_grad]
         params += [p for p in self.objective.parameters() if p.requires_grad]
         return params
+
+    def rebuild_optimizers(self, carry: Mapping[nn.Parameter, tuple[nn.Parameter, Carry | None]] | None = None) -> None:
+        """Re-create the optimizer and scheduler after the student's parameters changed mid-run.
+
+        Optimizer state (Adam moments, step counts) moves to the new optimizer for every parameter that
+        survived as the same object, and for each new parameter that ``carry`` maps to an old one, through
+        an optional function that slices or reshapes the old state tensors. The scheduler continues from
+        the same step with the same learning rate.
+
+        Args:
+            carry: new parameter → (old parameter, function applied to each non-scalar state tensor).
+
+        """
+        trainer = self.trainer
+        old_opts = list(trainer.optimizers)
+        old_state = {p: st for opt in old_opts for p, st in opt.state.items()}
+        old_lrs = [[g["lr"] for g in opt.param_groups] for opt in old_opts]
+        old_scheds = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
+        trainer.strategy.setup_optimizers(trainer)
+        carry = carry or {}
+        for opt, lrs in zip(trainer.optimizers, old_lrs, strict=False):
+            for group, lr in zip(opt.param_groups, lrs, strict=False):
+                group["lr"] = lr
+                for p in group["params"]:
+                    src, fn = carry.get(p, (p, None))
+                    if src in old_state:
+                        opt.state[p] = {
+                            k: (fn(v) if fn is not None and torch.is_tensor(v) and v.dim() > 0 else v)
+                            for k, v in old_state[src].items()
+                        }
+        for config, state in zip(trainer.lr_scheduler_configs, old_scheds, strict=False):
+            config.scheduler.load_state_dict(state)
 
     def configure_optimizers(self) -> Any:
         """The optimizer over :meth:`trainable_parameters`, with the per-step LR schedule."""

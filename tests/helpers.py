@@ -31,3 +31,35 @@ def read_metrics(output_dir: Path) -> list[dict[str, str]]:
 def series(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of one metric."""
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+class SwapParameterAt(pl.Callback):
+    """At a given step, replace the student's final-norm weight by a new Parameter and rebuild the optimizer.
+
+    Records what the optimizer held before and after, for tests of ``DistillModule.rebuild_optimizers``.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.before: dict | None = None
+        self.after: dict | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if trainer.global_step != self.step or self.before is not None:
+            return
+        import torch
+
+        norm = pl_module.student.model.norm
+        old = norm.weight
+        opt = trainer.optimizers[0]
+        self.before = {"exp_avg": opt.state[old]["exp_avg"].clone(), "lr": opt.param_groups[0]["lr"],
+                       "sched_step": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+                       "n_params": sum(len(g["params"]) for g in opt.param_groups)}
+        norm.weight = torch.nn.Parameter(old.detach().clone())
+        pl_module.rebuild_optimizers({norm.weight: (old, lambda t: t * 2)})
+        opt = trainer.optimizers[0]
+        self.after = {"exp_avg": opt.state[norm.weight]["exp_avg"].clone(), "lr": opt.param_groups[0]["lr"],
+                      "sched_step": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+                      "has_new": any(p is norm.weight for g in opt.param_groups for p in g["params"]),
+                      "has_old": any(p is old for g in opt.param_groups for p in g["params"]),
+                      "n_params": sum(len(g["params"]) for g in opt.param_groups)}

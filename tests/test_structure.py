@@ -56,3 +56,42 @@ def test_strict_load_still_catches_missing_student_keys(tiny_teacher):
     sd.pop("student.lm_head.weight")
     with pytest.raises(RuntimeError, match="student.lm_head.weight"):
         a.load_state_dict(sd, strict=True)
+
+
+class _Stage:
+    def __init__(self, stage: str, start: int, end: int) -> None:
+        self.stage, self.start_step, self.end_step = stage, start, end
+
+
+def test_schedule_order_is_enforced():
+    structure.check_schedule([_Stage("prune", 0, 50), _Stage("qat", 50, 100), object()])
+    with pytest.raises(ConfigError, match=r"callbacks.qat.start_step=40: qat must start .* prune finishes"):
+        structure.check_schedule([_Stage("qat", 40, 100), _Stage("prune", 0, 50)])
+    with pytest.raises(ConfigError, match="two 'share' callbacks"):
+        structure.check_schedule([_Stage("share", 0, 0), _Stage("share", 5, 5)])
+
+
+def test_structure_change_out_of_order_is_refused(tiny_teacher):
+    m = _module(tiny_teacher)
+    m.record_structure_change("prune", {})
+    m.record_structure_change("qat", {})
+    with pytest.raises(ConfigError, match=r"callbacks.prune: a 'prune' change came after 'qat'"):
+        m.record_structure_change("prune", {})
+
+
+def test_rebuild_optimizers_carries_state_and_schedule(tiny_cfg):
+    from omegaconf import open_dict
+
+    from train import train
+
+    cfg = tiny_cfg("trainer.max_steps=6", "eval.enabled=false", "export.enabled=false",
+                   "distill.scheduler.num_warmup_steps=2")
+    with open_dict(cfg):
+        cfg.callbacks.swap = {"_target_": "tests.helpers.SwapParameterAt", "step": 3}
+    _, objects = train(cfg)
+    swap = next(cb for cb in objects["trainer"].callbacks if type(cb).__name__ == "SwapParameterAt")
+    assert swap.after["has_new"] and not swap.after["has_old"]
+    assert swap.after["n_params"] == swap.before["n_params"]
+    torch.testing.assert_close(swap.after["exp_avg"], swap.before["exp_avg"] * 2)
+    assert swap.after["lr"] == swap.before["lr"] and swap.after["sched_step"] == swap.before["sched_step"]
+    assert objects["trainer"].global_step == 6
