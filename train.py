@@ -13,11 +13,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distill import structure
+from distill.assessment import assess
 from distill.checkpointing import resolve_resume
-from distill.evaluation import format_table, heldout_metrics
-from distill.export import export_compact_forms, export_student
+from distill.export import export_compact_forms, export_student, plain_model
 from distill.instantiate import build, find_config_error, instantiate_callbacks, instantiate_loggers
 from distill.module import DistillModule
+from distill.strategies import apply_student_switches, check_trainer_config
+from distill.tracking import publish_student
 
 log = logging.getLogger("distill")
 
@@ -31,13 +33,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     """
     # Settings that can be checked without models come first, so a typo fails before a slow teacher load.
+    check_trainer_config(cfg.trainer, objective=cfg.distill.objective)  # e.g. FSDP on CPU, before any load
     ckpt_path = resolve_resume(cfg.get("resume"), Path(cfg.paths.output_dir) / "checkpoints")
     objective = build(cfg.distill.objective)
     pl.seed_everything(cfg.seed, workers=True)
     teacher = build(cfg.teacher)
     student = build(cfg.student, teacher=teacher)
+    apply_student_switches(student, cfg.get("trainer_extras"))  # activation checkpointing, torch.compile
     objective.attach(student.config, teacher.config)
     datamodule = build(cfg.data, tokenizer=teacher.tokenizer)
+    if hasattr(teacher, "check_data"):  # a cached teacher only fits the data it was built from
+        datamodule.setup()
+        teacher.check_data(datamodule.cache_path.name, datamodule.block_size)
     module = DistillModule(
         teacher,
         student,
@@ -63,13 +70,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         return metrics, objects
     if cfg.export.enabled:
         out = export_student(
-            student,
+            plain_model(student, trainer.callbacks),  # shared/factorised/quantized weights made plain
             teacher.tokenizer,
             cfg.export.dir,
             verify=cfg.export.verify,
             metadata={"teacher": teacher.identity, "structure": module.structure, "global_step": trainer.global_step},
         )
         objects["export_dir"] = out
+        publish_student(loggers, out)  # W&B: the export as a model artifact
         log.info("exported the student to %s", out)
         for name, path in export_compact_forms(
             student, teacher.tokenizer, trainer.callbacks, cfg.paths.output_dir
@@ -78,25 +86,60 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.eval.enabled:
         device = next(student.parameters()).device
         teacher.to(device)
-        results = heldout_metrics(
-            {"teacher": teacher, "student": student},
+        report = assess(
+            student,
             teacher,
+            teacher.tokenizer,
             datamodule.val_dataloader(),
             module.vocab_size,
-            max_batches=cfg.eval.max_batches,
-            device=device,
+            cfg.eval,
+            cfg.paths.output_dir,
+            export_dir=objects.get("export_dir"),
+            modifications=modifications(cfg, module, trainer.global_step),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            names=(teacher.name, "student"),
         )
-        _report(results, loggers, trainer.global_step)
-        metrics.update({f"heldout/{m}/{k}": v for m, r in results.items() for k, v in r.items()})
+        flat = {_side_key(k, side): v for side, values in report["metrics"].items() for k, v in values.items()}
+        metrics.update(flat)
+        _log_report(report, flat, loggers, trainer.global_step)
+        objects["report"] = report
     return metrics, objects
 
 
+def _side_key(key: str, side: str) -> str:
+    group, _, rest = key.partition("/")
+    return f"{group}/{side}/{rest}"
+
+
+def modifications(cfg: DictConfig, module: DistillModule, steps: int) -> list[dict[str, Any]]:
+    """What was done to the student, in order: distillation, then each recorded structure change."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    mods: list[dict[str, Any]] = [
+        {
+            "kind": "distillation",
+            "config": {
+                "teacher": container["teacher"],
+                "student": container["student"],
+                "objective": container["distill"]["objective"],
+                "optimizer": container["distill"]["optimizer"],
+                "steps": steps,
+            },
+        }
+    ]
+    mods += [{"kind": c["kind"], "config": c["spec"]} for c in module.structure]
+    for name, node in (container.get("callbacks") or {}).items():
+        if isinstance(node, dict) and str(node.get("_target_", "")).startswith("callbacks."):
+            mods.append({"kind": f"callback:{name}", "config": node})
+    return mods
+
+
 @rank_zero_only
-def _report(results: dict[str, dict[str, float]], loggers: list, step: int) -> None:
-    print("\nHeld-out evaluation (validation split):\n" + format_table(results), flush=True)
-    flat = {f"heldout/{m}/{k}": v for m, r in results.items() for k, v in r.items()}
+def _log_report(report: dict[str, Any], flat: dict[str, float], loggers: list, step: int) -> None:
     for lg in loggers:
-        lg.log_metrics(flat, step=step)
+        lg.log_metrics({k: v for k, v in flat.items() if isinstance(v, (int, float))}, step=step)
+        if hasattr(lg, "log_table"):  # W&B: the comparison as a table
+            rows = [[r["metric"], r["teacher"], r["student"], r["delta"], r["rel_delta"]] for r in report["comparison"]]
+            lg.log_table("report/comparison", columns=["metric", "teacher", "student", "delta", "rel_delta"], data=rows)
         lg.save()
 
 

@@ -95,3 +95,28 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
             f"{int(r['tokens']):>8d}"
         )
     return "\n".join(rows)
+
+
+@torch.no_grad()
+def generation_fidelity(
+    model: nn.Module, reference: nn.Module, prompts: Tensor, new_tokens: int = 16
+) -> dict[str, float]:
+    """Greedy continuations of held-out prompts by ``model`` against ``reference`` (the teacher).
+
+    Returns the share of prompts whose whole continuation matches (``exact_match``) and the share of
+    continuation positions with the same token (``token_agreement``).
+    """
+    outs = []
+    for m in (model, reference):
+        m.eval()
+        out = m.generate(
+            input_ids=prompts,
+            attention_mask=torch.ones_like(prompts),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        outs.append(out[:, prompts.shape[1] :])
+    same = outs[0] == outs[1]
+    return {"exact_match": same.all(-1).float().mean().item(), "token_agreement": same.float().mean().item()}

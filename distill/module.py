@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from distill import structure
+from distill.cost import parameter_count
 from distill.objective import DistillationObjective
 from distill.teacher import FrozenTeacher
 
@@ -61,6 +62,8 @@ class DistillModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.vocab_size = vocab_size or min(teacher.vocab_size, student.get_output_embeddings().weight.shape[0])
         self.structure: list[dict[str, Any]] = []
+        # Decided once: chunking changes how the loss is computed, never its value.
+        self.chunked = objective.use_chunked(self.vocab_size, student)
         self._last_step_end: float | None = None
         self.save_hyperparameters(
             {
@@ -106,10 +109,24 @@ class DistillModule(pl.LightningModule):
 
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         hidden = self.objective.needs_hidden_states
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        ids, mask, v = batch["input_ids"], batch.get("attention_mask"), self.vocab_size
+        if self.chunked:
+            teacher_rows, t_hidden = self.teacher.rows(ids, mask, output_hidden_states=hidden, vocab=v)
+            s_out = self.student.base_model(
+                input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False
+            )
+            return self.objective.forward_chunked(
+                s_out.last_hidden_state,
+                self.student.get_output_embeddings(),
+                teacher_rows,
+                batch["labels"],
+                v,
+                student_hidden=s_out.hidden_states if hidden else None,
+                teacher_hidden=t_hidden if hidden else None,
+                attention_mask=mask,
+            )
         t_out = self.teacher(ids, attention_mask=mask, output_hidden_states=hidden)
         s_out = self.student(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
-        v = self.vocab_size
         return self.objective(
             s_out.logits[..., :v],
             t_out.logits[..., :v],
@@ -141,6 +158,10 @@ class DistillModule(pl.LightningModule):
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
         self.log_dict({f"val/{k}_loss": out[k] for k in ("ce", "kd", "hidden") if k in out}, sync_dist=True)
         self.log("val/ppl", torch.exp(out["ce"]), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the student's size next to its validation quality (the quality-vs-size curve)."""
+        self.log("student/params", float(parameter_count(self.student)))
 
     # -- optimisation -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from distill.chunked import TeacherRows, chunkable
 from distill.loading import load_causal_lm, resolve_source
 from distill.tokenization import load_tokenizer, tokenizer_fingerprint, train_tiny_tokenizer
 
@@ -58,6 +59,38 @@ class FrozenTeacher(nn.Module):
             output_hidden_states=output_hidden_states,
             use_cache=False,
         )
+
+    @torch.no_grad()
+    def rows(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        output_hidden_states: bool = False,
+        vocab: int | None = None,
+    ) -> tuple[TeacherRows, tuple[Tensor, ...] | None]:
+        """Teacher logits for the aligned rows of ``[:, :-1]`` flattened, produced one chunk at a time.
+
+        Runs the body once and keeps only the final hidden states; the output layer is applied per chunk
+        when the chunked loss asks for rows ``[start, stop)``, so the teacher's B·T·V logits never exist.
+        """
+        if not chunkable(self.model):  # logits need post-processing: compute them whole, hand out slices
+            logits = self(input_ids, attention_mask, output_hidden_states)
+            flat = logits.logits[:, :-1].reshape(-1, logits.logits.shape[-1])[:, :vocab]
+            return (lambda start, stop: flat[start:stop]), logits.hidden_states
+        out = self.model.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+        )
+        final = out.last_hidden_state[:, :-1].reshape(-1, out.last_hidden_state.shape[-1])
+        head = self.model.get_output_embeddings()
+
+        def rows(start: int, stop: int) -> Tensor:
+            with torch.no_grad():
+                return head(final[start:stop])[:, :vocab]
+
+        return rows, out.hidden_states
 
 
 def load_teacher(

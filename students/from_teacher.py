@@ -33,6 +33,13 @@ def build(
         hidden_size: must equal the teacher's (the copy keeps the full width); only checked.
 
     """
+    if not hasattr(teacher, "model"):
+        raise config_error(
+            "student",
+            "from_teacher",
+            "copies the teacher's weights, which a cached teacher does not "
+            "have; use student=tiny or student=pretrained with teacher=cached",
+        )
     t_layers, t_hidden = teacher.config.num_hidden_layers, teacher.config.hidden_size
     if hidden_size is not None and hidden_size != t_hidden:
         kind = "wider than" if hidden_size > t_hidden else "narrower than"

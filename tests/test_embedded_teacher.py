@@ -75,3 +75,27 @@ def test_default_command_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Held-out evaluation" in proc.stdout
     assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_guard_fires_on_a_random_student_and_not_on_a_copy_of_the_teacher(smollm2, tmp_path, cache_dir):
+    from distill.assessment import assess
+    from distill.data import DistillDataModule
+    from students import from_teacher, scratch
+
+    dm = DistillDataModule(smollm2.tokenizer, cache_dir=str(cache_dir / "data"), block_size=64, batch_size=4)
+    dm.setup()
+    settings = {"max_batches": 2, "tasks": ["distill_lastword", "distill_cloze"], "task_examples": 12,
+                "fidelity_prompts": 2, "prompt_tokens": 16, "new_tokens": 4, "speed_runs": 0,
+                "guard": {"max_compression_ratio": 8.0, "min_task_fraction": 0.9}}
+    copy = from_teacher.build(smollm2, num_layers=30)
+    report = assess(copy, smollm2, smollm2.tokenizer, dm.val_dataloader(), 49152, settings, tmp_path / "copy")
+    assert report["degradation"]["flags"] == []
+    assert report["metrics"]["student"]["fidelity/exact_match"] == 1.0
+
+    torch.manual_seed(0)
+    broken = scratch.build(smollm2, hidden_size=64, num_layers=1, num_heads=1)
+    report = assess(broken, smollm2, smollm2.tokenizer, dm.val_dataloader(), 49152, settings, tmp_path / "broken")
+    flags = {f["flag"] for f in report["degradation"]["flags"]}
+    assert "task_accuracy" in flags
+    assert report["metrics"]["teacher"]["task/distill_cloze/acc"] > report["metrics"]["student"]["task/distill_cloze/acc"]

@@ -1,0 +1,95 @@
+"""Peak memory and time of the chunked KD + CE loss against the naive one (forward + backward).
+
+Each variant runs in a fresh subprocess, and its peak is the growth of the process's resident-set
+high-water mark (``ru_maxrss``) over the step, after inputs and weights exist. That captures every
+allocation torch makes, which Python's tracemalloc cannot see. The subprocess sets glibc's
+``MALLOC_MMAP_THRESHOLD_`` to 64 KiB so that every tensor buffer is its own mapping, returned to the
+system when freed: otherwise freed heap memory stays resident and the high-water mark overstates
+what was live at once.
+
+    python bench/chunked_loss.py                       # SmolLM2 sizes: V=49152, d=576, B·T=2048
+    python bench/chunked_loss.py --vocab 128256 --hidden 2048 --tokens 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_variant(variant: str, vocab: int, hidden: int, tokens: int, chunk: int, loss: str) -> dict:
+    """Measure one fwd+bwd of ``variant`` in this process (called in a fresh subprocess)."""
+    import torch
+    from torch import nn
+
+    sys.path.insert(0, str(ROOT))
+    from distill.objective import DistillationObjective
+
+    torch.manual_seed(0)
+    b, t = tokens // 256, 257  # T+1 positions so that B·T aligned rows = tokens
+    h_s = torch.randn(b, t, hidden, requires_grad=True)
+    h_t = torch.randn(b, t, hidden)
+    head_s, head_t = nn.Linear(hidden, vocab, bias=False), nn.Linear(hidden, vocab, bias=False)
+    head_t.requires_grad_(False)
+    labels = torch.randint(0, vocab, (b, t))
+    obj = DistillationObjective(loss=loss, alpha=0.5, temperature=2.0, chunk_size=chunk)
+    # Gradient buffers of the inputs exist in both variants; allocate them before the baseline.
+    h_s.grad = torch.zeros_like(h_s)
+    head_s.weight.grad = torch.zeros_like(head_s.weight)
+    base = _maxrss_mb()
+    start = time.perf_counter()
+    if variant == "naive":
+        with torch.no_grad():
+            t_logits = head_t(h_t)
+        out = obj(head_s(h_s), t_logits, labels)
+    else:
+        flat = h_t[:, :-1].reshape(-1, hidden)
+        out = obj.forward_chunked(h_s, head_s, lambda i, j: head_t(flat[i:j]), labels, vocab)
+    out["loss"].backward()
+    seconds = time.perf_counter() - start
+    return {"variant": variant, "peak_mb": _maxrss_mb() - base, "seconds": seconds, "loss": out["loss"].item()}
+
+
+def main() -> None:
+    """Run both variants in subprocesses and print one ratio line each."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=49152)
+    p.add_argument("--hidden", type=int, default=576)
+    p.add_argument("--tokens", type=int, default=2048, help="B·T aligned token rows (multiple of 256)")
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--loss", default="forward_kl")
+    p.add_argument("--_variant", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a._variant:
+        print(json.dumps(run_variant(a._variant, a.vocab, a.hidden, a.tokens, a.chunk, a.loss)))
+        return
+    res = {}
+    for variant in ("naive", "chunked"):
+        cmd = [sys.executable, __file__, "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--tokens",
+               str(a.tokens), "--chunk", str(a.chunk), "--loss", a.loss, "--_variant", variant]
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+        res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = res[variant]
+        print(f"{variant:8s} peak +{r['peak_mb']:8.1f} MB  time {r['seconds']:6.2f} s  loss {r['loss']:.6f}")
+    n, c = res["naive"], res["chunked"]
+    print(f"V={a.vocab} d={a.hidden} B·T={a.tokens} chunk={a.chunk} loss={a.loss}")
+    print(f"ratio peak_memory chunked/naive = {c['peak_mb'] / n['peak_mb']:.3f}")
+    print(f"ratio time chunked/naive = {c['seconds'] / n['seconds']:.3f}")
+    print(f"loss relative difference = {abs(c['loss'] - n['loss']) / abs(n['loss']):.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Structured pruning, healed or not: one-shot vs progressive at the same distillation budget.
+
+Takes the student of a default run (``python train.py``: SmolLM2-135M teacher, 6-layer ``from_teacher``
+student) and prunes it to half its MLP channels and 6 of its 9 query heads per layer (3 of each 3-head
+KV group; 25% is not reachable under GQA, so this removes a third of the heads) in three ways:
+
+1. ``oneshot``: one-shot, scored on the first ``--calib`` training batches, no healing;
+2. ``oneshot_heal``: the same one-shot pruning at step ``--calib``, then distillation to ``--steps``;
+3. ``progressive``: cubic schedule from step 0 to ``--steps // 2`` every ``--every`` steps, then healing,
+   ``--steps`` in total, as (2).
+
+All three use activation importance (Minitron). For each it prints held-out perplexity, KL and top-1
+agreement with the teacher (the default held-out evaluation, ``eval.max_batches=8``), parameter count,
+and CPU tokens/s of a student forward pass (batch 8 × 128, no grad, median of ``--reps``).
+
+    python bench/prune_heal.py --base logs/train/runs/<default run>/student --steps 24 --every 4 --calib 4
+
+Sized for a shared 2-core CPU: about ten minutes per trained variant at 24 steps there when three other
+jobs share it (each variant loads the teacher, trains, and runs the held-out evaluation). Checkpointing and periodic
+validation are off (they only cost time here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from callbacks.prune import ProgressiveStructuredPruning  # noqa: E402
+from callbacks.prune_surgery import apply_spec, shapes  # noqa: E402
+from distill.data import StepBatchSampler  # noqa: E402
+from distill.evaluation import heldout_metrics  # noqa: E402
+from distill.instantiate import build  # noqa: E402
+from train import train  # noqa: E402
+
+TARGETS = ["callbacks.prune.heads=6", "callbacks.prune.channels=0.5", "callbacks.prune.importance=activation"]
+
+
+def compose_cfg(base: Path, out: Path, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                "student=pretrained",
+                f"student.path={base}",
+                "trainer.limit_val_batches=0",
+                "trainer.num_sanity_val_steps=0",
+                "trainer.enable_model_summary=false",
+                "callbacks.model_checkpoint=null",
+                "callbacks.progress_bar=null",
+                "callbacks.lr_monitor=null",
+                "logger=none",
+                "export.enabled=false",
+                *overrides,
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.log_dir = cfg.paths.output_dir = str(out)
+    return cfg
+
+
+@torch.no_grad()
+def tokens_per_s(models: dict[str, torch.nn.Module], reps: int) -> dict[str, float]:
+    """Median CPU throughput of a forward pass over one default-sized batch (8 × 128 tokens).
+
+    The models take turns, rep by rep, so load from other processes on a shared machine hits them alike.
+    """
+    vocab = next(iter(models.values())).config.vocab_size
+    ids = torch.randint(0, vocab, (8, 128), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        model.eval()(input_ids=ids, use_cache=False)  # warm-up
+    for _ in range(reps):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(input_ids=ids, use_cache=False)
+            times[name].append(time.perf_counter() - start)
+    return {name: ids.numel() / statistics.median(t) for name, t in times.items()}
+
+
+def row(name: str, model: torch.nn.Module, metrics: dict[str, float], seconds: float) -> dict:
+    """One result line (printed at once, so a long run shows its progress)."""
+    s = shapes(model)
+    r = {
+        "variant": name,
+        "params": s["params"],
+        "heads": s["heads"],
+        "kv_heads": s["kv_heads"],
+        "channels": s["channels"],
+        "ppl": metrics["ppl"],
+        "kl": metrics["kl_to_teacher"],
+        "top1": metrics["top1_agreement"],
+        "seconds": seconds,
+        "model": model,
+    }
+    print("DONE " + json.dumps({k: v for k, v in r.items() if k != "model"}), flush=True)
+    return r
+
+
+def untrained(base: Path, out: Path, calib: int) -> list[dict]:
+    """The base student, and its one-shot pruning with no healing (scored on the first training batches)."""
+    start = time.perf_counter()
+    cfg = compose_cfg(base, out, [])
+    torch.manual_seed(cfg.seed)
+    teacher = build(cfg.teacher)
+    student = build(cfg.student, teacher=teacher)
+    data = build(cfg.data, tokenizer=teacher.tokenizer)
+    data.setup("fit")
+    vocab = min(teacher.vocab_size, student.get_output_embeddings().weight.shape[0])
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        res = heldout_metrics({"student": model}, teacher, data.val_dataloader(), vocab, cfg.eval.max_batches)
+        return res["student"]
+
+    rows = [row("base (unpruned)", copy.deepcopy(student), evaluate(student), time.perf_counter() - start)]
+    start = time.perf_counter()
+    cb = ProgressiveStructuredPruning(heads=6, channels=0.5, importance="activation", end_step=calib)
+    cb.original = shapes(student)
+    cb.final = cb._final_sizes(cb.original)
+    # The same batches the trained variants see at steps 0..calib-1.
+    sampler = StepBatchSampler(len(data.train_set), data.batch_size, calib, seed=cfg.seed)
+    cb.scores.attach(student)
+    cb.scores.collecting = True
+    student.eval()
+    with torch.no_grad():
+        for idx in sampler:
+            student(input_ids=data.collate([data.train_set[i] for i in idx])["input_ids"], use_cache=False)
+    cb.scores.collecting = False
+    cb.scores.detach()
+    apply_spec(student, cb.select(student, cb.sizes_at(calib)))
+    rows.append(row("oneshot", student, evaluate(student), time.perf_counter() - start))
+    return rows
+
+
+def trained(name: str, base: Path, out: Path, steps: int, overrides: list[str]) -> dict:
+    cfg = compose_cfg(base, out / name, ["callbacks=prune", f"trainer.max_steps={steps}", *TARGETS, *overrides])
+    start = time.perf_counter()
+    metrics, objects = train(cfg)
+    seconds = time.perf_counter() - start
+    held = {k: metrics[f"heldout/student/{k}"] for k in ("ppl", "kl_to_teacher", "top1_agreement")}
+    return row(name, objects["student"], held, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=Path, required=True, help="exported student folder of a default run")
+    parser.add_argument("--steps", type=int, default=24, help="distillation steps of each trained variant")
+    parser.add_argument("--calib", type=int, default=4, help="calibration batches before one-shot pruning")
+    parser.add_argument("--every", type=int, default=4, help="steps between progressive pruning steps")
+    parser.add_argument("--reps", type=int, default=7, help="timed forward passes for tokens/s")
+    parser.add_argument("--variants", nargs="+", default=["oneshot", "oneshot_heal", "progressive"])
+    parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-prune-"))
+    # A private copy, so a concurrent run that rewrites the base folder cannot change it mid-benchmark.
+    base = out / "base"
+    shutil.copytree(args.base, base, dirs_exist_ok=True)
+    rows: list[dict] = []
+    if "oneshot" in args.variants:
+        rows += untrained(base, out / "oneshot", args.calib)
+    if "oneshot_heal" in args.variants:
+        one = [
+            f"callbacks.prune.start_step={args.calib}",
+            f"callbacks.prune.end_step={args.calib}",
+            f"callbacks.prune.calib_batches={args.calib}",
+        ]
+        rows.append(trained("oneshot_heal", base, out, args.steps, one))
+    if "progressive" in args.variants:
+        prog = [
+            "callbacks.prune.start_step=0",
+            f"callbacks.prune.end_step={args.steps // 2}",
+            f"callbacks.prune.every_n_steps={args.every}",
+            f"callbacks.prune.calib_batches={args.calib}",
+        ]
+        rows.append(trained("progressive", base, out, args.steps, prog))
+    speed = tokens_per_s({r["variant"]: r.pop("model") for r in rows}, args.reps)
+    for r in rows:
+        r["tokens_per_s"] = speed[r["variant"]]
+        print("RESULT " + json.dumps(r), flush=True)
+    print(
+        f"\n{'variant':<18}{'params':>12}{'heads':>7}{'kv':>4}{'MLP':>6}{'ppl':>10}{'KL':>8}{'top1':>8}"
+        f"{'tok/s':>9}{'s':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['variant']:<18}{r['params']:>12,}{r['heads']:>7}{r['kv_heads']:>4}{r['channels']:>6}{r['ppl']:>10.2f}"
+            f"{r['kl']:>8.3f}{r['top1']:>8.4f}{r['tokens_per_s']:>9.0f}{r['seconds']:>6.0f}"
+        )
+    print(f"{args.steps} distillation steps per trained variant; base: {args.base}")
+
+
+if __name__ == "__main__":
+    main()

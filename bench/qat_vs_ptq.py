@@ -1,0 +1,188 @@
+"""QAT against PTQ on the embedded default: how much of the post-training quantization loss QAT recovers.
+
+Three students, all distilled from the SmolLM2-135M teacher on the embedded corpus, scored on the same
+held-out batches:
+
+* **fp**: a ``from_teacher`` student distilled for ``--steps`` steps in full precision;
+* **ptq**: that fp student quantized afterwards with ``python -m distill.ptq``'s code (no training);
+* **qat**: the same student distilled for the same ``--steps`` with ``callbacks=qat`` (fake-quant from
+  ``--qat-start``), converted to real quantized weights at the end.
+
+It prints held-out perplexity and top-1 agreement with the teacher for each, the stored bits per quantized
+weight and the weights file size, and the fraction of the PTQ gap QAT recovers:
+``(ppl_ptq - ppl_qat) / (ppl_ptq - ppl_fp)``.
+
+    python bench/qat_vs_ptq.py                                  # 4-layer student, 40 steps, 8da4w g32
+    python bench/qat_vs_ptq.py --layers 6 --steps 60 --scheme int4_weight_only --group-size 64
+    python bench/qat_vs_ptq.py --layers 1 --steps 10 experiment=smoke      # seconds: checks the script
+
+Sized for a shared 2-core CPU (a few minutes per trained student): checkpointing and periodic validation
+are off; the held-out evaluation uses ``--eval-batches`` validation batches of ``--batch-size`` sequences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
+
+from distill import quantization  # noqa: E402
+from distill.evaluation import heldout_metrics  # noqa: E402
+from distill.ptq import quantize_export  # noqa: E402
+from train import train  # noqa: E402
+
+
+def run(name: str, overrides: list[str], args: argparse.Namespace, out: Path) -> tuple[dict, dict, float]:
+    """One ``train(cfg)`` on the default setup with the bench's size overrides."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                *args.overrides,
+                *overrides,
+                f"student.num_layers={args.layers}",
+                f"trainer.max_steps={args.steps}",
+                f"data.batch_size={args.batch_size}",
+                f"data.eval_batch_size={args.batch_size}",
+                f"eval.max_batches={args.eval_batches}",
+                "trainer.limit_val_batches=0",
+                "trainer.num_sanity_val_steps=0",
+                "trainer.enable_model_summary=false",
+                "callbacks.model_checkpoint=null",
+                *([] if args.progress else ["callbacks.progress_bar=null"]),
+                "callbacks.lr_monitor=null",
+                "logger=none",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.log_dir = cfg.paths.output_dir = str(out / name)
+    start = time.perf_counter()
+    metrics, objects = train(cfg)
+    return metrics, objects, time.perf_counter() - start
+
+
+def _size(folder: Path) -> dict:
+    """The sizes ``save_quantized`` measured and wrote to ``quantization.json``."""
+    return json.loads((folder / quantization.META_FILE).read_text())["size"]
+
+
+def main() -> None:
+    """Run fp, PTQ and QAT and print the comparison (and write it as JSON next to the runs)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=4, help="student.num_layers of the from_teacher student")
+    p.add_argument("--steps", type=int, default=40, help="distillation steps of the fp and of the QAT run")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--scheme", default="int8_dynact_int4_weight", choices=list(quantization.SCHEMES))
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--qat-start", type=int, default=0, help="callbacks.qat.start_step")
+    p.add_argument("--progress", action="store_true", help="keep the progress bar")
+    p.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs, e.g. experiment=smoke")
+    args = p.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="qat_vs_ptq-"))
+    spec = quantization.make_spec(args.scheme, args.group_size, None)
+    gs = "null" if spec.group_size is None else spec.group_size
+
+    fp_metrics, fp, fp_s = run("fp", [], args, out)
+    start = time.perf_counter()
+    ptq_model, ptq_dir = quantize_export(fp["export_dir"], spec.scheme, spec.group_size, out=out / "fp" / "ptq")
+    vocab = fp["module"].vocab_size
+    ptq_eval = heldout_metrics(
+        {"ptq": ptq_model},
+        fp["teacher"],
+        fp["datamodule"].val_dataloader(),
+        vocab,
+        max_batches=args.eval_batches,
+    )["ptq"]
+    ptq_s = time.perf_counter() - start
+    del fp["trainer"], fp["module"]
+    qat_metrics, _, qat_s = run(
+        "qat",
+        [
+            "callbacks=qat",
+            f"callbacks/qat={spec.scheme}",
+            f"callbacks.qat.group_size={gs}",
+            f"callbacks.qat.start_step={args.qat_start}",
+        ],
+        args,
+        out,
+    )
+
+    def row(metrics: dict, who: str) -> dict:
+        return {k: metrics[f"heldout/{who}/{k}"] for k in ("ppl", "top1_agreement", "kl_to_teacher")}
+
+    results = {
+        "teacher": row(fp_metrics, "teacher"),
+        "fp": {
+            **row(fp_metrics, "student"),
+            "weights_bytes": (Path(fp["export_dir"]) / "model.safetensors").stat().st_size,
+            "seconds": fp_s,
+        },
+        "ptq": {
+            **{k: ptq_eval[k] for k in ("ppl", "top1_agreement", "kl_to_teacher")},
+            **_size(ptq_dir),
+            "seconds": ptq_s,
+        },
+        "qat": {
+            **row(qat_metrics, "student"),
+            **_size(out / "qat" / "student_quantized"),
+            "seconds": qat_s,
+        },
+    }
+    gap = results["ptq"]["ppl"] - results["fp"]["ppl"]
+    recovered = (results["ptq"]["ppl"] - results["qat"]["ppl"]) / gap if gap > 0 else float("nan")
+    summary = {
+        "scheme": spec.scheme,
+        "group_size": spec.group_size,
+        "layers": args.layers,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "eval_batches": args.eval_batches,
+        "qat_start": args.qat_start,
+        "eval_tokens": fp_metrics["heldout/student/tokens"],
+        "recovered_fraction": recovered,
+        "results": results,
+    }
+    (out / "qat_vs_ptq.json").write_text(json.dumps(summary, indent=2))
+
+    print(
+        f"\nQAT vs PTQ: {spec.scheme} (group_size={spec.group_size}), {args.layers}-layer student, "
+        f"{args.steps} steps each, batch {args.batch_size}, {int(summary['eval_tokens'])} held-out tokens"
+    )
+    print(
+        f"{'model':<8}{'ppl':>10}{'top1_agree':>12}{'kl':>9}{'bits/w mem':>11}{'bits/w disk':>12}"
+        f"{'file MiB':>10}{'time s':>8}"
+    )
+    for name in ("teacher", "fp", "ptq", "qat"):
+        r = results[name]
+        mem = f"{r['bits_per_weight']:.2f}" if "bits_per_weight" in r else ("32" if name == "fp" else "-")
+        disk = f"{r['disk_bits_per_weight']:.2f}" if "disk_bits_per_weight" in r else ("32" if name == "fp" else "-")
+        size = r.get("disk_bytes", r.get("weights_bytes"))
+        mib = f"{size / 2**20:.2f}" if size else "-"
+        secs = f"{r['seconds']:.0f}" if "seconds" in r else "-"
+        print(
+            f"{name:<8}{r['ppl']:>10.3f}{r['top1_agreement']:>12.4f}{r['kl_to_teacher']:>9.4f}"
+            f"{mem:>11}{disk:>12}{mib:>10}{secs:>8}"
+        )
+    print(f"PTQ gap: {gap:+.3f} ppl; QAT recovers {recovered:.1%} of it (ppl_ptq - ppl_qat) / (ppl_ptq - ppl_fp)")
+    print(f"runs and JSON under {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Cross-layer sharing and low-rank factorization on the embedded default: size against quality.
+
+Runs ``train(cfg)`` on the default setup (SmolLM2-135M teacher, 6-layer ``from_teacher`` student, the
+embedded corpus) once per configuration, for the same number of distillation steps, and prints for
+each: unique student parameters, bytes on disk (plain Hugging Face export and, where there is one, the
+compact export), held-out perplexity and top-1 agreement with the teacher.
+
+    python bench/share_lowrank.py                       # all configurations, 20 steps each
+    python bench/share_lowrank.py --steps 40 --configs student share_k2
+    python bench/share_lowrank.py --steps 0             # only the quality right after conversion
+
+Sized for a shared 2-core CPU: each configuration takes a few minutes there. Checkpointing and the
+periodic validation are switched off (they only cost time here); the held-out evaluation is the
+default one (``eval.max_batches=8``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import lightning.pytorch as pl  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from distill.evaluation import heldout_metrics  # noqa: E402
+from distill.instantiate import build, instantiate_callbacks  # noqa: E402
+from train import train  # noqa: E402
+
+CONFIGS: dict[str, list[str]] = {
+    "student": [],
+    "share_k2": ["callbacks=share", "callbacks.share.pattern=groups", "callbacks.share.group_size=2"],
+    "share_k2_lora8": [
+        "callbacks=share",
+        "callbacks.share.pattern=groups",
+        "callbacks.share.group_size=2",
+        "callbacks.share.lora_rank=8",
+    ],
+    "share_k2_lora8_svd": [
+        "callbacks=share",
+        "callbacks.share.pattern=groups",
+        "callbacks.share.group_size=2",
+        "callbacks.share.lora_rank=8",
+        "callbacks.share.lora_init=svd",
+    ],
+    "lowrank_50": ["callbacks=lowrank", "callbacks.lowrank.param_budget=0.5"],
+    "lowrank_50_whitened": [
+        "callbacks=lowrank",
+        "callbacks.lowrank.param_budget=0.5",
+        "callbacks.lowrank.calibration_batches=4",
+    ],
+}
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.log_dir = cfg.paths.output_dir = tempfile.mkdtemp(prefix="bench-share-lowrank-conv-")
+    return cfg
+
+
+def at_conversion(names: list[str], max_batches: int) -> list[dict]:
+    """Held-out quality right after each compression, before any distillation step (one teacher pass)."""
+    cfg = _compose([])
+    teacher = build(cfg.teacher)
+    dm = build(cfg.data, tokenizer=teacher.tokenizer)
+    dm.prepare_data()
+    dm.setup("fit")
+    models = {}
+    for name in names:
+        pl.seed_everything(cfg.seed)
+        student = build(cfg.student, teacher=teacher)
+        for cb in instantiate_callbacks(_compose(CONFIGS[name]).get("callbacks")):
+            if getattr(cb, "stage", None) == "share":
+                cb.compress(student)
+            elif getattr(cb, "stage", None) == "lowrank":
+                cb.compress(student, dm)
+        models[name] = student
+    vocab = min(teacher.vocab_size, next(iter(models.values())).get_output_embeddings().weight.shape[0])
+    results = heldout_metrics(models, teacher, dm.val_dataloader(), vocab, max_batches=max_batches)
+    return [
+        {
+            "config": name,
+            "steps": 0,
+            "unique_params": sum(p.numel() for p in m.parameters()),
+            "ppl": results[name]["ppl"],
+            "top1": results[name]["top1_agreement"],
+            "kl": results[name]["kl_to_teacher"],
+        }
+        for name, m in models.items()
+    ]
+
+
+def run(name: str, overrides: list[str], steps: int, out: Path) -> dict:
+    """Distil for ``steps`` steps with one configuration; size and held-out quality of the result."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=[
+                *overrides,
+                f"trainer.max_steps={steps}",
+                "trainer.limit_val_batches=0",
+                "trainer.num_sanity_val_steps=0",
+                "trainer.enable_model_summary=false",
+                "callbacks.model_checkpoint=null",
+                "callbacks.progress_bar=null",
+                "callbacks.lr_monitor=null",
+                # Held-out ppl / agreement only: the report's tasks, generation and speed runs cost minutes here.
+                "eval.tasks=[]",
+                "eval.new_tokens=0",
+                "eval.speed_runs=0",
+                "logger=none",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.log_dir = cfg.paths.output_dir = str(out / name)
+    start = time.perf_counter()
+    metrics, objects = train(cfg)
+    seconds = time.perf_counter() - start
+    student = objects["student"]
+    plain = Path(objects["export_dir"]) / "model.safetensors"
+    compact = out / name / "student_compact" / "model.safetensors"
+    layer_params = {id(p): p.numel() for n, p in student.named_parameters() if ".layers." in n}
+    return {
+        "config": name,
+        "steps": steps,
+        "unique_params": sum(p.numel() for p in student.parameters()),
+        "unique_layer_params": sum(layer_params.values()),
+        "plain_bytes": plain.stat().st_size,
+        "compact_bytes": compact.stat().st_size if compact.exists() else None,
+        "ppl": metrics["heldout/student/ppl"],
+        "top1": metrics["heldout/student/top1_agreement"],
+        "kl": metrics["heldout/student/kl_to_teacher"],
+        "teacher_ppl": metrics["heldout/teacher/ppl"],
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20, help="distillation steps per configuration")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--conversion-batches", type=int, default=4, help="held-out batches scored at conversion")
+    parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-share-lowrank-"))
+    if args.conversion_batches:
+        print(f"\nAt conversion (no distillation yet), {args.conversion_batches} held-out batches:")
+        print(f"{'config':<22}{'unique params':>15}{'ppl':>14}{'top1':>8}{'KL':>8}")
+        for r in at_conversion(args.configs, args.conversion_batches):
+            print("RESULT " + json.dumps(r), flush=True)
+            print(f"{r['config']:<22}{r['unique_params']:>15,}{r['ppl']:>14.2f}{r['top1']:>8.4f}{r['kl']:>8.3f}")
+    if not args.steps:
+        return
+    rows = []
+    for name in args.configs:
+        row = run(name, CONFIGS[name], args.steps, out)
+        rows.append(row)
+        print("RESULT " + json.dumps(row), flush=True)
+    mb = 1024 * 1024
+    print(
+        f"\n{'config':<22}{'unique params':>15}{'layer params':>14}{'plain MB':>10}{'compact MB':>12}"
+        f"{'ppl':>10}{'top1':>8}{'KL':>8}{'s':>7}"
+    )
+    for r in rows:
+        compact = f"{r['compact_bytes'] / mb:.1f}" if r["compact_bytes"] else "-"
+        print(
+            f"{r['config']:<22}{r['unique_params']:>15,}{r['unique_layer_params']:>14,}{r['plain_bytes'] / mb:>10.1f}"
+            f"{compact:>12}{r['ppl']:>14.2f}{r['top1']:>8.4f}{r['kl']:>8.3f}{r['seconds']:>7.0f}"
+        )
+    print(f"teacher held-out ppl: {rows[0]['teacher_ppl']:.2f}; {args.steps} steps per configuration")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Compact storage of a student with tied (shared) weights, low-rank factors and LoRA deltas.
+
+``transformers``' ``save_pretrained`` refuses tensors shared across layers, and a plain model class
+cannot load factorised linears. This module gives both compression callbacks (sharing, low-rank)
+one format that keeps the real size saving:
+
+* ``model.safetensors``: every distinct tensor once, under the first name it has in the model;
+* ``compact.json``: the structure to rebuild on top of the plain architecture (which linears are
+  factorised and at what rank, which projections carry a LoRA delta) and the tie groups
+  (``[canonical, alias, ...]``: names that are one tensor);
+* ``config.json`` and the tokenizer files, as in a plain Hugging Face folder;
+* ``load_compact.py``: a copy of this file, so ``load_compact(folder)`` works without this package.
+
+This file must stay self-contained (torch, transformers, safetensors and, for LoRA, peft only): it is
+copied next to the weights as the loader.
+
+Usage, without this package::
+
+    import sys; sys.path.insert(0, folder)
+    from load_compact import load_compact
+    model = load_compact(folder)  # an AutoModelForCausalLM with the ties and factors rebuilt
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "distill-compact"
+VERSION = 1
+
+
+class LowRankLinear(nn.Module):
+    """``y = up(down(x))``: a linear layer W (d_out × d_in) stored as two factors of rank ``rank``.
+
+    ``down.weight`` is (rank × d_in) and ``up.weight`` (d_out × rank); the bias, if any, sits on ``up``,
+    so ``up.weight @ down.weight`` is the dense weight and the bias is unchanged.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the two factors."""
+        return self.up(self.down(x))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The d_out × d_in product ``up.weight @ down.weight``."""
+        return self.up.weight @ self.down.weight
+
+    def extra_repr(self) -> str:  # noqa: D102 (nn.Module's repr hook)
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+# -- module surgery ---------------------------------------------------------------------------------
+def get_owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module that owns the dotted attribute ``name`` and the attribute's last component."""
+    parent, _, leaf = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), leaf
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name``."""
+    owner, leaf = get_owner(model, name)
+    setattr(owner, leaf, module)
+
+
+def set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    """Make the dotted parameter ``name`` this Parameter object (ties it when used for several names)."""
+    owner, leaf = get_owner(model, name)
+    setattr(owner, leaf, param)
+
+
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """Names that are one Parameter object, as ``[canonical, alias, ...]`` (first name first)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def _hf_tied_names(model: nn.Module) -> set[str]:
+    # The embedding ↔ head tie that transformers itself declares and re-creates on load.
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(keys, dict):
+        return set(keys) | set(keys.values())
+    return set(keys)
+
+
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft installed: then no model here carries LoRA layers
+        return {}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    out.weight = nn.Parameter(weight.detach().clone())
+    if bias is not None:
+        out.bias = nn.Parameter(bias.detach().clone())
+    return out
+
+
+@torch.no_grad()
+def materialize(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model``: LoRA deltas merged, factors multiplied back, shared weights cloned per use.
+
+    The result has the original architecture with ordinary ``nn.Linear`` layers and no tensor shared
+    across layers (the embedding ↔ head tie that transformers declares is kept), so ``save_pretrained``
+    writes it and ``AutoModelForCausalLM`` loads it anywhere. ``model`` is left as it is.
+    """
+    out = copy.deepcopy(model)  # deepcopy keeps ties (one copy per shared object), so we untie explicitly below
+    for name, layer in _lora_layers(out).items():
+        base = layer.get_base_layer()
+        weight = base.weight
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+        set_module(out, name, _dense_linear(weight, base.bias))
+    if hasattr(out, "peft_config"):
+        del out.peft_config
+    for name, m in list(out.named_modules()):
+        if isinstance(m, LowRankLinear):
+            set_module(out, name, _dense_linear(m.dense_weight(), m.up.bias))
+    keep = _hf_tied_names(out)
+    for names in tie_groups(out):
+        if set(names) <= keep:
+            continue
+        shared = out.get_parameter(names[0])
+        for alias in names[1:]:
+            set_parameter(out, alias, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
+    return out
+
+
+# -- the compact format -------------------------------------------------------------------------------
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The structure of ``model`` beyond its plain architecture, as stored in ``compact.json``."""
+    lowrank = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    lora = None
+    layers = _lora_layers(model)
+    if layers:
+        first = next(iter(layers.values()))
+        adapter = first.active_adapters[0]
+        lora = {
+            "modules": sorted(layers),
+            "r": int(first.r[adapter]),
+            "lora_alpha": float(first.lora_alpha[adapter]),
+            "scaling": {name: float(m.scaling[adapter]) for name, m in layers.items()},
+        }
+    return {"format": FORMAT, "version": VERSION, "lowrank": lowrank, "lora": lora, "ties": tie_groups(model)}
+
+
+def save_compact(model: nn.Module, tokenizer: Any, out_dir: str | Path, verify: bool = True) -> Path:
+    """Write ``model`` in the compact form (see the module docstring), atomically, and check the reload.
+
+    Args:
+        model: the live student (a transformers model, possibly with tied layers, factors and LoRA).
+        tokenizer: saved next to the weights when given.
+        out_dir: the folder to write; replaced only once the new one is complete and verified.
+        verify: reload with :func:`load_compact` and require the same logits on a fixed probe.
+
+    Returns:
+        ``out_dir``.
+
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        spec = describe(model)
+        aliases = {alias for names in spec["ties"] for alias in names[1:]}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
+        (tmp / "compact.json").write_text(json.dumps(spec, indent=2))
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        shutil.copyfile(__file__, tmp / "load_compact.py")
+        if verify:
+            check_compact(model, tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_compact(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a compact folder: build the plain architecture, rebuild factors and LoRA, re-tie, load weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    spec = json.loads((folder / "compact.json").read_text())
+    if spec.get("format") != FORMAT or spec.get("version") != VERSION:
+        raise ValueError(f"{folder}/compact.json: not a {FORMAT} v{VERSION} folder")
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config)
+    for name, rank in spec["lowrank"].items():
+        dense = model.get_submodule(name)
+        set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, dense.bias is not None))
+    lora = spec.get("lora")
+    if lora:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["modules"])
+        inject_adapter_in_model(config, model)
+        for name, scaling in lora["scaling"].items():
+            layer = model.get_submodule(name)
+            layer.scaling[layer.active_adapters[0]] = scaling
+    for names in spec["ties"]:
+        shared = model.get_parameter(names[0])
+        for alias in names[1:]:
+            set_parameter(model, alias, shared)
+    tensors = load_file(str(folder / "model.safetensors"))
+    result = model.load_state_dict(tensors, strict=False)
+    aliases = {alias for names in spec["ties"] for alias in names[1:]}
+    missing = [k for k in result.missing_keys if k not in aliases]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{folder}: weights do not fit the structure (missing {missing}, unexpected {result.unexpected_keys})"
+        )
+    for p in model.parameters():
+        p.requires_grad_(True)  # peft freezes the base weights on injection; a loaded model is fully trainable
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+@torch.no_grad()
+def check_compact(model: nn.Module, folder: str | Path, atol: float = 1e-5) -> float:
+    """Reload ``folder`` with :func:`load_compact` and compare logits with ``model``; returns the max diff."""
+    reloaded = load_compact(folder)
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    probe = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        expected = model(input_ids=probe).logits.float()
+    finally:
+        model.train(was_training)
+    got = reloaded.to(device=device, dtype=next(model.parameters()).dtype)(input_ids=probe).logits.float()
+    diff = float((expected - got).abs().max())
+    if diff > atol:
+        raise RuntimeError(f"compact export at {folder} does not reproduce the student (max |Δlogit| = {diff:.3g})")
+    return diff

@@ -1,0 +1,100 @@
+"""What a model costs: parameters (shared tensors once), bytes in memory and on disk, bits per weight, speed."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers, each storage counted once (tied and shared tensors appear once)."""
+    seen, out = set(), []
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape)) if t.device.type != "meta" else id(t)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters with each shared tensor counted once (ALBERT-style sharing and tied embeddings)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def memory_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and persistent buffers, each storage once.
+
+    Quantized tensor subclasses (torchao) report their packed storage through ``nbytes`` of their
+    inner tensors when they expose ``__tensor_flatten__``.
+    """
+    total = 0
+    for t in _unique_tensors(model):
+        total += _tensor_bytes(t)
+    return total
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
+        names, _ = flatten()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def disk_bytes(folder: str | Path | None) -> int | None:
+    """Total size of the files in an export folder (None when there is none)."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+@torch.no_grad()
+def generation_tokens_per_s(model: nn.Module, input_ids: torch.Tensor, new_tokens: int = 32, runs: int = 3) -> float:
+    """Median greedy-generation speed (new tokens per second) over ``runs`` runs, after one warm-up."""
+    model.eval()
+    times = []
+    for i in range(runs + 1):
+        start = time.perf_counter()
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        if i:  # the first run warms caches and kernels
+            times.append(time.perf_counter() - start)
+    return input_ids.shape[0] * new_tokens / statistics.median(times)
+
+
+def cost_metrics(
+    model: nn.Module,
+    export_dir: str | Path | None = None,
+    probe: torch.Tensor | None = None,
+    new_tokens: int = 32,
+    runs: int = 3,
+) -> dict[str, Any]:
+    """Parameters, bytes in memory and on disk, effective bits per weight, and generation tokens/s."""
+    params = parameter_count(model)
+    mem = memory_bytes(model)
+    out: dict[str, Any] = {
+        "params": params,
+        "bytes_memory": mem,
+        "bytes_disk": disk_bytes(export_dir),
+        "bits_per_weight": 8 * mem / max(params, 1),
+    }
+    if probe is not None:
+        out["tokens_per_s"] = generation_tokens_per_s(model, probe, new_tokens, runs)
+    return out

@@ -1,0 +1,102 @@
+"""Weights & Biases: offline when there is no API key, secrets kept out of what is logged, results published.
+
+Lightning's ``WandbLogger`` does the logging; this module decides the mode before ``wandb.init`` can block
+on an interactive login, redacts secrets from the logged config, and logs the exported student as an
+artifact (the held-out comparison table is logged by train.py through ``log_table``).
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+REDACTED = "<redacted>"
+# Config keys (and environment variable names) whose values are secrets whatever they hold: names that end
+# in one of these words, so `hf_token` and `WANDB_API_KEY` match but `prompt_tokens` does not.
+SECRET_KEY = re.compile(r"(?:^|[_\-.])(?:api[_\-]?key|token|secret|password|passwd)$", re.IGNORECASE)
+WANDB_HOST = "api.wandb.ai"
+
+
+def has_api_key(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether wandb can log in without asking: ``WANDB_API_KEY`` or a netrc entry for the W&B host."""
+    environ = os.environ if environ is None else environ
+    if environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(environ.get("NETRC") or Path(environ.get("HOME", "~")).expanduser() / ".netrc")
+    try:
+        host = (environ.get("WANDB_BASE_URL") or WANDB_HOST).split("://")[-1].rstrip("/")
+        return netrc.netrc(str(path)).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, PermissionError):
+        return False
+
+
+def redact(value: Any, secrets: tuple[str, ...] = ()) -> Any:
+    """A copy of a config tree with secret-named keys, and any occurrence of ``secrets``, replaced."""
+    if isinstance(value, Mapping):
+        return {k: REDACTED if SECRET_KEY.search(str(k)) else redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v, secrets) for v in value)
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+    return value
+
+
+def _secrets() -> tuple[str, ...]:
+    # Only values long enough to be a credential: replacing a 1-character value would mangle the config.
+    return tuple(v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= 8)
+
+
+class DistillWandbLogger(WandbLogger):
+    """``WandbLogger`` that never logs secrets and can publish the student and the evaluation table."""
+
+    def log_hyperparams(self, params: Any) -> None:
+        """Log the config with secrets redacted (by key name and by the value of secret environment variables)."""
+        if isinstance(params, Mapping):
+            params = redact(dict(params), _secrets())
+        super().log_hyperparams(params)
+
+    def log_student(self, export_dir: str | Path) -> None:
+        """Log the exported student folder as a ``model`` artifact of this run."""
+        import wandb
+
+        artifact = wandb.Artifact(name=f"student-{self.experiment.id}", type="model")
+        artifact.add_dir(str(export_dir))
+        self.experiment.log_artifact(artifact)
+
+
+def wandb_logger(**kwargs: Any) -> DistillWandbLogger:
+    """Build the W&B logger, switching to offline mode when no API key is available.
+
+    Without a key ``wandb.init`` would wait for an interactive login, which hangs a batch job; offline
+    mode logs to ``<save_dir>/wandb/offline-run-*`` and prints the ``wandb sync`` command that uploads it.
+    ``WANDB_MODE`` set in the environment is respected as it is.
+
+    Args:
+        **kwargs: passed to Lightning's ``WandbLogger`` (project, name, save_dir, id, offline...).
+
+    """
+    if not kwargs.get("offline") and not os.environ.get("WANDB_MODE") and not has_api_key():
+        kwargs["offline"] = True
+        where = Path(kwargs.get("save_dir") or ".") / "wandb"
+        print(
+            f"W&B: no API key (WANDB_API_KEY or `wandb login`), logging offline to {where}/offline-run-*; "
+            f"upload it later with: wandb sync {where}/offline-run-*",
+            file=sys.stderr,
+            flush=True,
+        )
+    return DistillWandbLogger(**kwargs)
+
+
+def publish_student(loggers: list[Logger], export_dir: str | Path) -> None:
+    """Hand the exported student to every logger that stores artifacts (W&B); others are skipped."""
+    for lg in loggers:
+        if hasattr(lg, "log_student"):
+            lg.log_student(export_dir)

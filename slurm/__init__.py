@@ -1,0 +1,1 @@
+"""SLURM batch scripts rendered from the Hydra config (see slurm/README.md)."""
