@@ -18,7 +18,8 @@ from distill.checkpointing import resolve_resume
 from distill.export import export_compact_forms, export_student, plain_model
 from distill.instantiate import build, find_config_error, instantiate_callbacks, instantiate_loggers
 from distill.module import DistillModule
-from distill.strategies import apply_student_switches, check_trainer_config
+from distill.strategies import apply_student_switches, check_trainer_config, strategy_name
+from distill.tasks import validate_task_names
 from distill.tracking import publish_student
 
 log = logging.getLogger("distill")
@@ -36,6 +37,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_trainer_config(cfg.trainer, objective=cfg.distill.objective)  # e.g. FSDP on CPU, before any load
     ckpt_path = resolve_resume(cfg.get("resume"), Path(cfg.paths.output_dir) / "checkpoints")
     objective = build(cfg.distill.objective)
+    if cfg.eval.enabled:
+        validate_task_names(cfg.eval.tasks or [])
+    if strategy_name(cfg.trainer.get("strategy")) == "fsdp" and objective.chunked == "auto":
+        objective.chunked = False  # the chunked path needs the whole output layer; FSDP shards it (docs/performance.md)
     pl.seed_everything(cfg.seed, workers=True)
     teacher = build(cfg.teacher)
     student = build(cfg.student, teacher=teacher)

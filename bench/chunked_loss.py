@@ -77,8 +77,22 @@ def main() -> None:
         return
     res = {}
     for variant in ("naive", "chunked"):
-        cmd = [sys.executable, __file__, "--vocab", str(a.vocab), "--hidden", str(a.hidden), "--tokens",
-               str(a.tokens), "--chunk", str(a.chunk), "--loss", a.loss, "--_variant", variant]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--vocab",
+            str(a.vocab),
+            "--hidden",
+            str(a.hidden),
+            "--tokens",
+            str(a.tokens),
+            "--chunk",
+            str(a.chunk),
+            "--loss",
+            a.loss,
+            "--_variant",
+            variant,
+        ]
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -13,10 +13,11 @@ All three use activation importance (Minitron). For each it prints held-out perp
 agreement with the teacher (the default held-out evaluation, ``eval.max_batches=8``), parameter count,
 and CPU tokens/s of a student forward pass (batch 8 × 128, no grad, median of ``--reps``).
 
-    python bench/prune_heal.py --base logs/train/runs/<default run>/student --steps 24 --every 4 --calib 4
+    python bench/prune_heal.py --base logs/train/runs/<default run>/student --steps 12 --every 2 --calib 2
 
-Sized for a shared 2-core CPU: about ten minutes per trained variant at 24 steps there when three other
-jobs share it (each variant loads the teacher, trains, and runs the held-out evaluation). Checkpointing and periodic
+Sized for a shared 2-core CPU: with the defaults (12 steps) each trained variant took 10-15 minutes there
+while five other jobs shared it (each variant loads the teacher, trains, and runs the held-out evaluation);
+the whole script took 32 minutes. Results: bench/results/prune.md. Checkpointing and periodic
 validation are off (they only cost time here).
 """
 
@@ -163,9 +164,9 @@ def trained(name: str, base: Path, out: Path, steps: int, overrides: list[str]) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", type=Path, required=True, help="exported student folder of a default run")
-    parser.add_argument("--steps", type=int, default=24, help="distillation steps of each trained variant")
-    parser.add_argument("--calib", type=int, default=4, help="calibration batches before one-shot pruning")
-    parser.add_argument("--every", type=int, default=4, help="steps between progressive pruning steps")
+    parser.add_argument("--steps", type=int, default=12, help="distillation steps of each trained variant")
+    parser.add_argument("--calib", type=int, default=2, help="calibration batches before one-shot pruning")
+    parser.add_argument("--every", type=int, default=2, help="steps between progressive pruning steps")
     parser.add_argument("--reps", type=int, default=7, help="timed forward passes for tokens/s")
     parser.add_argument("--variants", nargs="+", default=["oneshot", "oneshot_heal", "progressive"])
     parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")

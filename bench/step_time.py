@@ -50,9 +50,19 @@ def _median(fn, n: int) -> float:
 def lightning_step_time(module, dm, steps: int) -> float:
     """Median step time of ``steps`` Lightning training steps (the first, warm-up step excluded)."""
     timer = StepTimer()
-    trainer = pl.Trainer(max_steps=steps + 1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[timer])
+    trainer = pl.Trainer(
+        max_steps=steps + 1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        callbacks=[timer],
+    )
     trainer.fit(module, datamodule=dm)
     return statistics.median(timer.times[1:])
 
@@ -114,8 +124,15 @@ def main() -> None:
 
     for p_ in module.trainable_parameters():
         p_.grad = torch.zeros_like(p_)
-    parts = {name: _median(fn, a.steps) for name, fn in
-             [("teacher", teacher_part), ("student", student_part), ("loss", loss_part), ("optimizer", optimizer_part)]}
+    parts = {
+        name: _median(fn, a.steps)
+        for name, fn in [
+            ("teacher", teacher_part),
+            ("student", student_part),
+            ("loss", loss_part),
+            ("optimizer", optimizer_part),
+        ]
+    }
     total = sum(parts.values())
     print("parts alone: " + ", ".join(f"{k} {v:.3f} s" for k, v in parts.items()) + f"; sum {total:.3f} s")
     print(f"lightning step {step:.3f} s")
@@ -129,8 +146,9 @@ def main() -> None:
         build_cache(teacher, dm, tmp, top_k=64, splits=("train",), progress=False)
         dm.train_set = full_train
         cached = CachedTeacher(tmp)
-        module_cached = DistillModule(cached, student, objective,
-                                      optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4))
+        module_cached = DistillModule(
+            cached, student, objective, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4)
+        )
         step_cached = lightning_step_time(module_cached, dm, a.steps)
     print(f"cached-teacher step {step_cached:.3f} s")
     print(f"ratio cached_step / online_step = {step_cached / step:.3f}")

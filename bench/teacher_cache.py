@@ -33,12 +33,15 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for k in (int(x) for x in a.ks.split(",")):
-            m = build_cache(teacher, dm, Path(tmp) / f"k{k}", top_k=k, max_blocks=a.blocks, splits=("train",),
-                            progress=False)
+            m = build_cache(
+                teacher, dm, Path(tmp) / f"k{k}", top_k=k, max_blocks=a.blocks, splits=("train",), progress=False
+            )
             rows[k] = m
-            print(f"k={k:4d}  bytes/token {m['bytes_per_token']:7.1f} (payload {m['bytes_per_token_payload']})  "
-                  f"reconstruction KL {m['reconstruction_kl']:.4f} nats/token  top-k mass {m['mean_topk_mass']:.4f}  "
-                  f"tokens {m['tokens']}  build {m['seconds']:.1f} s")
+            print(
+                f"k={k:4d}  bytes/token {m['bytes_per_token']:7.1f} (payload {m['bytes_per_token_payload']})  "
+                f"reconstruction KL {m['reconstruction_kl']:.4f} nats/token  top-k mass {m['mean_topk_mass']:.4f}  "
+                f"tokens {m['tokens']}  build {m['seconds']:.1f} s"
+            )
     full_bytes = teacher.vocab_size * 4  # one float32 distribution per token, for scale
     for k, m in rows.items():
         print(f"ratio bytes_per_token k={k} / full fp32 distribution = {m['bytes_per_token'] / full_bytes:.5f}")

@@ -173,6 +173,8 @@ def init_lora_from_residuals(model: nn.Module, originals: dict[str, torch.Tensor
         adapter = layer.active_adapters[0]
         base = layer.get_base_layer().weight
         u, s, vh = torch.linalg.svd((original - base).double(), full_matrices=False)
+        if float(s[0]) == 0.0:
+            continue  # the member the shared value came from: A = B = 0 would never train, keep peft's init
         r = min(int(layer.r[adapter]), s.numel())
         root = (s[:r] / layer.scaling[adapter]).sqrt()
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distill.cost import cost_metrics
+from distill.errors import ConfigError
 from distill.evaluation import format_table, generation_fidelity, heldout_metrics
 from distill.report import build_report, plot_run, write_report
 from distill.tasks import LOCAL_TASKS, build_local_tasks, hf_lm, run_tasks, task_manager
@@ -94,11 +95,19 @@ def assess(
     for side in sides:
         sides[side].update({f"heldout/{k}": v for k, v in held[side].items() if k != "tokens"})
 
+    notes: list[str] = []
     tasks = list(settings.get("tasks") or [])
     if tasks:
         task_dir = Path(run_dir) / "tasks"
         if any(t in LOCAL_TASKS for t in tasks):
-            build_local_tasks(_texts(val_loader, tokenizer), task_dir, n_examples=settings.get("task_examples", 50))
+            try:
+                build_local_tasks(_texts(val_loader, tokenizer), task_dir, n_examples=settings.get("task_examples", 50))
+            except ConfigError as err:
+                # Too little held-out prose: the run's other results still stand, so say so and go on.
+                notes.append(f"local tasks skipped: {err}")
+                log.warning("local tasks skipped: %s", err)
+                tasks = [t for t in tasks if t not in LOCAL_TASKS]
+    if tasks:
         manager = task_manager(task_dir)
         models = {"student": student, **({"teacher": base_lm} if can_generate else {})}
         for side, model in models.items():
@@ -138,6 +147,7 @@ def assess(
 
     guard = dict(settings.get("guard") or {})
     report = build_report(sides["teacher"], sides["student"], modifications or [], config or {}, guard, names)
+    report["notes"] = notes
     write_report(report, run_dir)
     try:
         plot_run(run_dir, sides["teacher"], sides["student"])

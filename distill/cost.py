@@ -15,7 +15,9 @@ def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Parameters and buffers, each storage counted once (tied and shared tensors appear once)."""
     seen, out = set(), []
     for t in [*model.parameters(), *model.buffers()]:
-        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape)) if t.device.type != "meta" else id(t)
+        # Wrapper tensor subclasses (torchao quantized weights) have no storage of their own: key them by object.
+        plain = type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta"
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape)) if plain else id(t)
         if key not in seen:
             seen.add(key)
             out.append(t)

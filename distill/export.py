@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +27,28 @@ def export_student(
     never leaves a partial folder where a good one was. With ``verify``, the written folder is loaded
     back with plain ``AutoModelForCausalLM`` and its logits must match the in-memory student's.
     """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with atomic_directory(out_dir) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if metadata is not None:
             (tmp / "distill.json").write_text(json.dumps(metadata, indent=2, default=str))
         if verify:
             check_reload(student, tmp)
+    return Path(out_dir)
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield an empty folder next to ``out_dir``; publish it as ``out_dir`` only if the block succeeds.
+
+    A previous ``out_dir`` is replaced only once the new one is complete, and a failure removes the
+    half-written folder, so readers never see a partial export where a good one was.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        yield tmp
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old")
             shutil.rmtree(old, ignore_errors=True)
@@ -46,7 +60,6 @@ def export_student(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def plain_model(student: PreTrainedModel, callbacks: list[Any]) -> PreTrainedModel:

@@ -169,6 +169,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     flags = report["degradation"]["flags"]
     lines += ["", "## Degradation guard", "", "No flags." if not flags else ""]
     lines += [f"- ⚠ **{f['flag']}**: {f['message']}" for f in flags]
+    if report.get("notes"):
+        lines += ["", "## Notes", "", *(f"- {n}" for n in report["notes"])]
     lines += ["", "## Provenance", "", f"- config hash: `{report['config_hash']}`"]
     lines += [f"- {k}: {v}" for k, v in report["versions"].items()]
     return "\n".join(lines) + "\n"

@@ -3,9 +3,10 @@
 Lightning owns the strategies (DDP, FSDP, DeepSpeed); this module only adds what distillation needs:
 
 * :func:`check_trainer_config` refuses combinations that would fail late or obscurely (FSDP/DeepSpeed on a
-  CPU accelerator, ``trainer.devices`` disagreeing with the SLURM tasks per node), before a teacher loads.
-* :func:`fsdp_strategy` builds Lightning's ``FSDPStrategy`` with a wrap policy that shards every decoder
-  layer of *both* models, so the frozen teacher is sharded instead of replicated on every rank.
+  CPU accelerator, a bare ``strategy=fsdp``, the chunked loss under FSDP, ``trainer.devices`` disagreeing
+  with the SLURM tasks per node), before a teacher loads.
+* :func:`fsdp_strategy` builds Lightning's ``FSDPStrategy`` with :func:`shard_policy`, which shards every
+  decoder layer of *both* models and the rest of the teacher, so the frozen teacher is not replicated.
 * :func:`apply_student_switches` turns on activation checkpointing and ``torch.compile`` for the student.
 """
 
@@ -73,12 +74,19 @@ def check_trainer_config(
             f"the {strategy_name(strategy)} strategy runs on GPUs only; use trainer.accelerator=gpu, "
             "or trainer=ddp_sim to try multi-process training on CPU",
         )
-    if strategy_name(strategy) == "fsdp" and objective is not None and objective.get("chunked", False) is not False:
+    if isinstance(strategy, str) and strategy.lower().startswith("fsdp"):
+        raise config_error(
+            "trainer.strategy",
+            strategy,
+            "use trainer=fsdp: Lightning's bare FSDP strategy has no wrap policy for the teacher, so its parameters "
+            "would sit in the root unit with the student's and checkpointing (which leaves the teacher out) fails",
+        )
+    if strategy_name(strategy) == "fsdp" and objective is not None and objective.get("chunked", False) is True:
         raise config_error(
             "distill.objective.chunked",
             objective.get("chunked"),
             "the chunked loss runs the teacher's body outside its FSDP unit; set distill.objective.chunked=false "
-            "with trainer=fsdp (or use trainer=deepspeed_stage_3, which also partitions the teacher)",
+            "with trainer=fsdp",
         )
     # Under srun every task is one Lightning process; if the two counts differ, Lightning either hangs
     # waiting for ranks that never start or raises deep inside setup, so name the fix here.

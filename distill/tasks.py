@@ -123,6 +123,13 @@ def check_tasks(tasks: Sequence[str], manager: Any) -> None:
         )
 
 
+def validate_task_names(tasks: Sequence[str]) -> None:
+    """Check task names before any training, so a typo does not surface only after the run."""
+    hub = [t for t in tasks if t not in LOCAL_TASKS]
+    if hub:
+        check_tasks(hub, task_manager(None))
+
+
 def run_tasks(lm: Any, tasks: Sequence[str], manager: Any, limit: int | None = None) -> dict[str, dict[str, float]]:
     """Evaluate an lm-eval ``LM`` on ``tasks``; returns task → {metric: value}.
 

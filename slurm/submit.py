@@ -57,7 +57,8 @@ def job_settings(cfg: DictConfig) -> dict[str, Any]:
             or ``slurm.ntasks_per_node`` disagreeing with it.
 
     """
-    check_trainer_config(cfg.trainer, environ={}, objective=cfg.distill.objective)  # the submitting shell's SLURM variables are not the job's
+    # environ={}: the submitting shell's SLURM variables (if any) are not the job's.
+    check_trainer_config(cfg.trainer, environ={}, objective=cfg.distill.objective)
     slurm = OmegaConf.to_container(cfg.slurm, resolve=True)
     devices = _positive_int(
         "trainer.devices",
@@ -116,9 +117,7 @@ def submit(script: str, log_dir: Path, job_name: str) -> str:
     """
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise config_error(
-            "sbatch", "not on PATH", "run on a SLURM login node, or pass --dry-run to print the script"
-        )
+        raise config_error("sbatch", "not on PATH", "run on a SLURM login node, or pass --dry-run to print the script")
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{job_name}-{time.strftime('%Y-%m-%d_%H-%M-%S')}.sbatch"
     tmp = path.with_suffix(".tmp")

@@ -52,14 +52,20 @@ class SwapParameterAt(pl.Callback):
         norm = pl_module.student.model.norm
         old = norm.weight
         opt = trainer.optimizers[0]
-        self.before = {"exp_avg": opt.state[old]["exp_avg"].clone(), "lr": opt.param_groups[0]["lr"],
-                       "sched_step": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
-                       "n_params": sum(len(g["params"]) for g in opt.param_groups)}
+        self.before = {
+            "exp_avg": opt.state[old]["exp_avg"].clone(),
+            "lr": opt.param_groups[0]["lr"],
+            "sched_step": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+            "n_params": sum(len(g["params"]) for g in opt.param_groups),
+        }
         norm.weight = torch.nn.Parameter(old.detach().clone())
         pl_module.rebuild_optimizers({norm.weight: (old, lambda t: t * 2)})
         opt = trainer.optimizers[0]
-        self.after = {"exp_avg": opt.state[norm.weight]["exp_avg"].clone(), "lr": opt.param_groups[0]["lr"],
-                      "sched_step": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
-                      "has_new": any(p is norm.weight for g in opt.param_groups for p in g["params"]),
-                      "has_old": any(p is old for g in opt.param_groups for p in g["params"]),
-                      "n_params": sum(len(g["params"]) for g in opt.param_groups)}
+        self.after = {
+            "exp_avg": opt.state[norm.weight]["exp_avg"].clone(),
+            "lr": opt.param_groups[0]["lr"],
+            "sched_step": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+            "has_new": any(p is norm.weight for g in opt.param_groups for p in g["params"]),
+            "has_old": any(p is old for g in opt.param_groups for p in g["params"]),
+            "n_params": sum(len(g["params"]) for g in opt.param_groups),
+        }

@@ -90,9 +90,16 @@ def test_chunk_size_and_mode_are_validated():
     with pytest.raises(ConfigError, match="distill.objective.chunked='sometimes'"):
         DistillationObjective(chunked="sometimes")
     with pytest.raises(ValueError, match="chunk_size"):
-        chunked_distill_loss(torch.zeros(2, 3), nn.Linear(3, 4), torch.zeros(2, dtype=torch.long),
-                             lambda a, b: torch.zeros(b - a, 4), lambda *a: (torch.zeros(()), torch.zeros(())),
-                             (1.0, 1.0), 4, chunk_size=0)
+        chunked_distill_loss(
+            torch.zeros(2, 3),
+            nn.Linear(3, 4),
+            torch.zeros(2, dtype=torch.long),
+            lambda a, b: torch.zeros(b - a, 4),
+            lambda *a: (torch.zeros(()), torch.zeros(())),
+            (1.0, 1.0),
+            4,
+            chunk_size=0,
+        )
 
 
 def test_auto_mode_follows_vocabulary_size(tiny_teacher):
@@ -113,8 +120,9 @@ def test_module_chunked_step_matches_naive_and_never_builds_full_logits(tiny_tea
     batch = {"input_ids": batch_ids, "attention_mask": torch.ones_like(batch_ids), "labels": batch_ids.clone()}
     results = {}
     for chunked in (False, True):
-        obj = DistillationObjective(loss="jsd", alpha=0.5, temperature=2.0, chunked=chunked, chunk_size=16,
-                                    hidden={"weight": 0.5})
+        obj = DistillationObjective(
+            loss="jsd", alpha=0.5, temperature=2.0, chunked=chunked, chunk_size=16, hidden={"weight": 0.5}
+        )
         obj.attach(student.config, tiny_teacher.config)
         torch.manual_seed(1)
         obj.hidden.proj.reset_parameters() if hasattr(obj.hidden.proj, "reset_parameters") else None

@@ -10,6 +10,7 @@ from lightning.pytorch import Trainer
 from omegaconf import OmegaConf, open_dict
 
 from distill.instantiate import instantiate_callbacks, instantiate_loggers
+from distill.strategies import is_gpu_only
 from tests.conftest import CONF, compose_cfg
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -67,6 +68,11 @@ def test_every_option_composes_and_its_targets_resolve(group, option, tmp_path, 
 @pytest.mark.parametrize("option", _options("trainer"))
 def test_trainer_configs_instantiate(option, tmp_path, cache_dir):
     cfg = compose_cfg([f"trainer={option}"], tmp_path, cache_dir)
+    if is_gpu_only(cfg.trainer.get("strategy")):
+        # Lightning refuses FSDP/DeepSpeed on a CPU accelerator; build the strategy object itself instead
+        # (test_scale_out.py checks its settings and the clear error for accelerator=cpu).
+        assert hydra.utils.instantiate(cfg.trainer.strategy) is not None
+        return
     with open_dict(cfg):  # GPU configs must also be valid Trainer arguments; build them on the CPU here
         cfg.trainer.accelerator = "cpu"
         cfg.trainer.devices = 1
@@ -128,4 +134,7 @@ def test_root_config_documents_the_command(tmp_path):
     for f in Path(CONF).rglob("*.yaml"):
         if f.parent.name in ("paths", "hydra", "callbacks") or f.name == "default.yaml":
             continue
-        assert "python train.py" in f.read_text(), f"{f} lacks a header comment with its command"
+        text = f.read_text()
+        assert any(cmd in text for cmd in ("python train.py", "python evaluate.py", "python -m distill.")), (
+            f"{f} lacks a header comment with its command"
+        )

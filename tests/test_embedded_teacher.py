@@ -85,9 +85,16 @@ def test_guard_fires_on_a_random_student_and_not_on_a_copy_of_the_teacher(smollm
 
     dm = DistillDataModule(smollm2.tokenizer, cache_dir=str(cache_dir / "data"), block_size=64, batch_size=4)
     dm.setup()
-    settings = {"max_batches": 2, "tasks": ["distill_lastword", "distill_cloze"], "task_examples": 12,
-                "fidelity_prompts": 2, "prompt_tokens": 16, "new_tokens": 4, "speed_runs": 0,
-                "guard": {"max_compression_ratio": 8.0, "min_task_fraction": 0.9}}
+    settings = {
+        "max_batches": 2,
+        "tasks": ["distill_lastword", "distill_cloze"],
+        "task_examples": 12,
+        "fidelity_prompts": 2,
+        "prompt_tokens": 16,
+        "new_tokens": 4,
+        "speed_runs": 0,
+        "guard": {"max_compression_ratio": 8.0, "min_task_fraction": 0.9},
+    }
     copy = from_teacher.build(smollm2, num_layers=30)
     report = assess(copy, smollm2, smollm2.tokenizer, dm.val_dataloader(), 49152, settings, tmp_path / "copy")
     assert report["degradation"]["flags"] == []
@@ -98,4 +105,6 @@ def test_guard_fires_on_a_random_student_and_not_on_a_copy_of_the_teacher(smollm
     report = assess(broken, smollm2, smollm2.tokenizer, dm.val_dataloader(), 49152, settings, tmp_path / "broken")
     flags = {f["flag"] for f in report["degradation"]["flags"]}
     assert "task_accuracy" in flags
-    assert report["metrics"]["teacher"]["task/distill_cloze/acc"] > report["metrics"]["student"]["task/distill_cloze/acc"]
+    assert (
+        report["metrics"]["teacher"]["task/distill_cloze/acc"] > report["metrics"]["student"]["task/distill_cloze/acc"]
+    )

@@ -130,7 +130,15 @@ def test_frozen_ranges_stay_fixed_and_carry_into_convert(tiny_teacher):
 
 
 def test_train_converts_and_compact_export_reloads_identically(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("callbacks=qat", "callbacks/qat=int4_weight_only", "trainer.max_steps=6", "eval.max_batches=1")
+    cfg = tiny_cfg(
+        "callbacks=qat",
+        "callbacks/qat=int4_weight_only",
+        "trainer.max_steps=6",
+        "eval.max_batches=1",
+        "eval.tasks=[]",  # the report's held-out metrics and cost still run on the quantized student
+        "eval.new_tokens=0",
+        "eval.speed_runs=0",
+    )
     metrics, objects = train(cfg)
     student = objects["student"].eval()
     quantized = {
@@ -156,6 +164,8 @@ def test_train_converts_and_compact_export_reloads_identically(tiny_cfg, tmp_pat
     assert meta["size"]["bits_per_weight"] == pytest.approx(9.25)
     assert meta["size"]["disk_bytes"] == (out / "model.safetensors").stat().st_size
     assert meta["size"]["quantized_bytes"] == n_weights * 9.25 / 8  # vs n_weights * 4 in fp32
+    # The run report's cost (distill.cost) measures the same quantized student in memory.
+    assert metrics["cost/student/bytes_memory"] == meta["size"]["memory_bytes"]
     # On disk the int4 codes are packed two per byte: 4 + 40/32 bits.
     assert meta["size"]["disk_bits_per_weight"] == pytest.approx(5.25)
     assert len(meta["packed_int4"]) == len(SMOKE_LINEARS)

@@ -46,8 +46,10 @@ class Oracle(LM):
 
 
 def test_local_tasks_score_an_oracle_at_one_and_a_contrarian_at_zero(task_dir):
-    rows = {name: [json.loads(line) for line in (task_dir / f"{name}.jsonl").read_text().splitlines()]
-            for name in ("lastword", "cloze")}
+    rows = {
+        name: [json.loads(line) for line in (task_dir / f"{name}.jsonl").read_text().splitlines()]
+        for name in ("lastword", "cloze")
+    }
     assert len(rows["lastword"]) >= 10 and len(rows["cloze"]) >= 8
     assert all(len(r["choices"]) == 4 and r["choices"][r["label"]].strip() for r in rows["cloze"])
     truths = {(r["context"], r["target"]) for r in rows["lastword"]}
@@ -72,8 +74,15 @@ def test_unknown_and_offline_tasks_are_refused(task_dir):
 def test_heldout_and_fidelity_known_answers(tiny_teacher):
     ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(0))
     batches = [{"input_ids": ids, "labels": ids.clone()}]
-    copy = scratch.build(tiny_teacher, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                         intermediate_size=128, tie_word_embeddings=False)
+    copy = scratch.build(
+        tiny_teacher,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        tie_word_embeddings=False,
+    )
     copy.load_state_dict(tiny_teacher.model.state_dict())
     other = scratch.build(tiny_teacher, hidden_size=32, num_layers=1, num_heads=2)
     res = heldout_metrics({"copy": copy, "other": other}, tiny_teacher, batches, 512)
@@ -136,11 +145,16 @@ def test_report_files_are_written_and_parse(tmp_path):
 def test_train_writes_report_and_plots(tiny_cfg, tmp_path):
     from train import train
 
-    metrics, objects = train(tiny_cfg("trainer.max_steps=6", "trainer.val_check_interval=3"))
+    metrics, _ = train(tiny_cfg("trainer.max_steps=6", "trainer.val_check_interval=3"))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["modifications"][0]["kind"] == "distillation"
-    assert {"heldout/ppl", "task/distill_lastword/acc", "fidelity/token_agreement", "cost/params",
-            "cost/compression_ratio"} <= set(report["metrics"]["student"])
+    assert {
+        "heldout/ppl",
+        "task/distill_lastword/acc",
+        "fidelity/token_agreement",
+        "cost/params",
+        "cost/compression_ratio",
+    } <= set(report["metrics"]["student"])
     assert report["metrics"]["student"]["cost/bytes_disk"] > 0
     assert (tmp_path / "report.md").is_file()
     for png in ("training_curves.png", "quality_vs_size.png"):
@@ -149,13 +163,18 @@ def test_train_writes_report_and_plots(tiny_cfg, tmp_path):
 
 
 def _evaluate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], cwd=cwd, text=True,
-                          capture_output=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), *args], cwd=cwd, text=True, capture_output=True, timeout=300
+    )
 
 
 def test_evaluate_cli_bad_input(tmp_path, tiny_teacher, cache_dir):
-    common = [f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={cache_dir}", f"data.cache_dir={cache_dir}/data",
-              "teacher=tiny_random"]
+    common = [
+        f"hydra.run.dir={tmp_path}/run",
+        f"paths.cache_dir={cache_dir}",
+        f"data.cache_dir={cache_dir}/data",
+        "teacher=tiny_random",
+    ]
     proc = _evaluate([f"model={tmp_path}", *common], tmp_path)
     assert proc.returncode == 2 and "error: model=" in proc.stderr and "not a model" in proc.stderr
     # a baseline whose tokenizer differs from the model's

@@ -158,6 +158,16 @@ def test_svd_lora_init_is_the_best_rank_r_fit_of_each_layers_residual(tiny_teach
     )
     torch.testing.assert_close(_logits(full, PROBE), expected, rtol=0, atol=1e-4)
 
+    # The member whose weight became the shared one has no residual: it keeps peft's init (A random, B 0),
+    # because A = B = 0 would get no gradient and never train.
+    first = _student(tiny_teacher)
+    CrossLayerSharing(pattern=[[0, 1]], init="first", lora_rank=4, lora_targets=["q_proj"], lora_init="svd").compress(
+        first
+    )
+    q0, q1 = first.model.layers[0].self_attn.q_proj, first.model.layers[1].self_attn.q_proj
+    assert q0.lora_A["default"].weight.abs().sum() > 0 and q0.lora_B["default"].weight.abs().sum() == 0
+    assert q1.lora_B["default"].weight.abs().sum() > 0
+
 
 def test_compact_export_stores_shared_tensors_once_and_loads_without_this_package(tiny_teacher, tmp_path):
     model = _student(tiny_teacher, layers=6)
@@ -256,3 +266,43 @@ def test_mid_run_sharing_with_lora_resumes_exactly_and_exports(tiny_cfg, tmp_pat
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_ddp_sim_ties_before_wrapping_and_exports(tmp_path, cache_dir):
+    import os
+
+    root = Path(__file__).resolve().parents[1]
+    args = [
+        "experiment=smoke",
+        "trainer=ddp_sim",
+        "callbacks=[share,lowrank]",
+        "student.num_layers=2",
+        "callbacks.share.pattern=all",
+        "callbacks.lowrank.calibration_batches=2",
+        f"hydra.run.dir={tmp_path}/run",
+        f"paths.cache_dir={cache_dir}",
+        f"data.cache_dir={cache_dir}/data",
+        "callbacks.progress_bar=null",
+        "eval.enabled=false",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, str(root / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "All distributed processes registered" in out
+    logs = "".join(p.read_text() for p in (tmp_path / "run").glob("train*.log"))
+    assert logs.count("shared layers [[0, 1]] at step 0") == 2  # both ranks tied before DDP wrapped the model
+    ranks = [line.split("(ranks ")[1].split(")")[0] for line in logs.splitlines() if "factorised" in line]
+    assert len(ranks) == 2 and ranks[0] == ranks[1]  # both ranks chose the same shapes
+    student = load_compact(tmp_path / "run" / "student_compact")
+    assert student.model.layers[0].mlp.up_proj.up.weight is student.model.layers[1].mlp.up_proj.up.weight
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()

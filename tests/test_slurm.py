@@ -61,12 +61,20 @@ class Probe(pl.Callback):
 
 
 def _directives(script: str) -> dict[str, str]:
-    pairs = [line.removeprefix("#SBATCH --").split("=", 1) for line in script.splitlines() if line.startswith("#SBATCH")]
+    pairs = [
+        line.removeprefix("#SBATCH --").split("=", 1) for line in script.splitlines() if line.startswith("#SBATCH")
+    ]
     return {p[0]: (p[1] if len(p) > 1 else "") for p in pairs}
 
 
 def test_rendered_script_derives_tasks_from_devices(tmp_path):
-    overrides = ["trainer=ddp", "trainer.devices=4", "slurm.nodes=2", "slurm.partition=gpu", "distill.optimizer.lr=3e-4"]
+    overrides = [
+        "trainer=ddp",
+        "trainer.devices=4",
+        "slurm.nodes=2",
+        "slurm.partition=gpu",
+        "distill.optimizer.lr=3e-4",
+    ]
     script = render(compose_config(overrides), overrides, tmp_path)
     d = _directives(script)
     assert d["ntasks-per-node"] == "4" and d["gpus-per-node"] == "4" and d["nodes"] == "2"

@@ -46,8 +46,8 @@ def test_checkpoint_replays_structure_before_weights(tiny_teacher):
 
 def test_unknown_structure_kind_is_a_clear_error(tiny_teacher):
     b = _module(tiny_teacher)
-    with pytest.raises(ConfigError, match=r"kind='prune'.*resume with the same callbacks"):
-        b.on_load_checkpoint({"student_structure": [{"kind": "prune", "spec": {}}]})
+    with pytest.raises(ConfigError, match=r"kind='no_such_change'.*resume with the same callbacks"):
+        b.on_load_checkpoint({"student_structure": [{"kind": "no_such_change", "spec": {}}]})
 
 
 def test_strict_load_still_catches_missing_student_keys(tiny_teacher):
@@ -84,8 +84,9 @@ def test_rebuild_optimizers_carries_state_and_schedule(tiny_cfg):
 
     from train import train
 
-    cfg = tiny_cfg("trainer.max_steps=6", "eval.enabled=false", "export.enabled=false",
-                   "distill.scheduler.num_warmup_steps=2")
+    cfg = tiny_cfg(
+        "trainer.max_steps=6", "eval.enabled=false", "export.enabled=false", "distill.scheduler.num_warmup_steps=2"
+    )
     with open_dict(cfg):
         cfg.callbacks.swap = {"_target_": "tests.helpers.SwapParameterAt", "step": 3}
     _, objects = train(cfg)

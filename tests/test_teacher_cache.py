@@ -37,8 +37,7 @@ def test_reconstruction_keeps_topk_and_spreads_tail():
 
 
 def test_cache_round_trip_and_manifest(tiny_teacher, dm, tmp_path):
-    m = build_cache(tiny_teacher, dm, tmp_path / "c", top_k=16, max_blocks=40, blocks_per_shard=16,
-                    progress=False)
+    m = build_cache(tiny_teacher, dm, tmp_path / "c", top_k=16, max_blocks=40, blocks_per_shard=16, progress=False)
     assert m["complete"] and m["splits"]["train"]["blocks"] == 40 and len(m["splits"]["train"]["shards"]) == 3
     assert m["tokens"] == (40 + min(40, len(dm.val_set))) * 32
     assert m["bytes_per_token_payload"] == 16 * (2 + 2) + 2  # fp16 values, uint16 indices and ids
@@ -60,15 +59,15 @@ def test_cache_round_trip_and_manifest(tiny_teacher, dm, tmp_path):
 
 def test_interrupted_build_resumes_without_recomputing_done_shards(tiny_teacher, dm, tmp_path, monkeypatch):
     out = tmp_path / "c"
-    build_cache(tiny_teacher, dm, out, top_k=8, max_blocks=48, blocks_per_shard=16, splits=("train",),
-                progress=False)
+    build_cache(tiny_teacher, dm, out, top_k=8, max_blocks=48, blocks_per_shard=16, splits=("train",), progress=False)
     first = (out / "train-00000.safetensors").stat().st_mtime_ns
     (out / "train-00002.safetensors").unlink()  # as if the build died while writing the last shard
     calls = []
     original = type(tiny_teacher).forward
     monkeypatch.setattr(type(tiny_teacher), "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-    m = build_cache(tiny_teacher, dm, out, top_k=8, max_blocks=48, blocks_per_shard=16, splits=("train",),
-                    progress=False)
+    m = build_cache(
+        tiny_teacher, dm, out, top_k=8, max_blocks=48, blocks_per_shard=16, splits=("train",), progress=False
+    )
     assert len(calls) == 2  # 16 blocks of the missing shard at batch size 8
     assert (out / "train-00000.safetensors").stat().st_mtime_ns == first
     assert m["complete"]
@@ -107,8 +106,14 @@ def test_train_from_cache_without_the_teacher(tiny_teacher, tiny_cfg, tmp_path):
     small = build(cache_cfg.data, tokenizer=tiny_teacher.tokenizer)
     small.setup()
     build_cache(tiny_teacher, small, tmp_path / "c", top_k=32, batch_size=64, progress=False)
-    cfg = tiny_cfg(*data, "teacher=cached", f"teacher.path={tmp_path / 'c'}", "trainer.max_steps=40",
-                   "trainer.log_every_n_steps=1", "distill.objective.chunked=true")
+    cfg = tiny_cfg(
+        *data,
+        "teacher=cached",
+        f"teacher.path={tmp_path / 'c'}",
+        "trainer.max_steps=40",
+        "trainer.log_every_n_steps=1",
+        "distill.objective.chunked=true",
+    )
     metrics, objects = train(cfg)
     assert isinstance(objects["teacher"], CachedTeacher)
     losses = [v for _, v in series(read_metrics(tmp_path), "train/loss")]
@@ -120,5 +125,8 @@ def test_train_from_cache_without_the_teacher(tiny_teacher, tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="student=tiny or student=pretrained with teacher=cached"):
         from_teacher.build(objects["teacher"], num_layers=1)
     with pytest.raises(ConfigError, match="cache was built for data key"):
-        train(tiny_cfg(*data, "teacher=cached", f"teacher.path={tmp_path / 'c'}", "data.seed=5",
-                       output_dir=tmp_path / "y"))
+        train(
+            tiny_cfg(
+                *data, "teacher=cached", f"teacher.path={tmp_path / 'c'}", "data.seed=5", output_dir=tmp_path / "y"
+            )
+        )

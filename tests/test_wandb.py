@@ -104,8 +104,11 @@ def test_offline_run_end_to_end_logs_metrics_and_the_student_without_secrets(tin
 
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     records = _records(run_dir)
-    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item} for r in records
-               if r.WhichOneof("record_type") == "history"]
+    history = [
+        {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     assert len(losses) == 4, [r.WhichOneof("record_type") for r in records]
     assert losses[-1] == pytest.approx(metrics["train/loss"], rel=1e-6)  # what the run saw

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One-GPU check of the scale-out configs, a few minutes in all: bf16 on one GPU, FSDP, DeepSpeed ZeRO-2 and
+# ZeRO-3 (all with devices=1, so a single card suffices), each for a few steps on the embedded SmolLM2-135M
+# teacher and its 6-layer copy, printing the loss and the peak GPU memory of each run.
+#   bash bench/gpu_check.sh [STEPS]        (needs a CUDA build of torch; DeepSpeed: pip install -e ".[deepspeed]")
+# Compare each "peak" line with the memory formula in docs/scale_out.md (N=1), then record the output with
+# the date and the GPU model in bench/README.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+STEPS="${1:-20}"
+OUT="$(mktemp -d)"
+trap 'rm -rf "$OUT"' EXIT
+
+python - <<'PY'
+import torch
+assert torch.cuda.is_available(), "bench/gpu_check.sh needs a CUDA GPU"
+print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| bf16:", torch.cuda.is_bf16_supported())
+PY
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+date -u
+
+# A callback that prints the peak memory; written here so this script is self-contained.
+cat > "$OUT/gpu_peak.py" <<'PY'
+import lightning.pytorch as pl
+import torch
+
+
+class Peak(pl.Callback):
+    def on_train_start(self, trainer, pl_module):
+        torch.cuda.reset_peak_memory_stats()
+
+    def on_train_end(self, trainer, pl_module):
+        gib = torch.cuda.max_memory_allocated() / 2**30
+        n_t = sum(p.numel() for p in pl_module.teacher.parameters())
+        n_s = sum(p.numel() for p in pl_module.student.parameters())
+        loss = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.endswith("loss")}
+        print(f"step {trainer.global_step} {loss}", flush=True)
+        print(f"peak {gib:.2f} GiB allocated (local teacher params {n_t}, local student params {n_s})", flush=True)
+PY
+
+run() {
+  local name="$1"; shift
+  echo "=== $name: $*"
+  local start=$SECONDS
+  PYTHONPATH="$OUT:${PYTHONPATH:-}" python train.py "$@" \
+    trainer.max_steps="$STEPS" trainer.val_check_interval="$STEPS" trainer.limit_val_batches=2 \
+    callbacks.model_checkpoint.every_n_train_steps="$STEPS" eval.enabled=false export.verify=false \
+    callbacks.progress_bar=null "+callbacks.peak._target_=gpu_peak.Peak" \
+    "run_name=gpu_check_${name}_$(date +%H%M%S)" 2>&1 | grep -E "^step |^peak |Error|error|exported" || true
+  echo "--- $name: $((SECONDS - start)) s"
+}
+
+run bf16_single trainer=gpu
+run fsdp trainer=fsdp trainer.devices=1 distill.objective.chunked=false
+if python -c "import deepspeed" 2>/dev/null; then
+  run zero2 trainer=deepspeed_stage_2 trainer.devices=1
+  run zero3 trainer=deepspeed_stage_3 trainer.devices=1
+  run zero3_offload trainer=deepspeed_stage_3 trainer.devices=1 trainer.strategy.offload_optimizer=true
+else
+  echo "=== DeepSpeed not installed: pip install -e '.[deepspeed]' to run the ZeRO-2/3 checks"
+fi
