@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from distill import structure
 from distill.assessment import assess
 from distill.errors import config_error
-from distill.instantiate import build, find_config_error
+from distill.instantiate import build, exit_on_config_error
 from distill.loading import load_causal_lm
 from distill.teacher import FrozenTeacher
 from distill.tokenization import load_tokenizer, shared_vocab_size
@@ -110,14 +110,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
-    try:
+    with exit_on_config_error():
         report = evaluate(cfg)
-    except Exception as err:
-        config_err = find_config_error(err)
-        if config_err is None:
-            raise
-        print(f"error: {config_err}", file=sys.stderr)
-        sys.exit(2)
     print(f"report: {Path(cfg.paths.output_dir) / 'report.md'}")
     if cfg.fail_on_degradation and report["degradation"]["degraded"]:
         print("degradation guard: " + "; ".join(f["message"] for f in report["degradation"]["flags"]), file=sys.stderr)

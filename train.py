@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from distill import structure
 from distill.assessment import assess
 from distill.checkpointing import resolve_resume
 from distill.export import export_compact_forms, export_student, plain_model
-from distill.instantiate import build, find_config_error, instantiate_callbacks, instantiate_loggers
+from distill.instantiate import build, exit_on_config_error, instantiate_callbacks, instantiate_loggers
 from distill.module import DistillModule
 from distill.strategies import apply_student_switches, check_trainer_config, strategy_name
 from distill.tasks import validate_task_names
@@ -151,14 +150,8 @@ def _log_report(report: dict[str, Any], flat: dict[str, float], loggers: list, s
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the metric that sweeps optimise."""
-    try:
+    with exit_on_config_error():
         metrics, _ = train(cfg)
-    except Exception as err:
-        config_err = find_config_error(err)
-        if config_err is None:
-            raise
-        print(f"error: {config_err}", file=sys.stderr)
-        sys.exit(2)
     return metrics.get(cfg.get("optimized_metric"))
 
 

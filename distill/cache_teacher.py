@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from distill.data import DistillDataModule
 from distill.errors import ConfigError, config_error
-from distill.instantiate import build, find_config_error
+from distill.instantiate import build, exit_on_config_error
 from distill.teacher import FrozenTeacher
 from distill.teacher_cache import FORMAT_VERSION, MANIFEST, bytes_per_token, describe, index_dtype
 from distill.tokenization import tokenizer_fingerprint
@@ -165,7 +164,7 @@ def build_cache(
 @hydra.main(version_base="1.3", config_path="../conf", config_name="cache_teacher")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: build the cache described by ``conf/cache_teacher.yaml``."""
-    try:
+    with exit_on_config_error():
         teacher = build(cfg.teacher)
         datamodule = build(cfg.data, tokenizer=teacher.tokenizer)
         datamodule.setup()
@@ -179,12 +178,6 @@ def main(cfg: DictConfig) -> None:
             splits=tuple(cfg.cache.splits),
             max_blocks=cfg.cache.max_blocks,
         )
-    except Exception as err:
-        config_err = find_config_error(err)
-        if config_err is None:
-            raise
-        print(f"error: {config_err}", file=sys.stderr)
-        sys.exit(2)
     print(f"teacher cache at {cfg.cache.dir}: {describe(manifest)}")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import hydra
@@ -21,6 +24,19 @@ def find_config_error(err: BaseException | None) -> ConfigError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+@contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Entry points: a ConfigError anywhere inside (even wrapped by Hydra) becomes one line and exit code 2."""
+    try:
+        yield
+    except Exception as err:
+        config_err = find_config_error(err)
+        if config_err is None:
+            raise
+        print(f"error: {config_err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def build(node: Any, **kwargs: Any) -> Any:

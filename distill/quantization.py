@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +38,7 @@ from torchao.utils import TorchAOBaseTensor
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.errors import config_error
+from distill.export import atomic_directory
 
 FORMAT = "distill-torchao-v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -297,10 +296,7 @@ def save_quantized(
     """
     import torchao
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
+    with atomic_directory(out_dir) as tmp:
         tensors, metadata, tied = _flatten(model)
         packed = [k for k in _int4_code_keys(model) if k in tensors]
         for key in packed:
@@ -326,18 +322,7 @@ def save_quantized(
         meta["size"]["disk_bits_per_weight"] = 8.0 * stored / meta["size"]["quantized_weights"] if names else None
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         verify_reload(model, tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
