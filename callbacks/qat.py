@@ -200,7 +200,7 @@ class QuantizationAwareTraining(pl.Callback):
             )
         return quantization.dequantized_copy(model)
 
-    def export_compact(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path:
+    def export_compact(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path | None:
         """Write the quantized student (torchao tensors in safetensors + ``quantization.json``) under ``run_dir``.
 
         Reload it with :func:`distill.quantization.load_quantized`; the write is checked to reload with
@@ -211,6 +211,13 @@ class QuantizationAwareTraining(pl.Callback):
                 f"QAT never converted the student (start_step={self.start_step} was not reached), "
                 "so there is no quantized model to export"
             )
+        if not _plain_architecture(model):
+            # load_quantized rebuilds the architecture from config.json; factorised layers are not in it.
+            log.warning(
+                "QuantizationAwareTraining: the student's layers differ from its config's architecture (low-rank "
+                "factors), so no quantized export is written; the plain export holds the dequantized model"
+            )
+            return None
         out = quantization.save_quantized(model, tokenizer, Path(run_dir) / self.export_dir, self.spec)
         size = json.loads((out / quantization.META_FILE).read_text())["size"]
         rank_zero_info(
@@ -250,3 +257,12 @@ class QuantizationAwareTraining(pl.Callback):
             fq.config = copy.copy(fq.config)  # configs may be shared; freeze only this quantizer's
             fq.config.is_dynamic = False
         self._frozen = frozen
+
+
+def _plain_architecture(model: PreTrainedModel) -> bool:
+    """Whether the model's parameter names are those of a fresh model built from its config."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(model.config)
+    return set(reference.state_dict()) == set(model.state_dict())

@@ -25,6 +25,7 @@ from callbacks.compact import materialize as materialize_plain
 from callbacks.compact import save_compact, set_parameter
 from distill import structure
 from distill.errors import config_error
+from distill.export import holds_quantized_weights
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +318,17 @@ class CrossLayerSharing(pl.Callback):
         """A plain copy for ``save_pretrained``: shared weights cloned per layer, LoRA deltas merged."""
         return materialize_plain(model)
 
-    def export_compact(self, model: PreTrainedModel, tokenizer: Any, run_dir: Path) -> Path:
+    def export_compact(self, model: PreTrainedModel, tokenizer: Any, run_dir: Path) -> Path | None:
         """Write each shared tensor once plus the tie map and a loader (see :mod:`callbacks.compact`)."""
+        if holds_quantized_weights(model):
+            # The compact format stores plain tensors; a QAT-converted student is stored by QAT's own export.
+            log.warning(
+                "%s: the student holds quantized weights, so no compact %s export is written; "
+                "use the QAT export and the plain (dequantized) export",
+                type(self).__name__,
+                "sharing",
+            )
+            return None
         return save_compact(model, tokenizer, Path(run_dir) / self.compact_dir)
 
 

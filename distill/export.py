@@ -66,15 +66,27 @@ def plain_model(student: PreTrainedModel, callbacks: list[Any]) -> PreTrainedMod
     """The model that the plain Hugging Face export writes.
 
     Compression callbacks that change how weights are stored (sharing, low-rank, quantization) give a
-    plain equivalent through ``materialize(model) -> PreTrainedModel``, applied in callback order; the
-    live student is left as it is.
+    plain equivalent through ``materialize(model) -> PreTrainedModel``. They are undone in the reverse
+    of the order they were applied (quantization first, then low-rank, then sharing), since each stage's
+    materialisation expects the plain form of the stages after it; the live student is left as it is.
     """
+    from distill.structure import STAGES
+
+    def undo_order(cb: Any) -> int:
+        stage = getattr(cb, "stage", None)
+        return -STAGES.index(stage) if stage in STAGES else 0
+
     model = student
-    for cb in callbacks:
+    for cb in sorted(callbacks, key=undo_order):
         materialize = getattr(cb, "materialize", None)
         if materialize is not None:
             model = materialize(model)
     return model
+
+
+def holds_quantized_weights(model: torch.nn.Module) -> bool:
+    """Whether any parameter is a tensor subclass (torchao's quantized weights after QAT convert)."""
+    return any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in model.parameters())
 
 
 def export_compact_forms(
@@ -84,8 +96,8 @@ def export_compact_forms(
     out = {}
     for cb in callbacks:
         export = getattr(cb, "export_compact", None)
-        if export is not None:
-            out[type(cb).__name__] = Path(export(student, tokenizer, Path(run_dir)))
+        if export is not None and (path := export(student, tokenizer, Path(run_dir))) is not None:
+            out[type(cb).__name__] = Path(path)
     return out
 
 
