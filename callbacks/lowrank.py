@@ -25,7 +25,7 @@ from callbacks.compact import LowRankLinear, _lora_layers, save_compact, set_mod
 from callbacks.compact import materialize as materialize_plain
 from distill import structure
 from distill.errors import config_error
-from distill.export import holds_quantized_weights
+from distill.export import compact_unless_quantized
 
 log = logging.getLogger(__name__)
 
@@ -397,16 +397,9 @@ class LowRankFactorization(pl.Callback):
 
     def export_compact(self, model: PreTrainedModel, tokenizer: Any, run_dir: Path) -> Path | None:
         """Write the factors (each shared tensor once) plus ranks and a loader (see :mod:`callbacks.compact`)."""
-        if holds_quantized_weights(model):
-            # The compact format stores plain tensors; a QAT-converted student is stored by QAT's own export.
-            log.warning(
-                "%s: the student holds quantized weights, so no compact %s export is written; "
-                "use the QAT export and the plain (dequantized) export",
-                type(self).__name__,
-                "low-rank",
-            )
-            return None
-        return save_compact(model, tokenizer, Path(run_dir) / self.compact_dir)
+        return compact_unless_quantized(
+            save_compact, model, tokenizer, Path(run_dir) / self.compact_dir, type(self).__name__
+        )
 
 
 def max_useful_rank(d_in: int, d_out: int) -> int:

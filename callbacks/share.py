@@ -25,7 +25,7 @@ from callbacks.compact import materialize as materialize_plain
 from callbacks.compact import save_compact, set_parameter
 from distill import structure
 from distill.errors import config_error
-from distill.export import holds_quantized_weights
+from distill.export import compact_unless_quantized
 
 log = logging.getLogger(__name__)
 
@@ -320,16 +320,9 @@ class CrossLayerSharing(pl.Callback):
 
     def export_compact(self, model: PreTrainedModel, tokenizer: Any, run_dir: Path) -> Path | None:
         """Write each shared tensor once plus the tie map and a loader (see :mod:`callbacks.compact`)."""
-        if holds_quantized_weights(model):
-            # The compact format stores plain tensors; a QAT-converted student is stored by QAT's own export.
-            log.warning(
-                "%s: the student holds quantized weights, so no compact %s export is written; "
-                "use the QAT export and the plain (dequantized) export",
-                type(self).__name__,
-                "sharing",
-            )
-            return None
-        return save_compact(model, tokenizer, Path(run_dir) / self.compact_dir)
+        return compact_unless_quantized(
+            save_compact, model, tokenizer, Path(run_dir) / self.compact_dir, type(self).__name__
+        )
 
 
 def _unique_count(model: nn.Module) -> int:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger("distill")
 
 
 def export_student(
@@ -87,6 +90,24 @@ def plain_model(student: PreTrainedModel, callbacks: list[Any]) -> PreTrainedMod
 def holds_quantized_weights(model: torch.nn.Module) -> bool:
     """Whether any parameter is a tensor subclass (torchao's quantized weights after QAT convert)."""
     return any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in model.parameters())
+
+
+def compact_unless_quantized(
+    save: Callable[..., Path], model: PreTrainedModel, tokenizer: Any, out_dir: Path, who: str
+) -> Path | None:
+    """Write a plain-tensor compact export, or skip it (with a warning) for a QAT-converted student.
+
+    The sharing and low-rank compact formats store plain tensors; a quantized student is stored by
+    QAT's own export, and the plain export holds its dequantized weights.
+    """
+    if holds_quantized_weights(model):
+        log.warning(
+            "%s: the student holds quantized weights, so its compact export is skipped; "
+            "use the QAT export and the plain (dequantized) export",
+            who,
+        )
+        return None
+    return save(model, tokenizer, out_dir)
 
 
 def export_compact_forms(
