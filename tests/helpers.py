@@ -69,3 +69,29 @@ class SwapParameterAt(pl.Callback):
             "has_old": any(p is old for g in opt.param_groups for p in g["params"]),
             "n_params": sum(len(g["params"]) for g in opt.param_groups),
         }
+
+
+def crash_at(cfg, step: int) -> None:
+    """Run ``train(cfg)`` with a :class:`CrashAtStep` callback and check that it died at ``step``."""
+    import pytest
+    from omegaconf import open_dict
+
+    from train import train
+
+    with open_dict(cfg):
+        cfg.callbacks.crash = {"_target_": "tests.helpers.CrashAtStep", "step": step}
+    with pytest.raises(SystemExit, match="simulated crash"):
+        train(cfg)
+
+
+def assert_same_losses(full_dir: Path, cut_dir: Path, steps: int | None = None) -> None:
+    """The resumed run logged the same train/loss at every step as the uninterrupted one."""
+    import pytest
+
+    full_loss = dict(series(read_metrics(full_dir), "train/loss"))
+    cut_loss = dict(series(read_metrics(cut_dir), "train/loss"))
+    assert set(full_loss) == set(cut_loss)
+    if steps is not None:
+        assert len(full_loss) == steps
+    for step in full_loss:
+        assert cut_loss[step] == pytest.approx(full_loss[step], rel=1e-5), step

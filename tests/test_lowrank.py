@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import open_dict
 from transformers import AutoModelForCausalLM
 
 from callbacks.compact import LowRankLinear, load_compact, materialize, save_compact
@@ -23,7 +22,7 @@ from callbacks.lowrank import (
 from callbacks.share import share_groups, tie_layers
 from distill.errors import ConfigError
 from students import scratch
-from tests.helpers import read_metrics, series
+from tests.helpers import assert_same_losses, crash_at
 from train import train
 
 PROBE = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -169,18 +168,10 @@ def test_budget_run_with_whitening_after_sharing_resumes_exactly(tiny_cfg, tmp_p
     torch.testing.assert_close(_logits(plain, PROBE), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(_logits(load_compact(full_dir / "student_compact"), PROBE), expected, rtol=0, atol=1e-5)
 
-    crash = tiny_cfg(*common, output_dir=cut_dir)
-    with open_dict(crash):
-        crash.callbacks.crash = {"_target_": "tests.helpers.CrashAtStep", "step": 5}
-    with pytest.raises(SystemExit, match="simulated crash"):
-        train(crash)
+    crash_at(tiny_cfg(*common, output_dir=cut_dir), step=5)
     _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
     assert resumed["trainer"].global_step == 8
-    full_loss = dict(series(read_metrics(full_dir), "train/loss"))
-    cut_loss = dict(series(read_metrics(cut_dir), "train/loss"))
-    assert set(full_loss) == set(cut_loss) and len(full_loss) == 8
-    for step in full_loss:
-        assert cut_loss[step] == pytest.approx(full_loss[step], rel=1e-5), step
+    assert_same_losses(full_dir, cut_dir, steps=8)
     a, b = full["student"].state_dict(), resumed["student"].state_dict()
     assert a.keys() == b.keys()
     for k in a:

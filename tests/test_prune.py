@@ -12,7 +12,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from omegaconf import open_dict
 from transformers import AutoModelForCausalLM
 
 from callbacks.prune import ProgressiveStructuredPruning, add_compensation
@@ -20,7 +19,7 @@ from callbacks.prune_importance import ImportanceAccumulator
 from callbacks.prune_surgery import apply_spec, shapes
 from distill.errors import ConfigError
 from students import scratch
-from tests.helpers import read_metrics, series
+from tests.helpers import assert_same_losses, crash_at, read_metrics, series
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,22 +264,14 @@ def test_resume_mid_schedule_matches_uninterrupted(tiny_cfg, tmp_path):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     _, full = train(tiny_cfg(*common, output_dir=full_dir))
 
-    crash = tiny_cfg(*common, output_dir=cut_dir)
-    with open_dict(crash):
-        crash.callbacks.crash = {"_target_": "tests.helpers.CrashAtStep", "step": 5}
-    with pytest.raises(SystemExit, match="simulated crash"):
-        train(crash)
+    crash_at(tiny_cfg(*common, output_dir=cut_dir), step=5)
     ckpt = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4 and 0 < len(ckpt["student_structure"]) < len(full["module"].structure)
 
     _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
     assert resumed["trainer"].global_step == 10
     assert resumed["module"].structure == full["module"].structure
-    full_loss = dict(series(read_metrics(full_dir), "train/loss"))
-    cut_loss = dict(series(read_metrics(cut_dir), "train/loss"))
-    assert set(full_loss) == set(cut_loss) and len(full_loss) == 10
-    for step in full_loss:
-        assert cut_loss[step] == pytest.approx(full_loss[step], rel=1e-5), step
+    assert_same_losses(full_dir, cut_dir, steps=10)
     a, b = _weights(full["student"]), _weights(resumed["student"])
     assert a.keys() == b.keys()
     for k in a:

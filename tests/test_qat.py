@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import open_dict
 from torch import nn
 from torchao.quantization.quant_primitives import (
     MappingType,
@@ -24,7 +23,7 @@ from callbacks.qat import QuantizationAwareTraining, convert, fake_quantized, pr
 from distill import quantization, structure
 from distill.errors import ConfigError
 from students import scratch
-from tests.helpers import read_metrics, series
+from tests.helpers import assert_same_losses, crash_at
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,11 +214,7 @@ def test_resume_mid_qat_matches_uninterrupted_run(tiny_cfg, tmp_path, start, fre
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     _, full = train(tiny_cfg(*common, output_dir=full_dir))
 
-    crash = tiny_cfg(*common, output_dir=cut_dir)
-    with open_dict(crash):
-        crash.callbacks.crash = {"_target_": "tests.helpers.CrashAtStep", "step": 5}
-    with pytest.raises(SystemExit, match="simulated crash"):
-        train(crash)
+    crash_at(tiny_cfg(*common, output_dir=cut_dir), step=5)
     ckpt = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert [c["kind"] for c in ckpt["student_structure"]] == ["qat"]  # saved at step 4, after prepare
     frozen = ckpt["callbacks"]["QuantizationAwareTraining"]["frozen"]
@@ -228,11 +223,7 @@ def test_resume_mid_qat_matches_uninterrupted_run(tiny_cfg, tmp_path, start, fre
     _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
     assert resumed["trainer"].global_step == 8
     assert [c["kind"] for c in resumed["module"].structure] == ["qat"]  # prepared once, not again on resume
-    full_loss = dict(series(read_metrics(full_dir), "train/loss"))
-    cut_loss = dict(series(read_metrics(cut_dir), "train/loss"))
-    assert set(full_loss) == set(cut_loss) and len(full_loss) == 8
-    for step in full_loss:
-        assert cut_loss[step] == pytest.approx(full_loss[step], rel=1e-5), step
+    assert_same_losses(full_dir, cut_dir, steps=8)
     a, b = _qparams(full["student"]), _qparams(resumed["student"])
     assert a.keys() == b.keys() and any(k.endswith(".qdata") for k in a)
     for k in a:

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import open_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -18,7 +17,7 @@ from callbacks.compact import load_compact, materialize, save_compact
 from callbacks.share import CrossLayerSharing, add_lora, share_groups, tie_layers
 from distill.errors import ConfigError
 from students import scratch
-from tests.helpers import read_metrics, series
+from tests.helpers import assert_same_losses, crash_at
 from train import train
 
 
@@ -245,21 +244,13 @@ def test_mid_run_sharing_with_lora_resumes_exactly_and_exports(tiny_cfg, tmp_pat
     torch.testing.assert_close(_logits(plain, PROBE), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(_logits(load_compact(full_dir / "student_compact"), PROBE), expected, rtol=0, atol=1e-5)
 
-    crash = tiny_cfg(*common, output_dir=cut_dir)
-    with open_dict(crash):
-        crash.callbacks.crash = {"_target_": "tests.helpers.CrashAtStep", "step": 5}
-    with pytest.raises(SystemExit, match="simulated crash"):
-        train(crash)
+    crash_at(tiny_cfg(*common, output_dir=cut_dir), step=5)
     ckpt = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert [c["kind"] for c in ckpt["student_structure"]] == ["share"]  # the step-4 checkpoint is already tied
 
     _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
     assert resumed["trainer"].global_step == 8
-    full_loss = dict(series(read_metrics(full_dir), "train/loss"))
-    cut_loss = dict(series(read_metrics(cut_dir), "train/loss"))
-    assert set(full_loss) == set(cut_loss) and len(full_loss) == 8
-    for step in full_loss:
-        assert cut_loss[step] == pytest.approx(full_loss[step], rel=1e-5), step
+    assert_same_losses(full_dir, cut_dir, steps=8)
     r_layers = resumed["student"].model.layers
     assert r_layers[2].self_attn.q_proj.base_layer.weight is r_layers[3].self_attn.q_proj.base_layer.weight
     a, b = full["student"].state_dict(), resumed["student"].state_dict()

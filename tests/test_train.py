@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
 
-from tests.helpers import read_metrics, series
+from tests.helpers import assert_same_losses, crash_at, read_metrics, series
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,20 +105,12 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     _, full = train(tiny_cfg(*common, output_dir=full_dir))
 
-    crash = tiny_cfg(*common, output_dir=cut_dir)
-    with open_dict(crash):
-        crash.callbacks.crash = {"_target_": "tests.helpers.CrashAtStep", "step": 5}
-    with pytest.raises(SystemExit, match="simulated crash"):
-        train(crash)
+    crash_at(tiny_cfg(*common, output_dir=cut_dir), step=5)
     assert (cut_dir / "checkpoints" / "last.ckpt").exists()
 
     _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
     assert resumed["trainer"].global_step == 8
-    full_loss = dict(series(read_metrics(full_dir), "train/loss"))
-    cut_loss = dict(series(read_metrics(cut_dir), "train/loss"))
-    assert set(full_loss) == set(cut_loss)
-    for step in full_loss:
-        assert cut_loss[step] == pytest.approx(full_loss[step], rel=1e-5), step
+    assert_same_losses(full_dir, cut_dir)
     a, b = _weights(full["student"]), _weights(resumed["student"])
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
