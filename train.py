@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    train_seconds = time.perf_counter() - started  # this process only: a resumed run counts its own part
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     objects = {"teacher": teacher, "student": student, "module": module, "datamodule": datamodule, "trainer": trainer}
@@ -102,6 +105,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             modifications=modifications(cfg, module, trainer.global_step),
             config=OmegaConf.to_container(cfg, resolve=True),
             names=(teacher.name, "student"),
+            run={
+                "recipe": cfg.get("recipe"),
+                "train_seconds": train_seconds,
+                "steps": trainer.global_step,
+                "resumed_from": str(ckpt_path) if ckpt_path else None,
+                "run_dir": str(cfg.paths.output_dir),
+            },
         )
         flat = {_side_key(k, side): v for side, values in report["metrics"].items() for k, v in values.items()}
         metrics.update(flat)

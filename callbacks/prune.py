@@ -95,6 +95,8 @@ class ProgressiveStructuredPruning(pl.Callback):
             × their ``down_proj``/``o_proj`` columns, over the calibration batches) to a bias on the output
             projection, so pruning before healing hurts less. The export then has ``mlp_bias`` and
             ``attention_bias`` set (zero biases on the other projections) and is still a plain Llama.
+        target: the one-number knob for sweeps (``callbacks.prune.target=0.25,0.5,0.75``): the fraction of
+            MLP channels to remove, i.e. ``channels`` under another name; setting both differently is an error.
 
     """
 
@@ -113,8 +115,20 @@ class ProgressiveStructuredPruning(pl.Callback):
         every_n_steps: int = 10,
         schedule: str = "cubic",
         bias_compensation: bool = False,
+        target: float | None = None,
     ) -> None:
         super().__init__()
+        if target is not None:
+            # The sweep knob of conf/experiment/distill_prune.yaml. It drives the MLP width only (the bulk of
+            # a decoder layer's weights); heads and layers have their own, grouping-constrained targets.
+            if channels is not None and channels != target:
+                raise config_error(
+                    f"{FIELD}.target",
+                    target,
+                    f"it sets the MLP channels to remove, but {FIELD}.channels={channels} does too; "
+                    f"set {FIELD}.channels=null or drop target",
+                )
+            channels = target
         for name, value, unit in (
             ("heads", heads, "heads"),
             ("channels", channels, "channels"),
@@ -206,27 +220,31 @@ class ProgressiveStructuredPruning(pl.Callback):
             "kv_heads": o["kv_heads"],
         }
         if t["heads"] is not None:
-            final["heads"], final["kv_heads"] = self._head_target(t["heads"], o["heads"], o["kv_heads"])
+            final["heads"], final["kv_heads"] = self._head_target(
+                t["heads"], o["heads"], o["kv_heads"], o.get("hidden")
+            )
         return final
 
-    def _head_target(self, value: float | int, n_heads: int, n_kv: int) -> tuple[int, int]:
+    def _head_target(self, value: float | int, n_heads: int, n_kv: int, hidden: int | None) -> tuple[int, int]:
         group = n_heads // n_kv
         unit = n_kv if self.head_grouping == "within_group" else group
         exact = n_heads * (1 - value) if isinstance(value, float) else float(value)
         keep = round(exact)
-        valid = list(range(unit, n_heads + 1, unit))
+        # transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 even with an explicit
+        # head_dim, so a head count that does not divide the width would give an export nobody can load.
+        valid = [v for v in range(unit, n_heads + 1, unit) if not hidden or hidden % v == 0]
         if abs(exact - keep) > 1e-6 or keep not in valid:
             fractions = ", ".join(f"{1 - v / n_heads:.3f}" for v in valid if v < n_heads)
             how = (
                 f"removing query heads inside each of the {n_kv} KV groups keeps a multiple of {n_kv}"
                 if self.head_grouping == "within_group"
                 else f"removing whole KV groups of {group} query heads keeps a multiple of {group}"
-            )
+            ) + f", and transformers needs the count to divide hidden_size={hidden}"
             shown = f"{exact:g} of {n_heads}" if isinstance(value, float) else f"{keep} of {n_heads}"
             raise config_error(
                 f"{FIELD}.heads",
                 value,
-                f"this keeps {shown} query heads, which breaks GQA grouping: {how}; keep one of "
+                f"this keeps {shown} query heads, which breaks GQA grouping or the width: {how}; keep one of "
                 f"{', '.join(map(str, valid))} (as an int), remove one of {fractions} (as a fraction), or switch "
                 f"{FIELD}.head_grouping",
             )

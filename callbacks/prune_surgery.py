@@ -163,6 +163,7 @@ def shapes(model: nn.Module) -> dict[str, int]:
     cfg = model.config
     return {
         "layers": len(decoder_layers(model)),
+        "hidden": cfg.hidden_size,
         "heads": cfg.num_attention_heads,
         "kv_heads": cfg.num_key_value_heads,
         "head_dim": head_dim(model),

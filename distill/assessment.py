@@ -56,6 +56,7 @@ def assess(
     modifications: list[dict[str, Any]] | None = None,
     config: Mapping[str, Any] | None = None,
     names: tuple[str, str] = ("teacher", "student"),
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Score ``student`` and ``baseline`` on held-out data, tasks, generation and cost; write the report.
 
@@ -73,6 +74,7 @@ def assess(
         modifications: what was applied to the student, in order.
         config: the resolved run config (hashed into the report).
         names: labels of the two models.
+        run: facts about the training run (recipe, wall-clock seconds, steps), stored as ``report["run"]``.
 
     Returns:
         The report dict (also written as report.json / report.md).
@@ -148,6 +150,7 @@ def assess(
     guard = dict(settings.get("guard") or {})
     report = build_report(sides["teacher"], sides["student"], modifications or [], config or {}, guard, names)
     report["notes"] = notes
+    report["run"] = dict(run or {})
     write_report(report, run_dir)
     try:
         plot_run(run_dir, sides["teacher"], sides["student"])

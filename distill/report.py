@@ -171,6 +171,10 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lines += [f"- ⚠ **{f['flag']}**: {f['message']}" for f in flags]
     if report.get("notes"):
         lines += ["", "## Notes", "", *(f"- {n}" for n in report["notes"])]
+    run = report.get("run") or {}
+    if run:
+        lines += ["", "## Run", ""]
+        lines += [f"- {k}: {_fmt(v)}" for k, v in run.items() if v is not None]
     lines += ["", "## Provenance", "", f"- config hash: `{report['config_hash']}`"]
     lines += [f"- {k}: {v}" for k, v in report["versions"].items()]
     return "\n".join(lines) + "\n"

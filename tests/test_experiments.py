@@ -1,0 +1,229 @@
+"""The conf/experiment recipes: each composes and runs a few steps on tiny models with all its callbacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig, open_dict
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distill.instantiate import build
+from distill.strategies import check_trainer_config
+from slurm.submit import compose_config, job_settings, render
+from tests.conftest import CONF, ROOT, compose_cfg
+from train import train
+
+RECIPES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem != "smoke")
+CPU_RECIPES = [r for r in RECIPES if r != "llama3_8b_to_1b_slurm"]
+TINY_STEPS = 10
+
+# The recipes' models and data, shrunk: 6 query heads in 3 KV groups (the recipes' head target becomes
+# "keep 3", one per group), and widths that int4 groups of 32 divide before and after pruning.
+TINY_MODELS = [
+    "teacher=tiny_random",
+    "student=tiny",
+    "student.hidden_size=96",
+    "student.num_layers=4",
+    "student.num_heads=6",
+    "student.num_kv_heads=3",
+    "student.head_dim=32",
+    "student.intermediate_size=128",
+    "data.block_size=32",
+    "data.batch_size=4",
+    f"trainer.max_steps={TINY_STEPS}",
+    "trainer.val_check_interval=5",
+    "trainer.limit_val_batches=2",
+    "callbacks.model_checkpoint.every_n_train_steps=5",
+    "callbacks.progress_bar=null",
+    "trainer.enable_model_summary=false",
+    "distill.optimizer.lr=0.01",
+    "distill.scheduler.num_warmup_steps=0",
+    "eval.max_batches=2",
+    "eval.task_examples=10",
+    "eval.fidelity_prompts=2",
+    "eval.new_tokens=4",
+    "eval.speed_runs=1",
+]
+STEP_KEYS = ("start_step", "end_step", "every_n_steps")
+
+
+def recipe_cfg(recipe: str, out: Path, cache_dir: Path, *extra: str) -> DictConfig:
+    """The recipe composed on tiny models, with its callbacks' steps scaled to a 10-step run."""
+    cfg = compose_cfg([f"experiment={recipe}", *TINY_MODELS, *extra], out, cache_dir)
+    full = compose_cfg([f"experiment={recipe}"], out, cache_dir).trainer.max_steps
+    with open_dict(cfg):
+        for node in cfg.callbacks.values():
+            if node is None or not str(node.get("_target_", "")).startswith("callbacks."):
+                continue
+            if node.get("heads") is not None:
+                node.heads = 3  # the recipes remove one query head per KV group; so does this
+            for key in STEP_KEYS:
+                if node.get(key) is not None:
+                    scaled = int(node[key] * TINY_STEPS / full)
+                    node[key] = max(scaled, 1) if key == "every_n_steps" else scaled
+    return cfg
+
+
+def stages(kinds: list[str]) -> list[str]:
+    """Recorded changes with repeats folded: progressive pruning records one change per pruning step."""
+    return [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+
+
+def test_every_recipe_is_tested():
+    assert set(RECIPES) == {
+        "distill_only",
+        "distill_prune",
+        "distill_share",
+        "distill_prune_qat4",
+        "stacked_max",
+        "llama3_8b_to_1b_slurm",
+    }
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_header_gives_the_command(recipe):
+    text = (CONF / "experiment" / f"{recipe}.yaml").read_text()
+    assert f"experiment={recipe}" in text.split("defaults:")[0]
+    assert f"recipe: {recipe}\n" in text
+
+
+@pytest.mark.parametrize("recipe", CPU_RECIPES)
+def test_recipe_runs_on_tiny_models_with_all_its_callbacks(recipe, tmp_path, cache_dir):
+    cfg = recipe_cfg(recipe, tmp_path, cache_dir)
+    expected = [k for k in ("prune", "share", "lowrank", "qat") if cfg.callbacks.get(k)]
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == TINY_STEPS
+    kinds = [c["kind"] for c in objects["module"].structure]
+    assert stages(kinds) == expected  # every compression callback acted, in the checked order
+    report = json.loads((tmp_path / "report.json").read_text())
+    applied = [m["kind"] for m in report["modifications"] if not m["kind"].startswith("callback:")]
+    assert applied == ["distillation", *kinds]  # the one report covers every modification, in order
+    assert report["run"]["recipe"] == recipe
+    assert report["run"]["steps"] == TINY_STEPS and report["run"]["train_seconds"] > 0
+    student = report["metrics"]["student"]
+    assert student["cost/compression_ratio"] > 0
+    if expected:  # compression shrank the student below the fp32 model the recipe started from
+        start = build(cfg.student, teacher=objects["teacher"])
+        assert student["cost/bytes_memory"] < 4 * sum(p.numel() for p in start.parameters())
+    assert (Path(objects["export_dir"]) / "config.json").exists()
+    if "qat" in expected and "lowrank" not in expected:  # QAT's compact form cannot hold factorised layers
+        assert (tmp_path / "student_quantized").is_dir()
+
+
+def test_stacked_max_report_lists_modifications_in_order(tmp_path, cache_dir):
+    cfg = recipe_cfg("stacked_max", tmp_path, cache_dir)
+    train(cfg)
+    md = (tmp_path / "report.md").read_text()
+    section = md.split("## Modifications, in the order applied")[1].split("##")[0]
+    positions = [section.index(f"**{kind}**") for kind in ("distillation", "prune", "share", "lowrank", "qat")]
+    assert positions == sorted(positions)
+    assert "recipe: stacked_max" in md
+
+
+def test_cluster_recipe_composes_for_fsdp_bf16_on_two_nodes(tmp_path, cache_dir):
+    cfg = compose_cfg(["experiment=llama3_8b_to_1b_slurm"], tmp_path, cache_dir)
+    assert cfg.trainer.strategy._target_ == "distill.strategies.fsdp_strategy"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
+    assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 8
+    assert cfg.teacher.path == "meta-llama/Llama-3.1-8B"
+    assert cfg.trainer_extras.activation_checkpointing is True
+    # GPU ranks as the job would see them: the strategy checks pass there, and fail early on CPU.
+    slurm_env = {"SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_ID": "1", "SLURM_NTASKS": "16"}
+    check_trainer_config(cfg.trainer, objective=cfg.distill.objective, environ=slurm_env)
+    s = cfg.student
+    llama = LlamaConfig(
+        vocab_size=128256,  # Llama-3's vocabulary, which the student takes from the teacher
+        hidden_size=s.hidden_size,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        num_key_value_heads=s.num_kv_heads,
+        intermediate_size=s.intermediate_size,
+        head_dim=s.head_dim,
+        tie_word_embeddings=s.tie_word_embeddings,
+    )
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlamaForCausalLM(llama).parameters())
+    assert 1.0e9 < params < 1.5e9, params  # "~1B": Llama-3.2-1B's shape has 1.24B
+
+
+def test_cluster_recipe_renders_a_two_node_batch_script(tmp_path):
+    overrides = ["experiment=llama3_8b_to_1b_slurm", "slurm.partition=gpu"]
+    cfg = compose_config(overrides)
+    assert job_settings(cfg)["ntasks_per_node"] == 8
+    script = render(cfg, overrides, tmp_path)
+    assert "#SBATCH --nodes=2" in script
+    assert "#SBATCH --ntasks-per-node=8" in script
+    assert "#SBATCH --gpus-per-node=8" in script
+    assert "experiment=llama3_8b_to_1b_slurm" in script
+
+
+def test_cluster_recipe_runs_a_few_steps_on_tiny_models(tmp_path, cache_dir):
+    cfg = recipe_cfg(
+        "llama3_8b_to_1b_slurm",
+        tmp_path,
+        cache_dir,
+        "~slurm",  # no SLURM job here
+        "trainer=cpu",  # FSDP and bf16 need GPUs; the rest of the recipe (checkpointing, accumulation) runs
+        "data=embedded",
+        "~teacher.path",  # the recipe's Llama-3.1-8B location, which the tiny teacher does not take
+        "~teacher.dtype",
+        "~data.name",
+        "~data.config_name",
+        "data.num_workers=0",  # the recipe's 4 loader workers only cost start-up time on tiny data
+        "student.head_dim=null",
+        "student.num_heads=4",
+        "student.num_kv_heads=2",
+        "trainer.accumulate_grad_batches=2",
+        "eval.tasks=[]",
+        "eval.max_batches=2",
+        "trainer.limit_val_batches=2",
+    )
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == TINY_STEPS
+    assert objects["student"].is_gradient_checkpointing
+    assert metrics["heldout/student/ppl"] > 0
+
+
+def test_sweep_writes_one_report_per_point_and_a_combined_plot(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    tiny = [o for o in TINY_MODELS if not o.startswith("trainer.max_steps")]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            f"hydra.sweep.dir={sweep}",
+            "experiment=distill_prune",
+            *tiny,
+            "trainer.max_steps=6",
+            "callbacks.prune.end_step=4",
+            "callbacks.prune.every_n_steps=2",
+            "callbacks.prune.heads=null",
+            "eval.tasks=[distill_cloze]",
+            "callbacks.prune.target=0.25,0.5",
+            f"paths.cache_dir={cache_dir}",
+            f"data.cache_dir={cache_dir}/data",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    reports = sorted(sweep.glob("*/report.json"))
+    assert len(reports) == 2
+    sizes = [json.loads(r.read_text())["metrics"]["student"]["cost/params"] for r in reports]
+    assert sizes[0] > sizes[1]  # 25% of channels removed leaves more than 50%
+    plot = sweep / "quality_vs_size.png"
+    assert plot.stat().st_size > 10_000  # a real PNG, not an empty file
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (sweep / "sweep_report.md").read_text()
+    assert "callbacks.prune.target=0.25" in summary and "callbacks.prune.target=0.5" in summary
+    assert summary.count("\n| ") == 5  # header, separator, teacher, 2 points
