@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="with --run: rerun every recipe from scratch")
     parser.add_argument("--recipes", nargs="+", default=RECIPES, help="recipes to include, in table order")
     parser.add_argument("--runs-root", type=Path, default=ROOT / "logs" / "train" / "runs")
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--readmes", type=Path, nargs="*", default=[ROOT / "README.md", ROOT / "bench" / "README.md"])
     args = parser.parse_args(argv)
     if args.run:
         for recipe in args.recipes:
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for recipe, p in zip(args.recipes, points, strict=True):
         p["label"] = recipe
     table = summary_table(points)
-    results = ROOT / "bench" / "results"
+    results = args.results_dir
     plot = plot_quality_vs_size(points, results / "headline_quality_vs_size.png")
     cpu = f"{os.cpu_count()}-core {platform.machine()} CPU"
     steps = ", ".join(f"{p['label']} {p['run'].get('steps')}" for p in points)
@@ -104,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     (results / "headline.md").write_text("# Headline\n\n" + block.format(link=plot.name) + "\n")
-    for readme in (ROOT / "README.md", ROOT / "bench" / "README.md"):
-        replace_between_markers(readme, block.format(link=plot.relative_to(readme.parent).as_posix()))
+    for readme in args.readmes:
+        link = Path(os.path.relpath(plot, readme.parent)).as_posix()
+        replace_between_markers(readme, block.format(link=link))
     print(block)
     return 0
 

@@ -25,7 +25,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
 from callbacks.prune_importance import METHODS, ImportanceAccumulator
-from callbacks.prune_surgery import apply_spec, decoder_layers, shapes
+from callbacks.prune_surgery import apply_spec, decoder_layers, layer_shapes, shapes
 from distill import structure
 from distill.errors import config_error
 
@@ -97,6 +97,9 @@ class ProgressiveStructuredPruning(pl.Callback):
             ``attention_bias`` set (zero biases on the other projections) and is still a plain Llama.
         target: the one-number knob for sweeps (``callbacks.prune.target=0.25,0.5,0.75``): the fraction of
             MLP channels to remove, i.e. ``channels`` under another name; setting both differently is an error.
+        uniform: True keeps one width for all layers (a plain Hugging Face Llama export). False ranks units
+            across layers, so each layer keeps its own head and channel counts (their totals meet the
+            targets); the export then records per-layer shapes and loads with ``load_pruned.py``.
 
     """
 
@@ -116,6 +119,7 @@ class ProgressiveStructuredPruning(pl.Callback):
         schedule: str = "cubic",
         bias_compensation: bool = False,
         target: float | None = None,
+        uniform: bool = True,
     ) -> None:
         super().__init__()
         if target is not None:
@@ -157,6 +161,7 @@ class ProgressiveStructuredPruning(pl.Callback):
         self.start_step, self.end_step, self.every_n_steps = start_step, end_step, every_n_steps
         self.schedule = schedule
         self.bias_compensation = bias_compensation
+        self.uniform = uniform
         self.scores = ImportanceAccumulator(importance, layers=layers is not None, means=bias_compensation)
         if self.scores.needs_data and end_step < 1:
             why = (
@@ -279,6 +284,13 @@ class ProgressiveStructuredPruning(pl.Callback):
                 "layer pruning changes the student's depth, which breaks the hidden-state loss's layer map; "
                 "set distill.objective.hidden.weight=0 or prune heads and channels only",
             )
+        if not self.uniform and any(getattr(cb, "stage", None) == "share" for cb in trainer.callbacks):
+            raise config_error(
+                f"{FIELD}.uniform",
+                False,
+                "cross-layer sharing ties layers of one shape, which per-layer widths break; "
+                f"set {FIELD}.uniform=true or drop callbacks=share",
+            )
         if trainer.max_steps > 0 and self.end_step >= trainer.max_steps:
             raise config_error(
                 f"{FIELD}.end_step",
@@ -320,13 +332,15 @@ class ProgressiveStructuredPruning(pl.Callback):
         student = pl_module.student
         now, target = shapes(student), self.sizes_at(step)
         self.done.append(step)
-        if all(now[k] == target[k] for k in ("layers", "heads", "kv_heads", "channels")):
+        # Totals over layers: equal to layers × per-layer width for uniform models, the budget otherwise.
+        wanted = {f"total_{k}": target[k] * target["layers"] for k in ("heads", "kv_heads", "channels")}
+        if now["layers"] == target["layers"] and all(now[k] == v for k, v in wanted.items()):
             return
         if self.scores.needs_data:
             # Every rank must remove the same units: sum the statistics over ranks first.
             device = pl_module.device
             self.scores.reduce(lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
-        spec = self.select(student, target)
+        spec = self.select(student, target) if self.uniform else self.select_per_layer(student, target)
         compensation = self.compensation(student, spec) if self.bias_compensation else []
         if compensation:
             spec["biases"] = sorted({kind for _, kind, _ in compensation})
@@ -340,7 +354,11 @@ class ProgressiveStructuredPruning(pl.Callback):
         after = shapes(student)
         if trainer.is_global_zero:
             log.info("pruned at step %d: %s", step, after)
-        pl_module.log_dict({f"prune/{k}": float(v) for k, v in after.items()}, on_step=True, on_epoch=False)
+        logged = {f"prune/{k}": float(v) for k, v in after.items()}
+        if not self.uniform:  # per-layer widths: chart each layer's shape too
+            for i, layer in enumerate(layer_shapes(student)):
+                logged.update({f"prune/layer{i}/{k}": float(v) for k, v in layer.items()})
+        pl_module.log_dict(logged, on_step=True, on_epoch=False)
 
     @torch.no_grad()
     def select(self, student: nn.Module, target: dict[str, int]) -> dict[str, Any]:
@@ -371,6 +389,75 @@ class ProgressiveStructuredPruning(pl.Callback):
             channel_scores = self.scores.channel_scores(student)
             spec["channels"] = [_top(channel_scores[i], target["channels"]) for i in layer_idx]
         return spec
+
+    @torch.no_grad()
+    def select_per_layer(self, student: nn.Module, target: dict[str, int]) -> dict[str, Any]:
+        """Like :meth:`select`, but units compete across layers, so each layer keeps its own counts.
+
+        Scores are standardised per layer (z-scores, as FLAP does) before the global ranking, because raw
+        activation or gradient magnitudes differ in scale from layer to layer. Totals meet ``target`` ×
+        layers; every layer keeps at least one query head per KV group (or one KV group) and one channel.
+        Layers are chosen exactly as in :meth:`select`.
+        """
+        spec: dict[str, Any] = {"uniform": False, "layers": None, "q_heads": None, "kv_heads": None, "channels": None}
+        n = len(decoder_layers(student))
+        layer_idx = list(range(n))
+        if target["layers"] < n:
+            layer_idx = _top(self.scores.layer_scores(student), target["layers"])
+            spec["layers"] = layer_idx
+        now = layer_shapes(student)
+        now = [now[i] for i in layer_idx]
+        if target["heads"] * len(layer_idx) < sum(s["heads"] for s in now):
+            spec["q_heads"], spec["kv_heads"] = self._heads_per_layer(student, layer_idx, now, target)
+        if target["channels"] * len(layer_idx) < sum(s["channels"] for s in now):
+            scores = self.scores.channel_scores(student)
+            units = []
+            for j, i in enumerate(layer_idx):
+                z = _standardised(scores[i])
+                strongest = int(z.argmax())
+                units += [(float(z[c]), j, c) for c in range(len(z)) if c != strongest]
+            drop = sum(s["channels"] for s in now) - target["channels"] * len(layer_idx)
+            gone = _weakest(units, drop)
+            spec["channels"] = [
+                [c for c in range(now[j]["channels"]) if (j, c) not in gone] for j in range(len(layer_idx))
+            ]
+        return spec
+
+    def _heads_per_layer(
+        self, student: nn.Module, layer_idx: list[int], now: list[dict[str, int]], target: dict[str, int]
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Kept query and KV heads per layer when heads compete across layers (see select_per_layer)."""
+        scores = self.scores.head_scores(student)
+        units, orders = [], []
+        for j, i in enumerate(layer_idx):
+            kv, group = now[j]["kv_heads"], now[j]["heads"] // now[j]["kv_heads"]
+            per_group = _standardised(scores[i]).view(kv, group)
+            if self.head_grouping == "within_group":
+                # Unit r of a layer: the r-th weakest query head of every group (GQA needs equal groups).
+                values, order = per_group.sort(dim=1)
+                units += [(float(values[:, r].mean()), j, r) for r in range(group - 1)]
+            else:  # unit r: the r-th weakest whole KV group
+                values, order = per_group.sum(1).sort()
+                units += [(float(values[r]), j, r) for r in range(kv - 1)]
+            orders.append(order)
+        total = sum(s["heads"] for s in now)
+        within = self.head_grouping == "within_group"
+        unit_heads = now[0]["kv_heads"] if within else now[0]["heads"] // now[0]["kv_heads"]
+        gone = _weakest(units, (total - target["heads"] * len(layer_idx)) // unit_heads)
+        q_keep, kv_keep = [], []
+        for j in range(len(layer_idx)):
+            kv, group = now[j]["kv_heads"], now[j]["heads"] // now[j]["kv_heads"]
+            removed = sum(1 for (jj, _) in gone if jj == j)  # the weakest `removed` units of this layer
+            if self.head_grouping == "within_group":
+                keep_pos = orders[j][:, removed:]
+                q = sorted(k * group + int(p) for k in range(kv) for p in keep_pos[k])
+                kvs = list(range(kv))
+            else:
+                kvs = sorted(int(k) for k in orders[j][removed:])
+                q = [k * group + h for k in kvs for h in range(group)]
+            q_keep.append(q)
+            kv_keep.append(kvs)
+        return q_keep, kv_keep
 
     @torch.no_grad()
     def compensation(self, student: nn.Module, spec: dict[str, Any]) -> list[tuple[int, str, Tensor]]:
@@ -419,6 +506,17 @@ def add_compensation(student: nn.Module, terms: list[tuple[int, str, Tensor]]) -
     for j, kind, vec in terms:
         lin = layers[j].mlp.down_proj if kind == "mlp" else layers[j].self_attn.o_proj
         lin.bias.add_(vec.to(lin.bias))
+
+
+def _standardised(scores: Tensor) -> Tensor:
+    """Per-layer z-scores, so units of different layers can be ranked together (FLAP)."""
+    scores = scores.double()
+    return (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-12)
+
+
+def _weakest(units: list[tuple[float, int, int]], k: int) -> set[tuple[int, int]]:
+    """(layer, unit) of the ``k`` lowest-scored units; ties go to the lower layer and unit so every rank agrees."""
+    return {(j, u) for _, j, u in sorted(units)[: max(k, 0)]}
 
 
 def _top(scores: Tensor, k: int) -> list[int]:

@@ -5,8 +5,10 @@ Llama models (its open issues #519 and #527), and the surgery needed here is sma
 slice q/k/v rows and o_proj columns one KV group at a time, slice gate/up rows and down_proj columns,
 set an explicit ``head_dim`` (the width no longer equals ``hidden_size / num_attention_heads``),
 update ``num_key_value_groups``, and renumber ``layer_idx`` after removing layers so that the KV cache
-still lines up. Widths stay uniform across layers, so the result is a plain ``LlamaForCausalLM`` whose
-config alone rebuilds it (``AutoModelForCausalLM.from_pretrained`` loads the export).
+still lines up. By default widths stay uniform across layers, so the result is a plain ``LlamaForCausalLM``
+whose config alone rebuilds it (``AutoModelForCausalLM.from_pretrained`` loads the export). With
+``uniform: false`` in a spec each layer keeps its own counts; the config then records them in
+``distill_layer_shapes`` and :mod:`distill.load_pruned` rebuilds such a model.
 
 Every slicing function returns a carry map, new parameter → (old parameter, function), that
 :meth:`distill.module.DistillModule.rebuild_optimizers` uses to slice the old Adam moments down to
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from distill.load_pruned import LAYER_SHAPES_KEY
 
 Carry = dict[nn.Parameter, tuple[nn.Parameter, Callable[[Tensor], Tensor] | None]]
 
@@ -80,11 +84,14 @@ def prune_layers(model: nn.Module, keep: list[int]) -> None:
         model.config.layer_types = [types[i] for i in keep]
 
 
-def prune_heads(model: nn.Module, q_keep: list[list[int]], kv_keep: list[list[int]], carry: Carry) -> None:
+def prune_heads(
+    model: nn.Module, q_keep: list[list[int]], kv_keep: list[list[int]], carry: Carry, uniform: bool = True
+) -> None:
     """Keep query heads ``q_keep[l]`` and key/value heads ``kv_keep[l]`` in every layer ``l``.
 
     Each kept query head must belong to a kept KV group, and every kept group keeps the same number of
     query heads, so grouped-query attention still maps query head ``j`` to KV head ``j // groups``.
+    With ``uniform`` every layer must keep the same counts, which then go into the config.
     """
     dim = head_dim(model)
     cfg = model.config
@@ -92,8 +99,10 @@ def prune_heads(model: nn.Module, q_keep: list[list[int]], kv_keep: list[list[in
     for layer, qk, kvk in zip(decoder_layers(model), q_keep, kv_keep, strict=True):
         attn = layer.self_attn
         group = attn.num_key_value_groups
-        if len(qk) != n_q or len(kvk) != n_kv or n_q % n_kv:
-            raise ValueError(f"non-uniform or GQA-breaking head selection: {len(qk)} q / {len(kvk)} kv heads")
+        if uniform and (len(qk) != n_q or len(kvk) != n_kv):
+            raise ValueError(f"non-uniform head selection: {len(qk)} q / {len(kvk)} kv heads vs {n_q} / {n_kv}")
+        if not kvk or len(qk) % len(kvk) or any(sum(h // group == k for h in qk) != len(qk) // len(kvk) for k in kvk):
+            raise ValueError(f"GQA-breaking head selection: query heads {qk} over KV heads {kvk}")
         if any(h // group not in kvk for h in qk):
             raise ValueError(f"query heads {qk} do not all belong to the kept KV groups {kvk}")
         q_rows, kv_rows = _head_rows(sorted(qk), dim), _head_rows(sorted(kvk), dim)
@@ -101,15 +110,18 @@ def prune_heads(model: nn.Module, q_keep: list[list[int]], kv_keep: list[list[in
         slice_linear(attn.k_proj, 0, kv_rows, carry)
         slice_linear(attn.v_proj, 0, kv_rows, carry)
         slice_linear(attn.o_proj, 1, q_rows, carry)
-        attn.num_key_value_groups = n_q // n_kv
+        attn.num_key_value_groups = len(qk) // len(kvk)
     # head_dim must be explicit: hidden_size / num_attention_heads no longer gives the per-head width.
     cfg.head_dim = dim
-    cfg.num_attention_heads = n_q
-    cfg.num_key_value_heads = n_kv
+    if uniform:
+        cfg.num_attention_heads = n_q
+        cfg.num_key_value_heads = n_kv
 
 
-def prune_channels(model: nn.Module, keep: list[list[int]], carry: Carry) -> None:
+def prune_channels(model: nn.Module, keep: list[list[int]], carry: Carry, uniform: bool = True) -> None:
     """Keep MLP intermediate channels ``keep[l]`` in every layer ``l`` (gate/up rows, down_proj columns)."""
+    if uniform and len({len(ch) for ch in keep}) > 1:
+        raise ValueError(f"non-uniform channel selection: {[len(ch) for ch in keep]} channels per layer")
     for layer, ch in zip(decoder_layers(model), keep, strict=True):
         mlp = layer.mlp
         index = torch.tensor(sorted(ch), dtype=torch.long)
@@ -117,7 +129,8 @@ def prune_channels(model: nn.Module, keep: list[list[int]], carry: Carry) -> Non
         slice_linear(mlp.up_proj, 0, index, carry)
         slice_linear(mlp.down_proj, 1, index, carry)
         mlp.intermediate_size = len(index)
-    model.config.intermediate_size = len(keep[0])
+    if uniform:
+        model.config.intermediate_size = len(keep[0])
 
 
 def add_biases(model: nn.Module, kinds: list[str]) -> None:
@@ -148,20 +161,47 @@ def apply_spec(model: nn.Module, spec: dict[str, Any]) -> Carry:
     Indices refer to the model as it was before this step.
     """
     carry: Carry = {}
+    uniform = spec.get("uniform", True)
     add_biases(model, spec.get("biases") or [])
     if spec.get("layers") is not None:
         prune_layers(model, spec["layers"])
     if spec.get("q_heads") is not None:
-        prune_heads(model, spec["q_heads"], spec["kv_heads"], carry)
+        prune_heads(model, spec["q_heads"], spec["kv_heads"], carry, uniform=uniform)
     if spec.get("channels") is not None:
-        prune_channels(model, spec["channels"], carry)
+        prune_channels(model, spec["channels"], carry, uniform=uniform)
+    if not uniform or getattr(model.config, LAYER_SHAPES_KEY, None):
+        # Per-layer widths: the config keeps the unpruned counts and records each layer's (distill.load_pruned).
+        setattr(model.config, LAYER_SHAPES_KEY, layer_shapes(model))
     return carry
 
 
+def layer_shapes(model: nn.Module) -> list[dict[str, int]]:
+    """Each decoder layer's query heads, KV heads and MLP channels, read from its projections."""
+    out = []
+    for layer in decoder_layers(model):
+        attn, d = layer.self_attn, layer.self_attn.head_dim
+        out.append(
+            {
+                "heads": attn.q_proj.out_features // d,
+                "kv_heads": attn.k_proj.out_features // d,
+                "channels": layer.mlp.gate_proj.out_features,
+            }
+        )
+    return out
+
+
 def shapes(model: nn.Module) -> dict[str, int]:
-    """The widths that define a uniform pruned Llama: layers, heads, KV heads, head_dim, MLP channels, params."""
+    """Layers, width, the config's heads / KV heads / head_dim / MLP channels, their totals over layers, params.
+
+    For a uniform model ``total_heads == layers * heads`` and so on; with per-layer widths the config
+    keeps the unpruned counts and only the totals (and :func:`layer_shapes`) describe the model.
+    """
     cfg = model.config
+    per_layer = layer_shapes(model)
     return {
+        "total_heads": sum(s["heads"] for s in per_layer),
+        "total_kv_heads": sum(s["kv_heads"] for s in per_layer),
+        "total_channels": sum(s["channels"] for s in per_layer),
         "layers": len(decoder_layers(model)),
         "hidden": cfg.hidden_size,
         "heads": cfg.num_attention_heads,

@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill import load_pruned as load_pruned_module
+from distill.load_pruned import LAYER_SHAPES_KEY, is_pruned_export, load_pruned
+
 log = logging.getLogger("distill")
 
 
@@ -33,6 +36,9 @@ def export_student(
     with atomic_directory(out_dir) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if getattr(student.config, LAYER_SHAPES_KEY, None):
+            # Per-layer widths (callbacks.prune.uniform=false): ship the loader that rebuilds them.
+            shutil.copyfile(load_pruned_module.__file__, tmp / "load_pruned.py")
         if metadata is not None:
             (tmp / "distill.json").write_text(json.dumps(metadata, indent=2, default=str))
         if verify:
@@ -125,7 +131,10 @@ def export_compact_forms(
 @torch.no_grad()
 def check_reload(student: PreTrainedModel, folder: str | Path, atol: float = 1e-5) -> float:
     """Reload ``folder`` with plain transformers and compare logits on a fixed probe; returns the max diff."""
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=student.dtype).eval()
+    if is_pruned_export(folder):
+        reloaded = load_pruned(folder, dtype=student.dtype)
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=student.dtype).eval()
     device = next(student.parameters()).device
     vocab = student.get_output_embeddings().weight.shape[0]
     probe = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)

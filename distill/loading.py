@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distill.errors import ConfigError, config_error
+from distill.load_pruned import is_pruned_export, load_pruned
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -74,6 +75,8 @@ def load_causal_lm(
     torch_dtype = parse_dtype(dtype, f"{field}.dtype")
     if Path(source).exists() and not Path(source).is_dir():
         raise config_error(f"{field}.path", source, "is a file; give the folder that holds it (and gguf_file for GGUF)")
+    if is_pruned_export(source):  # per-layer widths (callbacks.prune.uniform=false): plain from_pretrained refuses it
+        return load_pruned(source, dtype=torch_dtype)
     try:
         return AutoModelForCausalLM.from_pretrained(
             source,

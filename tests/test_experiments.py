@@ -227,3 +227,44 @@ def test_sweep_writes_one_report_per_point_and_a_combined_plot(tmp_path, cache_d
     summary = (sweep / "sweep_report.md").read_text()
     assert "callbacks.prune.target=0.25" in summary and "callbacks.prune.target=0.5" in summary
     assert summary.count("\n| ") == 5  # header, separator, teacher, 2 points
+
+
+def test_headline_table_is_read_from_the_reports(tmp_path):
+    from bench.headline import END, START
+    from bench.headline import main as headline
+    from distill.report import build_report
+
+    teacher = {
+        "heldout/ppl": 25.0,
+        "heldout/top1_agreement": 1.0,
+        "cost/bytes_memory": 538e6,
+        "cost/tokens_per_s": 100.0,
+        "task/distill_cloze/acc": 0.7,
+    }
+    runs = tmp_path / "runs"
+    for name, ppl, ratio in (("distill_only", 222.5, 2.71), ("stacked_max", 987.25, 4.4)):
+        student = {
+            "heldout/ppl": ppl,
+            "heldout/top1_agreement": 0.2,
+            "cost/bytes_memory": 538e6 / ratio,
+            "cost/compression_ratio": ratio,
+            "cost/tokens_per_s": 300.0,
+            "task/distill_cloze/acc": 0.4,
+        }
+        report = build_report(teacher, student, [], {}, {"max_compression_ratio": 8.0})
+        report["run"] = {"recipe": name, "train_seconds": 300.0, "steps": 100}
+        (runs / f"headline_{name}").mkdir(parents=True)
+        (runs / f"headline_{name}" / "report.json").write_text(json.dumps(report))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{START}\nold table\n{END}\noutro\n")
+    args = ["--runs-root", str(runs), "--results-dir", str(tmp_path / "results"), "--readmes", str(readme)]
+    assert headline([*args, "--recipes", "distill_only", "stacked_max"]) == 0
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[2].startswith("| teacher") and "| 25.00 |" in rows[2]
+    assert rows[3].startswith("| distill_only | 198.5 | 2.71× | 222.50 |") and "| 5.0 min |" in rows[3]
+    assert rows[4].startswith("| stacked_max | 122.3 | 4.40× | 987.25 |")
+    assert (tmp_path / "results" / "headline_quality_vs_size.png").stat().st_size > 10_000
+    assert headline([*args, "--recipes", "distill_share"]) == 2  # no report: refused, nothing rewritten
+    assert readme.read_text() == text

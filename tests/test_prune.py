@@ -293,8 +293,25 @@ def test_resume_mid_schedule_matches_uninterrupted(tiny_cfg, tmp_path):
         (("callbacks.prune.start_step=5", "callbacks.prune.end_step=3"), r"end_step=3: must be at least start_step=5"),
         (("callbacks.prune.end_step=20",), r"end_step=20: .*before trainer.max_steps=10"),
         (("callbacks.prune.channels=65",), r"channels=65: the student has only 64"),
+        (
+            ("student.hidden_size=36", "student.num_heads=12", "student.num_kv_heads=4", "callbacks.prune.heads=8"),
+            r"heads=8: .*divide hidden_size=36; keep one of 4, 12",  # 8 keeps GQA but LlamaConfig would refuse it
+        ),
+        (("callbacks.prune.target=0.25",), r"target=0.25: it sets the MLP channels.*channels=0.5 does too"),
     ],
-    ids=["all-heads", "no-layers", "all-layers", "gqa-3", "kv-groups-ok", "gqa-1", "end<start", "past-max", "too-big"],
+    ids=[
+        "all-heads",
+        "no-layers",
+        "all-layers",
+        "gqa-3",
+        "kv-groups-ok",
+        "gqa-1",
+        "end<start",
+        "past-max",
+        "too-big",
+        "width",
+        "target+channels",
+    ],
 )
 def test_bad_targets_are_refused(tiny_cfg, overrides, match):
     cfg = tiny_cfg(
