@@ -25,6 +25,7 @@ from distill.assessment import assess
 from distill.errors import config_error
 from distill.instantiate import build, exit_on_config_error
 from distill.loading import load_causal_lm
+from distill.paths import export_root
 from distill.teacher import FrozenTeacher
 from distill.tokenization import load_tokenizer, shared_vocab_size
 
@@ -122,4 +123,5 @@ if __name__ == "__main__":
     if "--fail-on-degradation" in sys.argv:  # a plain flag reads better in CI scripts than a Hydra override
         sys.argv.remove("--fail-on-degradation")
         sys.argv.append("fail_on_degradation=true")
+    export_root()
     main()

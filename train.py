@@ -18,6 +18,7 @@ from distill.checkpointing import resolve_resume
 from distill.export import export_compact_forms, export_student, plain_model
 from distill.instantiate import build, exit_on_config_error, instantiate_callbacks, instantiate_loggers
 from distill.module import DistillModule
+from distill.paths import export_root
 from distill.strategies import apply_student_switches, check_trainer_config, strategy_name
 from distill.tasks import validate_task_names
 from distill.tracking import publish_student
@@ -166,4 +167,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    export_root()
     main()

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from distill.data import DistillDataModule
 from distill.errors import ConfigError, config_error
 from distill.instantiate import build, exit_on_config_error
+from distill.paths import export_root
 from distill.teacher import FrozenTeacher
 from distill.teacher_cache import FORMAT_VERSION, MANIFEST, bytes_per_token, describe, index_dtype
 from distill.tokenization import tokenizer_fingerprint
@@ -182,4 +183,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    export_root()
     main()

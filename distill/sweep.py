@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -106,7 +107,7 @@ def summary_table(points: list[dict[str, Any]]) -> str:
     ]
     for p in points:
         s, run = p["student"], p["run"]
-        flags = [f["flag"] for f in p["report"]["degradation"]["flags"]]
+        flags = list(dict.fromkeys(f["flag"] for f in p["report"]["degradation"]["flags"]))  # once per kind
         secs = run.get("train_seconds")
         rows.append(
             f"| {p['label']} | {s['cost/bytes_memory'] / 1e6:.1f} | {_num(s.get('cost/compression_ratio'), '.2f')}× "
@@ -193,6 +194,9 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the sweep's table and plot into ``hydra.sweep.dir``."""
+        if not HydraConfig.initialized():
+            # Hydra has left the per-job config by now; a user's sweep dir may still use ${hydra:...}.
+            HydraConfig.instance().set_config(config)
         sweep_dir = Path(config.hydra.sweep.dir)
         written = summarize([sweep_dir], sweep_dir)
         if written:

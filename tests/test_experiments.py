@@ -170,6 +170,8 @@ def test_cluster_recipe_runs_a_few_steps_on_tiny_models(tmp_path, cache_dir):
         cache_dir,
         "~slurm",  # no SLURM job here
         "trainer=cpu",  # FSDP and bf16 need GPUs; the rest of the recipe (checkpointing, accumulation) runs
+        # One process: the recipe's devices=8 would make Lightning re-launch this pytest command 7 times.
+        "trainer.devices=1",
         "data=embedded",
         "~teacher.path",  # the recipe's Llama-3.1-8B location, which the tiny teacher does not take
         "~teacher.dtype",
@@ -185,20 +187,21 @@ def test_cluster_recipe_runs_a_few_steps_on_tiny_models(tmp_path, cache_dir):
         "trainer.limit_val_batches=2",
     )
     metrics, objects = train(cfg)
+    assert objects["trainer"].world_size == 1
     assert objects["trainer"].global_step == TINY_STEPS
     assert objects["student"].is_gradient_checkpointing
     assert metrics["heldout/student/ppl"] > 0
 
 
 def test_sweep_writes_one_report_per_point_and_a_combined_plot(tmp_path, cache_dir):
-    sweep = tmp_path / "sweep"
+    sweep = tmp_path / "logs" / "train" / "multiruns" / "sweep"  # the default sweep dir, under the launch dir
     tiny = [o for o in TINY_MODELS if not o.startswith("trainer.max_steps")]
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "train.py"),
             "-m",
-            f"hydra.sweep.dir={sweep}",
+            "run_name=sweep",
             "experiment=distill_prune",
             *tiny,
             "trainer.max_steps=6",
@@ -257,7 +260,7 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
         (runs / f"headline_{name}" / "report.json").write_text(json.dumps(report))
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{START}\nold table\n{END}\noutro\n")
-    args = ["--runs-root", str(runs), "--results-dir", str(tmp_path / "results"), "--readmes", str(readme)]
+    args = ["--reports", str(runs), "--results-dir", str(tmp_path / "results"), "--readmes", str(readme)]
     assert headline([*args, "--recipes", "distill_only", "stacked_max"]) == 0
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
