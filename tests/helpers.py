@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -95,3 +98,24 @@ def assert_same_losses(full_dir: Path, cut_dir: Path, steps: int | None = None) 
         assert len(full_loss) == steps
     for step in full_loss:
         assert cut_loss[step] == pytest.approx(full_loss[step], rel=1e-5), step
+
+
+def run_train_cli(args: list[str], cwd: Path, cache_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python train.py <args>`` in a fresh interpreter with the session's caches; assert it exits 0."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "train.py"),
+            *args,
+            f"paths.cache_dir={cache_dir}",
+            f"data.cache_dir={cache_dir}/data",
+        ],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    return proc

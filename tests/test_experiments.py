@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from distill.instantiate import build
 from distill.strategies import check_trainer_config
 from slurm.submit import compose_config, job_settings, render
-from tests.conftest import CONF, ROOT, compose_cfg
+from tests.conftest import CONF, compose_cfg
+from tests.helpers import run_train_cli
 from train import train
 
 RECIPES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem != "smoke")
@@ -196,10 +194,8 @@ def test_cluster_recipe_runs_a_few_steps_on_tiny_models(tmp_path, cache_dir):
 def test_sweep_writes_one_report_per_point_and_a_combined_plot(tmp_path, cache_dir):
     sweep = tmp_path / "logs" / "train" / "multiruns" / "sweep"  # the default sweep dir, under the launch dir
     tiny = [o for o in TINY_MODELS if not o.startswith("trainer.max_steps")]
-    proc = subprocess.run(
+    run_train_cli(
         [
-            sys.executable,
-            str(ROOT / "train.py"),
             "-m",
             "run_name=sweep",
             "experiment=distill_prune",
@@ -210,16 +206,10 @@ def test_sweep_writes_one_report_per_point_and_a_combined_plot(tmp_path, cache_d
             "callbacks.prune.heads=null",
             "eval.tasks=[distill_cloze]",
             "callbacks.prune.target=0.25,0.5",
-            f"paths.cache_dir={cache_dir}",
-            f"data.cache_dir={cache_dir}/data",
         ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        text=True,
-        capture_output=True,
-        timeout=600,
+        tmp_path,
+        cache_dir,
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     reports = sorted(sweep.glob("*/report.json"))
     assert len(reports) == 2
     sizes = [json.loads(r.read_text())["metrics"]["student"]["cost/params"] for r in reports]

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from callbacks.prune import ProgressiveStructuredPruning, add_compensation
 from callbacks.prune_importance import ImportanceAccumulator
-from callbacks.prune_surgery import apply_spec, shapes
+from callbacks.prune_surgery import apply_spec, layer_shapes, shapes
 from distill.errors import ConfigError
 from students import scratch
 from tests.helpers import assert_same_losses, crash_at, read_metrics, series
@@ -253,9 +253,11 @@ def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_resume_mid_schedule_matches_uninterrupted(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("uniform", [True, False], ids=["uniform", "per-layer"])
+def test_resume_mid_schedule_matches_uninterrupted(tiny_cfg, tmp_path, uniform):
     common = (
         *PRUNE,
+        f"callbacks.prune.uniform={uniform}",
         *QUIET,
         "trainer.max_steps=10",
         "callbacks.model_checkpoint.every_n_train_steps=2",
@@ -271,6 +273,7 @@ def test_resume_mid_schedule_matches_uninterrupted(tiny_cfg, tmp_path):
     _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
     assert resumed["trainer"].global_step == 10
     assert resumed["module"].structure == full["module"].structure
+    assert layer_shapes(resumed["student"]) == layer_shapes(full["student"])
     assert_same_losses(full_dir, cut_dir, steps=10)
     a, b = _weights(full["student"]), _weights(resumed["student"])
     assert a.keys() == b.keys()

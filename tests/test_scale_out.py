@@ -4,9 +4,6 @@ teacher (2 gloo ranks), DDP matches one process, and the student switches work."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -17,6 +14,7 @@ from safetensors.torch import load_file
 from distill.errors import ConfigError
 from distill.strategies import apply_student_switches, check_trainer_config, shard_policy, strategy_name
 from tests.conftest import compose_cfg
+from tests.helpers import run_train_cli
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,26 +226,18 @@ def test_ddp_two_ranks_batch_b_match_one_process_batch_2b(tiny_cfg, tmp_path, ca
         "export.verify=false",
     ]
     run = tmp_path / "ddp"
-    proc = subprocess.run(
+    proc = run_train_cli(
         [
-            sys.executable,
-            str(ROOT / "train.py"),
             "experiment=smoke",
             "trainer=ddp_sim",
             "data.batch_size=2",
             *common,
             f"hydra.run.dir={run}",
-            f"paths.cache_dir={cache_dir}",
-            f"data.cache_dir={cache_dir}/data",
             "callbacks.progress_bar=null",
         ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        text=True,
-        capture_output=True,
-        timeout=600,
+        tmp_path,
+        cache_dir,
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "distributed_backend=gloo" in proc.stdout + proc.stderr
 
     metrics, single = train(tiny_cfg(*common, "data.batch_size=4", output_dir=tmp_path / "single"))

@@ -20,6 +20,7 @@ from distill.checkpointing import resolve_resume
 from distill.errors import ConfigError
 from distill.strategies import check_trainer_config
 from slurm.submit import compose_config, main, render
+from tests.helpers import run_train_cli
 from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,10 +180,8 @@ def test_hydra_slurm_launcher_composes_with_tasks_from_devices(tmp_path):
 @pytest.mark.slow  # two extra interpreter start-ups (the sweep and submitit's job): about 50 s on 2 loaded cores
 def test_submitit_local_executor_runs_a_sweep(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(
+    run_train_cli(
         [
-            sys.executable,
-            str(ROOT / "train.py"),
             "-m",
             "hydra/launcher=submitit_local",
             f"hydra.sweep.dir={sweep}",
@@ -192,16 +191,11 @@ def test_submitit_local_executor_runs_a_sweep(tmp_path, cache_dir):
             "eval.enabled=false",
             "export.enabled=false",
             "callbacks.progress_bar=null",
-            f"paths.cache_dir={cache_dir}",
-            f"data.cache_dir={cache_dir}/data",
         ],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        text=True,
-        capture_output=True,
+        tmp_path,
+        cache_dir,
         timeout=300,
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     job = sweep / "0"
     assert (job / "checkpoints" / "last.ckpt").exists()
     assert list(sweep.glob(".submitit/*/*_result.pkl"))  # the run went through submitit's executor
