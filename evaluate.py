@@ -7,10 +7,8 @@ pipelines can gate on it.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import pkgutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,25 +18,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from distill import structure
-from distill.assessment import assess
-from distill.errors import config_error
-from distill.instantiate import build, exit_on_config_error
-from distill.loading import load_causal_lm
-from distill.paths import export_root
-from distill.teacher import FrozenTeacher
-from distill.tokenization import load_tokenizer, shared_vocab_size
+from distill.compress.replay import replay
+from distill.config import build, config_error, exit_on_config_error
+from distill.eval.assess import assess
+from distill.models.loading import load_causal_lm
+from distill.models.teacher import FrozenTeacher
+from distill.models.tokenizer import load_tokenizer, shared_vocab_size
+from distill.runtime.paths import export_root
 
 log = logging.getLogger("distill")
 DEGRADED_EXIT = 3
-
-
-def _register_structure_replays() -> None:
-    """Import every callback module so that checkpoints with structure changes can be rebuilt."""
-    import callbacks
-
-    for info in pkgutil.iter_modules(callbacks.__path__):
-        importlib.import_module(f"callbacks.{info.name}")
 
 
 def load_model(path: str, fallback_tokenizer: Any) -> tuple[PreTrainedModel, Any, list[dict[str, Any]]]:
@@ -59,8 +48,7 @@ def load_model(path: str, fallback_tokenizer: Any) -> tuple[PreTrainedModel, Any
             )
         config = dict(ckpt["student_config"])
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
-        _register_structure_replays()
-        structure.replay(model, ckpt.get("student_structure", []))
+        replay(model, ckpt.get("student_structure", []))
         state = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
         model.load_state_dict(state, strict=True)
         return model.eval(), fallback_tokenizer, ckpt.get("student_structure", [])

@@ -12,16 +12,16 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from distill import structure
-from distill.assessment import assess
-from distill.checkpointing import resolve_resume
-from distill.export import export_compact_forms, export_student, plain_model
-from distill.instantiate import build, exit_on_config_error, instantiate_callbacks, instantiate_loggers
+from distill.compress.stages import CompressionStage, check_schedule, compression_stages
+from distill.config import build, exit_on_config_error, instantiate_loggers, named_callbacks
+from distill.eval.assess import assess
+from distill.eval.tasks import validate_task_names
+from distill.export.hf import export_compact_forms, export_student, plain_model
 from distill.module import DistillModule
-from distill.paths import export_root
-from distill.strategies import apply_student_switches, check_trainer_config, strategy_name
-from distill.tasks import validate_task_names
-from distill.tracking import publish_student
+from distill.runtime.paths import export_root
+from distill.runtime.resume import resolve_resume
+from distill.runtime.strategies import apply_student_switches, check_trainer_config, strategy_name
+from distill.runtime.tracking import publish_student
 
 log = logging.getLogger("distill")
 
@@ -59,10 +59,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         scheduler=build(cfg.distill.scheduler) if cfg.distill.get("scheduler") else None,
     )
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: pl.Trainer = build(
-        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=loggers or False
-    )
-    structure.check_schedule(trainer.callbacks)
+    callbacks = named_callbacks(cfg.get("callbacks"))
+    stages = compression_stages(callbacks.values())
+    check_schedule(stages)
+    # Lightning calls callbacks in list order; compression stages run in STAGES order, so none waits on another.
+    others = [cb for cb in callbacks.values() if cb not in stages]
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=[*others, *stages], logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -78,7 +80,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         return metrics, objects
     if cfg.export.enabled:
         out = export_student(
-            plain_model(student, trainer.callbacks),  # shared/factorised/quantized weights made plain
+            plain_model(student, stages),  # shared/factorised/quantized weights made plain
             teacher.tokenizer,
             cfg.export.dir,
             verify=cfg.export.verify,
@@ -87,9 +89,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         objects["export_dir"] = out
         publish_student(loggers, out)  # W&B: the export as a model artifact
         log.info("exported the student to %s", out)
-        for name, path in export_compact_forms(
-            student, teacher.tokenizer, trainer.callbacks, cfg.paths.output_dir
-        ).items():
+        for name, path in export_compact_forms(student, teacher.tokenizer, stages, cfg.paths.output_dir).items():
             log.info("%s wrote a compact export to %s", name, path)
     if cfg.eval.enabled:
         device = next(student.parameters()).device
@@ -103,7 +103,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             cfg.eval,
             cfg.paths.output_dir,
             export_dir=objects.get("export_dir"),
-            modifications=modifications(cfg, module, trainer.global_step),
+            modifications=modifications(cfg, module, trainer.global_step, callbacks),
             config=OmegaConf.to_container(cfg, resolve=True),
             names=(teacher.name, "student"),
             run={
@@ -126,8 +126,10 @@ def _side_key(key: str, side: str) -> str:
     return f"{group}/{side}/{rest}"
 
 
-def modifications(cfg: DictConfig, module: DistillModule, steps: int) -> list[dict[str, Any]]:
-    """What was done to the student, in order: distillation, then each recorded structure change."""
+def modifications(
+    cfg: DictConfig, module: DistillModule, steps: int, callbacks: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """What was done to the student, in order: distillation, each recorded structure change, each compression stage."""
     container = OmegaConf.to_container(cfg, resolve=True)
     mods: list[dict[str, Any]] = [
         {
@@ -142,9 +144,9 @@ def modifications(cfg: DictConfig, module: DistillModule, steps: int) -> list[di
         }
     ]
     mods += [{"kind": c["kind"], "config": c["spec"]} for c in module.structure]
-    for name, node in (container.get("callbacks") or {}).items():
-        if isinstance(node, dict) and str(node.get("_target_", "")).startswith("callbacks."):
-            mods.append({"kind": f"callback:{name}", "config": node})
+    for name, cb in callbacks.items():
+        if isinstance(cb, CompressionStage):
+            mods.append({"kind": f"callback:{name}", "config": container["callbacks"][name]})
     return mods
 
 

@@ -35,7 +35,7 @@ def run_variant(variant: str, vocab: int, hidden: int, tokens: int, chunk: int, 
     from torch import nn
 
     sys.path.insert(0, str(ROOT))
-    from distill.objective import DistillationObjective
+    from distill.objective.objective import DistillationObjective
 
     torch.manual_seed(0)
     b, t = tokens // 256, 257  # T+1 positions so that B·T aligned rows = tokens

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.sweep import load_point, plot_quality_vs_size, summary_table  # noqa: E402
+from distill.eval.sweep import load_point, plot_quality_vs_size, summary_table  # noqa: E402
 
 RECIPES = ["distill_only", "distill_prune", "distill_share", "distill_prune_qat4", "stacked_max"]
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"

@@ -45,10 +45,10 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from callbacks.prune import ProgressiveStructuredPruning  # noqa: E402
-from callbacks.prune_surgery import apply_spec, shapes  # noqa: E402
-from distill.data import StepBatchSampler  # noqa: E402
-from distill.evaluation import heldout_metrics  # noqa: E402
-from distill.instantiate import build  # noqa: E402
+from distill.compress.prune.surgery import apply_spec, shapes  # noqa: E402
+from distill.config import build  # noqa: E402
+from distill.data.datamodule import StepBatchSampler  # noqa: E402
+from distill.eval.heldout import heldout_metrics  # noqa: E402
 from train import train  # noqa: E402
 
 TARGETS = ["callbacks.prune.heads=6", "callbacks.prune.channels=0.5", "callbacks.prune.importance=activation"]

@@ -4,7 +4,7 @@ Three students, all distilled from the SmolLM2-135M teacher on the embedded corp
 held-out batches:
 
 * **fp**: a ``from_teacher`` student distilled for ``--steps`` steps in full precision;
-* **ptq**: that fp student quantized afterwards with ``python -m distill.ptq``'s code (no training);
+* **ptq**: that fp student quantized afterwards with ``python -m distill.compress.quant.ptq``'s code (no training);
 * **qat**: the same student distilled for the same ``--steps`` with ``callbacks=qat`` (fake-quant from
   ``--qat-start``), converted to real quantized weights at the end.
 
@@ -40,8 +40,8 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from distill import quantization  # noqa: E402
-from distill.evaluation import heldout_metrics  # noqa: E402
-from distill.ptq import quantize_export  # noqa: E402
+from distill.compress.quant.ptq import quantize_export  # noqa: E402
+from distill.eval.heldout import heldout_metrics  # noqa: E402
 from train import train  # noqa: E402
 
 

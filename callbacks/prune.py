@@ -11,7 +11,7 @@ under DDP the DDP wrapper is rebuilt around the new parameters. Every step is re
 the same shapes on a fresh student before a checkpoint's weights load. Widths stay uniform across
 layers, so the result is a plain Hugging Face Llama.
 
-The surgery itself is hand-written (see :mod:`callbacks.prune_surgery` for why).
+The surgery itself is hand-written (see :mod:`distill.compress.prune.surgery` for why).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import Tensor, nn
 
-from callbacks.prune_importance import METHODS, ImportanceAccumulator
-from callbacks.prune_surgery import apply_spec, decoder_layers, layer_shapes, shapes
-from distill import structure
-from distill.errors import config_error
+from distill.compress import stages as structure
+from distill.compress.prune.importance import METHODS, ImportanceAccumulator
+from distill.compress.prune.surgery import apply_spec, decoder_layers, layer_shapes, shapes
+from distill.config import config_error
 
 log = logging.getLogger("distill.prune")
 

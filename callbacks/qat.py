@@ -6,9 +6,9 @@ optimizer are unchanged) and rounds weights (and, for the ``int8_dynact_*`` sche
 target grid in every forward, with a straight-through gradient. At the end of fit,
 ``QATConfig(base, step="convert")`` replaces them by real quantized weights (torchao tensor subclasses).
 
-Order with the other compression callbacks: prune → share → lowrank → qat (:data:`distill.structure.STAGES`).
+Order with the other compression callbacks: prune → share → lowrank → qat (:data:`distill.compress.stages.STAGES`).
 QAT is last because every other stage rewrites the weights it would otherwise have to quantize again;
-``distill.structure.check_schedule`` refuses a ``start_step`` before an earlier stage's ``end_step``.
+``distill.compress.stages.check_schedule`` refuses a ``start_step`` before an earlier stage's ``end_step``.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 from torchao.quantization.qat.linear import FakeQuantizedLinear
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill import quantization, structure
-from distill.errors import config_error
-from distill.quantization import QuantSpec
+from distill.compress import stages as structure
+from distill.compress.quant import schemes as quantization
+from distill.compress.quant.schemes import QuantSpec
+from distill.config import config_error
 
 log = logging.getLogger("distill")
 FIELD = "callbacks.qat."
@@ -75,12 +76,12 @@ class QuantizationAwareTraining(pl.Callback):
     """Fake-quantize the student's linears during distillation (torchao QAT), convert them at fit end.
 
     Args:
-        scheme: one of :data:`distill.quantization.SCHEMES` (``int8_weight_only``, ``int4_weight_only``,
+        scheme: one of :data:`distill.compress.quant.schemes.SCHEMES` (``int8_weight_only``, ``int4_weight_only``,
             ``int8_dynact_int4_weight``, ``int8_dynact_int8_weight``).
         group_size: 32, 64 or 128 for the grouped int4 schemes (default 32); must divide the in-features of
             every quantized linear. Leave null for per-row schemes.
         skip: glob patterns (``fnmatch``) on the student's dotted module names that stay in full precision;
-            null means :data:`distill.quantization.DEFAULT_SKIP` (embeddings, ``lm_head``, norms).
+            null means :data:`distill.compress.quant.schemes.DEFAULT_SKIP` (embeddings, ``lm_head``, norms).
         start_step: global step at which fake-quant is inserted; before it the student trains in full
             precision. 0 inserts it in ``setup``, before the strategy wraps the model (needed for FSDP).
         freeze_ranges_step: global step from which the weight scales/zero points stop following the weights
@@ -195,7 +196,7 @@ class QuantizationAwareTraining(pl.Callback):
         if quantization.get_scheme(self.spec.scheme).act_bits is not None:
             log.warning(
                 "the plain export of a %s student has its quantized weights but full-precision activations; "
-                "load the compact export with distill.quantization.load_quantized for the exact model",
+                "load the compact export with distill.compress.quant.schemes.load_quantized for the exact model",
                 self.spec.scheme,
             )
         return quantization.dequantized_copy(model)
@@ -203,7 +204,7 @@ class QuantizationAwareTraining(pl.Callback):
     def export_compact(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path | None:
         """Write the quantized student (torchao tensors in safetensors + ``quantization.json``) under ``run_dir``.
 
-        Reload it with :func:`distill.quantization.load_quantized`; the write is checked to reload with
+        Reload it with :func:`distill.compress.quant.schemes.load_quantized`; the write is checked to reload with
         identical logits.
         """
         if not self.converted:

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from callbacks.compact import materialize as materialize_plain
-from callbacks.compact import save_compact, set_parameter
-from distill import structure
-from distill.errors import config_error
-from distill.export import compact_unless_quantized
+from distill.compress import stages as structure
+from distill.config import config_error
+from distill.export.hf import compact_unless_quantized
+from distill.export.loaders.load_compact import materialize as materialize_plain
+from distill.export.loaders.load_compact import save_compact, set_parameter
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ class CrossLayerSharing(pl.Callback):
         return materialize_plain(model)
 
     def export_compact(self, model: PreTrainedModel, tokenizer: Any, run_dir: Path) -> Path | None:
-        """Write each shared tensor once plus the tie map and a loader (see :mod:`callbacks.compact`)."""
+        """Write each shared tensor once plus the tie map and a loader (see :mod:`distill.export.loaders.load_compact`)."""
         return compact_unless_quantized(
             save_compact, model, tokenizer, Path(run_dir) / self.compact_dir, type(self).__name__
         )

@@ -13,10 +13,11 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from distill import structure
-from distill.cost import parameter_count
-from distill.objective import DistillationObjective
-from distill.teacher import FrozenTeacher
+from distill.compress.replay import replay
+from distill.compress.stages import check_stage_order
+from distill.eval.cost import parameter_count
+from distill.models.teacher import FrozenTeacher
+from distill.objective.objective import DistillationObjective
 
 TEACHER_PREFIX = "teacher."
 Carry = Callable[[Tensor], Tensor]
@@ -32,7 +33,7 @@ class DistillModule(pl.LightningModule):
     it like the student, but it is frozen, never in the optimizer, and stripped from every
     ``state_dict`` and therefore from checkpoints. Loading a checkpoint tolerates its absence.
 
-    Structural changes to the student are recorded in ``self.structure`` (see :mod:`distill.structure`)
+    Structural changes to the student are recorded in ``self.structure`` (see :mod:`distill.compress.stages`)
     and saved with the checkpoint, so resuming rebuilds them before the weights load.
 
     Args:
@@ -81,9 +82,9 @@ class DistillModule(pl.LightningModule):
     def record_structure_change(self, kind: str, spec: dict[str, Any]) -> None:
         """Log a change a callback made to the student, so checkpoints can rebuild it.
 
-        Refuses a change of an earlier compression stage after a later one (see :data:`distill.structure.STAGES`).
+        Refuses a change of an earlier compression stage after a later one (see :data:`distill.compress.stages.STAGES`).
         """
-        structure.check_stage_order([c["kind"] for c in self.structure], kind)
+        check_stage_order([c["kind"] for c in self.structure], kind)
         self.structure.append({"kind": kind, "spec": copy.deepcopy(spec)})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -97,7 +98,7 @@ class DistillModule(pl.LightningModule):
         done = len(self.structure)
         if saved[:done] != self.structure:
             raise RuntimeError("the student already went through structure changes that differ from the checkpoint's")
-        structure.replay(self.student, saved[done:])
+        replay(self.student, saved[done:])
         self.structure = copy.deepcopy(saved)
 
     # -- forward ------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from distill.errors import ConfigError, config_error
-from distill.strategies import check_trainer_config
+from distill.config import ConfigError, config_error
+from distill.runtime.strategies import check_trainer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("template.sbatch")

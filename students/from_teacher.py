@@ -7,8 +7,8 @@ import re
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from distill.errors import config_error
-from distill.teacher import FrozenTeacher
+from distill.config import config_error
+from distill.models.teacher import FrozenTeacher
 from students.config import student_config
 
 _LAYER_KEY = re.compile(r"(^|\.)layers\.(\d+)\.")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from distill.loading import load_causal_lm, resolve_source
-from distill.teacher import FrozenTeacher
-from distill.tokenization import load_tokenizer, shared_vocab_size
+from distill.models.loading import load_causal_lm, resolve_source
+from distill.models.teacher import FrozenTeacher
+from distill.models.tokenizer import load_tokenizer, shared_vocab_size
 
 
 def load(

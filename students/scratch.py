@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from distill.errors import config_error
-from distill.teacher import FrozenTeacher
+from distill.config import config_error
+from distill.models.teacher import FrozenTeacher
 from students.config import student_config
 
 

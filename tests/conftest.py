@@ -61,6 +61,6 @@ def tiny_cfg(tmp_path: Path, cache_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_teacher(cache_dir: Path):
     """The tiny_random teacher (2 layers, width 64, 512-token BPE)."""
-    from distill.teacher import random_teacher
+    from distill.models.teacher import random_teacher
 
     return random_teacher(cache_dir=cache_dir)

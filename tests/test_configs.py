@@ -9,8 +9,8 @@ import pytest
 from lightning.pytorch import Trainer
 from omegaconf import OmegaConf, open_dict
 
-from distill.instantiate import instantiate_callbacks, instantiate_loggers
-from distill.strategies import is_gpu_only
+from distill.config import instantiate_callbacks, instantiate_loggers
+from distill.runtime.strategies import is_gpu_only
 from tests.conftest import CONF, compose_cfg
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -120,7 +120,7 @@ def test_models_data_and_objective_instantiate(tmp_path, cache_dir, tiny_teacher
 
 
 def test_hub_data_offline_gives_clear_error(tmp_path, cache_dir, tiny_teacher):
-    from distill.errors import ConfigError
+    from distill.config import ConfigError
 
     cfg = compose_cfg(["data=hub", "data.name=no-such/dataset-xyz"], tmp_path, cache_dir)
     dm = hydra.utils.instantiate(cfg.data, tokenizer=tiny_teacher.tokenizer)

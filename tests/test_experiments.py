@@ -10,8 +10,8 @@ import torch
 from omegaconf import DictConfig, open_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.instantiate import build
-from distill.strategies import check_trainer_config
+from distill.config import build
+from distill.runtime.strategies import check_trainer_config
 from slurm.submit import compose_config, job_settings, render
 from tests.conftest import CONF, compose_cfg
 from tests.helpers import run_train_cli
@@ -126,7 +126,7 @@ def test_stacked_max_report_lists_modifications_in_order(tmp_path, cache_dir):
 
 def test_cluster_recipe_composes_for_fsdp_bf16_on_two_nodes(tmp_path, cache_dir):
     cfg = compose_cfg(["experiment=llama3_8b_to_1b_slurm"], tmp_path, cache_dir)
-    assert cfg.trainer.strategy._target_ == "distill.strategies.fsdp_strategy"
+    assert cfg.trainer.strategy._target_ == "distill.runtime.strategies.fsdp_strategy"
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 8
     assert cfg.teacher.path == "meta-llama/Llama-3.1-8B"
@@ -225,7 +225,7 @@ def test_sweep_writes_one_report_per_point_and_a_combined_plot(tmp_path, cache_d
 def test_headline_table_is_read_from_the_reports(tmp_path):
     from bench.headline import END, START
     from bench.headline import main as headline
-    from distill.report import build_report
+    from distill.eval.report import build_report
 
     teacher = {
         "heldout/ppl": 25.0,

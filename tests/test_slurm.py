@@ -16,9 +16,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from distill.checkpointing import resolve_resume
-from distill.errors import ConfigError
-from distill.strategies import check_trainer_config
+from distill.config import ConfigError
+from distill.runtime.resume import resolve_resume
+from distill.runtime.strategies import check_trainer_config
 from slurm.submit import compose_config, main, render
 from tests.helpers import run_train_cli
 from train import train

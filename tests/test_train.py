@@ -34,7 +34,7 @@ def test_train_end_to_end_loss_drops_and_export_reloads(tiny_cfg, tmp_path):
     teacher = objects["teacher"]
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     assert not teacher.training
-    from distill.teacher import random_teacher
+    from distill.models.teacher import random_teacher
 
     fresh = random_teacher(cache_dir=cfg.paths.cache_dir)
     for (name, p), q in zip(teacher.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):
@@ -117,7 +117,7 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path):
 
 
 def test_resume_path_that_does_not_exist_is_refused(tiny_cfg, tmp_path):
-    from distill.errors import ConfigError
+    from distill.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"resume='.*nope.ckpt'.*no such checkpoint"):
         train(tiny_cfg(f"resume={tmp_path}/nope.ckpt"))

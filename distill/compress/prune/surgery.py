@@ -1,0 +1,212 @@
+"""Physical structured pruning of a Hugging Face Llama-family model: heads, MLP channels, whole layers.
+
+Why this is hand-written: Torch-Pruning's dependency graph does not finish building on Hugging Face
+Llama models (its open issues #519 and #527), and the surgery needed here is small and well defined:
+slice q/k/v rows and o_proj columns one KV group at a time, slice gate/up rows and down_proj columns,
+set an explicit ``head_dim`` (the width no longer equals ``hidden_size / num_attention_heads``),
+update ``num_key_value_groups``, and renumber ``layer_idx`` after removing layers so that the KV cache
+still lines up. By default widths stay uniform across layers, so the result is a plain ``LlamaForCausalLM``
+whose config alone rebuilds it (``AutoModelForCausalLM.from_pretrained`` loads the export). With
+``uniform: false`` in a spec each layer keeps its own counts; the config then records them in
+``distill_layer_shapes`` and :mod:`distill.export.loaders.load_pruned` rebuilds such a model.
+
+Every slicing function returns a carry map, new parameter → (old parameter, function), that
+:meth:`distill.module.DistillModule.rebuild_optimizers` uses to slice the old Adam moments down to
+the surviving rows and columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY
+
+Carry = dict[nn.Parameter, tuple[nn.Parameter, Callable[[Tensor], Tensor] | None]]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM (``model.model.layers``)."""
+    return model.model.layers
+
+
+def head_dim(model: nn.Module) -> int:
+    """Per-head width of the model's attention."""
+    return decoder_layers(model)[0].self_attn.head_dim
+
+
+def _slicer(dim: int, index: Tensor) -> Callable[[Tensor], Tensor]:
+    def fn(t: Tensor) -> Tensor:
+        return t.index_select(dim, index.to(t.device)).contiguous()
+
+    return fn
+
+
+def slice_linear(linear: nn.Linear, dim: int, index: Tensor, carry: Carry) -> None:
+    """Keep rows (``dim=0``, outputs) or columns (``dim=1``, inputs) ``index`` of a linear layer, in place.
+
+    The module object stays; its weight (and bias, for rows) become new Parameters recorded in ``carry``.
+    """
+    index = index.to(linear.weight.device)
+    old_w = linear.weight
+    fn = _slicer(dim, index)
+    linear.weight = nn.Parameter(fn(old_w.data), requires_grad=old_w.requires_grad)
+    carry[linear.weight] = (old_w, fn)
+    if dim == 0:
+        linear.out_features = len(index)
+        if linear.bias is not None:
+            old_b = linear.bias
+            bfn = _slicer(0, index)
+            linear.bias = nn.Parameter(bfn(old_b.data), requires_grad=old_b.requires_grad)
+            carry[linear.bias] = (old_b, bfn)
+    else:
+        linear.in_features = len(index)
+
+
+def _head_rows(heads: list[int], dim: int) -> Tensor:
+    return (
+        torch.cat([torch.arange(h * dim, (h + 1) * dim) for h in heads]) if heads else torch.zeros(0, dtype=torch.long)
+    )
+
+
+def prune_layers(model: nn.Module, keep: list[int]) -> None:
+    """Keep decoder layers ``keep`` (sorted indices) and renumber ``layer_idx`` so KV-cache slots line up."""
+    layers = decoder_layers(model)
+    model.model.layers = nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_idx
+    model.config.num_hidden_layers = len(keep)
+    types = getattr(model.config, "layer_types", None)
+    if types is not None:
+        model.config.layer_types = [types[i] for i in keep]
+
+
+def prune_heads(
+    model: nn.Module, q_keep: list[list[int]], kv_keep: list[list[int]], carry: Carry, uniform: bool = True
+) -> None:
+    """Keep query heads ``q_keep[l]`` and key/value heads ``kv_keep[l]`` in every layer ``l``.
+
+    Each kept query head must belong to a kept KV group, and every kept group keeps the same number of
+    query heads, so grouped-query attention still maps query head ``j`` to KV head ``j // groups``.
+    With ``uniform`` every layer must keep the same counts, which then go into the config.
+    """
+    dim = head_dim(model)
+    cfg = model.config
+    n_q, n_kv = len(q_keep[0]), len(kv_keep[0])
+    for layer, qk, kvk in zip(decoder_layers(model), q_keep, kv_keep, strict=True):
+        attn = layer.self_attn
+        group = attn.num_key_value_groups
+        if uniform and (len(qk) != n_q or len(kvk) != n_kv):
+            raise ValueError(f"non-uniform head selection: {len(qk)} q / {len(kvk)} kv heads vs {n_q} / {n_kv}")
+        if not kvk or len(qk) % len(kvk) or any(sum(h // group == k for h in qk) != len(qk) // len(kvk) for k in kvk):
+            raise ValueError(f"GQA-breaking head selection: query heads {qk} over KV heads {kvk}")
+        if any(h // group not in kvk for h in qk):
+            raise ValueError(f"query heads {qk} do not all belong to the kept KV groups {kvk}")
+        q_rows, kv_rows = _head_rows(sorted(qk), dim), _head_rows(sorted(kvk), dim)
+        slice_linear(attn.q_proj, 0, q_rows, carry)
+        slice_linear(attn.k_proj, 0, kv_rows, carry)
+        slice_linear(attn.v_proj, 0, kv_rows, carry)
+        slice_linear(attn.o_proj, 1, q_rows, carry)
+        attn.num_key_value_groups = len(qk) // len(kvk)
+    # head_dim must be explicit: hidden_size / num_attention_heads no longer gives the per-head width.
+    cfg.head_dim = dim
+    if uniform:
+        cfg.num_attention_heads = n_q
+        cfg.num_key_value_heads = n_kv
+
+
+def prune_channels(model: nn.Module, keep: list[list[int]], carry: Carry, uniform: bool = True) -> None:
+    """Keep MLP intermediate channels ``keep[l]`` in every layer ``l`` (gate/up rows, down_proj columns)."""
+    if uniform and len({len(ch) for ch in keep}) > 1:
+        raise ValueError(f"non-uniform channel selection: {[len(ch) for ch in keep]} channels per layer")
+    for layer, ch in zip(decoder_layers(model), keep, strict=True):
+        mlp = layer.mlp
+        index = torch.tensor(sorted(ch), dtype=torch.long)
+        slice_linear(mlp.gate_proj, 0, index, carry)
+        slice_linear(mlp.up_proj, 0, index, carry)
+        slice_linear(mlp.down_proj, 1, index, carry)
+        mlp.intermediate_size = len(index)
+    if uniform:
+        model.config.intermediate_size = len(keep[0])
+
+
+def add_biases(model: nn.Module, kinds: list[str]) -> None:
+    """Give every projection of ``kinds`` (``mlp``, ``attention``) a zero bias, as Llama's config flags do.
+
+    Bias compensation needs a bias on ``down_proj``/``o_proj``. Hugging Face Llama only has all-or-nothing
+    flags (``mlp_bias`` adds one to gate/up/down, ``attention_bias`` to q/k/v/o), so the other projections
+    get zero biases too and the export stays a plain Llama that ``from_pretrained`` rebuilds.
+    """
+    names = {"mlp": ("gate_proj", "up_proj", "down_proj"), "attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
+    for kind in kinds:
+        for layer in decoder_layers(model):
+            parent = layer.mlp if kind == "mlp" else layer.self_attn
+            for name in names[kind]:
+                lin = getattr(parent, name)
+                if lin.bias is None:
+                    w = lin.weight
+                    lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        setattr(model.config, "mlp_bias" if kind == "mlp" else "attention_bias", True)
+
+
+def apply_spec(model: nn.Module, spec: dict[str, Any]) -> Carry:
+    """Apply one pruning step: layers first, then heads and channels of the surviving layers.
+
+    ``spec`` holds ``layers`` (kept layer indices or None), ``q_heads``/``kv_heads`` (per surviving layer,
+    kept head indices, or None), ``channels`` (per surviving layer, kept channels, or None) and optionally
+    ``biases`` (projection kinds that get biases for bias compensation; their values come from the weights).
+    Indices refer to the model as it was before this step.
+    """
+    carry: Carry = {}
+    uniform = spec.get("uniform", True)
+    add_biases(model, spec.get("biases") or [])
+    if spec.get("layers") is not None:
+        prune_layers(model, spec["layers"])
+    if spec.get("q_heads") is not None:
+        prune_heads(model, spec["q_heads"], spec["kv_heads"], carry, uniform=uniform)
+    if spec.get("channels") is not None:
+        prune_channels(model, spec["channels"], carry, uniform=uniform)
+    if not uniform or getattr(model.config, LAYER_SHAPES_KEY, None):
+        # Per-layer widths: the config keeps the unpruned counts and records each layer's (distill.export.loaders.load_pruned).
+        setattr(model.config, LAYER_SHAPES_KEY, layer_shapes(model))
+    return carry
+
+
+def layer_shapes(model: nn.Module) -> list[dict[str, int]]:
+    """Each decoder layer's query heads, KV heads and MLP channels, read from its projections."""
+    out = []
+    for layer in decoder_layers(model):
+        attn, d = layer.self_attn, layer.self_attn.head_dim
+        out.append(
+            {
+                "heads": attn.q_proj.out_features // d,
+                "kv_heads": attn.k_proj.out_features // d,
+                "channels": layer.mlp.gate_proj.out_features,
+            }
+        )
+    return out
+
+
+def shapes(model: nn.Module) -> dict[str, int]:
+    """Layers, width, the config's heads / KV heads / head_dim / MLP channels, their totals over layers, params.
+
+    For a uniform model ``total_heads == layers * heads`` and so on; with per-layer widths the config
+    keeps the unpruned counts and only the totals (and :func:`layer_shapes`) describe the model.
+    """
+    cfg = model.config
+    per_layer = layer_shapes(model)
+    return {
+        "total_heads": sum(s["heads"] for s in per_layer),
+        "total_kv_heads": sum(s["kv_heads"] for s in per_layer),
+        "total_channels": sum(s["channels"] for s in per_layer),
+        "layers": len(decoder_layers(model)),
+        "hidden": cfg.hidden_size,
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "head_dim": head_dim(model),
+        "channels": cfg.intermediate_size,
+        "params": sum(p.numel() for p in model.parameters()),
+    }

@@ -1,0 +1,94 @@
+"""Building objects from the config, and the one kind of error a user can fix.
+
+:class:`ConfigError` carries every message about bad input; entry points print it as one line
+(:func:`exit_on_config_error`). :func:`build` and the ``instantiate_*`` helpers turn ``_target_`` nodes into
+objects without letting Hydra's wrapping hide such an error.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import hydra
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem the user can fix.
+
+    Messages follow one pattern: the field, the bad value, then the fix.
+    """
+
+
+def config_error(field: str, value: object, fix: str) -> ConfigError:
+    """Build a ConfigError whose message names the field, the bad value and the fix."""
+    return ConfigError(f"{field}={value!r}: {fix}")
+
+
+def find_config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind an exception (Hydra wraps errors raised inside ``_target_`` calls)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextmanager
+def exit_on_config_error() -> Iterator[None]:
+    """Entry points: a ConfigError anywhere inside (even wrapped by Hydra) becomes one line and exit code 2."""
+    try:
+        yield
+    except Exception as err:
+        config_err = find_config_error(err)
+        if config_err is None:
+            raise
+        print(f"error: {config_err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets a ConfigError from the target surface as itself."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except Exception as err:
+        config_err = find_config_error(err)
+        if config_err is not None and config_err is not err:
+            raise config_err from None
+        raise
+
+
+def _instantiate_named(nodes: DictConfig | None, kind: type, group: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, node in (nodes or {}).items():
+        if node is None:  # a node set to null in an override switches that entry off
+            continue
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            raise TypeError(f"{group}.{name}: expected a node with _target_, got {node!r}")
+        obj = build(node)
+        if not isinstance(obj, kind):
+            raise TypeError(f"{group}.{name}: {type(obj).__name__} is not a {kind.__name__}")
+        out[str(name)] = obj
+    return out
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    """Instantiate every callback node under ``callbacks:``, in config order."""
+    return list(named_callbacks(cfg).values())
+
+
+def named_callbacks(cfg: DictConfig | None) -> dict[str, Callback]:
+    """Instantiate every callback node under ``callbacks:``, keyed by its name in the config."""
+    return _instantiate_named(cfg, Callback, "callbacks")
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    """Instantiate every logger node under ``logger:``."""
+    return list(_instantiate_named(cfg, Logger, "logger").values())

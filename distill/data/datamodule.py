@@ -1,0 +1,321 @@
+"""Corpus loading, tokenisation with the teacher's tokenizer, packing, and a resumable step sampler."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Sampler
+from transformers import PreTrainedTokenizerBase
+
+from distill.config import ConfigError, config_error
+from distill.models.tokenizer import tokenizer_fingerprint
+
+SOURCES = ("embedded", "text", "hub")
+
+# Lightning warns that a mid-epoch resume replays batches unless the loader is stateful. Ours is
+# resumable by construction: StepBatchSampler starts from the restored global step.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+_FILE_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+
+
+def embedded_corpus() -> list[str]:
+    """The English reference prose every CPython ships (``pydoc_data.topics``), one document per topic."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def _load_raw(
+    source: str,
+    files: str | Sequence[str] | None,
+    name: str | None,
+    config_name: str | None,
+    split: str,
+    text_field: str,
+) -> tuple[datasets.Dataset, str]:
+    """The raw documents as a ``datasets.Dataset`` plus a fingerprint of their content."""
+    if source == "embedded":
+        docs = embedded_corpus()
+        digest = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
+        return datasets.Dataset.from_dict({text_field: docs}), f"embedded-{sys.version_info[:2]}-{digest}"
+    if source == "text":
+        if not files:
+            raise config_error("data.files", files, "give a file, a glob or a list of txt/jsonl/parquet files")
+        file_list = [files] if isinstance(files, str) else list(files)
+        suffixes = {Path(f).suffix.lower() for f in file_list}
+        builders = {_FILE_BUILDERS.get(s) for s in suffixes}
+        if None in builders or len(builders) != 1:
+            raise config_error("data.files", files, f"use one kind of file among {', '.join(sorted(_FILE_BUILDERS))}")
+        try:
+            raw = datasets.load_dataset(builders.pop(), data_files=file_list, split=split)
+        except FileNotFoundError as err:
+            raise config_error("data.files", files, f"no such file ({err}); check the path or glob") from err
+        return raw, raw._fingerprint
+    if source == "hub":
+        if not name:
+            raise config_error("data.name", name, "give a hub dataset id such as 'wikitext'")
+        try:
+            raw = datasets.load_dataset(name, config_name, split=split)
+        except (ConnectionError, FileNotFoundError, ValueError) as err:
+            raise config_error(
+                "data.name",
+                name,
+                f"could not load it ({type(err).__name__}: {str(err)[:160]}); "
+                "download it while online or use data=text with local files",
+            ) from err
+        return raw, raw._fingerprint
+    raise config_error("data.source", source, f"choose one of {', '.join(SOURCES)}")
+
+
+def pack(token_lists: Sequence[Sequence[int]], block_size: int) -> list[list[int]]:
+    """Concatenate documents and cut the stream into full blocks; the incomplete tail is dropped."""
+    stream = [t for ids in token_lists for t in ids]
+    return [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
+
+
+def heldout_documents(lengths: Sequence[int], val_fraction: float, seed: int) -> list[int]:
+    """Indices of whole documents to hold out, drawn in a seeded order until ``val_fraction`` of tokens is reached."""
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    total, held, tokens = sum(lengths), [], 0
+    for i in order:
+        if tokens >= val_fraction * total:
+            break
+        held.append(i)
+        tokens += lengths[i]
+    return held
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches for a step-based run whose order depends only on the seed and the global batch index.
+
+    Global batch ``k`` holds stream positions ``[k·G, (k+1)·G)`` with ``G = batch_size × world_size``; the
+    stream walks a fresh seeded permutation of the data on each pass. Rank ``r`` takes its slice of
+    the global batch, so 2 ranks × batch b see exactly what 1 rank × batch 2b sees. Resuming at batch
+    ``start`` yields the same batches an uninterrupted run would have yielded from there. ``len()`` is
+    the whole run, because Lightning counts the batches already done when it restarts mid-epoch.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        total_batches: int,
+        *,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        start: int = 0,
+    ) -> None:
+        self.n, self.batch_size, self.total = num_samples, batch_size, total_batches
+        self.seed, self.world_size, self.rank, self.start = seed, world_size, rank, start
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _at(self, i: int) -> int:
+        epoch, pos = divmod(i, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return int(self._perm[1][pos])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = self.batch_size * self.world_size
+        for k in range(self.start, self.total):
+            first = k * g + self.rank * self.batch_size
+            yield [self._at(first + j) for j in range(self.batch_size)]
+
+    def __len__(self) -> int:
+        return self.total
+
+
+class DistillDataModule(pl.LightningDataModule):
+    """Tokenises a corpus with the teacher's tokenizer and packs it into fixed-length blocks.
+
+    The train/validation split is by document (no text appears in both), seeded and deterministic.
+    Tokenised, packed splits are stored under ``cache_dir`` keyed by the tokenizer, the data and the
+    packing settings, so a second run loads them instead of tokenising again.
+
+    Args:
+        tokenizer: the teacher's tokenizer.
+        source: ``embedded`` (CPython's pydoc topics), ``text`` (local files) or ``hub``.
+        files: for ``text``: a path, glob or list of txt/md, json/jsonl, parquet or csv files.
+        name / config_name / split: for ``hub``: ``datasets.load_dataset(name, config_name, split=split)``.
+        text_field: the column that holds the text.
+        block_size: tokens per training sequence.
+        batch_size: sequences per device per step.
+        eval_batch_size: sequences per validation batch (defaults to ``batch_size``).
+        val_fraction: share of the tokens held out for validation, by whole documents.
+        seed: seed of the split and of the batch order.
+        num_workers: DataLoader worker processes.
+        cache_dir: where tokenised splits live (defaults to the ``datasets`` cache).
+
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        source: str = "embedded",
+        files: str | Sequence[str] | None = None,
+        name: str | None = None,
+        config_name: str | None = None,
+        split: str = "train",
+        text_field: str = "text",
+        block_size: int = 128,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.05,
+        seed: int = 1234,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if block_size < 2:
+            raise config_error("data.block_size", block_size, "must be at least 2 tokens")
+        if not 0.0 < val_fraction < 1.0:
+            raise config_error("data.val_fraction", val_fraction, "must lie strictly between 0 and 1")
+        if batch_size < 1:
+            raise config_error("data.batch_size", batch_size, "must be at least 1")
+        self.tokenizer = tokenizer
+        self.source, self.files, self.name, self.config_name = source, files, name, config_name
+        self.split, self.text_field, self.block_size = split, text_field, block_size
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.val_fraction, self.seed, self.num_workers = val_fraction, seed, num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "distill"
+        self.train_set: datasets.Dataset | None = None
+        self.val_set: datasets.Dataset | None = None
+        self.cache_path: Path | None = None
+        self.cache_hit = False
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "block_size": self.block_size,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+            "text_field": self.text_field,
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+            "version": 1,
+        }
+
+    def _build(self) -> None:
+        raw, fingerprint = _load_raw(self.source, self.files, self.name, self.config_name, self.split, self.text_field)
+        key = hashlib.sha256(json.dumps({**self._settings(), "data": fingerprint}, sort_keys=True).encode())
+        self.cache_path = self.cache_dir / key.hexdigest()[:20]
+        if (self.cache_path / "done").is_file():
+            self.cache_hit = True
+            return
+        if self.text_field not in raw.column_names:
+            raise config_error("data.text_field", self.text_field, f"no such column; the data has {raw.column_names}")
+        tokenizer, field, block = self.tokenizer, self.text_field, self.block_size
+        eos = tokenizer.eos_token_id
+
+        def tokenize(batch: dict[str, list]) -> dict[str, list]:
+            ids = [x + [eos] for x in tokenizer(batch[field], add_special_tokens=False)["input_ids"]]
+            return {"input_ids": ids, "length": [len(x) for x in ids]}
+
+        def group(batch: dict[str, list]) -> dict[str, list]:
+            return {"input_ids": pack(batch["input_ids"], block)}
+
+        docs = raw.map(tokenize, batched=True, remove_columns=raw.column_names, desc="tokenize")
+        lengths = docs["length"]
+        total = sum(lengths)
+        held = set(heldout_documents(lengths, self.val_fraction, self.seed))
+        splits = {
+            "train": docs.select([i for i in range(len(docs)) if i not in held]),
+            "val": docs.select(sorted(held)),
+        }
+        # Packing runs over batches of 1000 documents, so at most one partial block per batch is dropped.
+        packed = {
+            k: v.map(group, batched=True, batch_size=1000, remove_columns=v.column_names, desc=f"pack {k}")
+            for k, v in splits.items()
+        }
+        if len(packed["train"]) == 0 or len(packed["val"]) == 0:
+            raise config_error(
+                "data.block_size",
+                self.block_size,
+                f"the corpus has {total} tokens in {len(docs)} documents, too few for one training "
+                "and one validation block; lower data.block_size or add text",
+            )
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".tmp-"))
+        for split, blocks in packed.items():
+            blocks.save_to_disk(str(tmp / split))
+        (tmp / "settings.json").write_text(json.dumps({**self._settings(), "data": fingerprint}, indent=1))
+        (tmp / "done").touch()
+        try:  # publish atomically so an interrupted run never leaves a half-written cache behind
+            tmp.rename(self.cache_path)
+        except OSError:  # another process published the same cache first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def prepare_data(self) -> None:
+        """Tokenise and cache once per node (Lightning calls this on local rank 0 only)."""
+        self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cached splits on every rank."""
+        if self.train_set is not None:
+            return
+        self._build()
+        assert self.cache_path is not None
+        self.train_set = datasets.load_from_disk(str(self.cache_path / "train")).with_format("torch")
+        self.val_set = datasets.load_from_disk(str(self.cache_path / "val")).with_format("torch")
+
+    @staticmethod
+    def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Stack packed blocks; every position is a real token, so the mask is all ones."""
+        ids = torch.stack([r["input_ids"] for r in rows])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def train_dataloader(self) -> DataLoader:
+        """Batches for ``max_steps`` optimizer steps, resuming where the restored global step left off."""
+        trainer = self.trainer
+        if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
+            raise ConfigError(
+                f"trainer.max_steps={getattr(trainer, 'max_steps', None)!r}: distillation runs by "
+                "optimizer steps; set trainer.max_steps to a positive number"
+            )
+        accumulate = trainer.accumulate_grad_batches
+        sampler = StepBatchSampler(
+            len(self.train_set),
+            self.batch_size,
+            trainer.max_steps * accumulate,
+            seed=self.seed,
+            world_size=trainer.world_size,
+            rank=trainer.global_rank,
+            start=trainer.global_step * accumulate,
+        )
+        return DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """The held-out blocks in a fixed order."""
+        return DataLoader(
+            self.val_set,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+        )

@@ -1,0 +1,161 @@
+"""Measure a compressed model against its baseline on the same data and write the compression report.
+
+Used at the end of ``train.py`` and by ``evaluate.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from distill.config import ConfigError
+from distill.eval.cost import cost_metrics
+from distill.eval.heldout import format_table, generation_fidelity, heldout_metrics
+from distill.eval.report import build_report, plot_run, write_report
+from distill.eval.tasks import LOCAL_TASKS, build_local_tasks, hf_lm, run_tasks, task_manager
+
+log = logging.getLogger("distill")
+
+
+def _texts(loader: DataLoader, tokenizer: Any, max_blocks: int = 400) -> list[str]:
+    """Held-out text back from the packed validation blocks (decoding BPE reproduces the text)."""
+    ids = []
+    for batch in loader:
+        ids += batch["input_ids"].tolist()
+        if len(ids) >= max_blocks:
+            break
+    eos = tokenizer.eos_token_id
+    stream = [t for block in ids for t in block]
+    docs, cur = [], []
+    for t in stream:
+        if t == eos:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    docs.append(cur)
+    return [tokenizer.decode(d) for d in docs if d]
+
+
+def assess(
+    student: nn.Module,
+    baseline: nn.Module,
+    tokenizer: Any,
+    val_loader: DataLoader,
+    vocab_size: int,
+    settings: Mapping[str, Any],
+    run_dir: str | Path,
+    *,
+    export_dir: str | Path | None = None,
+    baseline_dir: str | Path | None = None,
+    modifications: list[dict[str, Any]] | None = None,
+    config: Mapping[str, Any] | None = None,
+    names: tuple[str, str] = ("teacher", "student"),
+    run: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score ``student`` and ``baseline`` on held-out data, tasks, generation and cost; write the report.
+
+    Args:
+        student: the compressed model (a transformers causal LM).
+        baseline: the reference (usually the teacher): a FrozenTeacher, a cached teacher or a causal LM.
+        tokenizer: the shared tokenizer.
+        val_loader: held-out batches.
+        vocab_size: the shared vocabulary.
+        settings: the ``eval`` config: ``max_batches``, ``tasks``, ``task_examples``, ``task_limit``,
+            ``task_batch_size``, ``fidelity_prompts``, ``prompt_tokens``, ``new_tokens``, ``speed_runs``, ``guard``.
+        run_dir: where the report and plots go.
+        export_dir: the student's export folder, whose size on disk is reported.
+        baseline_dir: the baseline's folder, likewise (None when it has none).
+        modifications: what was applied to the student, in order.
+        config: the resolved run config (hashed into the report).
+        names: labels of the two models.
+        run: facts about the training run (recipe, wall-clock seconds, steps), stored as ``report["run"]``.
+
+    Returns:
+        The report dict (also written as report.json / report.md).
+
+    """
+    device = next(student.parameters()).device
+    base_lm = getattr(baseline, "model", baseline)  # the causal LM inside a FrozenTeacher
+    can_generate = hasattr(base_lm, "generate")
+    sides: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
+
+    held = heldout_metrics(
+        {"teacher": baseline, "student": student},
+        baseline,
+        val_loader,
+        vocab_size,
+        max_batches=settings.get("max_batches"),
+        device=device,
+    )
+    print("\nHeld-out evaluation (validation split):\n" + format_table(held), flush=True)
+    for side in sides:
+        sides[side].update({f"heldout/{k}": v for k, v in held[side].items() if k != "tokens"})
+
+    notes: list[str] = []
+    tasks = list(settings.get("tasks") or [])
+    if tasks:
+        task_dir = Path(run_dir) / "tasks"
+        if any(t in LOCAL_TASKS for t in tasks):
+            try:
+                build_local_tasks(_texts(val_loader, tokenizer), task_dir, n_examples=settings.get("task_examples", 50))
+            except ConfigError as err:
+                # Too little held-out prose: the run's other results still stand, so say so and go on.
+                notes.append(f"local tasks skipped: {err}")
+                log.warning("local tasks skipped: %s", err)
+                tasks = [t for t in tasks if t not in LOCAL_TASKS]
+    if tasks:
+        manager = task_manager(task_dir)
+        models = {"student": student, **({"teacher": base_lm} if can_generate else {})}
+        for side, model in models.items():
+            scores = run_tasks(
+                hf_lm(model, tokenizer, settings.get("task_batch_size", 8)),
+                tasks,
+                manager,
+                limit=settings.get("task_limit"),
+            )
+            for task, metrics in scores.items():
+                sides[side].update({f"task/{task}/{k}": v for k, v in metrics.items()})
+
+    first = next(iter(val_loader))["input_ids"]
+    prompts = first[: settings.get("fidelity_prompts", 8), : settings.get("prompt_tokens", 32)].to(device)
+    if can_generate and settings.get("new_tokens", 16) > 0:
+        fid = generation_fidelity(student, base_lm, prompts, settings.get("new_tokens", 16))
+        sides["student"].update({f"fidelity/{k}": v for k, v in fid.items()})
+        sides["teacher"].update({"fidelity/exact_match": 1.0, "fidelity/token_agreement": 1.0})
+
+    speed_probe = prompts[:1] if settings.get("speed_runs", 3) > 0 else None
+    for side, model, folder in (("student", student, export_dir), ("teacher", base_lm, baseline_dir)):
+        if side == "teacher" and not can_generate:
+            continue
+        cost = cost_metrics(
+            model,
+            folder,
+            speed_probe if can_generate or side == "student" else None,
+            new_tokens=settings.get("new_tokens", 16) or 16,
+            runs=settings.get("speed_runs", 3),
+        )
+        sides[side].update({f"cost/{k}": v for k, v in cost.items() if v is not None})
+    if "cost/bytes_memory" in sides["teacher"]:
+        sides["student"]["cost/compression_ratio"] = sides["teacher"]["cost/bytes_memory"] / max(
+            sides["student"]["cost/bytes_memory"], 1
+        )
+        sides["teacher"]["cost/compression_ratio"] = 1.0
+
+    guard = dict(settings.get("guard") or {})
+    report = build_report(sides["teacher"], sides["student"], modifications or [], config or {}, guard, names)
+    report["notes"] = notes
+    report["run"] = dict(run or {})
+    write_report(report, run_dir)
+    try:
+        plot_run(run_dir, sides["teacher"], sides["student"])
+    except Exception as err:  # a plot must never cost the user their report
+        log.warning("could not draw the report plots: %s", err)
+    for flag in report["degradation"]["flags"]:
+        log.warning("degradation guard: %s", flag["message"])
+    return report

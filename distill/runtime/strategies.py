@@ -1,0 +1,185 @@
+"""Multi-device strategies: checking a trainer config before any work, and sharding the teacher with the student.
+
+Lightning owns the strategies (DDP, FSDP, DeepSpeed); this module only adds what distillation needs:
+
+* :func:`check_trainer_config` refuses combinations that would fail late or obscurely (FSDP/DeepSpeed on a
+  CPU accelerator, a bare ``strategy=fsdp``, the chunked loss under FSDP, ``trainer.devices`` disagreeing
+  with the SLURM tasks per node), before a teacher loads.
+* :func:`fsdp_strategy` builds Lightning's ``FSDPStrategy`` with :func:`shard_policy`, which shards every
+  decoder layer of *both* models and the rest of the teacher, so the frozen teacher is not replicated.
+* :func:`apply_student_switches` turns on activation checkpointing and ``torch.compile`` for the student.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from distill.config import config_error
+from distill.models.teacher import FrozenTeacher
+
+# Strategies Lightning only runs on GPUs; on a CPU accelerator they fail inside Trainer() or at fit time.
+GPU_ONLY = ("fsdp", "deepspeed")
+
+
+def strategy_name(strategy: Any) -> str:
+    """A lower-case name for a strategy given as a string, a config node with ``_target_``, or an object.
+
+    ``"deepspeed_stage_3_offload"`` → ``"deepspeed_stage_3_offload"``; a node targeting
+    ``lightning.pytorch.strategies.FSDPStrategy`` or :func:`fsdp_strategy` → ``"fsdp"``.
+    """
+    if strategy is None:
+        return "auto"
+    if isinstance(strategy, str):
+        return strategy.lower()
+    if isinstance(strategy, Mapping):
+        target = str(strategy.get("_target_", "")).rsplit(".", 1)[-1].lower()
+    else:
+        target = type(strategy).__name__.lower()
+    for name in GPU_ONLY + ("ddp",):
+        if name in target:
+            return name
+    return target or "auto"
+
+
+def is_gpu_only(strategy: Any) -> bool:
+    """Whether Lightning requires a GPU accelerator for ``strategy``."""
+    return strategy_name(strategy).startswith(GPU_ONLY)
+
+
+def check_trainer_config(
+    trainer: Mapping[str, Any], environ: Mapping[str, str] | None = None, objective: Mapping[str, Any] | None = None
+) -> None:
+    """Refuse a trainer config that cannot run, before any model is built or any job is submitted.
+
+    Args:
+        trainer: the ``trainer`` config node (a DictConfig or a plain mapping).
+        environ: the environment to read ``SLURM_NTASKS_PER_NODE`` from (default ``os.environ``).
+        objective: the ``distill.objective`` node, to refuse the chunked loss under FSDP.
+
+    Raises:
+        ConfigError: FSDP/DeepSpeed with ``accelerator=cpu``; the chunked loss under FSDP; ``devices`` not
+            matching the SLURM tasks per node.
+
+    """
+    environ = os.environ if environ is None else environ
+    strategy, accelerator = trainer.get("strategy"), str(trainer.get("accelerator", "auto")).lower()
+    if is_gpu_only(strategy) and accelerator == "cpu":
+        raise config_error(
+            "trainer.accelerator",
+            accelerator,
+            f"the {strategy_name(strategy)} strategy runs on GPUs only; use trainer.accelerator=gpu, "
+            "or trainer=ddp_sim to try multi-process training on CPU",
+        )
+    if isinstance(strategy, str) and strategy.lower().startswith("fsdp"):
+        raise config_error(
+            "trainer.strategy",
+            strategy,
+            "use trainer=fsdp: Lightning's bare FSDP strategy has no wrap policy for the teacher, so its parameters "
+            "would sit in the root unit with the student's and checkpointing (which leaves the teacher out) fails",
+        )
+    if strategy_name(strategy) == "fsdp" and objective is not None and objective.get("chunked", False) is True:
+        raise config_error(
+            "distill.objective.chunked",
+            objective.get("chunked"),
+            "the chunked loss runs the teacher's body outside its FSDP unit; set distill.objective.chunked=false "
+            "with trainer=fsdp",
+        )
+    # Under srun every task is one Lightning process; if the two counts differ, Lightning either hangs
+    # waiting for ranks that never start or raises deep inside setup, so name the fix here.
+    per_node = environ.get("SLURM_NTASKS_PER_NODE")
+    if per_node and environ.get("SLURM_JOB_ID"):
+        tasks = int(per_node.split("(")[0])  # SLURM may write "4(x2)" for 2 nodes of 4
+        devices = trainer.get("devices", "auto")
+        if str(devices) != str(tasks):
+            raise config_error(
+                "trainer.devices",
+                devices,
+                f"this SLURM job runs {tasks} tasks per node (--ntasks-per-node); set trainer.devices={tasks}, "
+                "or submit with `python -m slurm.submit`, which derives --ntasks-per-node from trainer.devices",
+            )
+
+
+def is_transformer_block(module: nn.Module) -> bool:
+    """Whether ``module`` is one decoder layer of a Hugging Face causal LM (teacher or student)."""
+    # HF names every block class ``<Family>DecoderLayer`` (LlamaDecoderLayer, Qwen2DecoderLayer, ...);
+    # matching the name keeps the policy independent of which families are installed.
+    return type(module).__name__.endswith("DecoderLayer")
+
+
+def shard_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+    """FSDP auto-wrap policy: one unit per decoder layer (teacher and student), and one for the teacher's rest.
+
+    torch wraps bottom-up, so the teacher's layers become units first and the ``FrozenTeacher`` unit then
+    holds only its embeddings, final norm and output layer (tied or not). Keeping every teacher parameter out
+    of the root unit matters: the module drops ``teacher.`` keys from its ``state_dict``, and FSDP's
+    full-state-dict hook asserts that each parameter of a unit is present when that unit's hook runs; the
+    teacher unit's hook runs before the module's, the root's after it.
+    """
+    if recurse:  # keep descending
+        return True
+    return is_transformer_block(module) or isinstance(module, FrozenTeacher)
+
+
+def fsdp_strategy(**kwargs: Any) -> Any:
+    """Lightning's ``FSDPStrategy`` that shards the decoder layers of the student and of the teacher.
+
+    The teacher is a submodule of :class:`distill.module.DistillModule`, so :func:`shard_policy` reaches it
+    too: each rank holds 1/N of every teacher unit and gathers one unit at a time in the forward pass.
+    ``use_orig_params=True`` lets frozen and trainable tensors be handled per parameter (the optimizer sees
+    only the student's). The chunked loss must be off (``distill.objective.chunked=false``, checked by
+    :func:`check_trainer_config`): it calls the teacher's body directly, outside the teacher's FSDP unit.
+
+    Args:
+        **kwargs: passed to ``FSDPStrategy`` (``sharding_strategy``, ``cpu_offload``, ``state_dict_type``...).
+
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    kwargs.setdefault("auto_wrap_policy", shard_policy)
+    kwargs.setdefault("use_orig_params", True)
+    # One full state dict on rank 0: the module's state_dict hook drops the teacher's keys from it, and
+    # resume=auto and the export read a plain .ckpt file.
+    kwargs.setdefault("state_dict_type", "full")
+    return FSDPStrategy(**kwargs)
+
+
+def apply_student_switches(student: nn.Module, switches: Mapping[str, Any] | None) -> list[str]:
+    """Turn on activation checkpointing and ``torch.compile`` for the student, as the config asks.
+
+    Args:
+        student: the Hugging Face student model.
+        switches: the ``trainer_extras`` node: ``activation_checkpointing`` and ``compile`` (booleans).
+
+    Returns:
+        The names of the switches that were applied.
+
+    """
+    switches = switches or {}
+    unknown = set(switches) - {"activation_checkpointing", "compile"}
+    if unknown:
+        raise config_error("trainer_extras", sorted(unknown), "known switches are activation_checkpointing and compile")
+    applied = []
+    if switches.get("activation_checkpointing"):
+        if not getattr(student, "supports_gradient_checkpointing", False):
+            raise config_error(
+                "trainer_extras.activation_checkpointing",
+                True,
+                f"{type(student).__name__} does not support activation checkpointing; set it to false",
+            )
+        # Non-reentrant checkpointing works with frozen inputs and under FSDP/DeepSpeed. transformers 5
+        # renamed gradient_checkpointing_enable (kept as a deprecated alias) to activation_checkpointing_enable.
+        enable = getattr(student, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        applied.append("activation_checkpointing")
+    if switches.get("compile"):
+        # In place (nn.Module.compile), so the object keeps its HF attributes (config, base_model...).
+        student.compile()
+        applied.append("compile")
+    return applied

@@ -1,0 +1,329 @@
+"""QAT callback (torchao): prepare/convert placement and numerics, export round trip, resume, PTQ, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization.quant_primitives import (
+    MappingType,
+    choose_qparams_affine,
+    dequantize_affine,
+    quantize_affine,
+)
+
+from callbacks.qat import QuantizationAwareTraining, convert, fake_quantized, prepare
+from distill.compress import stages as structure
+from distill.compress.quant import schemes as quantization
+from distill.config import ConfigError
+from students import scratch
+from tests.helpers import assert_same_losses, crash_at
+from train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE_LINEARS = {  # the smoke student: 1 layer, width 32, MLP 64
+    f"model.layers.0.{n}"
+    for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+}
+
+
+def _student(teacher, layers: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    return scratch.build(teacher, hidden_size=32, num_layers=layers, num_heads=2, num_kv_heads=1, intermediate_size=64)
+
+
+def _dq(t: torch.Tensor, block: tuple[int, ...], bits: int, symmetric: bool) -> torch.Tensor:
+    """torchao's own quantize → dequantize, the reference for the fake-quantized forward."""
+    qmin, qmax = (-8, 7) if bits == 4 else (-128, 127)
+    mapping = MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC
+    scale, zp = choose_qparams_affine(t, mapping, block, torch.int8, quant_min=qmin, quant_max=qmax)
+    q = quantize_affine(t, block, scale, zp, torch.int8, qmin, qmax)
+    return dequantize_affine(q, block, scale, zp, torch.int8, qmin, qmax)
+
+
+def test_prepare_places_fake_quant_exactly_where_configured(tiny_teacher):
+    student = _student(tiny_teacher, layers=2)
+    keys, params = list(student.state_dict()), {n: p for n, p in student.named_parameters()}
+    probe = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        before = student(input_ids=probe).logits
+    prepare(student, quantization.make_spec("int8_dynact_int4_weight", 32, None))
+    expected = {f"model.layers.{i}.{n.split('.', 3)[3]}" for i in (0, 1) for n in SMOKE_LINEARS}
+    assert set(fake_quantized(student)) == expected
+    assert type(student.lm_head) is nn.Linear and type(student.model.embed_tokens) is nn.Embedding
+    # Fake-quant keeps the same Parameters: checkpoint keys and optimizer entries are unchanged.
+    assert list(student.state_dict()) == keys
+    assert all(p is params[n] for n, p in student.named_parameters())
+    with torch.no_grad():
+        assert not torch.allclose(student(input_ids=probe).logits, before)  # it does change the numerics
+
+    other = _student(tiny_teacher, layers=2)
+    prepare(other, quantization.make_spec("int8_weight_only", None, ["lm_head", "*mlp*", "*layers.1.*"]))
+    assert set(fake_quantized(other)) == {n for n in expected if n.startswith("model.layers.0.self_attn")}
+    everything = _student(tiny_teacher)
+    prepare(everything, quantization.make_spec("int8_weight_only", None, []))
+    assert "lm_head" in fake_quantized(everything)  # an empty skip list leaves nothing out
+
+
+@pytest.mark.parametrize(
+    ("scheme", "group_size"),
+    [
+        ("int4_weight_only", 32),
+        ("int8_weight_only", None),
+        ("int8_dynact_int4_weight", 32),
+        ("int8_dynact_int8_weight", None),
+    ],
+)
+def test_fake_quant_forward_equals_torchao_quantize_dequantize(scheme, group_size):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 16))
+    w, b = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    x = torch.randn(2, 5, 64)
+    spec = quantization.make_spec(scheme, group_size, [])
+    prepare(model, spec)
+    s = quantization.get_scheme(scheme)
+    w_ref = _dq(w, (1, group_size or 64), s.weight_bits, symmetric=True)
+    x_ref = _dq(x, (1, 1, 64), 8, symmetric=False) if s.act_bits else x
+    with torch.no_grad():
+        fake = model(x)
+    torch.testing.assert_close(fake, F.linear(x_ref, w_ref, b), rtol=0, atol=1e-6)
+    assert (fake - F.linear(x, w, b)).abs().max() > 1e-4
+
+    convert(model, spec)  # real quantized weights that compute what training saw
+    qw = model[0].weight
+    assert quantization.is_quantized(qw) and qw.qdata.dtype == torch.int8
+    lo, hi = (-8, 7) if s.weight_bits == 4 else (-128, 127)
+    assert lo <= int(qw.qdata.min()) and int(qw.qdata.max()) <= hi
+    torch.testing.assert_close(qw.dequantize(), w_ref, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fake, rtol=0, atol=1e-6)
+
+
+def test_frozen_ranges_stay_fixed_and_carry_into_convert(tiny_teacher):
+    student = _student(tiny_teacher)
+    spec = quantization.make_spec("int4_weight_only", 32, None)
+    prepare(student, spec)
+    cb = QuantizationAwareTraining(scheme="int4_weight_only", group_size=32, freeze_ranges_step=0)
+    module = type("M", (), {"student": student})()
+    cb._freeze(module)
+    q = student.model.layers[0].mlp.down_proj.weight_fake_quantizer
+    frozen = q.scale.clone()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.mul_(1.5)  # the weights move; frozen scales must not
+        probe = torch.randint(0, 512, (1, 8))
+        fake = student(input_ids=probe).logits
+    torch.testing.assert_close(q.scale, frozen, rtol=0, atol=0)
+    convert(student, spec)
+    w = student.model.layers[0].mlp.down_proj.weight
+    torch.testing.assert_close(w.scale.reshape(frozen.shape), frozen.to(w.scale.dtype), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(student(input_ids=probe).logits, fake, rtol=0, atol=1e-5)
+
+
+def test_train_converts_and_compact_export_reloads_identically(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        "callbacks=qat",
+        "callbacks/qat=int4_weight_only",
+        "trainer.max_steps=6",
+        "eval.max_batches=1",
+        "eval.tasks=[]",  # the report's held-out metrics and cost still run on the quantized student
+        "eval.new_tokens=0",
+        "eval.speed_runs=0",
+    )
+    metrics, objects = train(cfg)
+    student = objects["student"].eval()
+    quantized = {
+        n for n, m in student.named_modules() if isinstance(m, nn.Linear) and quantization.is_quantized(m.weight)
+    }
+    assert quantized == SMOKE_LINEARS and not fake_quantized(student)
+    assert not quantization.is_quantized(student.lm_head.weight)
+    assert objects["module"].structure == [
+        {
+            "kind": "qat",
+            "spec": {"scheme": "int4_weight_only", "group_size": 32, "skip": list(quantization.DEFAULT_SKIP)},
+        }
+    ]
+    assert "heldout/student/ppl" in metrics
+
+    out = tmp_path / "student_quantized"
+    meta = json.loads((out / "quantization.json").read_text())
+    assert meta["scheme"] == "int4_weight_only" and meta["group_size"] == 32
+    # q/o 32×32, k/v 16×32 (one KV head of 16), MLP 3 × 32·64. Each weight stores an int8 code, and each
+    # group of 32 an fp32 scale and an int8 zero point: 8 + 40/32 = 9.25 bits.
+    n_weights = 2 * 32 * 32 + 2 * 16 * 32 + 3 * 32 * 64
+    assert meta["size"]["quantized_weights"] == n_weights
+    assert meta["size"]["bits_per_weight"] == pytest.approx(9.25)
+    assert meta["size"]["disk_bytes"] == (out / "model.safetensors").stat().st_size
+    assert meta["size"]["quantized_bytes"] == n_weights * 9.25 / 8  # vs n_weights * 4 in fp32
+    # The run report's cost (distill.eval.cost) measures the same quantized student in memory.
+    assert metrics["cost/student/bytes_memory"] == meta["size"]["memory_bytes"]
+    # On disk the int4 codes are packed two per byte: 4 + 40/32 bits.
+    assert meta["size"]["disk_bits_per_weight"] == pytest.approx(5.25)
+    assert len(meta["packed_int4"]) == len(SMOKE_LINEARS)
+
+    reloaded = quantization.load_quantized(out)
+    assert all(quantization.is_quantized(reloaded.get_submodule(n).weight) for n in SMOKE_LINEARS)
+    probe = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = student(input_ids=probe).logits
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, expected, rtol=0, atol=0)
+        # The plain export holds the dequantized weights: weight-only, so the same function.
+        from transformers import AutoModelForCausalLM
+
+        plain = AutoModelForCausalLM.from_pretrained(objects["export_dir"]).eval()
+        torch.testing.assert_close(plain(input_ids=probe).logits, expected, rtol=0, atol=1e-5)
+
+
+def _qparams(student: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in student.named_modules():
+        w = getattr(m, "weight", None)
+        if w is not None and quantization.is_quantized(w):
+            out[name + ".qdata"], out[name + ".scale"] = w.qdata.clone(), w.scale.clone()
+        elif w is not None:
+            out[name] = w.detach().clone()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("start", "freeze"),
+    [(2, 3), (0, None)],
+    ids=["delayed_start_frozen_ranges", "prepared_in_setup"],
+)
+def test_resume_mid_qat_matches_uninterrupted_run(tiny_cfg, tmp_path, start, freeze):
+    common = (
+        "callbacks=qat",
+        f"callbacks.qat.start_step={start}",
+        f"callbacks.qat.freeze_ranges_step={'null' if freeze is None else freeze}",
+        "trainer.max_steps=8",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=100",
+        "trainer.limit_val_batches=0",
+        "eval.enabled=false",
+        "export.enabled=false",
+    )
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    _, full = train(tiny_cfg(*common, output_dir=full_dir))
+
+    crash_at(tiny_cfg(*common, output_dir=cut_dir), step=5)
+    ckpt = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert [c["kind"] for c in ckpt["student_structure"]] == ["qat"]  # saved at step 4, after prepare
+    frozen = ckpt["callbacks"]["QuantizationAwareTraining"]["frozen"]
+    assert len(frozen) == (0 if freeze is None else len(SMOKE_LINEARS))
+
+    _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
+    assert resumed["trainer"].global_step == 8
+    assert [c["kind"] for c in resumed["module"].structure] == ["qat"]  # prepared once, not again on resume
+    assert_same_losses(full_dir, cut_dir, steps=8)
+    a, b = _qparams(full["student"]), _qparams(resumed["student"])
+    assert a.keys() == b.keys() and any(k.endswith(".qdata") for k in a)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ptq_cli_matches_convert_without_training(tiny_cfg, tmp_path, tiny_teacher):
+    from distill.compress.quant.ptq import main
+
+    student = _student(tiny_teacher)
+    student.save_pretrained(tmp_path / "fp")
+    spec = quantization.make_spec("int8_dynact_int4_weight", 32, None)
+    prepare(student, spec)
+    convert(student, spec)  # QAT with zero training steps is PTQ
+    assert main([f"model={tmp_path / 'fp'}", "scheme=int8_dynact_int4_weight", "group_size=32"]) == 0
+    ptq = quantization.load_quantized(tmp_path / "fp-ptq-int8_dynact_int4_weight")
+    for name in SMOKE_LINEARS:
+        torch.testing.assert_close(ptq.get_submodule(name).weight.qdata, student.get_submodule(name).weight.qdata)
+    assert main([f"model={tmp_path / 'fp'}", "scheme=int3"]) == 2
+
+
+class _Prune:
+    stage, start_step, end_step = "prune", 0, 50
+
+
+def test_bad_settings_are_refused_with_clear_errors(tiny_cfg):
+    with pytest.raises(ConfigError, match=r"callbacks.qat.scheme='int3': unknown quantization scheme; choose one of"):
+        QuantizationAwareTraining(scheme="int3")
+    with pytest.raises(ConfigError, match=r"callbacks.qat.group_size=48: .* supports group sizes 32, 64, 128"):
+        QuantizationAwareTraining(scheme="int4_weight_only", group_size=48)
+    with pytest.raises(ConfigError, match=r"callbacks.qat.group_size=32: int8_weight_only quantizes per output row"):
+        QuantizationAwareTraining(scheme="int8_weight_only", group_size=32)
+    with pytest.raises(ConfigError, match=r"freeze_ranges_step=1: give a global step >= start_step \(3\)"):
+        QuantizationAwareTraining(start_step=3, freeze_ranges_step=1)
+    with pytest.raises(ConfigError, match=r"qat.start_step=40: qat must start .* prune finishes .*end_step=50"):
+        structure.check_schedule([QuantizationAwareTraining(start_step=40), _Prune()])
+    structure.check_schedule([QuantizationAwareTraining(start_step=50), _Prune()])  # after pruning: fine
+
+    # 64 does not divide the 32 in-features of the smoke student's attention and gate/up projections.
+    with pytest.raises(
+        ConfigError,
+        match=r"callbacks.qat.group_size=64: it does not divide the in_features=32 of model.layers.0.self_attn.q_proj; "
+        r"use one of \[32\]",
+    ):
+        train(tiny_cfg("callbacks=qat", "callbacks.qat.group_size=64", "export.enabled=false"))
+    with pytest.raises(ConfigError, match=r"callbacks.qat.start_step=10: QAT would never run: trainer.max_steps=10"):
+        train(tiny_cfg("callbacks=qat", "callbacks.qat.start_step=10", "export.enabled=false"))
+    with pytest.raises(ConfigError, match=r"callbacks.qat.skip=\['\*'\]: it leaves no nn.Linear to quantize"):
+        prepare(nn.Sequential(nn.Linear(32, 8)), quantization.make_spec("int8_weight_only", None, ["*"]))
+
+
+def test_cli_unknown_scheme_is_one_line(tmp_path, cache_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "experiment=smoke",
+            "callbacks=qat",
+            "callbacks.qat.scheme=int3",
+            f"hydra.run.dir={tmp_path}/run",
+            f"paths.cache_dir={cache_dir}",
+            f"data.cache_dir={cache_dir}/data",
+        ],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: callbacks.qat.scheme='int3': unknown quantization")
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_sim_trains_fake_quantized_student_and_exports(tmp_path, cache_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "experiment=smoke",
+            "trainer=ddp_sim",
+            "callbacks=qat",
+            f"hydra.run.dir={tmp_path}/run",
+            f"paths.cache_dir={cache_dir}",
+            f"data.cache_dir={cache_dir}/data",
+            "callbacks.progress_bar=null",
+        ],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "distributed_backend=gloo" in out and "QAT prepared" in out
+    model = quantization.load_quantized(tmp_path / "run" / "student_quantized")
+    assert all(quantization.is_quantized(model.get_submodule(n).weight) for n in SMOKE_LINEARS)

@@ -1,0 +1,110 @@
+"""Tokenisation, packing, the document-level split, the on-disk cache and the step sampler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.config import ConfigError
+from distill.data.datamodule import DistillDataModule, StepBatchSampler, heldout_documents, pack
+
+
+def test_pack_cuts_full_blocks_and_drops_tail():
+    assert pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4) == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert pack([[1, 2]], 4) == []
+
+
+def _dm(tiny_teacher, cache: Path, **kw) -> DistillDataModule:
+    return DistillDataModule(tiny_teacher.tokenizer, cache_dir=str(cache), block_size=kw.pop("block_size", 32), **kw)
+
+
+def test_split_is_deterministic_and_disjoint_and_cached(tiny_teacher, tmp_path, monkeypatch):
+    a = _dm(tiny_teacher, tmp_path)
+    a.setup()
+    assert not a.cache_hit
+    assert len(a.train_set) > 10 * len(a.val_set) > 0
+    assert a.train_set[0]["input_ids"].shape == (32,)
+
+    # A second module with the same settings loads the cache without calling the tokenizer.
+    calls = []
+    tok = tiny_teacher.tokenizer
+    monkeypatch.setattr(type(tok), "__call__", lambda *args, **kwargs: calls.append(1))
+    b = _dm(tiny_teacher, tmp_path)
+    b.setup()
+    assert b.cache_hit and calls == []
+    assert torch.equal(a.train_set[:]["input_ids"], b.train_set[:]["input_ids"])
+    assert torch.equal(a.val_set[:]["input_ids"], b.val_set[:]["input_ids"])
+    monkeypatch.undo()
+
+    # The corpus repeats some grammar snippets, so a few identical blocks may exist; most must not.
+    train_rows = {tuple(r.tolist()) for r in a.train_set[:]["input_ids"]}
+    shared = sum(tuple(r.tolist()) in train_rows for r in a.val_set[:]["input_ids"])
+    assert shared < 0.05 * len(a.val_set)
+
+    # Another seed gives another split, in its own cache entry.
+    c = _dm(tiny_teacher, tmp_path, seed=7)
+    c.setup()
+    assert not c.cache_hit and c.cache_path != a.cache_path
+
+
+def test_heldout_documents_are_whole_seeded_and_large_enough():
+    lengths = [100, 5, 40, 300, 7, 60, 90, 12]
+    held = heldout_documents(lengths, 0.2, seed=3)
+    assert held == heldout_documents(lengths, 0.2, seed=3)
+    assert len(set(held)) == len(held)
+    tokens = sum(lengths[i] for i in held)
+    assert tokens >= 0.2 * sum(lengths)
+    assert tokens - lengths[held[-1]] < 0.2 * sum(lengths)  # stops as soon as the share is reached
+    assert heldout_documents(lengths, 0.2, seed=4) != held
+
+
+def test_local_text_and_jsonl_files(tiny_teacher, tmp_path):
+    from pydoc_data.topics import topics
+
+    docs = sorted(topics.values())[:20]
+    (tmp_path / "a.txt").write_text("\n".join(docs))
+    dm = _dm(tiny_teacher, tmp_path / "cache", source="text", files=str(tmp_path / "*.txt"))
+    dm.setup()
+    assert len(dm.train_set) > 0
+    import json
+
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"content": d}) for d in docs))
+    dm = _dm(tiny_teacher, tmp_path / "cache", source="text", files=str(tmp_path / "d.jsonl"), text_field="content")
+    dm.setup()
+    assert len(dm.val_set) > 0
+
+
+def test_corpus_too_short_is_refused(tiny_teacher, tmp_path):
+    (tmp_path / "short.txt").write_text("just a few words\n")
+    dm = _dm(tiny_teacher, tmp_path / "cache", source="text", files=str(tmp_path / "short.txt"))
+    with pytest.raises(ConfigError, match=r"data.block_size=32: the corpus has \d+ tokens .* lower data.block_size"):
+        dm.setup()
+    assert not any((tmp_path / "cache").glob("*/done"))  # nothing half-written was published
+
+
+def test_missing_files_and_bad_source_are_refused(tiny_teacher, tmp_path):
+    with pytest.raises(ConfigError, match="data.files"):
+        _dm(tiny_teacher, tmp_path, source="text", files=str(tmp_path / "missing.txt")).setup()
+    with pytest.raises(ConfigError, match="data.source='ftp'"):
+        _dm(tiny_teacher, tmp_path, source="ftp").setup()
+    with pytest.raises(ConfigError, match="data.val_fraction"):
+        _dm(tiny_teacher, tmp_path, val_fraction=1.0)
+
+
+def test_sampler_resume_yields_the_remaining_batches():
+    full = list(StepBatchSampler(50, 4, 30, seed=3))
+    resumed = list(StepBatchSampler(50, 4, 30, seed=3, start=12))
+    assert resumed == full[12:]
+    assert len(StepBatchSampler(50, 4, 30, seed=3, start=12)) == 30
+    # batches walk a fresh permutation per pass over the data
+    flat = [i for b in full for i in b]
+    assert sorted(flat[:50]) == list(range(50)) and flat[:50] != flat[50:100]
+
+
+def test_sampler_two_ranks_see_what_one_rank_sees_with_double_batch():
+    one = list(StepBatchSampler(37, 6, 10, seed=1))
+    r0 = list(StepBatchSampler(37, 3, 10, seed=1, world_size=2, rank=0))
+    r1 = list(StepBatchSampler(37, 3, 10, seed=1, world_size=2, rank=1))
+    assert [a + b for a, b in zip(r0, r1, strict=True)] == one

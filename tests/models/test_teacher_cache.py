@@ -1,0 +1,132 @@
+"""The offline top-k teacher cache: round trip, resume, mismatch refusal, and training from it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from distill.config import ConfigError
+from distill.data.datamodule import DistillDataModule
+from distill.models.cache_builder import build_cache
+from distill.models.teacher_cache import CachedTeacher, reconstruct_logprobs, reconstruction_kl
+
+
+@pytest.fixture
+def dm(tiny_teacher, cache_dir):
+    d = DistillDataModule(tiny_teacher.tokenizer, cache_dir=str(cache_dir / "data"), block_size=32)
+    d.setup()
+    return d
+
+
+def test_reconstruction_keeps_topk_and_spreads_tail():
+    logp = torch.log_softmax(torch.randn(3, 20) * 3, -1)
+    values, indices = logp.topk(5, -1)
+    q = reconstruct_logprobs(values, indices, 20)
+    torch.testing.assert_close(q.exp().sum(-1), torch.ones(3))
+    torch.testing.assert_close(q.gather(-1, indices), values)
+    tail = torch.ones_like(q, dtype=torch.bool).scatter_(-1, indices, False)
+    want_tail = (1 - values.exp().sum(-1)) / 15
+    torch.testing.assert_close(q.exp()[tail].view(3, 15), want_tail[:, None].expand(3, 15))
+    # KL(p‖q) by the formula equals an explicit sum, and is 0 when k = V
+    explicit = (logp.exp() * (logp - q)).sum(-1)
+    torch.testing.assert_close(reconstruction_kl(logp, 5), explicit)
+    assert reconstruction_kl(logp, 20).abs().max() < 1e-6
+
+
+def test_cache_round_trip_and_manifest(tiny_teacher, dm, tmp_path):
+    m = build_cache(tiny_teacher, dm, tmp_path / "c", top_k=16, max_blocks=40, blocks_per_shard=16, progress=False)
+    assert m["complete"] and m["splits"]["train"]["blocks"] == 40 and len(m["splits"]["train"]["shards"]) == 3
+    assert m["tokens"] == (40 + min(40, len(dm.val_set))) * 32
+    assert m["bytes_per_token_payload"] == 16 * (2 + 2) + 2  # fp16 values, uint16 indices and ids
+    assert m["bytes_per_token"] >= m["bytes_per_token_payload"]
+    teacher = CachedTeacher(str(tmp_path / "c"))
+    ids = dm.train_set[5:9]["input_ids"]
+    full = torch.log_softmax(tiny_teacher(ids).logits.float(), -1)
+    cached = teacher(ids).logits
+    values, indices = full.topk(16, -1)
+    torch.testing.assert_close(cached.gather(-1, indices), values, atol=2e-3, rtol=0)  # fp16 storage
+    kl = (full.exp() * (full - cached)).sum(-1).mean().item()
+    assert kl == pytest.approx(reconstruction_kl(full, 16).mean().item(), abs=2e-3)
+    assert 0 <= m["reconstruction_kl"] < math.log(512)
+    # the chunked-path rows are the same reconstruction
+    rows, _ = teacher.rows(ids, vocab=512)
+    torch.testing.assert_close(rows(0, 31), cached[0, :-1])
+    assert teacher.vocab_size == 512 and teacher.config.hidden_size == 64
+
+
+def test_interrupted_build_resumes_without_recomputing_done_shards(tiny_teacher, dm, tmp_path, monkeypatch):
+    out = tmp_path / "c"
+    build_cache(tiny_teacher, dm, out, top_k=8, max_blocks=48, blocks_per_shard=16, splits=("train",), progress=False)
+    first = (out / "train-00000.safetensors").stat().st_mtime_ns
+    (out / "train-00002.safetensors").unlink()  # as if the build died while writing the last shard
+    calls = []
+    original = type(tiny_teacher).forward
+    monkeypatch.setattr(type(tiny_teacher), "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    m = build_cache(
+        tiny_teacher, dm, out, top_k=8, max_blocks=48, blocks_per_shard=16, splits=("train",), progress=False
+    )
+    assert len(calls) == 2  # 16 blocks of the missing shard at batch size 8
+    assert (out / "train-00000.safetensors").stat().st_mtime_ns == first
+    assert m["complete"]
+
+
+def test_mismatches_are_refused(tiny_teacher, dm, tmp_path, cache_dir):
+    out = tmp_path / "c"
+    build_cache(tiny_teacher, dm, out, top_k=8, max_blocks=16, progress=False)
+    with pytest.raises(ConfigError, match=r"cache.dir=.*another top_k"):
+        build_cache(tiny_teacher, dm, out, top_k=4, max_blocks=16, progress=False)
+    teacher = CachedTeacher(str(out))
+    other = DistillDataModule(tiny_teacher.tokenizer, cache_dir=str(cache_dir / "data"), block_size=32, seed=99)
+    other.setup()
+    with pytest.raises(ConfigError, match=r"teacher.path=.*cache was built for data key .* rebuild the cache"):
+        teacher.check_data(other.cache_path.name, other.block_size)
+    with pytest.raises(ConfigError, match="not in the teacher cache"):
+        teacher(dm.train_set[100:101]["input_ids"])  # beyond max_blocks: never cached
+    with pytest.raises(ConfigError, match="teacher.path=.*no teacher cache here"):
+        CachedTeacher(str(tmp_path))
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    with pytest.raises(ConfigError, match="incomplete"):
+        CachedTeacher(str(out))
+
+
+def test_train_from_cache_without_the_teacher(tiny_teacher, tiny_cfg, tmp_path):
+    from pydoc_data.topics import topics
+
+    from distill.config import build
+    from tests.helpers import read_metrics, series
+    from train import train
+
+    (tmp_path / "corpus.txt").write_text("\n".join(sorted(topics.values())[:12]))
+    data = ("data=text", f"data.files={tmp_path / 'corpus.txt'}")
+    cache_cfg = tiny_cfg(*data)
+    small = build(cache_cfg.data, tokenizer=tiny_teacher.tokenizer)
+    small.setup()
+    build_cache(tiny_teacher, small, tmp_path / "c", top_k=32, batch_size=64, progress=False)
+    cfg = tiny_cfg(
+        *data,
+        "teacher=cached",
+        f"teacher.path={tmp_path / 'c'}",
+        "trainer.max_steps=40",
+        "trainer.log_every_n_steps=1",
+        "distill.objective.chunked=true",
+    )
+    metrics, objects = train(cfg)
+    assert isinstance(objects["teacher"], CachedTeacher)
+    losses = [v for _, v in series(read_metrics(tmp_path), "train/loss")]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1
+    assert "heldout/student/ppl" in metrics
+
+    from students import from_teacher
+
+    with pytest.raises(ConfigError, match="student=tiny or student=pretrained with teacher=cached"):
+        from_teacher.build(objects["teacher"], num_layers=1)
+    with pytest.raises(ConfigError, match="cache was built for data key"):
+        train(
+            tiny_cfg(
+                *data, "teacher=cached", f"teacher.path={tmp_path / 'c'}", "data.seed=5", output_dir=tmp_path / "y"
+            )
+        )
