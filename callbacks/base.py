@@ -30,5 +30,5 @@ class CompressionCallback(pl.Callback):
         return model
 
     def export_compact(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path | None:
-        """This stage's compact export; stages without one write nothing."""
+        """Write the compact export of this stage; stages without one write nothing and return None."""
         return None
