@@ -1,8 +1,8 @@
 """Evaluate a compressed model against its baseline: ``python evaluate.py model=<export or .ckpt> [baseline=<dir>]``.
 
-Writes ``report.md``, ``report.json`` and plots into the run directory. With ``--fail-on-degradation``
-(or ``fail_on_degradation=true``) it exits with code 3 when the degradation guard raises a flag, so CI
-pipelines can gate on it.
+Writes ``report.md``, ``report.json`` and plots into the run directory (``logs/evaluate/runs/<run_name>``).
+With ``fail_on_degradation=true`` it exits with code 3 when the degradation guard raises a flag, so CI
+pipelines can gate on it. The settings are Hydra overrides of ``conf/evaluate.yaml``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from distill.compress.replay import replay
 from distill.config import build, config_error, exit_on_config_error
-from distill.eval.assess import assess
+from distill.eval.assess import Comparison, Provenance, assess
 from distill.models.loading import load_causal_lm
 from distill.models.teacher import FrozenTeacher
 from distill.models.tokenizer import load_tokenizer, shared_vocab_size
@@ -79,21 +79,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     datamodule = build(cfg.data, tokenizer=baseline.tokenizer)
     datamodule.setup()
-    mods = [{"kind": c["kind"], "config": c["spec"]} for c in changes]
-    return assess(
-        model,
-        baseline,
-        baseline.tokenizer,
-        datamodule.val_dataloader(),
-        vocab,
-        cfg.eval,
-        cfg.paths.output_dir,
+    about = Provenance(
         export_dir=cfg.model if Path(cfg.model).is_dir() else None,
         baseline_dir=cfg.baseline,
-        modifications=mods,
+        modifications=[{"kind": c["kind"], "config": c["spec"]} for c in changes],
         config=OmegaConf.to_container(cfg, resolve=True),
         names=(baseline.name, str(cfg.model)),
     )
+    models = Comparison(model, baseline, baseline.tokenizer, datamodule.val_dataloader(), vocab)
+    return assess(models, cfg.eval, cfg.paths.output_dir, about)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
@@ -108,8 +102,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if "--fail-on-degradation" in sys.argv:  # a plain flag reads better in CI scripts than a Hydra override
-        sys.argv.remove("--fail-on-degradation")
-        sys.argv.append("fail_on_degradation=true")
     export_root()
     main()

@@ -14,10 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from distill.compress.stages import CompressionStage, check_schedule, compression_stages
 from distill.config import build, exit_on_config_error, instantiate_loggers, named_callbacks
-from distill.eval.assess import assess
+from distill.eval.assess import Comparison, Provenance, assess
 from distill.eval.tasks import validate_task_names
 from distill.export.hf import export_compact_forms, export_student, plain_model
 from distill.module import DistillModule
+from distill.objective.objective import DistillationObjective
 from distill.runtime.paths import export_root
 from distill.runtime.resume import resolve_resume
 from distill.runtime.strategies import apply_student_switches, check_trainer_config, strategy_name
@@ -34,7 +35,44 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         (teacher, student, module, datamodule, trainer) for callers such as tests.
 
     """
-    # Settings that can be checked without models come first, so a typo fails before a slow teacher load.
+    objective, ckpt_path = _check_settings(cfg)
+    objects = _build_models(cfg, objective)
+    trainer, loggers, callbacks, stages = _build_trainer(cfg)
+    objects["trainer"] = trainer
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    started = time.perf_counter()
+    trainer.fit(objects["module"], datamodule=objects["datamodule"], ckpt_path=ckpt_path)
+    train_seconds = time.perf_counter() - started  # this process only: a resumed run counts its own part
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if not trainer.is_global_zero or trainer.fast_dev_run:
+        return metrics, objects
+    if cfg.export.enabled:
+        objects["export_dir"] = _export(cfg, objects, stages, loggers)
+    if cfg.eval.enabled:
+        facts = {
+            "recipe": cfg.get("recipe"),
+            "train_seconds": train_seconds,
+            "steps": trainer.global_step,
+            "resumed_from": str(ckpt_path) if ckpt_path else None,
+            "run_dir": str(cfg.paths.output_dir),
+        }
+        report = _assess(cfg, objects, callbacks, facts)
+        flat = {_side_key(k, side): v for side, values in report["metrics"].items() for k, v in values.items()}
+        metrics.update(flat)
+        _log_report(report, flat, loggers, trainer.global_step)
+        objects["report"] = report
+    return metrics, objects
+
+
+def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]:
+    """Settings that can be checked without models, so a typo fails before a slow teacher load.
+
+    Returns:
+        The objective, and the checkpoint to resume from (None for a fresh start).
+
+    """
     check_trainer_config(cfg.trainer, objective=cfg.distill.objective)  # e.g. FSDP on CPU, before any load
     ckpt_path = resolve_resume(cfg.get("resume"), Path(cfg.paths.output_dir) / "checkpoints")
     objective = build(cfg.distill.objective)
@@ -42,15 +80,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         validate_task_names(cfg.eval.tasks or [])
     if strategy_name(cfg.trainer.get("strategy")) == "fsdp" and objective.chunked == "auto":
         objective.chunked = False  # the chunked path needs the whole output layer; FSDP shards it (docs/performance.md)
+    return objective, ckpt_path
+
+
+def _build_models(cfg: DictConfig, objective: DistillationObjective) -> dict[str, Any]:
+    """Seed, then build teacher, student, data and the LightningModule, in this order (it fixes the init)."""
     pl.seed_everything(cfg.seed, workers=True)
     teacher = build(cfg.teacher)
     student = build(cfg.student, teacher=teacher)
     apply_student_switches(student, cfg.get("trainer_extras"))  # activation checkpointing, torch.compile
     objective.attach(student.config, teacher.config)
     datamodule = build(cfg.data, tokenizer=teacher.tokenizer)
-    if hasattr(teacher, "check_data"):  # a cached teacher only fits the data it was built from
-        datamodule.setup()
-        teacher.check_data(datamodule.cache_path.name, datamodule.block_size)
+    teacher.check_data(datamodule.data_key(), datamodule.block_size)  # a cached teacher only fits its own data
     module = DistillModule(
         teacher,
         student,
@@ -58,6 +99,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         optimizer=build(cfg.distill.optimizer),
         scheduler=build(cfg.distill.scheduler) if cfg.distill.get("scheduler") else None,
     )
+    return {"teacher": teacher, "student": student, "module": module, "datamodule": datamodule}
+
+
+def _build_trainer(cfg: DictConfig) -> tuple[pl.Trainer, list, dict[str, Any], list[CompressionStage]]:
+    """The trainer with its loggers and callbacks; the compression stages last, in STAGES order."""
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = named_callbacks(cfg.get("callbacks"))
     stages = compression_stages(callbacks.values())
@@ -67,58 +113,45 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer: pl.Trainer = build(cfg.trainer, callbacks=[*others, *stages], logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer, loggers, callbacks, stages
 
-    if ckpt_path:
-        log.info("resuming from %s", ckpt_path)
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    train_seconds = time.perf_counter() - started  # this process only: a resumed run counts its own part
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    objects = {"teacher": teacher, "student": student, "module": module, "datamodule": datamodule, "trainer": trainer}
-    if not trainer.is_global_zero or trainer.fast_dev_run:
-        return metrics, objects
-    if cfg.export.enabled:
-        out = export_student(
-            plain_model(student, stages),  # shared/factorised/quantized weights made plain
-            teacher.tokenizer,
-            cfg.export.dir,
-            verify=cfg.export.verify,
-            metadata={"teacher": teacher.identity, "structure": module.structure, "global_step": trainer.global_step},
-        )
-        objects["export_dir"] = out
-        publish_student(loggers, out)  # W&B: the export as a model artifact
-        log.info("exported the student to %s", out)
-        for name, path in export_compact_forms(student, teacher.tokenizer, stages, cfg.paths.output_dir).items():
-            log.info("%s wrote a compact export to %s", name, path)
-    if cfg.eval.enabled:
-        device = next(student.parameters()).device
-        teacher.to(device)
-        report = assess(
-            student,
-            teacher,
-            teacher.tokenizer,
-            datamodule.val_dataloader(),
-            module.vocab_size,
-            cfg.eval,
-            cfg.paths.output_dir,
-            export_dir=objects.get("export_dir"),
-            modifications=modifications(cfg, module, trainer.global_step, callbacks),
-            config=OmegaConf.to_container(cfg, resolve=True),
-            names=(teacher.name, "student"),
-            run={
-                "recipe": cfg.get("recipe"),
-                "train_seconds": train_seconds,
-                "steps": trainer.global_step,
-                "resumed_from": str(ckpt_path) if ckpt_path else None,
-                "run_dir": str(cfg.paths.output_dir),
-            },
-        )
-        flat = {_side_key(k, side): v for side, values in report["metrics"].items() for k, v in values.items()}
-        metrics.update(flat)
-        _log_report(report, flat, loggers, trainer.global_step)
-        objects["report"] = report
-    return metrics, objects
+def _export(cfg: DictConfig, objects: dict[str, Any], stages: list[CompressionStage], loggers: list) -> Path:
+    """The plain export (shared/factorised/quantized weights made plain), then each stage's compact form."""
+    teacher, student, module = objects["teacher"], objects["student"], objects["module"]
+    out = export_student(
+        plain_model(student, stages),
+        teacher.tokenizer,
+        cfg.export.dir,
+        verify=cfg.export.verify,
+        metadata={
+            "teacher": teacher.identity,
+            "structure": module.structure,
+            "global_step": objects["trainer"].global_step,
+        },
+    )
+    publish_student(loggers, out)  # W&B: the export as a model artifact
+    log.info("exported the student to %s", out)
+    for name, path in export_compact_forms(student, teacher.tokenizer, stages, cfg.paths.output_dir).items():
+        log.info("%s wrote a compact export to %s", name, path)
+    return out
+
+
+def _assess(
+    cfg: DictConfig, objects: dict[str, Any], callbacks: dict[str, Any], facts: dict[str, Any]
+) -> dict[str, Any]:
+    """Evaluate the trained student against the teacher and write the run's compression report."""
+    teacher, student, module = objects["teacher"], objects["student"], objects["module"]
+    teacher.to(next(student.parameters()).device)
+    about = Provenance(
+        export_dir=objects.get("export_dir"),
+        modifications=modifications(cfg, module, objects["trainer"].global_step, callbacks),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        names=(teacher.name, "student"),
+        run=facts,
+    )
+    models = Comparison(student, teacher, teacher.tokenizer, objects["datamodule"].val_dataloader(), module.vocab_size)
+    return assess(models, cfg.eval, cfg.paths.output_dir, about)
 
 
 def _side_key(key: str, side: str) -> str:

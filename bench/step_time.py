@@ -155,7 +155,7 @@ def main() -> None:
 
 
 def _first_batches(dm, batch: int, steps: int) -> list[list[int]]:
-    from distill.data.datamodule import StepBatchSampler
+    from distill.data.sampler import StepBatchSampler
 
     return list(StepBatchSampler(len(dm.train_set), batch, steps, seed=dm.seed))
 

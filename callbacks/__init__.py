@@ -1,6 +1,7 @@
 """Lightning callbacks that compress the student while it trains (QAT, pruning, sharing, low-rank).
 
-Each callback that changes the student's structure records the change through
-``DistillModule.record_structure_change`` and registers how to replay it with
-:func:`distill.compress.stages.register`, so checkpoints resume into the right shape.
+Each compression callback is a :class:`callbacks.base.CompressionCallback` (the
+:class:`~distill.compress.stages.CompressionStage` protocol). It records every change to the student's
+structure through ``DistillModule.record_structure_change``; :mod:`distill.compress.replay` rebuilds
+those changes when a checkpoint loads, so checkpoints resume into the right shape.
 """

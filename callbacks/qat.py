@@ -1,19 +1,14 @@
-"""Quantization-aware training with torchao: fake-quantize the student while it distils, convert at the end.
+"""Quantization-aware training (torchao) as a Lightning callback; the maths is :mod:`distill.compress.quant.qat`.
 
-``quantize_(student, QATConfig(base, step="prepare"))`` swaps each targeted ``nn.Linear`` for torchao's
-``FakeQuantizedLinear``, which keeps the same ``weight``/``bias`` Parameters (so checkpoint keys and the
-optimizer are unchanged) and rounds weights (and, for the ``int8_dynact_*`` schemes, activations) to the
-target grid in every forward, with a straight-through gradient. At the end of fit,
-``QATConfig(base, step="convert")`` replaces them by real quantized weights (torchao tensor subclasses).
-
-Order with the other compression callbacks: prune → share → lowrank → qat (:data:`distill.compress.stages.STAGES`).
-QAT is last because every other stage rewrites the weights it would otherwise have to quantize again;
-``distill.compress.stages.check_schedule`` refuses a ``start_step`` before an earlier stage's ``end_step``.
+The student is fake-quantized from ``start_step`` while it distils and converted to real quantized weights at
+the end of fit. Order with the other compression callbacks: prune → share → lowrank → qat
+(:data:`distill.compress.stages.STAGES`). QAT is last because every other stage rewrites the weights it would
+otherwise have to quantize again; ``distill.compress.stages.check_schedule`` refuses a ``start_step`` before
+an earlier stage's ``end_step``.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -22,57 +17,19 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import nn
-from torchao.quantization import quantize_
-from torchao.quantization.qat import QATConfig
-from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
-from torchao.quantization.qat.linear import FakeQuantizedLinear
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.compress import stages as structure
-from distill.compress.quant import schemes as quantization
-from distill.compress.quant.schemes import QuantSpec
+from callbacks.base import OneShotCompression
+from distill.compress.quant import schemes
+from distill.compress.quant.qat import FIELD, convert, current_ranges, fake_quantized, freeze_ranges, prepare
+from distill.compress.stages import compression_stages
 from distill.config import config_error
+from distill.export import quantized
 
 log = logging.getLogger("distill")
-FIELD = "callbacks.qat."
 
 
-def prepare(student: nn.Module, spec: QuantSpec) -> None:
-    """Insert torchao fake-quant modules into ``student`` (in place) for ``spec``."""
-    quantization.check_targets(student, spec.skip, spec.group_size, FIELD)
-    quantize_(student, QATConfig(spec.base_config(), step="prepare"), filter_fn=spec.filter())
-
-
-def convert(student: nn.Module, spec: QuantSpec) -> None:
-    """Replace fake-quant modules by real quantized weights (in place).
-
-    Weight quantizers whose ranges were frozen carry their scales into convert: torchao passes a fake
-    quantizer's own ``scale``/``zero_point`` to the base config only when ``range_learning`` is set, so it is
-    set on those (static, no longer dynamic) configs right before converting.
-    """
-    for module in student.modules():
-        fq = getattr(module, "weight_fake_quantizer", None)
-        if isinstance(fq, IntxFakeQuantizer) and not fq.config.is_dynamic and fq.scale is not None:
-            fq.config.range_learning = True
-    quantize_(
-        student,
-        QATConfig(spec.base_config(), step="convert"),
-        filter_fn=lambda m, _fqn: isinstance(m, FakeQuantizedLinear),
-    )
-
-
-def fake_quantized(student: nn.Module) -> dict[str, FakeQuantizedLinear]:
-    """The student's fake-quantized linears by name."""
-    return {n: m for n, m in student.named_modules() if isinstance(m, FakeQuantizedLinear)}
-
-
-@structure.register("qat")
-def _replay(student: nn.Module, spec: dict[str, Any]) -> None:
-    prepare(student, QuantSpec.from_dict(spec))
-
-
-class QuantizationAwareTraining(pl.Callback):
+class QuantizationAwareTraining(OneShotCompression):
     """Fake-quantize the student's linears during distillation (torchao QAT), convert them at fit end.
 
     Args:
@@ -103,7 +60,7 @@ class QuantizationAwareTraining(pl.Callback):
         export_dir: str = "student_quantized",
     ) -> None:
         super().__init__()
-        self.spec = quantization.make_spec(scheme, group_size, list(skip) if skip is not None else None, FIELD)
+        self.spec = schemes.make_spec(scheme, group_size, list(skip) if skip is not None else None, FIELD)
         if not isinstance(start_step, int) or start_step < 0:
             raise config_error(FIELD + "start_step", start_step, "give a global step >= 0")
         if freeze_ranges_step is not None and (
@@ -128,45 +85,47 @@ class QuantizationAwareTraining(pl.Callback):
         return type(self).__name__
 
     # -- hooks --------------------------------------------------------------------------------
-    @staticmethod
-    def prepared(pl_module: pl.LightningModule) -> bool:
-        """Whether the student already went through prepare (now or in the checkpoint it resumed from)."""
-        return any(c["kind"] == "qat" for c in pl_module.structure)
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the settings against the model and, for ``start_step=0``, prepare before strategy wrapping."""
-        if stage != "fit":
-            return
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+    def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a start_step the run never reaches, and targets or a group size that do not fit the student."""
         if not trainer.fast_dev_run and 0 <= trainer.max_steps <= self.start_step:
             raise config_error(
                 FIELD + "start_step",
                 self.start_step,
                 f"QAT would never run: trainer.max_steps={trainer.max_steps}; give a start_step below it",
             )
-        others = [cb for cb in trainer.callbacks if getattr(cb, "stage", None) in structure.STAGES and cb is not self]
+        others = [cb for cb in compression_stages(trainer.callbacks) if cb is not self]
         if not others:  # earlier stages may still reshape the linears; then the check waits for prepare
-            quantization.check_targets(pl_module.student, self.spec.skip, self.spec.group_size, FIELD)
-        if self.start_step == 0 and not self.prepared(pl_module):
-            self._prepare(pl_module)
+            schemes.check_targets(pl_module.student, self.spec.skip, self.spec.group_size, FIELD)
+
+    def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rebuild: bool) -> None:
+        """Insert fake-quant; the Parameters stay the same objects, so the optimizer needs no rebuild."""
+        prepare(pl_module.student, self.spec)
+        pl_module.record_structure_change(self.stage, self.spec.to_dict())
+        rank_zero_info(
+            f"QAT prepared ({self.spec.scheme}): {len(fake_quantized(pl_module.student))} fake-quantized linears"
+        )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Prepare at ``start_step``; freeze weight ranges at ``freeze_ranges_step``."""
-        step = trainer.global_step
-        if step >= self.start_step and not self.prepared(pl_module):
-            self._prepare(pl_module)
+        super().on_train_batch_start(trainer, pl_module, *args)
         if self._pending_frozen is not None:  # restored from a checkpoint
             self._apply_frozen(pl_module, self._pending_frozen)
             self._pending_frozen = None
-        if self.freeze_ranges_step is not None and step >= self.freeze_ranges_step and not self._frozen:
+        if self.freeze_ranges_step is not None and trainer.global_step >= self.freeze_ranges_step and not self._frozen:
             self._freeze(pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run torchao's convert: the student now holds real low-bit weights."""
-        if not self.prepared(pl_module) or not fake_quantized(pl_module.student):
+        if not self.is_applied(pl_module.structure) or not fake_quantized(pl_module.student):
             return  # never reached start_step (e.g. fast_dev_run); export_compact says so if asked
         convert(pl_module.student, self.spec)
         self.converted = True
-        report = quantization.size_report(pl_module.student)
+        report = quantized.size_report(pl_module.student)
         rank_zero_info(
             f"QAT convert ({self.spec.scheme}, group_size={self.spec.group_size}): "
             f"{int(report['quantized_weights'])} weights at {report['bits_per_weight']:.2f} stored bits each; "
@@ -184,7 +143,7 @@ class QuantizationAwareTraining(pl.Callback):
         self._pending_frozen = frozen or None
 
     # -- export -------------------------------------------------------------------------------
-    def materialize(self, model: PreTrainedModel) -> PreTrainedModel:
+    def make_plain(self, model: PreTrainedModel) -> PreTrainedModel:
         """A plain Hugging Face copy with dequantized weights, for ``train.py``'s standard export.
 
         For weight-only schemes it computes exactly what the quantized student computes. For ``int8_dynact_*``
@@ -193,18 +152,18 @@ class QuantizationAwareTraining(pl.Callback):
         """
         if not self.converted:
             return model
-        if quantization.get_scheme(self.spec.scheme).act_bits is not None:
+        if schemes.get_scheme(self.spec.scheme).act_bits is not None:
             log.warning(
                 "the plain export of a %s student has its quantized weights but full-precision activations; "
-                "load the compact export with distill.compress.quant.schemes.load_quantized for the exact model",
+                "load the compact export with distill.export.quantized.load_quantized for the exact model",
                 self.spec.scheme,
             )
-        return quantization.dequantized_copy(model)
+        return quantized.dequantized_copy(model)
 
     def export_compact(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path | None:
         """Write the quantized student (torchao tensors in safetensors + ``quantization.json``) under ``run_dir``.
 
-        Reload it with :func:`distill.compress.quant.schemes.load_quantized`; the write is checked to reload with
+        Reload it with :func:`distill.export.quantized.load_quantized`; the write is checked to reload with
         identical logits.
         """
         if not self.converted:
@@ -212,58 +171,25 @@ class QuantizationAwareTraining(pl.Callback):
                 f"QAT never converted the student (start_step={self.start_step} was not reached), "
                 "so there is no quantized model to export"
             )
-        if not _plain_architecture(model):
+        if not quantized.plain_architecture(model):
             # load_quantized rebuilds the architecture from config.json; factorised layers are not in it.
             log.warning(
                 "QuantizationAwareTraining: the student's layers differ from its config's architecture (low-rank "
                 "factors), so no quantized export is written; the plain export holds the dequantized model"
             )
             return None
-        out = quantization.save_quantized(model, tokenizer, Path(run_dir) / self.export_dir, self.spec)
-        size = json.loads((out / quantization.META_FILE).read_text())["size"]
+        out = quantized.save_quantized(model, tokenizer, Path(run_dir) / self.export_dir, self.spec)
+        size = json.loads((out / quantized.META_FILE).read_text())["size"]
         rank_zero_info(
             f"quantized export {out}: weights file {size['disk_bytes'] / 2**20:.2f} MiB, "
             f"{size['disk_bits_per_weight']:.2f} bits per quantized weight on disk"
         )
         return out
 
-    # -- internals ----------------------------------------------------------------------------
-    def _prepare(self, pl_module: pl.LightningModule) -> None:
-        prepare(pl_module.student, self.spec)
-        pl_module.record_structure_change("qat", self.spec.to_dict())
-        rank_zero_info(
-            f"QAT prepared ({self.spec.scheme}): {len(fake_quantized(pl_module.student))} fake-quantized linears"
-        )
-
+    # -- range freezing -----------------------------------------------------------------------
     def _freeze(self, pl_module: pl.LightningModule) -> None:
-        frozen = {}
-        with torch.no_grad():
-            for name, module in fake_quantized(pl_module.student).items():
-                fq = module.weight_fake_quantizer
-                if not isinstance(fq, IntxFakeQuantizer):
-                    continue
-                fq(module.weight)  # dynamic mode: computes scale and zero point from the current weights
-                frozen[name] = {"scale": fq.scale.detach().clone(), "zero_point": fq.zero_point.detach().clone()}
-        self._apply_frozen(pl_module, frozen)
+        self._apply_frozen(pl_module, current_ranges(pl_module.student))
 
     def _apply_frozen(self, pl_module: pl.LightningModule, frozen: dict[str, dict[str, torch.Tensor]]) -> None:
-        modules = fake_quantized(pl_module.student)
-        if set(frozen) != {n for n, m in modules.items() if isinstance(m.weight_fake_quantizer, IntxFakeQuantizer)}:
-            raise RuntimeError("the frozen QAT ranges in the checkpoint do not match the student's quantized linears")
-        for name, qparams in frozen.items():
-            fq = modules[name].weight_fake_quantizer
-            device = modules[name].weight.device
-            fq.scale = qparams["scale"].to(device)
-            fq.zero_point = qparams["zero_point"].to(device)
-            fq.config = copy.copy(fq.config)  # configs may be shared; freeze only this quantizer's
-            fq.config.is_dynamic = False
+        freeze_ranges(pl_module.student, frozen)
         self._frozen = frozen
-
-
-def _plain_architecture(model: PreTrainedModel) -> bool:
-    """Whether the model's parameter names are those of a fresh model built from its config."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        reference = AutoModelForCausalLM.from_config(model.config)
-    return set(reference.state_dict()) == set(model.state_dict())

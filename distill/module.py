@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from distill.compress.replay import replay
 from distill.compress.stages import check_stage_order
 from distill.eval.cost import parameter_count
-from distill.models.teacher import FrozenTeacher
+from distill.models.teacher import Teacher
 from distill.objective.objective import DistillationObjective
 
 TEACHER_PREFIX = "teacher."
@@ -37,7 +37,7 @@ class DistillModule(pl.LightningModule):
     and saved with the checkpoint, so resuming rebuilds them before the weights load.
 
     Args:
-        teacher: the frozen teacher.
+        teacher: the teacher, live or cached (any Teacher).
         student: the model to train.
         objective: the loss (it may hold trainable parameters, such as a hidden-state projection).
         optimizer: a partial optimizer factory taking the parameters.
@@ -48,7 +48,7 @@ class DistillModule(pl.LightningModule):
 
     def __init__(
         self,
-        teacher: FrozenTeacher,
+        teacher: Teacher,
         student: PreTrainedModel,
         objective: DistillationObjective,
         optimizer: Callable[..., torch.optim.Optimizer],

@@ -1,33 +1,35 @@
-"""Render a SLURM batch script from the Hydra config and submit it: ``python -m slurm.submit [--dry-run] <overrides>``.
+"""Render a SLURM batch script from the Hydra config and submit it: ``python -m slurm.submit [dry_run=true] ...``.
 
-The overrides are the ones ``python train.py`` takes; they are composed here exactly as the job will
-compose them, so the script's ``--ntasks-per-node`` is derived from ``trainer.devices`` and the two cannot
+The overrides are the ones ``python train.py`` takes; they are composed here (``conf/submit.yaml``, which is
+``conf/train.yaml`` plus this command's own ``dry_run`` and ``log_dir``) exactly as the job will compose
+them, so the script's ``--ntasks-per-node`` is derived from ``trainer.devices`` and the two cannot
 disagree. Cluster settings live in ``conf/slurm/<name>.yaml`` (``slurm=default`` unless an override picks
 another). Everything is checked before a file is written or ``sbatch`` runs.
 """
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 from typing import Any
 
+import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from distill.config import ConfigError, config_error
+from distill.config import config_error, exit_on_config_error
 from distill.runtime.strategies import check_trainer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("template.sbatch")
+SUBMIT_KEYS = ("dry_run", "log_dir")  # this command's own settings (conf/submit.yaml), not passed to the job
 
 
 def with_slurm_group(overrides: Sequence[str]) -> list[str]:
@@ -36,11 +38,21 @@ def with_slurm_group(overrides: Sequence[str]) -> list[str]:
     return list(overrides) if picked else [*overrides, "slurm=default"]
 
 
-def compose_config(overrides: Sequence[str], config_dir: Path = ROOT / "conf") -> DictConfig:
-    """Compose ``conf/train.yaml`` with ``overrides`` (and the slurm group), as the job will."""
+def train_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides meant for ``train.py``: all but this command's own ``dry_run`` and ``log_dir``."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SUBMIT_KEYS]
+
+
+def compose_config(
+    overrides: Sequence[str], config_dir: Path = ROOT / "conf", config_name: str = "train"
+) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with ``overrides`` (and the slurm group), as the job will.
+
+    ``config_name="submit"`` gives what ``python -m slurm.submit <overrides>`` composes.
+    """
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return compose(config_name="train", overrides=with_slurm_group(overrides))
+        return compose(config_name=config_name, overrides=with_slurm_group(overrides))
 
 
 def _positive_int(field: str, value: Any, fix: str) -> int:
@@ -117,7 +129,9 @@ def submit(script: str, log_dir: Path, job_name: str) -> str:
     """
     sbatch = shutil.which("sbatch")
     if sbatch is None:
-        raise config_error("sbatch", "not on PATH", "run on a SLURM login node, or pass --dry-run to print the script")
+        raise config_error(
+            "sbatch", "not on PATH", "run on a SLURM login node, or pass dry_run=true to print the script"
+        )
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{job_name}-{time.strftime('%Y-%m-%d_%H-%M-%S')}.sbatch"
     tmp = path.with_suffix(".tmp")
@@ -127,26 +141,38 @@ def submit(script: str, log_dir: Path, job_name: str) -> str:
     return out.stdout.strip().split(";")[0]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: render the script, print it (``--dry-run``) or submit it."""
-    parser = argparse.ArgumentParser(prog="python -m slurm.submit", description=__doc__.splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="print the batch script instead of submitting it")
-    parser.add_argument("--log-dir", type=Path, default=ROOT / "logs" / "slurm", help="batch scripts and job logs")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for python train.py")
-    args = parser.parse_args(argv)
-    try:
-        cfg = compose_config(args.overrides)
-        script = render(cfg, args.overrides, args.log_dir.resolve())
-        if args.dry_run:
-            print(script, end="")
-            return 0
-        job_id = submit(script, args.log_dir.resolve(), cfg.slurm.job_name)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"submitted job {job_id}: its run directory is logs/<task_name>/runs/{job_id}, its log in {args.log_dir}/")
-    return 0
+def run(cfg: DictConfig, overrides: Sequence[str]) -> str | None:
+    """Render the batch script for ``cfg`` (composed from ``conf/submit.yaml``), then print or submit it.
+
+    Args:
+        cfg: the composed config, with ``dry_run`` and ``log_dir``.
+        overrides: the command line's overrides; all but ``dry_run`` and ``log_dir`` go to ``train.py``.
+
+    Returns:
+        The job id, or None for a dry run (the script was printed).
+
+    Raises:
+        ConfigError: anything :func:`job_settings` or :func:`submit` refuses; nothing is written then.
+
+    """
+    log_dir = Path(cfg.log_dir).resolve() if cfg.log_dir else ROOT / "logs" / "slurm"
+    script = render(cfg, train_overrides(overrides), log_dir)
+    if cfg.dry_run:
+        print(script, end="")
+        return None
+    job_id = submit(script, log_dir, cfg.slurm.job_name)
+    print(f"submitted job {job_id}: its run directory is logs/<task_name>/runs/{job_id}, its log in {log_dir}/")
+    return job_id
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="submit")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
+    with exit_on_config_error():
+        run(cfg, list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # No export_root() here: sbatch hands this environment to the job, whose paths.root_dir must be the
+    # directory the batch script changes into, not the one this command ran in.
+    main()

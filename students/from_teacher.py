@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distill.config import config_error
-from distill.models.teacher import FrozenTeacher
+from distill.models.teacher import FrozenTeacher, Teacher
 from students.config import student_config
 
 _LAYER_KEY = re.compile(r"(^|\.)layers\.(\d+)\.")
@@ -22,18 +22,18 @@ def pick_layers(teacher_layers: int, num_layers: int) -> list[int]:
 
 
 def build(
-    teacher: FrozenTeacher, *, num_layers: int, layers: list[int] | None = None, hidden_size: int | None = None
+    teacher: Teacher, *, num_layers: int, layers: list[int] | None = None, hidden_size: int | None = None
 ) -> PreTrainedModel:
     """Copy the teacher's embeddings, final norm, output head and ``num_layers`` of its layers.
 
     Args:
-        teacher: the frozen teacher to copy from.
+        teacher: the live teacher to copy from (a cached teacher has no weights and is refused).
         num_layers: student depth, between 1 and the teacher's depth.
         layers: explicit teacher layer indices to copy (default: evenly spaced).
         hidden_size: must equal the teacher's (the copy keeps the full width); only checked.
 
     """
-    if not hasattr(teacher, "model"):
+    if not isinstance(teacher, FrozenTeacher):  # only a live teacher has weights to copy
         raise config_error(
             "student",
             "from_teacher",

@@ -5,12 +5,12 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from distill.models.loading import load_causal_lm, resolve_source
-from distill.models.teacher import FrozenTeacher
+from distill.models.teacher import Teacher
 from distill.models.tokenizer import load_tokenizer, shared_vocab_size
 
 
 def load(
-    teacher: FrozenTeacher,
+    teacher: Teacher,
     *,
     path: str,
     gguf_file: str | None = None,

@@ -6,12 +6,12 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distill.config import config_error
-from distill.models.teacher import FrozenTeacher
+from distill.models.teacher import Teacher
 from students.config import student_config
 
 
 def build(
-    teacher: FrozenTeacher,
+    teacher: Teacher,
     *,
     hidden_size: int,
     num_layers: int,
@@ -24,7 +24,7 @@ def build(
     """Build a student from scratch, with the teacher's vocabulary and special-token ids.
 
     Args:
-        teacher: the frozen teacher whose config is the template.
+        teacher: the teacher (live or cached) whose config is the template.
         hidden_size: model width.
         num_layers: decoder layers.
         num_heads: query heads; ``hidden_size`` must divide by it unless ``head_dim`` is set.

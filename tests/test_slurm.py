@@ -19,7 +19,7 @@ from omegaconf import open_dict
 from distill.config import ConfigError
 from distill.runtime.resume import resolve_resume
 from distill.runtime.strategies import check_trainer_config
-from slurm.submit import compose_config, main, render
+from slurm.submit import compose_config, render, run
 from tests.helpers import run_train_cli
 from train import train
 
@@ -93,19 +93,28 @@ def test_rendered_script_derives_tasks_from_devices(tmp_path):
     assert d["account"] == "proj1" and d["time"] == "00:30:00"
 
 
-def test_dry_run_cli_prints_the_script_and_writes_nothing(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "slurm.submit", "--dry-run", "--log-dir", str(tmp_path / "slurm"), "trainer=ddp"],
-        cwd=ROOT,
+def _submit_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "slurm.submit", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
         text=True,
         capture_output=True,
         timeout=120,
     )
+
+
+def test_dry_run_cli_prints_the_script_and_writes_nothing(tmp_path):
+    proc = _submit_cli(["dry_run=true", f"log_dir={tmp_path / 'slurm'}", "trainer=ddp"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("#!/bin/bash\n")
     assert _directives(proc.stdout)["ntasks-per-node"] == "2"
-    assert proc.stdout.rstrip().endswith("srun python train.py trainer=ddp slurm=default")
-    assert not (tmp_path / "slurm").exists()
+    assert _directives(proc.stdout)["output"] == f"{tmp_path / 'slurm'}/%x-%j.out"
+    assert proc.stdout.rstrip().endswith("srun python train.py trainer=ddp slurm=default")  # no dry_run, no log_dir
+    assert list(tmp_path.iterdir()) == []  # no log dir, no Hydra run dir, no log file
+    proc = _submit_cli(["dry_run=true", "trainer=ddp", "slurm.ntasks_per_node=3"], tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: slurm.ntasks_per_node=3: Lightning runs one task")
 
 
 @pytest.mark.parametrize(
@@ -121,16 +130,18 @@ def test_dry_run_cli_prints_the_script_and_writes_nothing(tmp_path):
 def test_bad_input_is_refused_before_submission(overrides, message, tmp_path, capsys):
     with pytest.raises(ConfigError, match=message):
         render(compose_config(overrides), overrides, tmp_path)
-    assert main(["--dry-run", "--log-dir", str(tmp_path / "slurm"), *overrides]) == 2
-    assert capsys.readouterr().err.startswith("error: ")
+    cli = ["dry_run=true", f"log_dir={tmp_path / 'slurm'}", *overrides]
+    with pytest.raises(ConfigError, match=message):
+        run(compose_config(cli, config_name="submit"), cli)
+    assert capsys.readouterr().out == ""  # no script printed
     assert not (tmp_path / "slurm").exists()
 
 
-def test_missing_sbatch_is_refused_and_nothing_is_written(tmp_path, monkeypatch, capsys):
+def test_missing_sbatch_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    assert main(["--log-dir", str(tmp_path / "slurm"), "trainer=ddp"]) == 2
-    err = capsys.readouterr().err
-    assert "error: sbatch='not on PATH': run on a SLURM login node, or pass --dry-run" in err
+    cli = [f"log_dir={tmp_path / 'slurm'}", "trainer=ddp"]
+    with pytest.raises(ConfigError, match=r"sbatch='not on PATH': run on a SLURM login node, or pass dry_run=true"):
+        run(compose_config(cli, config_name="submit"), cli)
     assert not (tmp_path / "slurm").exists()
 
 
@@ -140,12 +151,15 @@ def test_submit_writes_the_script_and_calls_sbatch(tmp_path, monkeypatch, capsys
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/sbatch.args\necho "777;cluster"\n')
     (bin_dir / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    assert main(["--log-dir", str(tmp_path / "slurm"), "trainer=ddp", "trainer.devices=3"]) == 0
+    cli = [f"log_dir={tmp_path / 'slurm'}", "trainer=ddp", "trainer.devices=3"]
+    assert run(compose_config(cli, config_name="submit"), cli) == "777"
     assert "submitted job 777" in capsys.readouterr().out
     scripts = list((tmp_path / "slurm").glob("*.sbatch"))
     assert len(scripts) == 1 and not list((tmp_path / "slurm").glob("*.tmp"))
     assert (tmp_path / "sbatch.args").read_text().split() == ["--parsable", str(scripts[0])]
-    assert _directives(scripts[0].read_text())["ntasks-per-node"] == "3"
+    script = scripts[0].read_text()
+    assert _directives(script)["ntasks-per-node"] == "3"
+    assert script.rstrip().endswith("srun python train.py trainer=ddp trainer.devices=3 slurm=default")
 
 
 def test_job_config_keys_the_run_on_the_job_id(tmp_path, monkeypatch):

@@ -99,31 +99,3 @@ def check_schedule(callbacks: Iterable[Any]) -> None:
                     f"the step where {earlier.stage} finishes (its end_step={earlier.end_step}), because compression "
                     f"runs in the order {' → '.join(STAGES)}; raise start_step or lower {earlier.stage}'s end_step"
                 )
-
-
-# TEMPORARY (phase 1 of the restructure): the old decorator registry.
-from collections.abc import Callable  # noqa: E402
-
-from torch import nn  # noqa: E402
-
-_REPLAYS: dict = {}
-
-
-def register(kind: str) -> Callable:
-    def wrap(fn: Callable) -> Callable:
-        _REPLAYS[kind] = fn
-        return fn
-
-    return wrap
-
-
-def replay(student: nn.Module, changes: list[dict[str, Any]]) -> None:
-    for change in changes:
-        kind = change["kind"]
-        if kind not in _REPLAYS:
-            raise ConfigError(
-                f"checkpoint structure kind={kind!r}: the checkpoint was saved after a {kind!r} change to the "
-                "student, but no callback that can rebuild it is active; resume with the same callbacks "
-                f"(known kinds: {sorted(_REPLAYS) or 'none'})"
-            )
-        _REPLAYS[kind](student, change["spec"])

@@ -1,149 +1,30 @@
-"""Corpus loading, tokenisation with the teacher's tokenizer, packing, and a resumable step sampler."""
+"""The LightningDataModule: tokenises the corpus with the teacher's tokenizer, packs, caches and batches it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from distill.config import ConfigError, config_error
+from distill.data.corpus import heldout_documents, load_raw, pack
+from distill.data.sampler import StepBatchSampler
 from distill.models.tokenizer import tokenizer_fingerprint
-
-SOURCES = ("embedded", "text", "hub")
 
 # Lightning warns that a mid-epoch resume replays batches unless the loader is stateful. Ours is
 # resumable by construction: StepBatchSampler starts from the restored global step.
 warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-_FILE_BUILDERS = {
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-}
-
-
-def embedded_corpus() -> list[str]:
-    """The English reference prose every CPython ships (``pydoc_data.topics``), one document per topic."""
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)]
-
-
-def _load_raw(
-    source: str,
-    files: str | Sequence[str] | None,
-    name: str | None,
-    config_name: str | None,
-    split: str,
-    text_field: str,
-) -> tuple[datasets.Dataset, str]:
-    """The raw documents as a ``datasets.Dataset`` plus a fingerprint of their content."""
-    if source == "embedded":
-        docs = embedded_corpus()
-        digest = hashlib.sha256("\x00".join(docs).encode()).hexdigest()[:16]
-        return datasets.Dataset.from_dict({text_field: docs}), f"embedded-{sys.version_info[:2]}-{digest}"
-    if source == "text":
-        if not files:
-            raise config_error("data.files", files, "give a file, a glob or a list of txt/jsonl/parquet files")
-        file_list = [files] if isinstance(files, str) else list(files)
-        suffixes = {Path(f).suffix.lower() for f in file_list}
-        builders = {_FILE_BUILDERS.get(s) for s in suffixes}
-        if None in builders or len(builders) != 1:
-            raise config_error("data.files", files, f"use one kind of file among {', '.join(sorted(_FILE_BUILDERS))}")
-        try:
-            raw = datasets.load_dataset(builders.pop(), data_files=file_list, split=split)
-        except FileNotFoundError as err:
-            raise config_error("data.files", files, f"no such file ({err}); check the path or glob") from err
-        return raw, raw._fingerprint
-    if source == "hub":
-        if not name:
-            raise config_error("data.name", name, "give a hub dataset id such as 'wikitext'")
-        try:
-            raw = datasets.load_dataset(name, config_name, split=split)
-        except (ConnectionError, FileNotFoundError, ValueError) as err:
-            raise config_error(
-                "data.name",
-                name,
-                f"could not load it ({type(err).__name__}: {str(err)[:160]}); "
-                "download it while online or use data=text with local files",
-            ) from err
-        return raw, raw._fingerprint
-    raise config_error("data.source", source, f"choose one of {', '.join(SOURCES)}")
-
-
-def pack(token_lists: Sequence[Sequence[int]], block_size: int) -> list[list[int]]:
-    """Concatenate documents and cut the stream into full blocks; the incomplete tail is dropped."""
-    stream = [t for ids in token_lists for t in ids]
-    return [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
-
-
-def heldout_documents(lengths: Sequence[int], val_fraction: float, seed: int) -> list[int]:
-    """Indices of whole documents to hold out, drawn in a seeded order until ``val_fraction`` of tokens is reached."""
-    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-    total, held, tokens = sum(lengths), [], 0
-    for i in order:
-        if tokens >= val_fraction * total:
-            break
-        held.append(i)
-        tokens += lengths[i]
-    return held
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """Batches for a step-based run whose order depends only on the seed and the global batch index.
-
-    Global batch ``k`` holds stream positions ``[k·G, (k+1)·G)`` with ``G = batch_size × world_size``; the
-    stream walks a fresh seeded permutation of the data on each pass. Rank ``r`` takes its slice of
-    the global batch, so 2 ranks × batch b see exactly what 1 rank × batch 2b sees. Resuming at batch
-    ``start`` yields the same batches an uninterrupted run would have yielded from there. ``len()`` is
-    the whole run, because Lightning counts the batches already done when it restarts mid-epoch.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        total_batches: int,
-        *,
-        seed: int = 0,
-        world_size: int = 1,
-        rank: int = 0,
-        start: int = 0,
-    ) -> None:
-        self.n, self.batch_size, self.total = num_samples, batch_size, total_batches
-        self.seed, self.world_size, self.rank, self.start = seed, world_size, rank, start
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def _at(self, i: int) -> int:
-        epoch, pos = divmod(i, self.n)
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g))
-        return int(self._perm[1][pos])
-
-    def __iter__(self) -> Iterator[list[int]]:
-        g = self.batch_size * self.world_size
-        for k in range(self.start, self.total):
-            first = k * g + self.rank * self.batch_size
-            yield [self._at(first + j) for j in range(self.batch_size)]
-
-    def __len__(self) -> int:
-        return self.total
 
 
 class DistillDataModule(pl.LightningDataModule):
@@ -215,10 +96,24 @@ class DistillDataModule(pl.LightningDataModule):
             "version": 1,
         }
 
-    def _build(self) -> None:
-        raw, fingerprint = _load_raw(self.source, self.files, self.name, self.config_name, self.split, self.text_field)
+    def _raw(self) -> tuple[datasets.Dataset, str]:
+        return load_raw(self.source, self.files, self.name, self.config_name, self.split, self.text_field)
+
+    def _cache_path(self, fingerprint: str) -> Path:
         key = hashlib.sha256(json.dumps({**self._settings(), "data": fingerprint}, sort_keys=True).encode())
-        self.cache_path = self.cache_dir / key.hexdigest()[:20]
+        return self.cache_dir / key.hexdigest()[:20]
+
+    def data_key(self) -> str:
+        """The name of the tokenised cache for this data and these settings, found without tokenising.
+
+        It equals ``cache_path.name`` once the data is set up; a cached teacher was built for one such key
+        and refuses any other (``Teacher.check_data``).
+        """
+        return self._cache_path(self._raw()[1]).name
+
+    def _build(self) -> None:
+        raw, fingerprint = self._raw()
+        self.cache_path = self._cache_path(fingerprint)
         if (self.cache_path / "done").is_file():
             self.cache_hit = True
             return

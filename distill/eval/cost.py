@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 
-def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
+def unique_tensors(model: nn.Module) -> list[torch.Tensor]:
     """Parameters and buffers, each storage counted once (tied and shared tensors appear once)."""
     seen, out = set(), []
     for t in [*model.parameters(), *model.buffers()]:
@@ -35,22 +35,23 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def memory_bytes(model: nn.Module) -> int:
-    """Bytes held by the model's parameters and persistent buffers, each storage once.
+    """Bytes held by the model's parameters and buffers, each storage once (see :func:`tensor_bytes`).
 
-    Quantized tensor subclasses (torchao) report their packed storage through ``nbytes`` of their
-    inner tensors when they expose ``__tensor_flatten__``.
+    This is the one memory figure: the report's ``bytes_memory`` and ``quantization.json``'s ``memory_bytes``
+    both come from here.
     """
-    total = 0
-    for t in _unique_tensors(model):
-        total += _tensor_bytes(t)
-    return total
+    return sum(tensor_bytes(t) for t in unique_tensors(model))
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes one tensor holds; a wrapper subclass (torchao quantized weights) counts its inner tensors.
+
+    Such subclasses expose their packed storage (codes, scales, zero points) through ``__tensor_flatten__``.
+    """
     flatten = getattr(t, "__tensor_flatten__", None)
     if flatten is not None and type(t) not in (torch.Tensor, nn.Parameter):
         names, _ = flatten()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
 
 

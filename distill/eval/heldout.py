@@ -46,29 +46,7 @@ def heldout_metrics(
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = mask.to(device) if mask is not None else None
-            labels = batch["labels"].to(device)[:, 1:]
-            real = labels != IGNORE_INDEX
-            t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab_size].float()
-            t_logp = F.log_softmax(t_logits, -1)
-            t_top = t_logp.argmax(-1)
-            n = int(real.sum())
-            count += n
-            for name, model in models.items():
-                logits = (
-                    t_logits
-                    if model is teacher
-                    else model(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab_size].float()
-                )
-                logp = F.log_softmax(logits, -1)
-                nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-                kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
-                agree = (logp.argmax(-1) == t_top).float()
-                sums[name]["nll"] += float(nll[real].sum())
-                sums[name]["kl"] += float(kl[real].sum())
-                sums[name]["agree"] += float(agree[real].sum())
+            count += _accumulate(sums, models, teacher, batch, vocab_size, device)
     finally:
         for name, m in models.items():
             m.train(was_training[name])
@@ -83,6 +61,39 @@ def heldout_metrics(
         }
         for name, s in sums.items()
     }
+
+
+def _accumulate(
+    sums: dict[str, dict[str, float]],
+    models: dict[str, nn.Module],
+    teacher: nn.Module,
+    batch: dict[str, Tensor],
+    vocab_size: int,
+    device: torch.device | str,
+) -> int:
+    """Add one batch's summed NLL, KL and agreement per model into ``sums``; returns its real-token count."""
+    ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    mask = mask.to(device) if mask is not None else None
+    labels = batch["labels"].to(device)[:, 1:]
+    real = labels != IGNORE_INDEX
+    t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab_size].float()
+    t_logp = F.log_softmax(t_logits, -1)
+    t_top = t_logp.argmax(-1)
+    for name, model in models.items():
+        logits = (
+            t_logits
+            if model is teacher
+            else model(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab_size].float()
+        )
+        logp = F.log_softmax(logits, -1)
+        nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
+        agree = (logp.argmax(-1) == t_top).float()
+        sums[name]["nll"] += float(nll[real].sum())
+        sums[name]["kl"] += float(kl[real].sum())
+        sums[name]["agree"] += float(agree[real].sum())
+    return int(real.sum())
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

@@ -1,7 +1,7 @@
 """The compression report: teacher vs student on every metric, what was changed, and a degradation guard.
 
 ``report.json`` and ``report.md`` go into the run directory, with ``training_curves.png`` and
-``quality_vs_size.png``. The guard raises flags (and ``evaluate.py --fail-on-degradation`` exits non-zero)
+``quality_vs_size.png``. The guard raises flags (and ``evaluate.py fail_on_degradation=true`` exits non-zero)
 when the compression ratio exceeds a limit, when task accuracy falls below a fraction of the
 teacher's, or when perplexity looks stable while task accuracy dropped ("perplexity lies").
 """

@@ -5,27 +5,31 @@ writes one ``report.json`` per point; :class:`SweepSummary`, registered in ``con
 then writes ``sweep_report.md`` and ``quality_vs_size.png`` into the sweep directory. The same summary
 can be drawn for any set of finished runs::
 
-    python -m distill.eval.sweep logs/train/multiruns/<name>            # every report.json below it
-    python -m distill.eval.sweep runA runB runC --out comparison/       # chosen runs
+    python -m distill.eval.sweep runs=logs/train/multiruns/<name>            # every report.json below it
+    python -m distill.eval.sweep 'runs=[runA,runB,runC]' out=comparison/     # chosen runs
+
+(Hydra overrides of ``conf/sweep.yaml``; ``out`` defaults to the first of ``runs``.)
 
 ``bench/headline.py`` uses the same reader and plot for the headline table.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from distill.config import config_error, exit_on_config_error
+from distill.runtime.paths import export_root
 
 log = logging.getLogger("distill.eval.sweep")
 
@@ -203,23 +207,33 @@ class SweepSummary(Callback):
             log.info("sweep summary: %s, %s", *written)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m distill.eval.sweep DIR... [--out DIR]``."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories, or folders holding them")
-    parser.add_argument("--out", help="where to write sweep_report.md and the plot (default: the first folder)")
-    args = parser.parse_args(argv)
-    missing = [r for r in args.runs if not Path(r).exists()]
+def run(cfg: DictConfig) -> tuple[Path, Path]:
+    """Summarize the runs ``cfg`` names (``conf/sweep.yaml``) and print what was written.
+
+    Raises:
+        ConfigError: ``runs`` missing, naming a folder that does not exist, or holding no report.
+
+    """
+    if OmegaConf.is_missing(cfg, "runs"):
+        raise config_error("runs", None, "required: python -m distill.eval.sweep 'runs=[<run dir>,...]' [out=<folder>]")
+    runs = [cfg.runs] if isinstance(cfg.runs, str) else [str(r) for r in cfg.runs]
+    missing = [r for r in runs if not Path(r).exists()]
     if missing:
-        print(f"error: runs={missing}: no such folder; pass run directories or a multirun folder", file=sys.stderr)
-        return 2
-    written = summarize(args.runs, args.out or args.runs[0])
+        raise config_error("runs", missing, "no such folder; pass run directories or a multirun folder")
+    written = summarize(runs, cfg.out or runs[0])
     if written is None:
-        print(f"error: runs={args.runs}: no report.json found; run with eval.enabled=true", file=sys.stderr)
-        return 2
+        raise config_error("runs", runs, "no report.json found; run with eval.enabled=true")
     print(f"wrote {written[0]} and {written[1]}")
-    return 0
+    return written
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="sweep")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
+    with exit_on_config_error():
+        run(cfg)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    export_root()
+    main()

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from distill.config import ConfigError
 
 LOCAL_TASKS = ("distill_lastword", "distill_cloze")
@@ -59,6 +61,16 @@ def build_local_tasks(texts: Sequence[str], out_dir: str | Path, n_examples: int
             "the local tasks; hold out more data (data.val_fraction) or drop the local tasks"
         )
     rng.shuffle(passages)
+    lastword = _lastword_examples(passages, n_examples)
+    cloze = _cloze_examples(passages, n_examples, rng)
+    for name, rows in (("lastword", lastword), ("cloze", cloze)):
+        (out / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    _write_task_configs(out)
+    return out
+
+
+def _lastword_examples(passages: Sequence[str], n_examples: int) -> list[dict[str, str]]:
+    """Passages cut after a sentence, split into the text before the last word and that word."""
     lastword = []
     for p in passages:
         sentence_end = p.rfind(".", 0, len(p) - 1)
@@ -68,6 +80,11 @@ def build_local_tasks(texts: Sequence[str], out_dir: str | Path, n_examples: int
             lastword.append({"context": m.group(1), "target": " " + m.group(2)})
         if len(lastword) == n_examples:
             break
+    return lastword
+
+
+def _cloze_examples(passages: Sequence[str], n_examples: int, rng: random.Random) -> list[dict[str, Any]]:
+    """A passage's start, its true continuation and three continuations taken from other passages."""
     cloze = []
     for i, p in enumerate(passages[:n_examples]):
         split = p.rfind(". ", 0, int(len(p) * 0.75))
@@ -82,26 +99,40 @@ def build_local_tasks(texts: Sequence[str], out_dir: str | Path, n_examples: int
         choices = [truth, *distractors]
         rng.shuffle(choices)
         cloze.append({"context": context, "choices": choices, "label": choices.index(truth)})
-    for name, rows in (("lastword", lastword), ("cloze", cloze)):
-        (out / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    # Targets and choices carry their own leading space, so lm-eval must not add a delimiter.
-    common = 'dataset_path: json\ntest_split: test\ntarget_delimiter: ""\ndoc_to_text: "{{context}}"\n'
-    (out / "distill_lastword.yaml").write_text(
-        "task: distill_lastword\n"
-        + common
-        + f"dataset_kwargs:\n  data_files:\n    test: {out / 'lastword.jsonl'}\n"
-        + 'output_type: loglikelihood\ndoc_to_target: "{{target}}"\n'
-        + "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    (out / "distill_cloze.yaml").write_text(
-        "task: distill_cloze\n"
-        + common
-        + f"dataset_kwargs:\n  data_files:\n    test: {out / 'cloze.jsonl'}\n"
-        + "output_type: multiple_choice\ndoc_to_choice: choices\ndoc_to_target: label\n"
-        + "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        + "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    return out
+    return cloze
+
+
+def _write_task_configs(out: Path) -> None:
+    """The lm-eval task configs of the two local tasks, reading the jsonl files beside them."""
+    acc = {"metric": "acc", "aggregation": "mean", "higher_is_better": True}
+    tasks = {
+        "distill_lastword": {
+            "data": "lastword.jsonl",
+            "output_type": "loglikelihood",
+            "doc_to_target": "{{target}}",
+            "metric_list": [acc],
+        },
+        "distill_cloze": {
+            "data": "cloze.jsonl",
+            "output_type": "multiple_choice",
+            "doc_to_choice": "choices",
+            "doc_to_target": "label",
+            "metric_list": [acc, {**acc, "metric": "acc_norm"}],
+        },
+    }
+    for name, task in tasks.items():
+        data = out / task.pop("data")
+        config = {
+            "task": name,
+            "dataset_path": "json",
+            "test_split": "test",
+            # Targets and choices carry their own leading space, so lm-eval must not add a delimiter.
+            "target_delimiter": "",
+            "doc_to_text": "{{context}}",
+            "dataset_kwargs": {"data_files": {"test": str(data)}},
+            **task,
+        }
+        (out / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def task_manager(task_dir: str | Path | None) -> Any:

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.compress.stages import STAGES, CompressionStage
 from distill.export.loaders import load_pruned as load_pruned_module
 from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY, is_pruned_export, load_pruned
-
-log = logging.getLogger("distill")
 
 
 def export_student(
@@ -85,29 +83,6 @@ def plain_model(student: PreTrainedModel, stages: Sequence[CompressionStage]) ->
     return model
 
 
-def holds_quantized_weights(model: torch.nn.Module) -> bool:
-    """Whether any parameter is a tensor subclass (torchao's quantized weights after QAT convert)."""
-    return any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in model.parameters())
-
-
-def compact_unless_quantized(
-    save: Callable[..., Path], model: PreTrainedModel, tokenizer: Any, out_dir: Path, who: str
-) -> Path | None:
-    """Write a plain-tensor compact export, or skip it (with a warning) for a QAT-converted student.
-
-    The sharing and low-rank compact formats store plain tensors; a quantized student is stored by
-    QAT's own export, and the plain export holds its dequantized weights.
-    """
-    if holds_quantized_weights(model):
-        log.warning(
-            "%s: the student holds quantized weights, so its compact export is skipped; "
-            "use the QAT export and the plain (dequantized) export",
-            who,
-        )
-        return None
-    return save(model, tokenizer, out_dir)
-
-
 def export_compact_forms(
     student: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -122,24 +97,34 @@ def export_compact_forms(
     return out
 
 
-@torch.no_grad()
 def check_reload(student: PreTrainedModel, folder: str | Path, atol: float = 1e-5) -> float:
     """Reload ``folder`` with plain transformers and compare logits on a fixed probe; returns the max diff."""
     if is_pruned_export(folder):
         reloaded = load_pruned(folder, dtype=student.dtype)
     else:
         reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=student.dtype).eval()
-    device = next(student.parameters()).device
-    vocab = student.get_output_embeddings().weight.shape[0]
+    return compare_logits(student, reloaded, f"exported model at {folder}", atol)
+
+
+@torch.no_grad()
+def compare_logits(expected: nn.Module, reloaded: nn.Module, what: str, atol: float = 1e-5) -> float:
+    """Run both models on one fixed probe and require logits within ``atol``; returns the max difference.
+
+    Every export (plain, compact, quantized) checks its reload with this. ``expected`` runs in eval mode
+    and gets its train/eval mode back; ``reloaded`` is moved to ``expected``'s device. ``what`` names the
+    export in the error (``"compact export at <folder>"``).
+    """
+    device = next(expected.parameters()).device
+    vocab = expected.get_output_embeddings().weight.shape[0]
     probe = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    was_training = student.training
-    student.eval()
+    was_training = expected.training
+    expected.eval()
     try:
-        expected = student(input_ids=probe).logits.float()
+        want = expected(input_ids=probe).logits.float()
     finally:
-        student.train(was_training)
+        expected.train(was_training)
     got = reloaded.to(device)(input_ids=probe).logits.float()
-    diff = float((expected - got).abs().max())
-    if diff > atol:
-        raise RuntimeError(f"exported model at {folder} does not reproduce the student (max |Δlogit| = {diff:.3g})")
+    diff = float((want - got).abs().max())
+    if not diff <= atol:  # a NaN difference fails too
+        raise RuntimeError(f"{what} does not reproduce the model it was written from (max |Δlogit| = {diff:.3g})")
     return diff

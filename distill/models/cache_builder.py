@@ -1,4 +1,6 @@
-"""Build the offline teacher cache: ``python -m distill.models.cache_builder [teacher=...] [data=...] [cache.top_k=64]``.
+"""Build the offline teacher cache: ``python -m distill.models.cache_builder [teacher=...] [cache.top_k=64]``.
+
+The settings are Hydra overrides of ``conf/cache_teacher.yaml`` (``data=...`` and ``teacher=...`` pick the pair).
 
 See :mod:`distill.models.teacher_cache` for the format and how the tail mass is handled.
 """
@@ -79,7 +81,50 @@ def build_cache(
         raise config_error("cache.blocks_per_shard", blocks_per_shard, "must be at least 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    identity = _identity(teacher, datamodule, top_k)
+    manifest = _start_manifest(out, _identity(teacher, datamodule, top_k))
+    teacher.tokenizer.save_pretrained(out / "tokenizer")
+
+    totals, started = {"kl_sum": 0.0, "mass_sum": 0.0, "tokens": 0}, time.perf_counter()
+    for split in splits:
+        data = datamodule.train_set if split == "train" else datamodule.val_set
+        n = len(data) if max_blocks is None else min(len(data), max_blocks)
+        shards = []
+        for shard_no, first in enumerate(range(0, n, blocks_per_shard)):
+            name = f"{split}-{shard_no:05d}.safetensors"
+            shards.append(name)
+            blocks = range(first, min(first + blocks_per_shard, n))
+            stats = _write_shard(teacher, data, out / name, split, blocks, top_k, batch_size, progress)
+            for key in totals:
+                totals[key] += stats[key]
+        manifest["splits"][split] = {"blocks": n, "shards": shards}
+    _finish_manifest(manifest, out, totals, bytes_per_token(top_k, teacher.vocab_size), started)
+    return manifest
+
+
+def _finish_manifest(
+    manifest: dict[str, Any], out: Path, totals: dict[str, Any], payload: float, started: float
+) -> None:
+    """Mark the cache complete, with its size and how well the top-k reconstructs the teacher."""
+    files = [out / s for split in manifest["splits"].values() for s in split["shards"]]
+    tokens = totals["tokens"]
+    manifest.update(
+        {
+            "complete": True,
+            "tokens": tokens,
+            "bytes": sum(f.stat().st_size for f in files),
+            "bytes_per_token": sum(f.stat().st_size for f in files) / max(tokens, 1),
+            "bytes_per_token_payload": payload,
+            "reconstruction_kl": totals["kl_sum"] / max(tokens, 1),
+            "mean_topk_mass": totals["mass_sum"] / max(tokens, 1),
+            "tail": "uniform over the V-k tokens outside the top k",
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _start_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """Write an incomplete manifest; a folder holding another teacher's or data's cache is refused."""
     manifest_file = out / MANIFEST
     if manifest_file.is_file():
         old = json.loads(manifest_file.read_text())
@@ -95,73 +140,58 @@ def build_cache(
             )
     manifest = {**identity, "complete": False, "splits": {}}
     manifest_file.write_text(json.dumps(manifest, indent=1))
-    teacher.tokenizer.save_pretrained(out / "tokenizer")
-
-    vocab, idx_dtype = teacher.vocab_size, index_dtype(teacher.vocab_size)
-    device = next(teacher.parameters()).device
-    kl_sum, mass_sum, tokens, started = 0.0, 0.0, 0, time.perf_counter()
-    for split in splits:
-        data = datamodule.train_set if split == "train" else datamodule.val_set
-        n = len(data) if max_blocks is None else min(len(data), max_blocks)
-        shards = []
-        for shard_no, first in enumerate(range(0, n, blocks_per_shard)):
-            name = f"{split}-{shard_no:05d}.safetensors"
-            shards.append(name)
-            stats_file = out / f"{name}.json"
-            if (out / name).is_file() and stats_file.is_file():  # done in an earlier, interrupted build
-                stats = json.loads(stats_file.read_text())
-            else:
-                ids_all, vals, idxs, stats = [], [], [], {"kl_sum": 0.0, "mass_sum": 0.0, "tokens": 0}
-                last = min(first + blocks_per_shard, n)
-                bar = tqdm(range(first, last, batch_size), desc=f"teacher {name}", disable=not progress)
-                for start in bar:
-                    ids = data[start : min(start + batch_size, last)]["input_ids"].to(device)
-                    logp = F.log_softmax(teacher(ids).logits[..., :vocab].float(), dim=-1)
-                    values, indices = logp.topk(top_k, dim=-1)
-                    tail = (1.0 - values.exp().sum(-1)).clamp_min(1e-12)
-                    # KL(p‖q) = Σ_tail p·(log p − log q_tail): the top-k terms vanish by construction.
-                    q_tail = (tail / max(vocab - top_k, 1)).log()
-                    kl = (logp.exp() * (logp - q_tail.unsqueeze(-1))).sum(-1) - (
-                        values.exp() * (values - q_tail.unsqueeze(-1))
-                    ).sum(-1)
-                    stats["kl_sum"] += float(kl.sum())
-                    stats["mass_sum"] += float((1.0 - tail).sum())
-                    stats["tokens"] += ids.numel()
-                    ids_all.append(ids.cpu().to(idx_dtype))
-                    vals.append(values.cpu().half())
-                    idxs.append(indices.cpu().to(idx_dtype))
-                tensors = {
-                    "input_ids": torch.cat(ids_all),
-                    "topk_logprobs": torch.cat(vals),
-                    "topk_indices": torch.cat(idxs),
-                }
-                tmp = out / f".{name}.tmp"
-                save_file(tensors, str(tmp), metadata={"split": split, "first_block": str(first)})
-                os.replace(tmp, out / name)  # atomic: a shard file is either whole or absent
-                stats_file.write_text(json.dumps(stats))
-            kl_sum += stats["kl_sum"]
-            mass_sum += stats["mass_sum"]
-            tokens += stats["tokens"]
-        manifest["splits"][split] = {"blocks": n, "shards": shards}
-    files = [out / s for split in manifest["splits"].values() for s in split["shards"]]
-    manifest.update(
-        {
-            "complete": True,
-            "tokens": tokens,
-            "bytes": sum(f.stat().st_size for f in files),
-            "bytes_per_token": sum(f.stat().st_size for f in files) / max(tokens, 1),
-            "bytes_per_token_payload": bytes_per_token(top_k, vocab),
-            "reconstruction_kl": kl_sum / max(tokens, 1),
-            "mean_topk_mass": mass_sum / max(tokens, 1),
-            "tail": "uniform over the V-k tokens outside the top k",
-            "seconds": time.perf_counter() - started,
-        }
-    )
-    manifest_file.write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="cache_teacher")
+def _write_shard(
+    teacher: FrozenTeacher,
+    data: Any,
+    path: Path,
+    split: str,
+    blocks: range,
+    top_k: int,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Score ``blocks`` and write them as the shard ``path`` with its stats; a shard already done is kept.
+
+    Returns:
+        The shard's ``kl_sum``, ``mass_sum`` and ``tokens``.
+
+    """
+    stats_file = path.with_name(f"{path.name}.json")
+    if path.is_file() and stats_file.is_file():  # done in an earlier, interrupted build
+        return json.loads(stats_file.read_text())
+    vocab, idx_dtype = teacher.vocab_size, index_dtype(teacher.vocab_size)
+    device = next(teacher.parameters()).device
+    ids_all, vals, idxs, stats = [], [], [], {"kl_sum": 0.0, "mass_sum": 0.0, "tokens": 0}
+    last = blocks.stop
+    bar = tqdm(range(blocks.start, last, batch_size), desc=f"teacher {path.name}", disable=not progress)
+    for start in bar:
+        ids = data[start : min(start + batch_size, last)]["input_ids"].to(device)
+        logp = F.log_softmax(teacher(ids).logits[..., :vocab].float(), dim=-1)
+        values, indices = logp.topk(top_k, dim=-1)
+        tail = (1.0 - values.exp().sum(-1)).clamp_min(1e-12)
+        # KL(p‖q) = Σ_tail p·(log p − log q_tail): the top-k terms vanish by construction.
+        q_tail = (tail / max(vocab - top_k, 1)).log()
+        kl = (logp.exp() * (logp - q_tail.unsqueeze(-1))).sum(-1) - (
+            values.exp() * (values - q_tail.unsqueeze(-1))
+        ).sum(-1)
+        stats["kl_sum"] += float(kl.sum())
+        stats["mass_sum"] += float((1.0 - tail).sum())
+        stats["tokens"] += ids.numel()
+        ids_all.append(ids.cpu().to(idx_dtype))
+        vals.append(values.cpu().half())
+        idxs.append(indices.cpu().to(idx_dtype))
+    tensors = {"input_ids": torch.cat(ids_all), "topk_logprobs": torch.cat(vals), "topk_indices": torch.cat(idxs)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"split": split, "first_block": str(blocks.start)})
+    os.replace(tmp, path)  # atomic: a shard file is either whole or absent
+    stats_file.write_text(json.dumps(stats))
+    return stats
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="cache_teacher")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: build the cache described by ``conf/cache_teacher.yaml``."""
     with exit_on_config_error():

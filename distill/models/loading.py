@@ -49,7 +49,15 @@ def resolve_source(path: str | None, package: str | None, gguf_file: str | None,
     raise config_error(f"{field}.path", path, "set a hub id or a local model folder")
 
 
-def _not_available(field: str, source: str, err: Exception) -> ConfigError:
+def not_available(field: str, source: str, err: Exception) -> ConfigError:
+    """The error for a model or tokenizer source that is neither a local folder nor in the Hugging Face cache.
+
+    Args:
+        field: the config field that named the source (``teacher``, ``student``, ...).
+        source: the hub id or path that failed to load.
+        err: the loader's own error, summarised at the end of the message.
+
+    """
     return config_error(
         f"{field}.path",
         source,
@@ -86,7 +94,7 @@ def load_causal_lm(
             revision=revision,
         )
     except OSError as err:
-        raise _not_available(field, source, err) from err
+        raise not_available(field, source, err) from err
     except ValueError as err:
         if "trust_remote_code" in str(err):
             raise config_error(

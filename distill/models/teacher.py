@@ -1,8 +1,9 @@
-"""The frozen teacher: loading it and keeping it out of training."""
+"""The teacher protocol (``Teacher``) and the live, frozen teacher: loading it and keeping it out of training."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +13,55 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from distill.models.loading import load_causal_lm, resolve_source
 from distill.models.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tiny_tokenizer
 from distill.objective.chunked import TeacherRows, chunkable
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """What the objective, the module, the students and the reports use of a teacher, live or cached.
+
+    :class:`FrozenTeacher` runs the model; :class:`~distill.models.teacher_cache.CachedTeacher` reads its
+    top-k from disk. Both are ``nn.Module`` subclasses, so device moves and strategy wrapping treat them alike.
+    """
+
+    name: str
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def config(self) -> Any:
+        """The teacher's transformers model config (a student's template)."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the teacher's output vocabulary."""
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What identifies this teacher, for manifests and reports."""
+
+    def __call__(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, output_hidden_states: bool = False
+    ) -> Any:
+        """Run ``forward`` (as ``nn.Module`` does)."""
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, output_hidden_states: bool = False
+    ) -> Any:
+        """An output whose ``.logits`` (and ``.hidden_states`` when asked) score the batch, without autograd."""
+
+    def rows(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        output_hidden_states: bool = False,
+        vocab: int | None = None,
+    ) -> tuple[TeacherRows, tuple[Tensor, ...] | None]:
+        """Teacher rows for the aligned positions ``[:, :-1]`` flattened, one chunk at a time, plus hidden states."""
+
+    def train(self, mode: bool = True) -> Teacher:
+        """Stay in eval whatever ``mode`` says."""
+
+    def check_data(self, data_key: str, block_size: int) -> None:
+        """Raise a ConfigError when the teacher cannot score this data (see ``DistillDataModule.data_key``)."""
 
 
 class FrozenTeacher(nn.Module):
@@ -47,6 +97,9 @@ class FrozenTeacher(nn.Module):
     def identity(self) -> dict[str, str]:
         """What identifies this teacher, for manifests and reports."""
         return {"name": self.name, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+
+    def check_data(self, data_key: str, block_size: int) -> None:
+        """Accept any data: a live teacher scores whatever corpus and packing the run uses."""
 
     @torch.no_grad()
     def forward(

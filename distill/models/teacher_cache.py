@@ -64,7 +64,7 @@ def block_key(ids: Tensor) -> bytes:
 
 
 class CachedTeacher(nn.Module):
-    """Stands in for :class:`~distill.models.teacher.FrozenTeacher`, reading the teacher's top-k from a cache.
+    """A :class:`~distill.models.teacher.Teacher` that reads the live teacher's top-k from a cache.
 
     Batches are matched to cached blocks by their token ids, so the data order does not matter and a
     block that is not in the cache is an error, never a silent mismatch. It has no parameters and

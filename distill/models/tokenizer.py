@@ -11,7 +11,8 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from distill.config import ConfigError
-from distill.models.loading import _not_available
+from distill.data.corpus import embedded_corpus
+from distill.models.loading import not_available
 
 
 def load_tokenizer(
@@ -28,7 +29,7 @@ def load_tokenizer(
             source, gguf_file=gguf_file, trust_remote_code=trust_remote_code, revision=revision
         )
     except OSError as err:
-        raise _not_available(field, source, err) from err
+        raise not_available(field, source, err) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -85,8 +86,6 @@ def train_tiny_tokenizer(vocab_size: int, cache_dir: str | Path) -> PreTrainedTo
     Training takes about a second; the result is cached on disk so every test process shares it.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from distill.data.datamodule import embedded_corpus
 
     out = Path(cache_dir) / f"tiny-bpe-{vocab_size}"
     if not (out / "tokenizer.json").is_file():

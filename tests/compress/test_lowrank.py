@@ -1,4 +1,7 @@
-"""Low-rank factorization: SVD maths, whitening, rank choice, exports, composing with sharing, resume, errors."""
+"""Low-rank factorization: SVD maths, whitening, rank choice, exports, composing with sharing, errors.
+
+Resume after a crash mid-run: tests/test_resume.py.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from callbacks.lowrank import (
-    LowRankFactorization,
+from callbacks.lowrank import LowRankFactorization
+from distill.compress.lowrank import (
     factorize,
     input_grams,
     max_useful_rank,
@@ -18,11 +21,11 @@ from callbacks.lowrank import (
     svd_factors,
     target_linears,
 )
-from callbacks.share import share_groups, tie_layers
+from distill.compress.share import share_groups, tie_layers
 from distill.config import ConfigError
-from distill.export.loaders.load_compact import LowRankLinear, load_compact, materialize, save_compact
+from distill.export.compact import save_compact
+from distill.export.loaders.load_compact import LowRankLinear, load_compact, materialize
 from students import scratch
-from tests.helpers import assert_same_losses, crash_at
 from train import train
 
 PROBE = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -135,7 +138,7 @@ def test_factorize_keeps_sharing_and_both_exports_reproduce_logits(tiny_teacher,
     torch.testing.assert_close(_logits(back, PROBE), expected, rtol=0, atol=1e-5)
 
 
-def test_budget_run_with_whitening_after_sharing_resumes_exactly(tiny_cfg, tmp_path):
+def test_budget_run_with_whitening_after_sharing_factorises_and_exports(tiny_cfg, tmp_path):
     common = (
         "student.num_layers=2",
         "student.intermediate_size=96",
@@ -149,7 +152,7 @@ def test_budget_run_with_whitening_after_sharing_resumes_exactly(tiny_cfg, tmp_p
         "trainer.limit_val_batches=0",
         "eval.enabled=false",
     )
-    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir = tmp_path / "full"
     _, full = train(tiny_cfg(*common, output_dir=full_dir))
     module, student = full["module"], full["student"]
     assert [c["kind"] for c in module.structure] == ["share", "lowrank"]
@@ -167,15 +170,6 @@ def test_budget_run_with_whitening_after_sharing_resumes_exactly(tiny_cfg, tmp_p
     plain = AutoModelForCausalLM.from_pretrained(full["export_dir"])
     torch.testing.assert_close(_logits(plain, PROBE), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(_logits(load_compact(full_dir / "student_compact"), PROBE), expected, rtol=0, atol=1e-5)
-
-    crash_at(tiny_cfg(*common, output_dir=cut_dir), step=5)
-    _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
-    assert resumed["trainer"].global_step == 8
-    assert_same_losses(full_dir, cut_dir, steps=8)
-    a, b = full["student"].state_dict(), resumed["student"].state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
 def _student_like(student):
@@ -198,7 +192,8 @@ def test_sharing_applies_first_whatever_the_callback_order(tiny_cfg, tmp_path):
     )
     _, objects = train(cfg)
     kinds = [type(cb) for cb in objects["trainer"].callbacks]
-    assert kinds.index(LowRankFactorization) < kinds.index(CrossLayerSharing)  # listed the "wrong" way round
+    # Configured the "wrong" way round; train.py puts compression callbacks in STAGES order.
+    assert kinds.index(CrossLayerSharing) < kinds.index(LowRankFactorization)
     assert [c["kind"] for c in objects["module"].structure] == ["share", "lowrank"]
     layers = objects["student"].model.layers
     assert layers[0].mlp.down_proj.up.weight is layers[1].mlp.down_proj.up.weight

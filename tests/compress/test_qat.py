@@ -1,4 +1,7 @@
-"""QAT callback (torchao): prepare/convert placement and numerics, export round trip, resume, PTQ, errors."""
+"""QAT callback (torchao): prepare/convert placement and numerics, export round trip, PTQ, errors.
+
+Resume after a crash mid-QAT: tests/test_resume.py.
+"""
 
 from __future__ import annotations
 
@@ -19,12 +22,14 @@ from torchao.quantization.quant_primitives import (
     quantize_affine,
 )
 
-from callbacks.qat import QuantizationAwareTraining, convert, fake_quantized, prepare
+from callbacks.base import CompressionCallback
+from callbacks.qat import QuantizationAwareTraining
 from distill.compress import stages as structure
 from distill.compress.quant import schemes as quantization
+from distill.compress.quant.qat import convert, fake_quantized, prepare
 from distill.config import ConfigError
+from distill.export.quantized import load_quantized
 from students import scratch
-from tests.helpers import assert_same_losses, crash_at
 from train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,7 +175,7 @@ def test_train_converts_and_compact_export_reloads_identically(tiny_cfg, tmp_pat
     assert meta["size"]["disk_bits_per_weight"] == pytest.approx(5.25)
     assert len(meta["packed_int4"]) == len(SMOKE_LINEARS)
 
-    reloaded = quantization.load_quantized(out)
+    reloaded = load_quantized(out)
     assert all(quantization.is_quantized(reloaded.get_submodule(n).weight) for n in SMOKE_LINEARS)
     probe = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -183,70 +188,35 @@ def test_train_converts_and_compact_export_reloads_identically(tiny_cfg, tmp_pat
         torch.testing.assert_close(plain(input_ids=probe).logits, expected, rtol=0, atol=1e-5)
 
 
-def _qparams(student: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, m in student.named_modules():
-        w = getattr(m, "weight", None)
-        if w is not None and quantization.is_quantized(w):
-            out[name + ".qdata"], out[name + ".scale"] = w.qdata.clone(), w.scale.clone()
-        elif w is not None:
-            out[name] = w.detach().clone()
-    return out
-
-
-@pytest.mark.parametrize(
-    ("start", "freeze"),
-    [(2, 3), (0, None)],
-    ids=["delayed_start_frozen_ranges", "prepared_in_setup"],
-)
-def test_resume_mid_qat_matches_uninterrupted_run(tiny_cfg, tmp_path, start, freeze):
-    common = (
-        "callbacks=qat",
-        f"callbacks.qat.start_step={start}",
-        f"callbacks.qat.freeze_ranges_step={'null' if freeze is None else freeze}",
-        "trainer.max_steps=8",
-        "callbacks.model_checkpoint.every_n_train_steps=2",
-        "trainer.log_every_n_steps=1",
-        "trainer.val_check_interval=100",
-        "trainer.limit_val_batches=0",
-        "eval.enabled=false",
-        "export.enabled=false",
+def _ptq_cli(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "distill.compress.quant.ptq", *args, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        timeout=300,
     )
-    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    _, full = train(tiny_cfg(*common, output_dir=full_dir))
-
-    crash_at(tiny_cfg(*common, output_dir=cut_dir), step=5)
-    ckpt = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert [c["kind"] for c in ckpt["student_structure"]] == ["qat"]  # saved at step 4, after prepare
-    frozen = ckpt["callbacks"]["QuantizationAwareTraining"]["frozen"]
-    assert len(frozen) == (0 if freeze is None else len(SMOKE_LINEARS))
-
-    _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
-    assert resumed["trainer"].global_step == 8
-    assert [c["kind"] for c in resumed["module"].structure] == ["qat"]  # prepared once, not again on resume
-    assert_same_losses(full_dir, cut_dir, steps=8)
-    a, b = _qparams(full["student"]), _qparams(resumed["student"])
-    assert a.keys() == b.keys() and any(k.endswith(".qdata") for k in a)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
 
 
 def test_ptq_cli_matches_convert_without_training(tiny_cfg, tmp_path, tiny_teacher):
-    from distill.compress.quant.ptq import main
-
     student = _student(tiny_teacher)
     student.save_pretrained(tmp_path / "fp")
     spec = quantization.make_spec("int8_dynact_int4_weight", 32, None)
     prepare(student, spec)
     convert(student, spec)  # QAT with zero training steps is PTQ
-    assert main([f"model={tmp_path / 'fp'}", "scheme=int8_dynact_int4_weight", "group_size=32"]) == 0
-    ptq = quantization.load_quantized(tmp_path / "fp-ptq-int8_dynact_int4_weight")
+    proc = _ptq_cli([f"model={tmp_path / 'fp'}", "scheme=int8_dynact_int4_weight", "group_size=32"], tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {tmp_path / 'fp-ptq-int8_dynact_int4_weight'}: " in proc.stdout
+    assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()  # Hydra's record of the call
+    ptq = load_quantized(tmp_path / "fp-ptq-int8_dynact_int4_weight")
     for name in SMOKE_LINEARS:
         torch.testing.assert_close(ptq.get_submodule(name).weight.qdata, student.get_submodule(name).weight.qdata)
-    assert main([f"model={tmp_path / 'fp'}", "scheme=int3"]) == 2
+    proc = _ptq_cli([f"model={tmp_path / 'fp'}", "scheme=int3"], tmp_path / "bad")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: scheme='int3': unknown quantization scheme")
 
 
-class _Prune:
+class _Prune(CompressionCallback):
     stage, start_step, end_step = "prune", 0, 50
 
 
@@ -325,5 +295,5 @@ def test_ddp_sim_trains_fake_quantized_student_and_exports(tmp_path, cache_dir):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "distributed_backend=gloo" in out and "QAT prepared" in out
-    model = quantization.load_quantized(tmp_path / "run" / "student_quantized")
+    model = load_quantized(tmp_path / "run" / "student_quantized")
     assert all(quantization.is_quantized(model.get_submodule(n).weight) for n in SMOKE_LINEARS)

@@ -6,14 +6,15 @@ import pytest
 import torch
 from torch import nn
 
+from callbacks.base import CompressionCallback
 from distill.compress import stages as structure
+from distill.compress.replay import REPLAYS
 from distill.config import ConfigError
 from distill.module import DistillModule
 from distill.objective.objective import DistillationObjective
 from students import scratch
 
 
-@structure.register("test_drop_last_layer")
 def _drop_last_layer(student: nn.Module, spec: dict) -> None:
     keep = spec["keep"]
     student.model.layers = student.model.layers[:keep]
@@ -26,7 +27,8 @@ def _module(teacher) -> DistillModule:
     return DistillModule(teacher, student, DistillationObjective(), optimizer=torch.optim.SGD)
 
 
-def test_checkpoint_replays_structure_before_weights(tiny_teacher):
+def test_checkpoint_replays_structure_before_weights(tiny_teacher, monkeypatch):
+    monkeypatch.setitem(REPLAYS, "test_drop_last_layer", _drop_last_layer)
     a = _module(tiny_teacher)
     _drop_last_layer(a.student, {"keep": 2})
     a.record_structure_change("test_drop_last_layer", {"keep": 2})
@@ -46,7 +48,7 @@ def test_checkpoint_replays_structure_before_weights(tiny_teacher):
 
 def test_unknown_structure_kind_is_a_clear_error(tiny_teacher):
     b = _module(tiny_teacher)
-    with pytest.raises(ConfigError, match=r"kind='no_such_change'.*resume with the same callbacks"):
+    with pytest.raises(ConfigError, match=r"kind='no_such_change'.*use the distill version that wrote the checkpoint"):
         b.on_load_checkpoint({"student_structure": [{"kind": "no_such_change", "spec": {}}]})
 
 
@@ -58,7 +60,7 @@ def test_strict_load_still_catches_missing_student_keys(tiny_teacher):
         a.load_state_dict(sd, strict=True)
 
 
-class _Stage:
+class _Stage(CompressionCallback):
     def __init__(self, stage: str, start: int, end: int) -> None:
         self.stage, self.start_step, self.end_step = stage, start, end
 

@@ -1,4 +1,4 @@
-"""Tokenisation, packing, the document-level split, the on-disk cache and the step sampler."""
+"""The datamodule: tokenisation, the document-level split, the on-disk cache and its key."""
 
 from __future__ import annotations
 
@@ -8,12 +8,7 @@ import pytest
 import torch
 
 from distill.config import ConfigError
-from distill.data.datamodule import DistillDataModule, StepBatchSampler, heldout_documents, pack
-
-
-def test_pack_cuts_full_blocks_and_drops_tail():
-    assert pack([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4) == [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert pack([[1, 2]], 4) == []
+from distill.data.datamodule import DistillDataModule
 
 
 def _dm(tiny_teacher, cache: Path, **kw) -> DistillDataModule:
@@ -49,17 +44,6 @@ def test_split_is_deterministic_and_disjoint_and_cached(tiny_teacher, tmp_path, 
     assert not c.cache_hit and c.cache_path != a.cache_path
 
 
-def test_heldout_documents_are_whole_seeded_and_large_enough():
-    lengths = [100, 5, 40, 300, 7, 60, 90, 12]
-    held = heldout_documents(lengths, 0.2, seed=3)
-    assert held == heldout_documents(lengths, 0.2, seed=3)
-    assert len(set(held)) == len(held)
-    tokens = sum(lengths[i] for i in held)
-    assert tokens >= 0.2 * sum(lengths)
-    assert tokens - lengths[held[-1]] < 0.2 * sum(lengths)  # stops as soon as the share is reached
-    assert heldout_documents(lengths, 0.2, seed=4) != held
-
-
 def test_local_text_and_jsonl_files(tiny_teacher, tmp_path):
     from pydoc_data.topics import topics
 
@@ -93,18 +77,12 @@ def test_missing_files_and_bad_source_are_refused(tiny_teacher, tmp_path):
         _dm(tiny_teacher, tmp_path, val_fraction=1.0)
 
 
-def test_sampler_resume_yields_the_remaining_batches():
-    full = list(StepBatchSampler(50, 4, 30, seed=3))
-    resumed = list(StepBatchSampler(50, 4, 30, seed=3, start=12))
-    assert resumed == full[12:]
-    assert len(StepBatchSampler(50, 4, 30, seed=3, start=12)) == 30
-    # batches walk a fresh permutation per pass over the data
-    flat = [i for b in full for i in b]
-    assert sorted(flat[:50]) == list(range(50)) and flat[:50] != flat[50:100]
-
-
-def test_sampler_two_ranks_see_what_one_rank_sees_with_double_batch():
-    one = list(StepBatchSampler(37, 6, 10, seed=1))
-    r0 = list(StepBatchSampler(37, 3, 10, seed=1, world_size=2, rank=0))
-    r1 = list(StepBatchSampler(37, 3, 10, seed=1, world_size=2, rank=1))
-    assert [a + b for a, b in zip(r0, r1, strict=True)] == one
+def test_data_key_names_the_cache_without_tokenising(tiny_teacher, tmp_path, monkeypatch):
+    a = _dm(tiny_teacher, tmp_path)
+    a.setup()
+    calls = []
+    monkeypatch.setattr(type(tiny_teacher.tokenizer), "__call__", lambda *args, **kwargs: calls.append(1))
+    b = _dm(tiny_teacher, tmp_path / "elsewhere")
+    assert b.data_key() == a.cache_path.name and b.cache_path is None and calls == []
+    assert _dm(tiny_teacher, tmp_path, seed=7).data_key() != a.data_key()
+    assert _dm(tiny_teacher, tmp_path, block_size=16).data_key() != a.data_key()

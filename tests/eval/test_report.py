@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
-    from distill.data.datamodule import embedded_corpus
+    from distill.data.corpus import embedded_corpus
 
     return build_local_tasks(embedded_corpus()[:20], tmp_path_factory.mktemp("tasks"), n_examples=12, seed=1)
 

@@ -48,6 +48,13 @@ def test_from_teacher_student_of_the_real_teacher_distils(smollm2, tmp_path, cac
             "trainer.limit_val_batches=1",
             "trainer.log_every_n_steps=1",
             "eval.max_batches=1",
+            # The end-of-run assessment runs the 30-layer teacher too: a few examples of each part suffice here.
+            "eval.tasks=[distill_cloze]",
+            "eval.task_examples=4",
+            "eval.fidelity_prompts=1",
+            "eval.prompt_tokens=8",
+            "eval.new_tokens=2",
+            "eval.speed_runs=1",
             "callbacks.progress_bar=null",
             "trainer.enable_model_summary=false",
         ],
@@ -80,7 +87,7 @@ def test_default_command_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_guard_fires_on_a_random_student_and_not_on_a_copy_of_the_teacher(smollm2, tmp_path, cache_dir):
     from distill.data.datamodule import DistillDataModule
-    from distill.eval.assess import assess
+    from distill.eval.assess import Comparison, assess
     from students import from_teacher, scratch
 
     dm = DistillDataModule(smollm2.tokenizer, cache_dir=str(cache_dir / "data"), block_size=64, batch_size=4)
@@ -96,13 +103,15 @@ def test_guard_fires_on_a_random_student_and_not_on_a_copy_of_the_teacher(smollm
         "guard": {"max_compression_ratio": 8.0, "min_task_fraction": 0.9},
     }
     copy = from_teacher.build(smollm2, num_layers=30)
-    report = assess(copy, smollm2, smollm2.tokenizer, dm.val_dataloader(), 49152, settings, tmp_path / "copy")
+    models = Comparison(copy, smollm2, smollm2.tokenizer, dm.val_dataloader(), 49152)
+    report = assess(models, settings, tmp_path / "copy")
     assert report["degradation"]["flags"] == []
     assert report["metrics"]["student"]["fidelity/exact_match"] == 1.0
 
     torch.manual_seed(0)
     broken = scratch.build(smollm2, hidden_size=64, num_layers=1, num_heads=1)
-    report = assess(broken, smollm2, smollm2.tokenizer, dm.val_dataloader(), 49152, settings, tmp_path / "broken")
+    models = Comparison(broken, smollm2, smollm2.tokenizer, dm.val_dataloader(), 49152)
+    report = assess(models, settings, tmp_path / "broken")
     flags = {f["flag"] for f in report["degradation"]["flags"]}
     assert "task_accuracy" in flags
     assert (

@@ -11,6 +11,7 @@ import torch
 from distill.config import ConfigError
 from distill.data.datamodule import DistillDataModule
 from distill.models.cache_builder import build_cache
+from distill.models.teacher import Teacher
 from distill.models.teacher_cache import CachedTeacher, reconstruct_logprobs, reconstruction_kl
 
 
@@ -93,6 +94,25 @@ def test_mismatches_are_refused(tiny_teacher, dm, tmp_path, cache_dir):
         CachedTeacher(str(out))
 
 
+def test_live_and_cached_teachers_are_both_teachers(tiny_teacher, dm, tmp_path):
+    from types import SimpleNamespace
+
+    build_cache(tiny_teacher, dm, tmp_path / "c", top_k=8, max_blocks=16, progress=False)
+    cached = CachedTeacher(str(tmp_path / "c"))
+    assert isinstance(tiny_teacher, Teacher) and isinstance(cached, Teacher)
+    assert cached.identity == {"name": f"cached:{tiny_teacher.name}", "tokenizer": tiny_teacher.identity["tokenizer"]}
+    # check_data is part of the protocol: an object with everything else is not a Teacher.
+    members = ("name", "tokenizer", "config", "vocab_size", "identity", "__call__", "forward", "rows", "train")
+    assert not isinstance(SimpleNamespace(**dict.fromkeys(members, print)), Teacher)
+    assert isinstance(SimpleNamespace(**dict.fromkeys((*members, "check_data"), print)), Teacher)
+    # A live teacher fits every corpus; the cache only the data it was built from, found without tokenising.
+    assert tiny_teacher.check_data("any-other-data", 7) is None
+    cached.check_data(dm.data_key(), dm.block_size)
+    mismatch = r"teacher.path=.*\(block_size 32\) but this run's data is .* \(block_size 16\); rebuild the cache"
+    with pytest.raises(ConfigError, match=mismatch):
+        cached.check_data(dm.data_key(), 16)
+
+
 def test_train_from_cache_without_the_teacher(tiny_teacher, tiny_cfg, tmp_path):
     from pydoc_data.topics import topics
 
@@ -130,3 +150,48 @@ def test_train_from_cache_without_the_teacher(tiny_teacher, tiny_cfg, tmp_path):
                 *data, "teacher=cached", f"teacher.path={tmp_path / 'c'}", "data.seed=5", output_dir=tmp_path / "y"
             )
         )
+
+
+def test_cli_writes_what_build_cache_writes(tiny_teacher, dm, tmp_path, cache_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[2]
+    common = [
+        "teacher=tiny_random",
+        "data.block_size=32",
+        f"paths.cache_dir={cache_dir}",
+        f"data.cache_dir={cache_dir}/data",
+        f"hydra.run.dir={tmp_path}/run",
+    ]
+    settings = ["cache.top_k=8", "cache.max_blocks=8", "cache.blocks_per_shard=4", f"cache.dir={tmp_path}/cli"]
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "distill.models.cache_builder", *args, *common],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            text=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    proc = cli(*settings)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"teacher cache at {tmp_path}/cli: top_k=8 tokens=")
+    ref = build_cache(tiny_teacher, dm, tmp_path / "lib", top_k=8, max_blocks=8, blocks_per_shard=4, progress=False)
+    made = json.loads((tmp_path / "cli" / "manifest.json").read_text())
+    assert made["complete"] and made["splits"] == ref["splits"] and made["data_key"] == ref["data_key"]
+    for split in ref["splits"].values():
+        for shard in split["shards"]:
+            got, want = load_file(tmp_path / "cli" / shard), load_file(tmp_path / "lib" / shard)
+            assert got.keys() == want.keys()
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    proc = cli("cache.top_k=0", f"cache.dir={tmp_path}/bad")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: cache.top_k=0: must lie in 1..512 (the vocabulary)"

@@ -1,0 +1,1 @@
+"""Structured pruning maths: importance scores, unit selection, the schedule and the surgery."""

@@ -23,14 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distill.compress.layers import decoder_layers
 from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY
 
 Carry = dict[nn.Parameter, tuple[nn.Parameter, Callable[[Tensor], Tensor] | None]]
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a causal LM (``model.model.layers``)."""
-    return model.model.layers
 
 
 def head_dim(model: nn.Module) -> int:
@@ -170,7 +166,8 @@ def apply_spec(model: nn.Module, spec: dict[str, Any]) -> Carry:
     if spec.get("channels") is not None:
         prune_channels(model, spec["channels"], carry, uniform=uniform)
     if not uniform or getattr(model.config, LAYER_SHAPES_KEY, None):
-        # Per-layer widths: the config keeps the unpruned counts and records each layer's (distill.export.loaders.load_pruned).
+        # Per-layer widths: the config keeps the unpruned counts and records each layer's
+        # (read by distill.export.loaders.load_pruned).
         setattr(model.config, LAYER_SHAPES_KEY, layer_shapes(model))
     return carry
 

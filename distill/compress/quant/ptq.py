@@ -1,43 +1,28 @@
 """Post-training quantization of an exported student, the baseline QAT is measured against.
 
-    python -m distill.compress.quant.ptq model=logs/train/runs/<run>/student scheme=int8_dynact_int4_weight [group_size=32]
-        [out=<folder>] [skip='[lm_head,*embed*,*norm*]']
+    python -m distill.compress.quant.ptq model=logs/train/runs/<run>/student scheme=int8_dynact_int4_weight \
+        [group_size=32] [out=<folder>] [skip='[lm_head,*embed*,*norm*]']
 
 Loads a plain Hugging Face folder, applies the scheme's torchao config with ``quantize_`` (no training,
 no calibration data: the weight scales come from the weights themselves), and writes the same compact
-format as the QAT callback (:func:`distill.compress.quant.schemes.save_quantized`; reload with
-:func:`distill.compress.quant.schemes.load_quantized`). ``out`` defaults to ``<model>-ptq-<scheme>``.
+format as the QAT callback (:func:`distill.export.quantized.save_quantized`; reload with
+:func:`distill.export.quantized.load_quantized`). ``out`` defaults to ``<model>-ptq-<scheme>``.
+The settings are Hydra overrides of ``conf/ptq.yaml``.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+import hydra
 import torch
-import yaml
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from distill.compress.quant import schemes as quantization
-from distill.config import ConfigError, config_error
-
-KEYS = ("model", "scheme", "group_size", "out", "skip")
-
-
-def parse_args(argv: list[str]) -> dict[str, object]:
-    """``key=value`` arguments (values parsed as YAML, so ``group_size=64`` is an int and lists work)."""
-    args: dict[str, object] = {}
-    for item in argv:
-        key, sep, value = item.partition("=")
-        if not sep or key not in KEYS:
-            raise config_error("argument", item, f"give key=value with key one of {', '.join(KEYS)}")
-        args[key] = yaml.safe_load(value) if key in ("group_size", "skip") else value
-    for key in ("model", "scheme"):
-        if key not in args:
-            raise config_error(
-                key, None, "required: python -m distill.compress.quant.ptq model=<export folder> scheme=<name>"
-            )
-    return args
+from distill.config import config_error, exit_on_config_error
+from distill.export.quantized import save_quantized, size_report
+from distill.runtime.paths import export_root
 
 
 def quantize_export(
@@ -61,28 +46,35 @@ def quantize_export(
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer_config.json").is_file() else None
     quantization.ptq(model, spec)
     out = Path(out) if out is not None else model_dir.with_name(f"{model_dir.name}-ptq-{spec.scheme}")
-    quantization.save_quantized(model, tokenizer, out, spec, extra={"source": str(model_dir), "method": "ptq"})
+    save_quantized(model, tokenizer, out, spec, extra={"source": str(model_dir), "method": "ptq"})
     return model, out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; a bad argument prints one ``error:`` line and returns 2."""
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        model, out = quantize_export(
-            args["model"], args["scheme"], args.get("group_size"), args.get("skip"), args.get("out")
-        )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    report = quantization.size_report(model, out)
+def run(cfg: DictConfig) -> Path:
+    """Quantize the export ``cfg`` names (``conf/ptq.yaml``) and print what was written; returns the folder."""
+    for key in ("model", "scheme"):
+        if OmegaConf.is_missing(cfg, key):
+            raise config_error(
+                key, None, "required: python -m distill.compress.quant.ptq model=<export folder> scheme=<name>"
+            )
+    skip = OmegaConf.to_container(cfg.skip) if OmegaConf.is_config(cfg.skip) else cfg.skip
+    model, out = quantize_export(cfg.model, cfg.scheme, cfg.group_size, skip, cfg.out)
+    report = size_report(model, out)
     print(
         f"wrote {out}: {int(report['quantized_weights'])} quantized weights at {report['bits_per_weight']:.2f} "
         f"stored bits each; {report['memory_bytes'] / 2**20:.2f} MiB in memory, "
         f"{report['disk_bytes'] / 2**20:.2f} MiB on disk"
     )
-    return 0
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../../../conf", config_name="ptq")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
+    with exit_on_config_error():
+        run(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    export_root()
+    main()

@@ -1,8 +1,8 @@
-"""Compact storage of a student with tied (shared) weights, low-rank factors and LoRA deltas.
+"""Loading the compact form of a student with tied (shared) weights, low-rank factors and LoRA deltas.
 
 ``transformers``' ``save_pretrained`` refuses tensors shared across layers, and a plain model class
-cannot load factorised linears. This module gives both compression callbacks (sharing, low-rank)
-one format that keeps the real size saving:
+cannot load factorised linears. Sharing and low-rank therefore have one compact format that keeps the
+real size saving, written by :func:`distill.export.compact.save_compact`:
 
 * ``model.safetensors``: every distinct tensor once, under the first name it has in the model;
 * ``compact.json``: the structure to rebuild on top of the plain architecture (which linears are
@@ -12,7 +12,8 @@ one format that keeps the real size saving:
 * ``load_compact.py``: a copy of this file, so ``load_compact(folder)`` works without this package.
 
 This file must stay self-contained (torch, transformers, safetensors and, for LoRA, peft only): it is
-copied next to the weights as the loader.
+copied next to the weights as the loader. For that reason it keeps the module surgery the loader needs
+(:class:`LowRankLinear`, :func:`set_module`, ...), which the training code imports from here.
 
 Usage, without this package::
 
@@ -25,13 +26,10 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 FORMAT = "distill-compact"
@@ -98,7 +96,8 @@ def _hf_tied_names(model: nn.Module) -> set[str]:
     return set(keys)
 
 
-def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name → peft LoRA layer (none without peft installed)."""
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # no peft installed: then no model here carries LoRA layers
@@ -123,7 +122,7 @@ def materialize(model: nn.Module) -> nn.Module:
     writes it and ``AutoModelForCausalLM`` loads it anywhere. ``model`` is left as it is.
     """
     out = copy.deepcopy(model)  # deepcopy keeps ties (one copy per shared object), so we untie explicitly below
-    for name, layer in _lora_layers(out).items():
+    for name, layer in lora_layers(out).items():
         base = layer.get_base_layer()
         weight = base.weight
         for adapter in layer.active_adapters:
@@ -145,66 +144,7 @@ def materialize(model: nn.Module) -> nn.Module:
     return out
 
 
-# -- the compact format -------------------------------------------------------------------------------
-def describe(model: nn.Module) -> dict[str, Any]:
-    """The structure of ``model`` beyond its plain architecture, as stored in ``compact.json``."""
-    lowrank = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
-    lora = None
-    layers = _lora_layers(model)
-    if layers:
-        first = next(iter(layers.values()))
-        adapter = first.active_adapters[0]
-        lora = {
-            "modules": sorted(layers),
-            "r": int(first.r[adapter]),
-            "lora_alpha": float(first.lora_alpha[adapter]),
-            "scaling": {name: float(m.scaling[adapter]) for name, m in layers.items()},
-        }
-    return {"format": FORMAT, "version": VERSION, "lowrank": lowrank, "lora": lora, "ties": tie_groups(model)}
-
-
-def save_compact(model: nn.Module, tokenizer: Any, out_dir: str | Path, verify: bool = True) -> Path:
-    """Write ``model`` in the compact form (see the module docstring), atomically, and check the reload.
-
-    Args:
-        model: the live student (a transformers model, possibly with tied layers, factors and LoRA).
-        tokenizer: saved next to the weights when given.
-        out_dir: the folder to write; replaced only once the new one is complete and verified.
-        verify: reload with :func:`load_compact` and require the same logits on a fixed probe.
-
-    Returns:
-        ``out_dir``.
-
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
-        spec = describe(model)
-        aliases = {alias for names in spec["ties"] for alias in names[1:]}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in aliases}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT})
-        (tmp / "compact.json").write_text(json.dumps(spec, indent=2))
-        model.config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        shutil.copyfile(__file__, tmp / "load_compact.py")
-        if verify:
-            check_compact(model, tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
+# -- the compact format: loading ----------------------------------------------------------------------
 def load_compact(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a compact folder: build the plain architecture, rebuild factors and LoRA, re-tie, load weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -244,23 +184,3 @@ def load_compact(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Mod
     if dtype is not None:
         model.to(dtype)
     return model.eval()
-
-
-@torch.no_grad()
-def check_compact(model: nn.Module, folder: str | Path, atol: float = 1e-5) -> float:
-    """Reload ``folder`` with :func:`load_compact` and compare logits with ``model``; returns the max diff."""
-    reloaded = load_compact(folder)
-    device = next(model.parameters()).device
-    vocab = model.get_output_embeddings().weight.shape[0]
-    probe = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
-    was_training = model.training
-    model.eval()
-    try:
-        expected = model(input_ids=probe).logits.float()
-    finally:
-        model.train(was_training)
-    got = reloaded.to(device=device, dtype=next(model.parameters()).dtype)(input_ids=probe).logits.float()
-    diff = float((expected - got).abs().max())
-    if diff > atol:
-        raise RuntimeError(f"compact export at {folder} does not reproduce the student (max |Δlogit| = {diff:.3g})")
-    return diff

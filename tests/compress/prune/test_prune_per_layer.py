@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distill.compress.prune.selection import select_per_layer
 from distill.compress.prune.surgery import apply_spec, layer_shapes, shapes
 from distill.config import ConfigError
 from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY, load_pruned
@@ -44,7 +45,7 @@ def test_dead_units_concentrate_the_pruning_in_their_layer(tiny_teacher, groupin
     )
     _prepare(cb, student)
     _score(cb.scores, student)
-    spec = cb.select_per_layer(student, cb.sizes_at(1))
+    spec = select_per_layer(cb.scores, student, cb.sizes_at(1), cb.plan.head_grouping)
     masked = _masked(student, spec)
 
     apply_spec(student, spec)

@@ -1,0 +1,85 @@
+"""Quantization-aware training with torchao: fake-quantize a student, freeze its weight ranges, convert it.
+
+``quantize_(student, QATConfig(base, step="prepare"))`` swaps each targeted ``nn.Linear`` for torchao's
+``FakeQuantizedLinear``, which keeps the same ``weight``/``bias`` Parameters (so checkpoint keys and the
+optimizer are unchanged) and rounds weights (and, for the ``int8_dynact_*`` schemes, activations) to the
+target grid in every forward, with a straight-through gradient. ``QATConfig(base, step="convert")`` then
+replaces them by real quantized weights (torchao tensor subclasses). The Lightning side is
+``callbacks/qat.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torchao.quantization import quantize_
+from torchao.quantization.qat import QATConfig
+from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+from distill.compress.quant import schemes
+from distill.compress.quant.schemes import QuantSpec
+
+FIELD = "callbacks.qat."
+Ranges = dict[str, dict[str, torch.Tensor]]
+
+
+def prepare(student: nn.Module, spec: QuantSpec) -> None:
+    """Insert torchao fake-quant modules into ``student`` (in place) for ``spec``."""
+    schemes.check_targets(student, spec.skip, spec.group_size, FIELD)
+    quantize_(student, QATConfig(spec.base_config(), step="prepare"), filter_fn=spec.filter())
+
+
+def convert(student: nn.Module, spec: QuantSpec) -> None:
+    """Replace fake-quant modules by real quantized weights (in place).
+
+    Weight quantizers whose ranges were frozen carry their scales into convert: torchao passes a fake
+    quantizer's own ``scale``/``zero_point`` to the base config only when ``range_learning`` is set, so it is
+    set on those (static, no longer dynamic) configs right before converting.
+    """
+    for module in student.modules():
+        fq = getattr(module, "weight_fake_quantizer", None)
+        if isinstance(fq, IntxFakeQuantizer) and not fq.config.is_dynamic and fq.scale is not None:
+            fq.config.range_learning = True
+    quantize_(
+        student,
+        QATConfig(spec.base_config(), step="convert"),
+        filter_fn=lambda m, _fqn: isinstance(m, FakeQuantizedLinear),
+    )
+
+
+def fake_quantized(student: nn.Module) -> dict[str, FakeQuantizedLinear]:
+    """The student's fake-quantized linears by name."""
+    return {n: m for n, m in student.named_modules() if isinstance(m, FakeQuantizedLinear)}
+
+
+@torch.no_grad()
+def current_ranges(student: nn.Module) -> Ranges:
+    """Each integer weight quantizer's scale and zero point, computed from the current weights."""
+    ranges = {}
+    for name, module in fake_quantized(student).items():
+        fq = module.weight_fake_quantizer
+        if not isinstance(fq, IntxFakeQuantizer):
+            continue
+        fq(module.weight)  # dynamic mode: computes scale and zero point from the current weights
+        ranges[name] = {"scale": fq.scale.detach().clone(), "zero_point": fq.zero_point.detach().clone()}
+    return ranges
+
+
+def freeze_ranges(student: nn.Module, ranges: Ranges) -> None:
+    """Fix the weight quantizers' scales and zero points to ``ranges``: they stop following the weights.
+
+    ``ranges`` must name exactly the student's integer weight quantizers (as :func:`current_ranges` does).
+    """
+    modules = fake_quantized(student)
+    if set(ranges) != {n for n, m in modules.items() if isinstance(m.weight_fake_quantizer, IntxFakeQuantizer)}:
+        raise RuntimeError("the frozen QAT ranges in the checkpoint do not match the student's quantized linears")
+    for name, qparams in ranges.items():
+        fq = modules[name].weight_fake_quantizer
+        device = modules[name].weight.device
+        fq.scale = qparams["scale"].to(device)
+        fq.zero_point = qparams["zero_point"].to(device)
+        fq.config = copy.copy(fq.config)  # configs may be shared; freeze only this quantizer's
+        fq.config.is_dynamic = False

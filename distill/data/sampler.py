@@ -1,0 +1,50 @@
+"""A resumable, rank-aware batch sampler for step-based runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches for a step-based run whose order depends only on the seed and the global batch index.
+
+    Global batch ``k`` holds stream positions ``[k·G, (k+1)·G)`` with ``G = batch_size × world_size``; the
+    stream walks a fresh seeded permutation of the data on each pass. Rank ``r`` takes its slice of
+    the global batch, so 2 ranks × batch b see exactly what 1 rank × batch 2b sees. Resuming at batch
+    ``start`` yields the same batches an uninterrupted run would have yielded from there. ``len()`` is
+    the whole run, because Lightning counts the batches already done when it restarts mid-epoch.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        total_batches: int,
+        *,
+        seed: int = 0,
+        world_size: int = 1,
+        rank: int = 0,
+        start: int = 0,
+    ) -> None:
+        self.n, self.batch_size, self.total = num_samples, batch_size, total_batches
+        self.seed, self.world_size, self.rank, self.start = seed, world_size, rank, start
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _at(self, i: int) -> int:
+        epoch, pos = divmod(i, self.n)
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return int(self._perm[1][pos])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = self.batch_size * self.world_size
+        for k in range(self.start, self.total):
+            first = k * g + self.rank * self.batch_size
+            yield [self._at(first + j) for j in range(self.batch_size)]
+
+    def __len__(self) -> int:
+        return self.total
