@@ -8,12 +8,14 @@ system when freed: otherwise freed heap memory stays resident and the high-water
 what was live at once.
 
     python bench/chunked_loss.py                       # SmolLM2 sizes: V=49152, d=576, B·T=2048
-    python bench/chunked_loss.py --vocab 128256 --hidden 2048 --tokens 4096
+    python bench/chunked_loss.py vocab=128256 hidden=2048 tokens=4096
+
+The settings are Hydra overrides of ``conf/bench/chunked_loss.yaml``; each subprocess is this script again
+with ``variant=naive`` or ``variant=chunked``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -23,6 +25,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from distill.config import exit_on_config_error  # noqa: E402
+from distill.objective.divergences import get_divergence  # noqa: E402
 
 
 def _maxrss_mb() -> float:
@@ -34,7 +43,6 @@ def run_variant(variant: str, vocab: int, hidden: int, tokens: int, chunk: int, 
     import torch
     from torch import nn
 
-    sys.path.insert(0, str(ROOT))
     from distill.objective.objective import DistillationObjective
 
     torch.manual_seed(0)
@@ -62,48 +70,45 @@ def run_variant(variant: str, vocab: int, hidden: int, tokens: int, chunk: int, 
     return {"variant": variant, "peak_mb": _maxrss_mb() - base, "seconds": seconds, "loss": out["loss"].item()}
 
 
-def main() -> None:
-    """Run both variants in subprocesses and print one ratio line each."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vocab", type=int, default=49152)
-    p.add_argument("--hidden", type=int, default=576)
-    p.add_argument("--tokens", type=int, default=2048, help="B·T aligned token rows (multiple of 256)")
-    p.add_argument("--chunk", type=int, default=128)
-    p.add_argument("--loss", default="forward_kl")
-    p.add_argument("--_variant", help=argparse.SUPPRESS)
-    a = p.parse_args()
-    if a._variant:
-        print(json.dumps(run_variant(a._variant, a.vocab, a.hidden, a.tokens, a.chunk, a.loss)))
+def measure(cfg: DictConfig, variant: str) -> dict:
+    """Run ``variant`` in a fresh subprocess of this script and return what it measured."""
+    settings = [f"{key}={cfg[key]}" for key in ("vocab", "hidden", "tokens", "chunk", "loss")]
+    # The subprocess's Hydra record goes below this run's, not into a run folder of its own.
+    record = Path(cfg.paths.output_dir) / variant
+    cmd = [sys.executable, __file__, *settings, f"variant={variant}", f"hydra.run.dir='{record}'"]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:  # a bad setting: pass on the subprocess's one-line error and its exit code
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(proc.returncode)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(cfg: DictConfig) -> None:
+    """Run both variants in subprocesses and print one ratio line each (with ``variant`` set: that one, here)."""
+    if cfg.variant:
+        print(json.dumps(run_variant(cfg.variant, cfg.vocab, cfg.hidden, cfg.tokens, cfg.chunk, cfg.loss)))
         return
+    get_divergence(cfg.loss, field="loss")  # a bad name fails here, before two subprocesses start
     res = {}
     for variant in ("naive", "chunked"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--vocab",
-            str(a.vocab),
-            "--hidden",
-            str(a.hidden),
-            "--tokens",
-            str(a.tokens),
-            "--chunk",
-            str(a.chunk),
-            "--loss",
-            a.loss,
-            "--_variant",
-            variant,
-        ]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-        res[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-        r = res[variant]
+        res[variant] = r = measure(cfg, variant)
         print(f"{variant:8s} peak +{r['peak_mb']:8.1f} MB  time {r['seconds']:6.2f} s  loss {r['loss']:.6f}")
     n, c = res["naive"], res["chunked"]
-    print(f"V={a.vocab} d={a.hidden} B·T={a.tokens} chunk={a.chunk} loss={a.loss}")
+    print(f"V={cfg.vocab} d={cfg.hidden} B·T={cfg.tokens} chunk={cfg.chunk} loss={cfg.loss}")
     print(f"ratio peak_memory chunked/naive = {c['peak_mb'] / n['peak_mb']:.3f}")
     print(f"ratio time chunked/naive = {c['seconds'] / n['seconds']:.3f}")
     print(f"loss relative difference = {abs(c['loss'] - n['loss']) / abs(n['loss']):.2e}")
 
 
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/chunked_loss")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
+    with exit_on_config_error():
+        run(cfg)
+
+
 if __name__ == "__main__":
+    # The repository, wherever the script is started from: Hydra's record goes to its logs/.
+    os.environ.setdefault("DISTILL_ROOT", str(ROOT))
     main()

@@ -4,16 +4,18 @@ Takes the student of a default run (``python train.py``: SmolLM2-135M teacher, 6
 student) and prunes it to half its MLP channels and 6 of its 9 query heads per layer (3 of each 3-head
 KV group; 25% is not reachable under GQA, so this removes a third of the heads) in three ways:
 
-1. ``oneshot``: one-shot, scored on the first ``--calib`` training batches, no healing;
-2. ``oneshot_heal``: the same one-shot pruning at step ``--calib``, then distillation to ``--steps``;
-3. ``progressive``: cubic schedule from step 0 to ``--steps // 2`` every ``--every`` steps, then healing,
-   ``--steps`` in total, as (2).
+1. ``oneshot``: one-shot, scored on the first ``calib`` training batches, no healing;
+2. ``oneshot_heal``: the same one-shot pruning at step ``calib``, then distillation to ``steps``;
+3. ``progressive``: cubic schedule from step 0 to ``steps // 2`` every ``every`` steps, then healing,
+   ``steps`` in total, as (2).
 
 All three use activation importance (Minitron). For each it prints held-out perplexity, KL and top-1
 agreement with the teacher (the default held-out evaluation, ``eval.max_batches=8``), parameter count,
-and CPU tokens/s of a student forward pass (batch 8 × 128, no grad, median of ``--reps``).
+and CPU tokens/s of a student forward pass (batch 8 × 128, no grad, median of ``reps``).
 
-    python bench/prune_heal.py --base logs/train/runs/<default run>/student --steps 12 --every 2 --calib 2
+    python bench/prune_heal.py base=logs/train/runs/<default run>/student steps=12 every=2 calib=2
+
+The settings are Hydra overrides of ``conf/bench/prune_heal.yaml``.
 
 Sized for a shared 2-core CPU: with the defaults (12 steps) each trained variant took 10-15 minutes there
 while five other jobs shared it (each variant loads the teacher, trains, and runs the held-out evaluation);
@@ -23,7 +25,6 @@ validation are off (they only cost time here).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -39,20 +40,22 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import hydra  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from callbacks.prune import ProgressiveStructuredPruning  # noqa: E402
 from distill.compress.prune.selection import select  # noqa: E402
 from distill.compress.prune.surgery import apply_spec, shapes  # noqa: E402
-from distill.config import build  # noqa: E402
+from distill.config import build, config_error, exit_on_config_error  # noqa: E402
 from distill.data.sampler import StepBatchSampler  # noqa: E402
 from distill.eval.heldout import heldout_metrics  # noqa: E402
 from train import train  # noqa: E402
 
 TARGETS = ["callbacks.prune.heads=6", "callbacks.prune.channels=0.5", "callbacks.prune.importance=activation"]
+VARIANTS = ("oneshot", "oneshot_heal", "progressive")
 
 
 def compose_cfg(base: Path, out: Path, overrides: list[str]) -> DictConfig:
@@ -162,39 +165,45 @@ def trained(name: str, base: Path, out: Path, steps: int, overrides: list[str]) 
     return row(name, objects["student"], held, seconds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=Path, required=True, help="exported student folder of a default run")
-    parser.add_argument("--steps", type=int, default=12, help="distillation steps of each trained variant")
-    parser.add_argument("--calib", type=int, default=2, help="calibration batches before one-shot pruning")
-    parser.add_argument("--every", type=int, default=2, help="steps between progressive pruning steps")
-    parser.add_argument("--reps", type=int, default=7, help="timed forward passes for tokens/s")
-    parser.add_argument("--variants", nargs="+", default=["oneshot", "oneshot_heal", "progressive"])
-    parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
-    args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="bench-prune-"))
+def check(cfg: DictConfig) -> list[str]:
+    """Refuse a missing base folder or an unknown variant before any model loads; returns the variants."""
+    if OmegaConf.is_missing(cfg, "base"):
+        raise config_error("base", None, "required: python bench/prune_heal.py base=logs/train/runs/<run>/student")
+    if not (Path(cfg.base) / "config.json").is_file():
+        raise config_error("base", str(cfg.base), "no config.json there; give a run's exported student folder")
+    variants = [cfg.variants] if isinstance(cfg.variants, str) else list(cfg.variants)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise config_error("variants", unknown, f"choose from {', '.join(VARIANTS)}")
+    return variants
+
+
+def run(cfg: DictConfig) -> None:
+    """Prune the base student each way the variants name, then print one table row per variant."""
+    variants = check(cfg)
+    out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="bench-prune-"))
     # A private copy, so a concurrent run that rewrites the base folder cannot change it mid-benchmark.
     base = out / "base"
-    shutil.copytree(args.base, base, dirs_exist_ok=True)
+    shutil.copytree(cfg.base, base, dirs_exist_ok=True)
     rows: list[dict] = []
-    if "oneshot" in args.variants:
-        rows += untrained(base, out / "oneshot", args.calib)
-    if "oneshot_heal" in args.variants:
+    if "oneshot" in variants:
+        rows += untrained(base, out / "oneshot", cfg.calib)
+    if "oneshot_heal" in variants:
         one = [
-            f"callbacks.prune.start_step={args.calib}",
-            f"callbacks.prune.end_step={args.calib}",
-            f"callbacks.prune.calib_batches={args.calib}",
+            f"callbacks.prune.start_step={cfg.calib}",
+            f"callbacks.prune.end_step={cfg.calib}",
+            f"callbacks.prune.calib_batches={cfg.calib}",
         ]
-        rows.append(trained("oneshot_heal", base, out, args.steps, one))
-    if "progressive" in args.variants:
+        rows.append(trained("oneshot_heal", base, out, cfg.steps, one))
+    if "progressive" in variants:
         prog = [
             "callbacks.prune.start_step=0",
-            f"callbacks.prune.end_step={args.steps // 2}",
-            f"callbacks.prune.every_n_steps={args.every}",
-            f"callbacks.prune.calib_batches={args.calib}",
+            f"callbacks.prune.end_step={cfg.steps // 2}",
+            f"callbacks.prune.every_n_steps={cfg.every}",
+            f"callbacks.prune.calib_batches={cfg.calib}",
         ]
-        rows.append(trained("progressive", base, out, args.steps, prog))
-    speed = tokens_per_s({r["variant"]: r.pop("model") for r in rows}, args.reps)
+        rows.append(trained("progressive", base, out, cfg.steps, prog))
+    speed = tokens_per_s({r["variant"]: r.pop("model") for r in rows}, cfg.reps)
     for r in rows:
         r["tokens_per_s"] = speed[r["variant"]]
         print("RESULT " + json.dumps(r), flush=True)
@@ -207,8 +216,17 @@ def main() -> None:
             f"{r['variant']:<18}{r['params']:>12,}{r['heads']:>7}{r['kv_heads']:>4}{r['channels']:>6}{r['ppl']:>10.2f}"
             f"{r['kl']:>8.3f}{r['top1']:>8.4f}{r['tokens_per_s']:>9.0f}{r['seconds']:>6.0f}"
         )
-    print(f"{args.steps} distillation steps per trained variant; base: {args.base}")
+    print(f"{cfg.steps} distillation steps per trained variant; base: {cfg.base}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/prune_heal")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
+    with exit_on_config_error():
+        run(cfg)
 
 
 if __name__ == "__main__":
+    # The repository, wherever the script is started from: Hydra's record goes to its logs/.
+    os.environ.setdefault("DISTILL_ROOT", str(ROOT))
     main()

@@ -3,26 +3,27 @@
 Three students, all distilled from the SmolLM2-135M teacher on the embedded corpus, scored on the same
 held-out batches:
 
-* **fp**: a ``from_teacher`` student distilled for ``--steps`` steps in full precision;
+* **fp**: a ``from_teacher`` student distilled for ``steps`` steps in full precision;
 * **ptq**: that fp student quantized afterwards with ``python -m distill.compress.quant.ptq``'s code (no training);
-* **qat**: the same student distilled for the same ``--steps`` with ``callbacks=qat`` (fake-quant from
-  ``--qat-start``), converted to real quantized weights at the end.
+* **qat**: the same student distilled for the same ``steps`` with ``callbacks=qat`` (fake-quant from
+  ``qat_start``), converted to real quantized weights at the end.
 
 It prints held-out perplexity and top-1 agreement with the teacher for each, the stored bits per quantized
 weight and the weights file size, and the fraction of the PTQ gap QAT recovers:
 ``(ppl_ptq - ppl_qat) / (ppl_ptq - ppl_fp)``.
 
     python bench/qat_vs_ptq.py                                  # 4-layer student, 40 steps, 8da4w g32
-    python bench/qat_vs_ptq.py --layers 6 --steps 60 --scheme int4_weight_only --group-size 64
-    python bench/qat_vs_ptq.py --layers 1 --steps 10 experiment=smoke      # seconds: checks the script
+    python bench/qat_vs_ptq.py layers=6 steps=60 scheme=int4_weight_only group_size=64
+    python bench/qat_vs_ptq.py layers=1 steps=10 'overrides=[experiment=smoke]'   # seconds: checks the script
 
-Sized for a shared 2-core CPU (a few minutes per trained student): checkpointing and periodic validation
-are off; the held-out evaluation uses ``--eval-batches`` validation batches of ``--batch-size`` sequences.
+The settings are Hydra overrides of ``conf/bench/qat_vs_ptq.yaml``; ``overrides`` go on to both runs'
+``conf/train.yaml``. Sized for a shared 2-core CPU (a few minutes per trained student): checkpointing and
+periodic validation are off; the held-out evaluation uses ``eval_batches`` validation batches of
+``batch_size`` sequences.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -35,30 +36,33 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import hydra  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import open_dict  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from distill import quantization  # noqa: E402
 from distill.compress.quant.ptq import quantize_export  # noqa: E402
+from distill.compress.quant.schemes import QuantSpec, make_spec  # noqa: E402
+from distill.config import exit_on_config_error  # noqa: E402
 from distill.eval.heldout import heldout_metrics  # noqa: E402
+from distill.export.quantized import META_FILE  # noqa: E402
 from train import train  # noqa: E402
 
 
-def run(name: str, overrides: list[str], args: argparse.Namespace, out: Path) -> tuple[dict, dict, float]:
-    """One ``train(cfg)`` on the default setup with the bench's size overrides."""
+def run_train(name: str, overrides: list[str], bench: DictConfig, out: Path) -> tuple[dict, dict, float]:
+    """One ``train(cfg)`` on the default setup with the bench's size overrides (``bench``: this script's config)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             config_name="train",
             overrides=[
-                *args.overrides,
+                *([bench.overrides] if isinstance(bench.overrides, str) else bench.overrides),
                 *overrides,
-                f"student.num_layers={args.layers}",
-                f"trainer.max_steps={args.steps}",
-                f"data.batch_size={args.batch_size}",
-                f"data.eval_batch_size={args.batch_size}",
-                f"eval.max_batches={args.eval_batches}",
+                f"student.num_layers={bench.layers}",
+                f"trainer.max_steps={bench.steps}",
+                f"data.batch_size={bench.batch_size}",
+                f"data.eval_batch_size={bench.batch_size}",
+                f"eval.max_batches={bench.eval_batches}",
                 # Only the held-out metrics: tasks, generation fidelity and speed runs of the 30-layer
                 # teacher would triple the time of each run on a shared CPU.
                 "eval.tasks=[]",
@@ -68,7 +72,7 @@ def run(name: str, overrides: list[str], args: argparse.Namespace, out: Path) ->
                 "trainer.num_sanity_val_steps=0",
                 "trainer.enable_model_summary=false",
                 "callbacks.model_checkpoint=null",
-                *([] if args.progress else ["callbacks.progress_bar=null"]),
+                *([] if bench.progress else ["callbacks.progress_bar=null"]),
                 "callbacks.lr_monitor=null",
                 "logger=none",
             ],
@@ -83,28 +87,16 @@ def run(name: str, overrides: list[str], args: argparse.Namespace, out: Path) ->
 
 def _size(folder: Path) -> dict:
     """The sizes ``save_quantized`` measured and wrote to ``quantization.json``."""
-    return json.loads((folder / quantization.META_FILE).read_text())["size"]
+    return json.loads((folder / META_FILE).read_text())["size"]
 
 
-def main() -> None:
-    """Run fp, PTQ and QAT and print the comparison (and write it as JSON next to the runs)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layers", type=int, default=4, help="student.num_layers of the from_teacher student")
-    p.add_argument("--steps", type=int, default=40, help="distillation steps of the fp and of the QAT run")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--scheme", default="int8_dynact_int4_weight", choices=list(quantization.SCHEMES))
-    p.add_argument("--group-size", type=int, default=None)
-    p.add_argument("--qat-start", type=int, default=0, help="callbacks.qat.start_step")
-    p.add_argument("--progress", action="store_true", help="keep the progress bar")
-    p.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs, e.g. experiment=smoke")
-    args = p.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="qat_vs_ptq-"))
-    spec = quantization.make_spec(args.scheme, args.group_size, None)
+def run(cfg: DictConfig) -> dict:
+    """Run fp, PTQ and QAT and print the comparison (and write it as JSON next to the runs); returns it."""
+    spec = make_spec(cfg.scheme, cfg.group_size, None)  # a bad scheme fails before anything is written
+    out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="qat_vs_ptq-"))
     gs = "null" if spec.group_size is None else spec.group_size
 
-    fp_metrics, fp, fp_s = run("fp", [], args, out)
+    fp_metrics, fp, fp_s = run_train("fp", [], cfg, out)
     start = time.perf_counter()
     ptq_model, ptq_dir = quantize_export(fp["export_dir"], spec.scheme, spec.group_size, out=out / "fp" / "ptq")
     vocab = fp["module"].vocab_size
@@ -113,19 +105,19 @@ def main() -> None:
         fp["teacher"],
         fp["datamodule"].val_dataloader(),
         vocab,
-        max_batches=args.eval_batches,
+        max_batches=cfg.eval_batches,
     )["ptq"]
     ptq_s = time.perf_counter() - start
     del fp["trainer"], fp["module"]
-    qat_metrics, _, qat_s = run(
+    qat_metrics, _, qat_s = run_train(
         "qat",
         [
             "callbacks=qat",
             f"callbacks/qat={spec.scheme}",
             f"callbacks.qat.group_size={gs}",
-            f"callbacks.qat.start_step={args.qat_start}",
+            f"callbacks.qat.start_step={cfg.qat_start}",
         ],
-        args,
+        cfg,
         out,
     )
 
@@ -150,25 +142,30 @@ def main() -> None:
             "seconds": qat_s,
         },
     }
+    return summarize(cfg, spec, results, ptq_eval["tokens"], out)
+
+
+def summarize(cfg: DictConfig, spec: QuantSpec, results: dict, eval_tokens: float, out: Path) -> dict:
+    """Write ``qat_vs_ptq.json`` into ``out`` and print the comparison table; returns the summary."""
     gap = results["ptq"]["ppl"] - results["fp"]["ppl"]
     recovered = (results["ptq"]["ppl"] - results["qat"]["ppl"]) / gap if gap > 0 else float("nan")
     summary = {
         "scheme": spec.scheme,
         "group_size": spec.group_size,
-        "layers": args.layers,
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "eval_batches": args.eval_batches,
-        "qat_start": args.qat_start,
-        "eval_tokens": ptq_eval["tokens"],
+        "layers": cfg.layers,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "eval_batches": cfg.eval_batches,
+        "qat_start": cfg.qat_start,
+        "eval_tokens": eval_tokens,
         "recovered_fraction": recovered,
         "results": results,
     }
     (out / "qat_vs_ptq.json").write_text(json.dumps(summary, indent=2))
 
     print(
-        f"\nQAT vs PTQ: {spec.scheme} (group_size={spec.group_size}), {args.layers}-layer student, "
-        f"{args.steps} steps each, batch {args.batch_size}, {int(summary['eval_tokens'])} held-out tokens"
+        f"\nQAT vs PTQ: {spec.scheme} (group_size={spec.group_size}), {cfg.layers}-layer student, "
+        f"{cfg.steps} steps each, batch {cfg.batch_size}, {int(summary['eval_tokens'])} held-out tokens"
     )
     print(
         f"{'model':<8}{'ppl':>10}{'top1_agree':>12}{'kl':>9}{'bits/w mem':>11}{'bits/w disk':>12}"
@@ -187,7 +184,17 @@ def main() -> None:
         )
     print(f"PTQ gap: {gap:+.3f} ppl; QAT recovers {recovered:.1%} of it (ppl_ptq - ppl_qat) / (ppl_ptq - ppl_fp)")
     print(f"runs and JSON under {out}")
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/qat_vs_ptq")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
+    with exit_on_config_error():
+        run(cfg)
 
 
 if __name__ == "__main__":
+    # The repository, wherever the script is started from: Hydra's record goes to its logs/.
+    os.environ.setdefault("DISTILL_ROOT", str(ROOT))
     main()

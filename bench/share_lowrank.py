@@ -6,8 +6,10 @@ each: unique student parameters, bytes on disk (plain Hugging Face export and, w
 compact export), held-out perplexity and top-1 agreement with the teacher.
 
     python bench/share_lowrank.py                       # all configurations, 20 steps each
-    python bench/share_lowrank.py --steps 40 --configs student share_k2
-    python bench/share_lowrank.py --steps 0             # only the quality right after conversion
+    python bench/share_lowrank.py steps=40 'configs=[student,share_k2]'
+    python bench/share_lowrank.py steps=0               # only the quality right after conversion
+
+The settings are Hydra overrides of ``conf/bench/share_lowrank.yaml``.
 
 Sized for a shared 2-core CPU: each configuration takes a few minutes there. Checkpointing and the
 periodic validation are switched off (they only cost time here); the held-out evaluation is the
@@ -16,7 +18,6 @@ default one (``eval.max_batches=8``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,12 +30,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import hydra  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from distill.config import build, instantiate_callbacks  # noqa: E402
+from distill.compress.stages import compression_stages  # noqa: E402
+from distill.config import build, config_error, exit_on_config_error, instantiate_callbacks  # noqa: E402
 from distill.eval.heldout import heldout_metrics  # noqa: E402
 from train import train  # noqa: E402
 
@@ -84,10 +87,10 @@ def at_conversion(names: list[str], max_batches: int) -> list[dict]:
     for name in names:
         pl.seed_everything(cfg.seed)
         student = build(cfg.student, teacher=teacher)
-        for cb in instantiate_callbacks(_compose(CONFIGS[name]).get("callbacks")):
-            if getattr(cb, "stage", None) == "share":
+        for cb in compression_stages(instantiate_callbacks(_compose(CONFIGS[name]).get("callbacks"))):
+            if cb.stage == "share":
                 cb.compress(student)
-            elif getattr(cb, "stage", None) == "lowrank":
+            elif cb.stage == "lowrank":
                 cb.compress(student, dm)
         models[name] = student
     vocab = min(teacher.vocab_size, next(iter(models.values())).get_output_embeddings().weight.shape[0])
@@ -105,7 +108,7 @@ def at_conversion(names: list[str], max_batches: int) -> list[dict]:
     ]
 
 
-def run(name: str, overrides: list[str], steps: int, out: Path) -> dict:
+def run_config(name: str, overrides: list[str], steps: int, out: Path) -> dict:
     """Distil for ``steps`` steps with one configuration; size and held-out quality of the result."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -152,25 +155,24 @@ def run(name: str, overrides: list[str], steps: int, out: Path) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="distillation steps per configuration")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--conversion-batches", type=int, default=4, help="held-out batches scored at conversion")
-    parser.add_argument("--out", type=Path, default=None, help="run folders (default: a temporary folder)")
-    args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="bench-share-lowrank-"))
-    if args.conversion_batches:
-        print(f"\nAt conversion (no distillation yet), {args.conversion_batches} held-out batches:")
+def run(cfg: DictConfig) -> None:
+    """Score each configuration at conversion, then after ``steps`` steps; print one table per part."""
+    configs = [cfg.configs] if isinstance(cfg.configs, str) else list(cfg.configs)
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise config_error("configs", unknown, f"choose from {', '.join(CONFIGS)}")
+    out = Path(cfg.out) if cfg.out else Path(tempfile.mkdtemp(prefix="bench-share-lowrank-"))
+    if cfg.conversion_batches:
+        print(f"\nAt conversion (no distillation yet), {cfg.conversion_batches} held-out batches:")
         print(f"{'config':<22}{'unique params':>15}{'ppl':>14}{'top1':>8}{'KL':>8}")
-        for r in at_conversion(args.configs, args.conversion_batches):
+        for r in at_conversion(configs, cfg.conversion_batches):
             print("RESULT " + json.dumps(r), flush=True)
             print(f"{r['config']:<22}{r['unique_params']:>15,}{r['ppl']:>14.2f}{r['top1']:>8.4f}{r['kl']:>8.3f}")
-    if not args.steps:
+    if not cfg.steps:
         return
     rows = []
-    for name in args.configs:
-        row = run(name, CONFIGS[name], args.steps, out)
+    for name in configs:
+        row = run_config(name, CONFIGS[name], cfg.steps, out)
         rows.append(row)
         print("RESULT " + json.dumps(row), flush=True)
     mb = 1024 * 1024
@@ -184,8 +186,17 @@ def main() -> None:
             f"{r['config']:<22}{r['unique_params']:>15,}{r['unique_layer_params']:>14,}{r['plain_bytes'] / mb:>10.1f}"
             f"{compact:>12}{r['ppl']:>14.2f}{r['top1']:>8.4f}{r['kl']:>8.3f}{r['seconds']:>7.0f}"
         )
-    print(f"teacher held-out ppl: {rows[0]['teacher_ppl']:.2f}; {args.steps} steps per configuration")
+    print(f"teacher held-out ppl: {rows[0]['teacher_ppl']:.2f}; {cfg.steps} steps per configuration")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/share_lowrank")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
+    with exit_on_config_error():
+        run(cfg)
 
 
 if __name__ == "__main__":
+    # The repository, wherever the script is started from: Hydra's record goes to its logs/.
+    os.environ.setdefault("DISTILL_ROOT", str(ROOT))
     main()

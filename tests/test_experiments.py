@@ -224,9 +224,18 @@ def test_sweep_writes_one_report_per_point_and_a_combined_plot(tmp_path, cache_d
 
 
 def test_headline_table_is_read_from_the_reports(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
     from bench.headline import END, START
-    from bench.headline import main as headline
+    from bench.headline import run as headline_run
+    from distill.config import ConfigError
     from distill.eval.report import build_report
+
+    def headline(overrides):  # python bench/headline.py <overrides>, composed from conf/bench/headline.yaml
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            headline_run(compose(config_name="bench/headline", overrides=overrides))
 
     teacher = {
         "heldout/ppl": 25.0,
@@ -251,8 +260,8 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
         (runs / f"headline_{name}" / "report.json").write_text(json.dumps(report))
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{START}\nold table\n{END}\noutro\n")
-    args = ["--reports", str(runs), "--results-dir", str(tmp_path / "results"), "--readmes", str(readme)]
-    assert headline([*args, "--recipes", "distill_only", "stacked_max"]) == 0
+    args = [f"reports={runs}", f"results_dir={tmp_path / 'results'}", f"readmes=[{readme}]"]
+    headline([*args, "recipes=[distill_only,stacked_max]"])
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
@@ -260,5 +269,6 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
     assert rows[3].startswith("| distill_only | 198.5 | 2.71× | 222.50 |") and "| 5.0 min |" in rows[3]
     assert rows[4].startswith("| stacked_max | 122.3 | 4.40× | 987.25 |")
     assert (tmp_path / "results" / "headline_quality_vs_size.png").stat().st_size > 10_000
-    assert headline([*args, "--recipes", "distill_share"]) == 2  # no report: refused, nothing rewritten
+    with pytest.raises(ConfigError, match=r"recipes=\['distill_share'\]: no report under .*; run with run=true"):
+        headline([*args, "recipes=distill_share"])  # no report: refused, nothing rewritten
     assert readme.read_text() == text
