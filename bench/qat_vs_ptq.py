@@ -14,12 +14,13 @@ weight and the weights file size, and the fraction of the PTQ gap QAT recovers:
 
     python bench/qat_vs_ptq.py                                  # 4-layer student, 40 steps, 8da4w g32
     python bench/qat_vs_ptq.py layers=6 steps=60 scheme=int4_weight_only group_size=64
-    python bench/qat_vs_ptq.py layers=1 steps=10 'overrides=[experiment=smoke]'   # seconds: checks the script
+    python bench/qat_vs_ptq.py layers=1 steps=10 'overrides=["experiment=smoke"]'   # seconds: checks the script
 
 The settings are Hydra overrides of ``conf/bench/qat_vs_ptq.yaml``; ``overrides`` go on to both runs'
-``conf/train.yaml``. Sized for a shared 2-core CPU (a few minutes per trained student): checkpointing and
-periodic validation are off; the held-out evaluation uses ``eval_batches`` validation batches of
-``batch_size`` sequences.
+``conf/train.yaml`` (each in double quotes: Hydra's list syntax takes no bare ``=``).
+
+Sized for a shared 2-core CPU (a few minutes per trained student): checkpointing and periodic validation
+are off; the held-out evaluation uses ``eval_batches`` validation batches of ``batch_size`` sequences.
 """
 
 from __future__ import annotations
