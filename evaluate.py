@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from distill.compress.replay import replay
-from distill.config import build, config_error, exit_on_config_error
+from distill.config import build, config_error, exit_on_config_error, require
 from distill.eval.assess import Comparison, Provenance, assess
 from distill.models.loading import load_causal_lm
 from distill.models.teacher import FrozenTeacher
@@ -62,6 +62,7 @@ def load_model(path: str, fallback_tokenizer: Any) -> tuple[PreTrainedModel, Any
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Load model and baseline, check they share a tokenizer, and write the report."""
+    require(cfg, "model")  # before the baseline loads, which takes a while
     torch.manual_seed(cfg.seed)
     if cfg.baseline:
         if not (Path(cfg.baseline) / "config.json").is_file():

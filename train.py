@@ -91,7 +91,7 @@ def _build_models(cfg: DictConfig, objective: DistillationObjective) -> dict[str
     apply_student_switches(student, cfg.get("trainer_extras"))  # activation checkpointing, torch.compile
     objective.attach(student.config, teacher.config)
     datamodule = build(cfg.data, tokenizer=teacher.tokenizer)
-    teacher.check_data(datamodule.data_key(), datamodule.block_size)  # a cached teacher only fits its own data
+    teacher.check_data(datamodule)  # a cached teacher only fits the data it was built from
     module = DistillModule(
         teacher,
         student,

@@ -36,8 +36,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+from distill.compress.layers import decoder_layers  # noqa: E402
 from distill.compress.stages import compression_stages  # noqa: E402
 from distill.config import build, config_error, exit_on_config_error, instantiate_callbacks  # noqa: E402
+from distill.eval.cost import parameter_count  # noqa: E402
 from distill.eval.heldout import heldout_metrics  # noqa: E402
 from train import train  # noqa: E402
 
@@ -99,7 +101,7 @@ def at_conversion(names: list[str], max_batches: int) -> list[dict]:
         {
             "config": name,
             "steps": 0,
-            "unique_params": sum(p.numel() for p in m.parameters()),
+            "unique_params": parameter_count(m),
             "ppl": results[name]["ppl"],
             "top1": results[name]["top1_agreement"],
             "kl": results[name]["kl_to_teacher"],
@@ -139,12 +141,11 @@ def run_config(name: str, overrides: list[str], steps: int, out: Path) -> dict:
     student = objects["student"]
     plain = Path(objects["export_dir"]) / "model.safetensors"
     compact = out / name / "student_compact" / "model.safetensors"
-    layer_params = {id(p): p.numel() for n, p in student.named_parameters() if ".layers." in n}
     return {
         "config": name,
         "steps": steps,
-        "unique_params": sum(p.numel() for p in student.parameters()),
-        "unique_layer_params": sum(layer_params.values()),
+        "unique_params": parameter_count(student),
+        "unique_layer_params": parameter_count(decoder_layers(student)),
         "plain_bytes": plain.stat().st_size,
         "compact_bytes": compact.stat().st_size if compact.exists() else None,
         "ppl": metrics["heldout/student/ppl"],

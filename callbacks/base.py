@@ -14,8 +14,7 @@ import lightning.pytorch as pl
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.config import config_error
-from distill.export.compact import compact_unless_quantized
-from distill.export.loaders.load_compact import materialize
+from distill.export.compact import compact_unless_quantized, plain_copy
 
 
 class CompressionCallback(pl.Callback):
@@ -82,7 +81,7 @@ class CompactCompression(OneShotCompression):
     """A one-shot stage whose compact form is the ``distill-compact`` folder (sharing, low-rank).
 
     Its plain form has shared weights cloned per layer, factors multiplied back and LoRA deltas merged
-    (:func:`~distill.export.loaders.load_compact.materialize`); its compact form stores each shared tensor
+    (:func:`~distill.export.compact.plain_copy`); its compact form stores each shared tensor
     once, plus the structure and a self-contained loader (:func:`~distill.export.compact.save_compact`).
     """
 
@@ -90,7 +89,7 @@ class CompactCompression(OneShotCompression):
 
     def make_plain(self, model: PreTrainedModel) -> PreTrainedModel:
         """A plain copy for ``save_pretrained``: ties cloned, factors multiplied back, LoRA merged."""
-        return materialize(model)
+        return plain_copy(model)
 
     def export_compact(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path | None:
         """Write the compact folder ``compact_dir`` under ``run_dir`` (skipped for a quantized student)."""

@@ -15,7 +15,8 @@ from typing import Any
 import hydra
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 
 class ConfigError(ValueError):
@@ -30,12 +31,29 @@ def config_error(field: str, value: object, fix: str) -> ConfigError:
     return ConfigError(f"{field}={value!r}: {fix}")
 
 
+def missing_value(key: str) -> ConfigError:
+    """The error for a required setting left at ``???`` in the config."""
+    return ConfigError(f"{key}=???: this setting is required; give it on the command line ({key}=...)")
+
+
+def require(cfg: DictConfig, *keys: str) -> None:
+    """Refuse, before any slow work, a run whose required settings (``???`` in the config) were not given."""
+    for key in keys:
+        if OmegaConf.is_missing(cfg, key):
+            raise missing_value(key)
+
+
 def find_config_error(err: BaseException | None) -> ConfigError | None:
-    """The ConfigError behind an exception (Hydra wraps errors raised inside ``_target_`` calls)."""
+    """The ConfigError behind an exception (Hydra wraps errors raised inside ``_target_`` calls).
+
+    A required setting that was never given (omegaconf's ``MissingMandatoryValue``) counts as one too.
+    """
     seen = set()
     while err is not None and id(err) not in seen:
         if isinstance(err, ConfigError):
             return err
+        if isinstance(err, MissingMandatoryValue):
+            return missing_value(str(err.full_key))
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None

@@ -22,6 +22,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import config_error, exit_on_config_error
@@ -32,15 +33,26 @@ TEMPLATE = Path(__file__).with_name("template.sbatch")
 SUBMIT_KEYS = ("dry_run", "log_dir")  # this command's own settings (conf/submit.yaml), not passed to the job
 
 
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The config key or group each override sets, as Hydra parses it: ``+slurm@pkg=x`` and ``~slurm`` give ``slurm``.
+
+    Raises:
+        hydra.errors.OverrideParseException: an override Hydra itself would refuse.
+
+    """
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+
+
 def with_slurm_group(overrides: Sequence[str]) -> list[str]:
     """The overrides plus ``slurm=default`` unless they already pick a ``slurm`` option."""
-    picked = any(o.split("=", 1)[0].lstrip("+~") == "slurm" for o in overrides)
+    picked = "slurm" in override_keys(overrides)
     return list(overrides) if picked else [*overrides, "slurm=default"]
 
 
 def train_overrides(overrides: Sequence[str]) -> list[str]:
     """The overrides meant for ``train.py``: all but this command's own ``dry_run`` and ``log_dir``."""
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SUBMIT_KEYS]
+    keys = override_keys(overrides)
+    return [o for o, key in zip(overrides, keys, strict=True) if key not in SUBMIT_KEYS]
 
 
 def compose_config(

@@ -1,4 +1,4 @@
-"""Callbacks and utilities used by tests through the config (``callbacks.<name>._target_``)."""
+"""Callbacks used by tests through the config (``callbacks.<name>._target_``), and helpers shared by tests."""
 
 from __future__ import annotations
 
@@ -9,6 +9,21 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+
+# The recipes' models shrunk: 6 query heads in 3 KV groups (so "remove one head per group" is heads=3), and
+# widths that int4 groups of 32 divide before and after pruning half the MLP channels.
+TINY_MODELS = [
+    "teacher=tiny_random",
+    "student=tiny",
+    "student.hidden_size=96",
+    "student.num_layers=4",
+    "student.num_heads=6",
+    "student.num_kv_heads=3",
+    "student.head_dim=32",
+    "student.intermediate_size=128",
+    "data.block_size=32",
+    "data.batch_size=4",
+]
 
 
 class CrashAtStep(pl.Callback):
@@ -34,6 +49,11 @@ def read_metrics(output_dir: Path) -> list[dict[str, str]]:
 def series(rows: list[dict[str, str]], key: str) -> list[tuple[int, float]]:
     """(step, value) pairs of one metric."""
     return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def stages(kinds: list[str]) -> list[str]:
+    """Recorded changes with repeats folded: progressive pruning records one change per pruning step."""
+    return [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
 
 
 class SwapParameterAt(pl.Callback):

@@ -80,6 +80,7 @@ def _bench(args: list[str], root: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # three Python processes (about 35 s); the configs of every script are composed in the default suite
 def test_chunked_loss_measures_both_variants_in_subprocesses(tmp_path):
     proc = _bench(["vocab=4096", "hidden=64", "tokens=256", "chunk=64"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

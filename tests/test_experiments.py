@@ -14,26 +14,16 @@ from distill.config import build
 from distill.runtime.strategies import check_trainer_config
 from slurm.submit import compose_config, job_settings, render
 from tests.conftest import CONF, compose_cfg
-from tests.helpers import run_train_cli
+from tests.helpers import TINY_MODELS, run_train_cli, stages
 from train import train
 
 RECIPES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem != "smoke")
 CPU_RECIPES = [r for r in RECIPES if r != "llama3_8b_to_1b_slurm"]
 TINY_STEPS = 10
 
-# The recipes' models and data, shrunk: 6 query heads in 3 KV groups (the recipes' head target becomes
-# "keep 3", one per group), and widths that int4 groups of 32 divide before and after pruning.
-TINY_MODELS = [
-    "teacher=tiny_random",
-    "student=tiny",
-    "student.hidden_size=96",
-    "student.num_layers=4",
-    "student.num_heads=6",
-    "student.num_kv_heads=3",
-    "student.head_dim=32",
-    "student.intermediate_size=128",
-    "data.block_size=32",
-    "data.batch_size=4",
+# The recipes run on TINY_MODELS, shrunk to TINY_STEPS with every evaluation kept small.
+TINY_RUN = [
+    *TINY_MODELS,
     f"trainer.max_steps={TINY_STEPS}",
     "trainer.val_check_interval=5",
     "trainer.limit_val_batches=2",
@@ -54,7 +44,7 @@ STEP_KEYS = ("start_step", "end_step", "every_n_steps")
 
 def recipe_cfg(recipe: str, out: Path, cache_dir: Path, *extra: str) -> DictConfig:
     """The recipe composed on tiny models, with its callbacks' steps scaled to a 10-step run."""
-    cfg = compose_cfg([f"experiment={recipe}", *TINY_MODELS, *extra], out, cache_dir)
+    cfg = compose_cfg([f"experiment={recipe}", *TINY_RUN, *extra], out, cache_dir)
     full = compose_cfg([f"experiment={recipe}"], out, cache_dir).trainer.max_steps
     with open_dict(cfg):
         for node in cfg.callbacks.values():
@@ -67,11 +57,6 @@ def recipe_cfg(recipe: str, out: Path, cache_dir: Path, *extra: str) -> DictConf
                     scaled = int(node[key] * TINY_STEPS / full)
                     node[key] = max(scaled, 1) if key == "every_n_steps" else scaled
     return cfg
-
-
-def stages(kinds: list[str]) -> list[str]:
-    """Recorded changes with repeats folded: progressive pruning records one change per pruning step."""
-    return [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
 
 
 def test_every_recipe_is_tested():
@@ -194,7 +179,7 @@ def test_cluster_recipe_runs_a_few_steps_on_tiny_models(tmp_path, cache_dir):
 
 def test_sweep_writes_one_report_per_point_and_a_combined_plot(tmp_path, cache_dir):
     sweep = tmp_path / "logs" / "train" / "multiruns" / "sweep"  # the default sweep dir, under the launch dir
-    tiny = [o for o in TINY_MODELS if not o.startswith(("trainer.max_steps", "eval.tasks"))]
+    tiny = [o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "eval.tasks"))]
     run_train_cli(
         [
             "-m",

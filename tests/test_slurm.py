@@ -19,7 +19,7 @@ from omegaconf import open_dict
 from distill.config import ConfigError
 from distill.runtime.resume import resolve_resume
 from distill.runtime.strategies import check_trainer_config
-from slurm.submit import compose_config, render, run
+from slurm.submit import compose_config, override_keys, render, run, train_overrides, with_slurm_group
 from tests.helpers import run_train_cli
 from train import train
 
@@ -91,6 +91,17 @@ def test_rendered_script_derives_tasks_from_devices(tmp_path):
     d = _directives(render(compose_config(cpu), cpu, tmp_path))
     assert d["ntasks-per-node"] == "2" and "gpus-per-node" not in d
     assert d["account"] == "proj1" and d["time"] == "00:30:00"
+
+
+def test_override_keys_follow_hydra_grammar():
+    overrides = ["+slurm=default", "++dry_run=true", "~log_dir", "trainer.devices=4", "hydra/launcher=slurm"]
+    assert override_keys(overrides) == ["slurm", "dry_run", "log_dir", "trainer.devices", "hydra/launcher"]
+    assert with_slurm_group(overrides) == overrides  # "+slurm=default" already picks the group
+    assert with_slurm_group(["slurm.nodes=2"]) == ["slurm.nodes=2", "slurm=default"]  # a key under it is no pick
+    assert train_overrides(overrides) == ["+slurm=default", "trainer.devices=4", "hydra/launcher=slurm"]
+    assert train_overrides(["log_dir='/tmp/a=b'", "dry_run=true", "distill.optimizer.lr=1e-3"]) == [
+        "distill.optimizer.lr=1e-3"
+    ]
 
 
 def _submit_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -217,26 +228,28 @@ def test_submitit_local_executor_runs_a_sweep(tmp_path, cache_dir):
     assert ckpt["global_step"] == 2
 
 
-def test_sigusr1_saves_a_checkpoint_requeues_and_a_fresh_start_resumes(tmp_path, cache_dir, tiny_cfg, monkeypatch):
+SIGNAL_RUN = [
+    "experiment=smoke",
+    "trainer.limit_val_batches=0",
+    "callbacks.model_checkpoint.every_n_train_steps=1000",
+    "eval.enabled=false",
+    "export.enabled=false",
+    "callbacks.progress_bar=null",
+]
+
+
+def _start_paced_job(tmp_path: Path, cache_dir: Path, progress: Path) -> subprocess.Popen:
+    """``train.py`` as a SLURM job would start it, with ``scontrol`` faked to record its arguments."""
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.args\n')
     (fake_bin / "scontrol").chmod(0o755)
-    progress = tmp_path / "progress"
-    common = [
-        "experiment=smoke",
-        "trainer.limit_val_batches=0",
-        "callbacks.model_checkpoint.every_n_train_steps=1000",
-        "eval.enabled=false",
-        "export.enabled=false",
-        "callbacks.progress_bar=null",
-    ]
     env = {**os.environ, **SLURM_ENV, "PYTHONPATH": str(ROOT), "PATH": f"{fake_bin}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [
             sys.executable,
             str(ROOT / "train.py"),
-            *common,
+            *SIGNAL_RUN,
             "slurm=default",
             "trainer.max_steps=400",
             f"paths.log_dir={tmp_path}/logs",
@@ -251,35 +264,29 @@ def test_sigusr1_saves_a_checkpoint_requeues_and_a_fresh_start_resumes(tmp_path,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def _signal_after_step(proc: subprocess.Popen, progress: Path, requeued: Path, step: int = 3) -> str:
+    """Send SIGUSR1 once the job has reached ``step``, wait for its requeue, then end it; returns its output."""
     try:
         deadline = time.monotonic() + 240
-        while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= 3):
+        while not (progress.exists() and progress.read_text() and int(progress.read_text()) >= step):
             assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "training never reached step 3"
+            assert time.monotonic() < deadline, f"training never reached step {step}"
             time.sleep(0.2)
         proc.send_signal(signal.SIGUSR1)  # what SLURM sends --signal=USR1@<s> before the time limit
-        while not (tmp_path / "scontrol.args").exists():
+        while not requeued.exists():
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "the handler never requeued"
             time.sleep(0.2)
     finally:
         proc.kill()  # SLURM ends the job once it is requeued
         out = proc.communicate()[0]
-    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"], out[-2000:]
+    return out
 
-    run_dir = tmp_path / "logs" / "train" / "runs" / "4242"  # keyed on the job id, not the time
-    hpc = run_dir / "checkpoints" / "hpc_ckpt_1.ckpt"
-    assert hpc.is_file(), out[-2000:]
-    saved = torch.load(hpc, weights_only=False)
-    assert saved["global_step"] >= 3
-    assert not any(k.startswith("teacher.") for k in saved["state_dict"])
-    assert resolve_resume("auto", run_dir / "checkpoints") == str(hpc)
 
-    # The requeued job: same job id, a fresh process, resume=auto.
-    for key, value in SLURM_ENV.items():
-        monkeypatch.setenv(key, value)
-    cfg = tiny_cfg(*common, "slurm=default", f"trainer.max_steps={saved['global_step'] + 2}", output_dir=run_dir)
-    assert cfg.run_name == "4242"
+def _train_with_probe(cfg, monkeypatch) -> tuple[dict | None, dict]:
+    """Run ``train(cfg)`` with a :class:`Probe`; returns what it saw at the first resumed step and the run's objects."""
     probe = Probe()
     with open_dict(cfg):
         cfg.callbacks.probe = {"_target_": "tests.test_slurm.Probe"}
@@ -293,12 +300,40 @@ def test_sigusr1_saves_a_checkpoint_requeues_and_a_fresh_start_resumes(tmp_path,
 
     monkeypatch.setattr(me.Probe, "on_train_start", record)
     _, objects = train(cfg)
-    assert probe.seen is not None
-    assert probe.seen["global_step"] == saved["global_step"]
-    assert probe.seen["sched_step"] == saved["lr_schedulers"][0]["last_epoch"]
+    return probe.seen, objects
+
+
+def _assert_restored(seen: dict | None, saved: dict) -> None:
+    """The trainer resumed at the checkpoint's step with its optimizer and scheduler state, bit for bit."""
+    assert seen is not None
+    assert seen["global_step"] == saved["global_step"]
+    assert seen["sched_step"] == saved["lr_schedulers"][0]["last_epoch"]
     want = saved["optimizer_states"][0]["state"]
-    assert want and set(probe.seen["optimizer"]) == set(want)
+    assert want and set(seen["optimizer"]) == set(want)
     for i, state in want.items():
         for k, v in state.items():
-            torch.testing.assert_close(probe.seen["optimizer"][i][k], v, rtol=0, atol=0)
+            torch.testing.assert_close(seen["optimizer"][i][k], v, rtol=0, atol=0)
+
+
+def test_sigusr1_saves_a_checkpoint_requeues_and_a_fresh_start_resumes(tmp_path, cache_dir, tiny_cfg, monkeypatch):
+    progress = tmp_path / "progress"
+    proc = _start_paced_job(tmp_path, cache_dir, progress)
+    out = _signal_after_step(proc, progress, tmp_path / "scontrol.args")
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"], out[-2000:]
+
+    run_dir = tmp_path / "logs" / "train" / "runs" / "4242"  # keyed on the job id, not the time
+    hpc = run_dir / "checkpoints" / "hpc_ckpt_1.ckpt"
+    assert hpc.is_file(), out[-2000:]
+    saved = torch.load(hpc, weights_only=False)
+    assert saved["global_step"] >= 3
+    assert not any(k.startswith("teacher.") for k in saved["state_dict"])
+    assert resolve_resume("auto", run_dir / "checkpoints") == str(hpc)
+
+    # The requeued job: same job id, a fresh process, resume=auto.
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    cfg = tiny_cfg(*SIGNAL_RUN, "slurm=default", f"trainer.max_steps={saved['global_step'] + 2}", output_dir=run_dir)
+    assert cfg.run_name == "4242"
+    seen, objects = _train_with_probe(cfg, monkeypatch)
+    _assert_restored(seen, saved)
     assert objects["trainer"].global_step == saved["global_step"] + 2

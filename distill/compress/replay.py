@@ -14,38 +14,22 @@ from typing import Any
 
 from torch import nn
 
+from distill.compress.lowrank import factorize
+from distill.compress.prune.surgery import apply_spec
+from distill.compress.quant.qat import prepare
+from distill.compress.quant.schemes import QuantSpec
+from distill.compress.share import apply_sharing
 from distill.config import ConfigError
 
 Replay = Callable[[nn.Module, dict[str, Any]], None]
 
-
-def _prune(student: nn.Module, spec: dict[str, Any]) -> None:
-    from distill.compress.prune.surgery import apply_spec
-
-    apply_spec(student, spec)
-
-
-def _share(student: nn.Module, spec: dict[str, Any]) -> None:
-    from distill.compress.share import apply_sharing
-
+REPLAYS: dict[str, Replay] = {
+    "prune": apply_spec,
     # The shared values are overwritten by the checkpoint right after, so the cheapest init will do.
-    apply_sharing(student, spec, init="first")
-
-
-def _lowrank(student: nn.Module, spec: dict[str, Any]) -> None:
-    from distill.compress.lowrank import factorize
-
-    factorize(student, spec["ranks"])
-
-
-def _qat(student: nn.Module, spec: dict[str, Any]) -> None:
-    from distill.compress.quant.qat import prepare
-    from distill.compress.quant.schemes import QuantSpec
-
-    prepare(student, QuantSpec.from_dict(spec))
-
-
-REPLAYS: dict[str, Replay] = {"prune": _prune, "share": _share, "lowrank": _lowrank, "qat": _qat}
+    "share": lambda student, spec: apply_sharing(student, spec, init="first"),
+    "lowrank": lambda student, spec: factorize(student, spec["ranks"]),
+    "qat": lambda student, spec: prepare(student, QuantSpec.from_dict(spec)),
+}
 
 
 def replay(student: nn.Module, changes: list[dict[str, Any]]) -> None:

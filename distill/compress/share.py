@@ -154,6 +154,15 @@ def lora_targets(model: nn.Module, groups: list[list[int]], targets: list[str]) 
     }
 
 
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name → peft LoRA layer (none without peft installed)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no peft installed: then no model here carries LoRA layers
+        return {}
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
 @torch.no_grad()
 def init_lora_from_residuals(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
     """Set each layer's LoRA delta to the best rank-r approximation of (its own weight − the shared weight).

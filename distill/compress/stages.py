@@ -1,10 +1,10 @@
-"""A log of structural changes to the student, so a checkpoint can rebuild the structure it was saved with.
+"""The order of the compression stages, and the protocol every compression callback implements.
 
 Compression callbacks change the student's shape mid-run (pruning removes rows, sharing ties layers,
 low-rank splits linears, QAT swaps modules). A checkpoint's ``state_dict`` only fits a model that went
 through the same changes, and Lightning loads the model weights *before* any callback state. So every
-change is recorded here as ``(kind, spec)``; the checkpoint carries the list, and on load
-:class:`~distill.module.DistillModule` replays it on the fresh student before the weights go in.
+change is recorded as ``(kind, spec)`` in ``DistillModule.structure``; the checkpoint carries that log,
+and on load :class:`~distill.module.DistillModule` replays it on the fresh student before the weights go in.
 
 How to replay each kind lives in :mod:`distill.compress.replay`, next to the algorithms, so a
 checkpoint can be rebuilt by anything that imports ``distill`` (``evaluate.py`` too) without the callbacks.

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +19,7 @@ from distill.config import ConfigError, config_error
 from distill.data.corpus import heldout_documents, load_raw, pack
 from distill.data.sampler import StepBatchSampler
 from distill.models.tokenizer import tokenizer_fingerprint
+from distill.runtime.files import atomic_directory
 
 # Lightning warns that a mid-epoch resume replays batches unless the loader is stateful. Ours is
 # resumable by construction: StepBatchSampler starts from the restored global step.
@@ -149,16 +148,12 @@ class DistillDataModule(pl.LightningDataModule):
                 f"the corpus has {total} tokens in {len(docs)} documents, too few for one training "
                 "and one validation block; lower data.block_size or add text",
             )
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".tmp-"))
-        for split, blocks in packed.items():
-            blocks.save_to_disk(str(tmp / split))
-        (tmp / "settings.json").write_text(json.dumps({**self._settings(), "data": fingerprint}, indent=1))
-        (tmp / "done").touch()
-        try:  # publish atomically so an interrupted run never leaves a half-written cache behind
-            tmp.rename(self.cache_path)
-        except OSError:  # another process published the same cache first
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Published whole or not at all; when another process published the same cache first, its copy is kept.
+        with atomic_directory(self.cache_path, replace=False) as tmp:
+            for split, blocks in packed.items():
+                blocks.save_to_disk(str(tmp / split))
+            (tmp / "settings.json").write_text(json.dumps({**self._settings(), "data": fingerprint}, indent=1))
+            (tmp / "done").touch()
 
     def prepare_data(self) -> None:
         """Tokenise and cache once per node (Lightning calls this on local rank 0 only)."""

@@ -11,8 +11,6 @@ from torch import Tensor, nn
 
 from distill.objective.divergences import IGNORE_INDEX
 
-METRICS = ("ppl", "kl_to_teacher", "top1_agreement")
-
 
 @torch.no_grad()
 def heldout_metrics(

@@ -1,26 +1,39 @@
 """Writing the compact form of a shared, factorised or LoRA-relaxed student (the format is described in the loader).
 
 The loading side, :mod:`distill.export.loaders.load_compact`, is copied verbatim into every compact folder
-so that it loads without this package; everything that only the writer needs lives here.
+so that it loads without this package; everything that only the writer needs lives here, including
+:func:`plain_copy`, the plain form that the Hugging Face export writes instead.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from distill.compress.quant.schemes import is_quantized
-from distill.export.hf import atomic_directory, compare_logits
+from distill.compress.share import lora_layers
+from distill.export.hf import compare_logits
 from distill.export.loaders import load_compact as loader
-from distill.export.loaders.load_compact import FORMAT, VERSION, LowRankLinear, load_compact, lora_layers, tie_groups
+from distill.export.loaders.load_compact import FORMAT, VERSION, LowRankLinear, load_compact, set_module, set_parameter
+from distill.runtime.files import atomic_directory
 
 log = logging.getLogger("distill")
+
+
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """Names that are one Parameter object, as ``[canonical, alias, ...]`` (first name first)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -38,6 +51,54 @@ def describe(model: nn.Module) -> dict[str, Any]:
             "scaling": {name: float(m.scaling[adapter]) for name, m in layers.items()},
         }
     return {"format": FORMAT, "version": VERSION, "lowrank": lowrank, "lora": lora, "ties": tie_groups(model)}
+
+
+def _hf_tied_names(model: nn.Module) -> set[str]:
+    # The embedding ↔ head tie that transformers itself declares and re-creates on load.
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    if isinstance(keys, dict):
+        return set(keys) | set(keys.values())
+    return set(keys)
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    out.weight = nn.Parameter(weight.detach().clone())
+    if bias is not None:
+        out.bias = nn.Parameter(bias.detach().clone())
+    return out
+
+
+@torch.no_grad()
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of ``model``: LoRA deltas merged, factors multiplied back, shared weights cloned per use.
+
+    The result has the original architecture with ordinary ``nn.Linear`` layers and no tensor shared
+    across layers (the embedding ↔ head tie that transformers declares is kept), so ``save_pretrained``
+    writes it and ``AutoModelForCausalLM`` loads it anywhere. ``model`` is left as it is. This is the
+    ``make_plain`` of the sharing and low-rank stages.
+    """
+    out = copy.deepcopy(model)  # deepcopy keeps ties (one copy per shared object), so we untie explicitly below
+    for name, layer in lora_layers(out).items():
+        base = layer.get_base_layer()
+        weight = base.weight
+        for adapter in layer.active_adapters:
+            if adapter in layer.lora_A:
+                weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
+        set_module(out, name, _dense_linear(weight, base.bias))
+    if hasattr(out, "peft_config"):
+        del out.peft_config
+    for name, m in list(out.named_modules()):
+        if isinstance(m, LowRankLinear):
+            set_module(out, name, _dense_linear(m.dense_weight(), m.up.bias))
+    keep = _hf_tied_names(out)
+    for names in tie_groups(out):
+        if set(names) <= keep:
+            continue
+        shared = out.get_parameter(names[0])
+        for alias in names[1:]:
+            set_parameter(out, alias, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
+    return out
 
 
 def save_compact(model: nn.Module, tokenizer: Any, out_dir: str | Path, verify: bool = True) -> Path:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from distill.compress.stages import STAGES, CompressionStage
 from distill.export.loaders import load_pruned as load_pruned_module
 from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY, is_pruned_export, load_pruned
+from distill.runtime.files import atomic_directory
 
 
 def export_student(
@@ -43,31 +42,6 @@ def export_student(
         if verify:
             check_reload(student, tmp)
     return Path(out_dir)
-
-
-@contextmanager
-def atomic_directory(out_dir: str | Path) -> Iterator[Path]:
-    """Yield an empty folder next to ``out_dir``; publish it as ``out_dir`` only if the block succeeds.
-
-    A previous ``out_dir`` is replaced only once the new one is complete, and a failure removes the
-    half-written folder, so readers never see a partial export where a good one was.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}-old")
-            shutil.rmtree(old, ignore_errors=True)
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def plain_model(student: PreTrainedModel, stages: Sequence[CompressionStage]) -> PreTrainedModel:

@@ -23,7 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 from distill.compress.quant.schemes import QuantSpec, is_quantized
 from distill.config import config_error
 from distill.eval.cost import memory_bytes, tensor_bytes, unique_tensors
-from distill.export.hf import atomic_directory, compare_logits
+from distill.export.hf import compare_logits
+from distill.runtime.files import atomic_directory
 
 FORMAT = "distill-torchao-v1"
 WEIGHTS_FILE = "model.safetensors"

@@ -38,7 +38,7 @@ def _identity(teacher: FrozenTeacher, datamodule: DistillDataModule, top_k: int)
         "version": FORMAT_VERSION,
         "teacher": teacher.name,
         "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
-        "data_key": datamodule.cache_path.name,
+        "data_key": datamodule.data_key(),
         "block_size": datamodule.block_size,
         "vocab_size": teacher.vocab_size,
         "top_k": top_k,

@@ -15,6 +15,16 @@ from distill.models.tokenizer import load_tokenizer, tokenizer_fingerprint, trai
 from distill.objective.chunked import TeacherRows, chunkable
 
 
+class DataIdentity(Protocol):
+    """What a teacher may ask of the run's data (``DistillDataModule`` provides it)."""
+
+    block_size: int
+
+    def data_key(self) -> str:
+        """The key of the tokenised data: source fingerprint, tokenizer and packing settings."""
+        ...
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """What the objective, the module, the students and the reports use of a teacher, live or cached.
@@ -60,8 +70,8 @@ class Teacher(Protocol):
     def train(self, mode: bool = True) -> Teacher:
         """Stay in eval whatever ``mode`` says."""
 
-    def check_data(self, data_key: str, block_size: int) -> None:
-        """Raise a ConfigError when the teacher cannot score this data (see ``DistillDataModule.data_key``)."""
+    def check_data(self, datamodule: DataIdentity) -> None:
+        """Raise a ConfigError when the teacher cannot score this run's data (a cached teacher fits one corpus)."""
 
 
 class FrozenTeacher(nn.Module):
@@ -98,8 +108,8 @@ class FrozenTeacher(nn.Module):
         """What identifies this teacher, for manifests and reports."""
         return {"name": self.name, "tokenizer": tokenizer_fingerprint(self.tokenizer)}
 
-    def check_data(self, data_key: str, block_size: int) -> None:
-        """Accept any data: a live teacher scores whatever corpus and packing the run uses."""
+    def check_data(self, datamodule: DataIdentity) -> None:
+        """Accept any data without looking at it: a live teacher scores whatever corpus and packing the run uses."""
 
     @torch.no_grad()
     def forward(

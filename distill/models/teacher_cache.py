@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 
 from distill.config import ConfigError, config_error
+from distill.models.teacher import DataIdentity
 from distill.models.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 MANIFEST = "manifest.json"
@@ -130,8 +131,9 @@ class CachedTeacher(nn.Module):
         """What identifies this teacher, for manifests and reports."""
         return {"name": self.name, "tokenizer": self.manifest["tokenizer"]}
 
-    def check_data(self, data_key: str, block_size: int) -> None:
-        """Refuse a cache built for other data or packing than the run uses."""
+    def check_data(self, datamodule: DataIdentity) -> None:
+        """Refuse a cache built for other data or packing than the run uses (reads the raw data, never tokenises)."""
+        data_key, block_size = datamodule.data_key(), datamodule.block_size
         if data_key != self.manifest["data_key"] or block_size != self.manifest["block_size"]:
             raise ConfigError(
                 f"teacher.path={str(self.path)!r}: the cache was built for data key {self.manifest['data_key']} "

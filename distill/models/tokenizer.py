@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -13,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from distill.config import ConfigError
 from distill.data.corpus import embedded_corpus
 from distill.models.loading import not_available
+from distill.runtime.files import atomic_directory
 
 
 def load_tokenizer(
@@ -102,11 +101,7 @@ def train_tiny_tokenizer(vocab_size: int, cache_dir: str | Path) -> PreTrainedTo
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
         )
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir))
-        fast.save_pretrained(tmp)
-        try:  # atomic publish; a concurrent process may have won the race, which is fine
-            tmp.rename(out)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # A concurrent process may have published the same tokenizer first; its copy is kept.
+        with atomic_directory(out, replace=False) as tmp:
+            fast.save_pretrained(tmp)
     return load_tokenizer(str(out), field="teacher.tokenizer")

@@ -23,8 +23,8 @@ from distill.compress.lowrank import (
 )
 from distill.compress.share import share_groups, tie_layers
 from distill.config import ConfigError
-from distill.export.compact import save_compact
-from distill.export.loaders.load_compact import LowRankLinear, load_compact, materialize
+from distill.export.compact import plain_copy, save_compact
+from distill.export.loaders.load_compact import LowRankLinear, load_compact
 from students import scratch
 from train import train
 
@@ -127,7 +127,7 @@ def test_factorize_keeps_sharing_and_both_exports_reproduce_logits(tiny_teacher,
     assert sum(p.numel() for p in model.parameters()) < dense
     expected = _logits(model, PROBE)
 
-    plain = materialize(model)
+    plain = plain_copy(model)
     assert type(plain.model.layers[0].mlp.up_proj) is torch.nn.Linear
     plain.save_pretrained(tmp_path / "plain")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")

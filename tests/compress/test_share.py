@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM
 from callbacks.share import CrossLayerSharing
 from distill.compress.share import add_lora, share_groups, tie_layers
 from distill.config import ConfigError
-from distill.export.compact import save_compact
-from distill.export.loaders.load_compact import load_compact, materialize
+from distill.export.compact import plain_copy, save_compact
+from distill.export.loaders.load_compact import load_compact
 from students import scratch
 from train import train
 
@@ -60,7 +60,7 @@ def test_all_sharing_is_one_block_and_a_step_moves_every_member_identically(tiny
     assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2, 3]  # per-layer cache slots kept
 
     # The shared gradient is the sum of the per-use gradients: compare with an untied copy of equal values.
-    untied = materialize(model)
+    untied = plain_copy(model)
     assert untied.model.layers[1].mlp.up_proj.weight is not untied.model.layers[0].mlp.up_proj.weight
     model.train(), untied.train()
     model(input_ids=PROBE, labels=PROBE).loss.backward()
@@ -117,7 +117,7 @@ def test_lora_relaxation_and_both_exports_reproduce_logits(tiny_teacher, tmp_pat
                 p.normal_(0, 0.5)
     expected = _logits(model, PROBE)
 
-    plain = materialize(model)
+    plain = plain_copy(model)
     assert plain.model.layers[0].self_attn.q_proj.weight is not plain.model.layers[1].self_attn.q_proj.weight
     assert not torch.equal(plain.model.layers[0].self_attn.q_proj.weight, plain.model.layers[1].self_attn.q_proj.weight)
     plain.save_pretrained(tmp_path / "plain")
@@ -177,7 +177,7 @@ def test_compact_export_stores_shared_tensors_once_and_loads_without_this_packag
     tie_layers(model, share_groups(6, "all"), init="mean")
     expected = _logits(model, PROBE)
     save_compact(model, tiny_teacher.tokenizer, tmp_path / "compact")
-    materialize(model).save_pretrained(tmp_path / "plain")
+    plain_copy(model).save_pretrained(tmp_path / "plain")
     compact_bytes = _tensor_bytes(tmp_path / "compact" / "model.safetensors")
     plain_bytes = _tensor_bytes(tmp_path / "plain" / "model.safetensors")
     layer_bytes = 4 * sum(p.numel() for p in model.model.layers[0].parameters())

@@ -177,6 +177,8 @@ def test_evaluate_cli_bad_input(tmp_path, tiny_teacher, cache_dir):
     ]
     proc = _evaluate([f"model={tmp_path}", *common], tmp_path)
     assert proc.returncode == 2 and "error: model=" in proc.stderr and "not a model" in proc.stderr
+    proc = _evaluate(common, tmp_path)  # no model= at all: one line, before the baseline loads
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: model=???: ")
     # a baseline whose tokenizer differs from the model's
     from distill.models.tokenizer import train_tiny_tokenizer
 

@@ -1,4 +1,4 @@
-"""The plain Hugging Face export: atomic publishing, the logits check, and the protocol-driven stage undo."""
+"""The plain Hugging Face export: the logits check and the protocol-driven stage undo (publishing: tests/runtime)."""
 
 from __future__ import annotations
 
@@ -11,27 +11,7 @@ import torch
 
 from callbacks.base import CompressionCallback
 from distill.compress.stages import compression_stages
-from distill.export.hf import atomic_directory, compare_logits, export_compact_forms, export_student, plain_model
-
-
-def test_atomic_directory_keeps_the_old_folder_when_the_new_one_fails(tmp_path):
-    out = tmp_path / "student"
-    with atomic_directory(out) as tmp:
-        (tmp / "weights").write_text("good")
-    with pytest.raises(RuntimeError, match="disk full"), atomic_directory(out) as tmp:
-        (tmp / "weights").write_text("half")
-        raise RuntimeError("disk full")
-    assert (out / "weights").read_text() == "good"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]  # no temporary folder left behind
-
-
-def test_atomic_directory_replaces_a_finished_folder_whole(tmp_path):
-    out = tmp_path / "student"
-    with atomic_directory(out) as tmp:
-        (tmp / "old_only").write_text("1")
-    with atomic_directory(out) as tmp:
-        (tmp / "new_only").write_text("2")
-    assert sorted(p.name for p in out.iterdir()) == ["new_only"]
+from distill.export.hf import compare_logits, export_compact_forms, export_student, plain_model
 
 
 def test_compare_logits_passes_a_copy_and_refuses_a_change_or_nan(tiny_teacher):

@@ -83,7 +83,7 @@ def test_mismatches_are_refused(tiny_teacher, dm, tmp_path, cache_dir):
     other = DistillDataModule(tiny_teacher.tokenizer, cache_dir=str(cache_dir / "data"), block_size=32, seed=99)
     other.setup()
     with pytest.raises(ConfigError, match=r"teacher.path=.*cache was built for data key .* rebuild the cache"):
-        teacher.check_data(other.cache_path.name, other.block_size)
+        teacher.check_data(other)
     with pytest.raises(ConfigError, match="not in the teacher cache"):
         teacher(dm.train_set[100:101]["input_ids"])  # beyond max_blocks: never cached
     with pytest.raises(ConfigError, match="teacher.path=.*no teacher cache here"):
@@ -106,11 +106,12 @@ def test_live_and_cached_teachers_are_both_teachers(tiny_teacher, dm, tmp_path):
     assert not isinstance(SimpleNamespace(**dict.fromkeys(members, print)), Teacher)
     assert isinstance(SimpleNamespace(**dict.fromkeys((*members, "check_data"), print)), Teacher)
     # A live teacher fits every corpus; the cache only the data it was built from, found without tokenising.
-    assert tiny_teacher.check_data("any-other-data", 7) is None
-    cached.check_data(dm.data_key(), dm.block_size)
+    never_read = SimpleNamespace(data_key=lambda: pytest.fail("a live teacher read the data"), block_size=7)
+    assert tiny_teacher.check_data(never_read) is None
+    cached.check_data(dm)
     mismatch = r"teacher.path=.*\(block_size 32\) but this run's data is .* \(block_size 16\); rebuild the cache"
     with pytest.raises(ConfigError, match=mismatch):
-        cached.check_data(dm.data_key(), 16)
+        cached.check_data(SimpleNamespace(data_key=dm.data_key, block_size=16))
 
 
 def test_train_from_cache_without_the_teacher(tiny_teacher, tiny_cfg, tmp_path):

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-from tests.conftest import compose_cfg
-from tests.helpers import read_metrics, series
+from tests.conftest import CONF, compose_cfg
+from tests.helpers import TINY_MODELS, read_metrics, series, stages
 from train import train
 
 STEPS = 12
@@ -42,20 +42,6 @@ QUIET = [
     "export.enabled=false",
     "distill.optimizer.lr=0.01",
     "distill.scheduler.num_warmup_steps=0",
-]
-# The recipes' models shrunk: 6 query heads in 3 KV groups (so "remove one head per group" is heads=3), and
-# widths that int4 groups of 32 divide before and after pruning half the MLP channels.
-TINY_MODELS = [
-    "teacher=tiny_random",
-    "student=tiny",
-    "student.hidden_size=96",
-    "student.num_layers=4",
-    "student.num_heads=6",
-    "student.num_kv_heads=3",
-    "student.head_dim=32",
-    "student.intermediate_size=128",
-    "data.block_size=32",
-    "data.batch_size=4",
 ]
 PRUNE_BY_6 = ["callbacks.prune.heads=3", "callbacks.prune.end_step=6", "callbacks.prune.every_n_steps=2"]
 # Per recipe: its overrides on top of QUIET, scheduling each compression stage inside the 12 steps.
@@ -201,9 +187,12 @@ def recipe_cfg(recipe: str, out: Path, cache_dir: Path) -> DictConfig:
     return compose_cfg([f"experiment={recipe}", *RECIPES[recipe], *QUIET], out, cache_dir)
 
 
-def stages(kinds: list[str]) -> list[str]:
-    """Recorded changes with repeats folded: progressive pruning records one change per pruning step."""
-    return [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+def test_every_recipe_is_pinned():
+    """A new conf/experiment recipe cannot go unpinned: it must be added to RECIPES and PINS."""
+    recipes = {p.stem for p in (CONF / "experiment").glob("*.yaml")}
+    assert recipes, f"no recipes found under {CONF / 'experiment'}"
+    assert set(RECIPES) == recipes, f"RECIPES differs from conf/experiment: {sorted(set(RECIPES) ^ recipes)}"
+    assert set(PINS) == recipes, f"PINS differs from conf/experiment: {sorted(set(PINS) ^ recipes)}"
 
 
 @pytest.mark.parametrize("recipe", RECIPES)  # about 1-2 s each on 2 cores

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from distill.compress.prune.importance import ImportanceAccumulator
 from distill.compress.prune.surgery import decoder_layers, layer_shapes, shapes
+from distill.config import ConfigError
 
 
 @torch.no_grad()
@@ -200,7 +201,7 @@ def is_llama_like(model: nn.Module) -> bool:
         return all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "num_key_value_groups")) and all(
             hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")
         )
-    except (AttributeError, IndexError, TypeError):
+    except (AttributeError, IndexError, TypeError, ConfigError):  # ConfigError: no decoder layers at all
         return False
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.compress.layers import decoder_layers
+from distill.eval.cost import parameter_count
 from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY
 
 Carry = dict[nn.Parameter, tuple[nn.Parameter, Callable[[Tensor], Tensor] | None]]
@@ -205,5 +206,5 @@ def shapes(model: nn.Module) -> dict[str, int]:
         "kv_heads": cfg.num_key_value_heads,
         "head_dim": head_dim(model),
         "channels": cfg.intermediate_size,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": parameter_count(model),
     }

@@ -12,8 +12,10 @@ real size saving, written by :func:`distill.export.compact.save_compact`:
 * ``load_compact.py``: a copy of this file, so ``load_compact(folder)`` works without this package.
 
 This file must stay self-contained (torch, transformers, safetensors and, for LoRA, peft only): it is
-copied next to the weights as the loader. For that reason it keeps the module surgery the loader needs
-(:class:`LowRankLinear`, :func:`set_module`, ...), which the training code imports from here.
+copied next to the weights as the loader, so it holds only what loading needs. The module surgery that
+loading shares with training (:class:`LowRankLinear`, :func:`set_module`, :func:`set_parameter`) is
+defined here once and imported by the training code; the writer and the plain form are in
+:mod:`distill.export.compact`.
 
 Usage, without this package::
 
@@ -24,7 +26,6 @@ Usage, without this package::
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -78,70 +79,6 @@ def set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
     """Make the dotted parameter ``name`` this Parameter object (ties it when used for several names)."""
     owner, leaf = get_owner(model, name)
     setattr(owner, leaf, param)
-
-
-def tie_groups(model: nn.Module) -> list[list[str]]:
-    """Names that are one Parameter object, as ``[canonical, alias, ...]`` (first name first)."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [names for names in by_id.values() if len(names) > 1]
-
-
-def _hf_tied_names(model: nn.Module) -> set[str]:
-    # The embedding ↔ head tie that transformers itself declares and re-creates on load.
-    keys = getattr(model, "_tied_weights_keys", None) or {}
-    if isinstance(keys, dict):
-        return set(keys) | set(keys.values())
-    return set(keys)
-
-
-def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module name → peft LoRA layer (none without peft installed)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # no peft installed: then no model here carries LoRA layers
-        return {}
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
-
-
-def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    out = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-    out.weight = nn.Parameter(weight.detach().clone())
-    if bias is not None:
-        out.bias = nn.Parameter(bias.detach().clone())
-    return out
-
-
-@torch.no_grad()
-def materialize(model: nn.Module) -> nn.Module:
-    """A plain copy of ``model``: LoRA deltas merged, factors multiplied back, shared weights cloned per use.
-
-    The result has the original architecture with ordinary ``nn.Linear`` layers and no tensor shared
-    across layers (the embedding ↔ head tie that transformers declares is kept), so ``save_pretrained``
-    writes it and ``AutoModelForCausalLM`` loads it anywhere. ``model`` is left as it is.
-    """
-    out = copy.deepcopy(model)  # deepcopy keeps ties (one copy per shared object), so we untie explicitly below
-    for name, layer in lora_layers(out).items():
-        base = layer.get_base_layer()
-        weight = base.weight
-        for adapter in layer.active_adapters:
-            if adapter in layer.lora_A:
-                weight = weight + layer.get_delta_weight(adapter).to(weight.dtype)
-        set_module(out, name, _dense_linear(weight, base.bias))
-    if hasattr(out, "peft_config"):
-        del out.peft_config
-    for name, m in list(out.named_modules()):
-        if isinstance(m, LowRankLinear):
-            set_module(out, name, _dense_linear(m.dense_weight(), m.up.bias))
-    keep = _hf_tied_names(out)
-    for names in tie_groups(out):
-        if set(names) <= keep:
-            continue
-        shared = out.get_parameter(names[0])
-        for alias in names[1:]:
-            set_parameter(out, alias, nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad))
-    return out
 
 
 # -- the compact format: loading ----------------------------------------------------------------------

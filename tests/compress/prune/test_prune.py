@@ -18,57 +18,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from callbacks.prune import ProgressiveStructuredPruning
-from distill.compress.prune.importance import ImportanceAccumulator
 from distill.compress.prune.selection import add_compensation, compensation, select
 from distill.compress.prune.surgery import apply_spec, shapes
 from distill.config import ConfigError
-from students import scratch
+from tests.compress.prune.helpers import PRUNE, QUIET, STUDENT, make_batch, make_student, masked_copy, prepare, score
 from tests.helpers import read_metrics, series
 from train import train
 
 ROOT = Path(__file__).resolve().parents[3]
-# A 3-layer student with 4 query heads in 2 KV groups and 64 MLP channels: every pruning dimension has room.
-STUDENT = ("student.num_layers=3", "student.num_heads=4", "student.num_kv_heads=2", "student.intermediate_size=64")
-QUIET = ("eval.enabled=false", "trainer.limit_val_batches=0", "trainer.val_check_interval=100")
-
-
-def _student(teacher, seed: int = 0):
-    torch.manual_seed(seed)
-    return scratch.build(teacher, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=64)
-
-
-def _batch(n: int = 4, seq: int = 16, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, 512, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _callback(**kw) -> ProgressiveStructuredPruning:
-    cb = ProgressiveStructuredPruning(**kw)
-    return cb
-
-
-def _prepare(cb: ProgressiveStructuredPruning, student) -> None:
-    """What setup does, without a trainer."""
-    cb.original = shapes(student)
-    cb.final = cb.plan.final_sizes(cb.original)
-
-
-def _score(acc: ImportanceAccumulator, student, batches: int = 2) -> None:
-    acc.attach(student)
-    acc.collecting = True
-    for b in range(batches):
-        ids = _batch(seed=b)
-        out = student(input_ids=ids, labels=ids)
-        if acc.method == "taylor":
-            student.zero_grad()
-            out.loss.backward()
-            acc.accumulate_grads(student)
-    acc.collecting = False
-    acc.detach()
 
 
 @pytest.mark.parametrize("method", ["activation", "taylor", "magnitude"])
 def test_dead_head_channel_and_layer_are_pruned_first(tiny_teacher, method):
-    student = _student(tiny_teacher)
+    student = make_student(tiny_teacher)
     d = 8  # head_dim = 32 / 4
     with torch.no_grad():
         attn = student.model.layers[0].self_attn
@@ -81,9 +43,9 @@ def test_dead_head_channel_and_layer_are_pruned_first(tiny_teacher, method):
         dead = student.model.layers[2]  # layer 2 adds nothing to the residual stream
         dead.self_attn.o_proj.weight.zero_()
         dead.mlp.down_proj.weight.zero_()
-    cb = _callback(heads=2, channels=63, layers=2, importance=method, start_step=0, end_step=1)
-    _prepare(cb, student)
-    _score(cb.scores, student)
+    cb = ProgressiveStructuredPruning(heads=2, channels=63, layers=2, importance=method, start_step=0, end_step=1)
+    prepare(cb, student)
+    score(cb.scores, student)
 
     heads = cb.scores.head_scores(student)[0]
     assert int(heads.argmin()) == 1 and float(heads[1]) < 1e-9 < float(heads.sort().values[1])
@@ -97,37 +59,18 @@ def test_dead_head_channel_and_layer_are_pruned_first(tiny_teacher, method):
     assert 5 not in spec["channels"][1] and len(spec["channels"][1]) == 63
 
 
-def _masked(student, spec):
-    """The original model with the units ``spec`` removes zeroed at their output projection."""
-    masked = copy.deepcopy(student)
-    d = masked.model.layers[0].self_attn.head_dim
-    kept_layers = spec["layers"] or list(range(len(masked.model.layers)))
-    with torch.no_grad():
-        for i, layer in enumerate(masked.model.layers):
-            if i not in kept_layers:  # a skipped layer: its residual branches add zero
-                layer.self_attn.o_proj.weight.zero_()
-                layer.mlp.down_proj.weight.zero_()
-                continue
-            j = kept_layers.index(i)
-            n_heads = layer.self_attn.o_proj.in_features // d
-            for h in set(range(n_heads)) - set(spec["q_heads"][j] if spec["q_heads"] else range(n_heads)):
-                layer.self_attn.o_proj.weight[:, h * d : (h + 1) * d] = 0
-            n_ch = layer.mlp.down_proj.in_features
-            for c in set(range(n_ch)) - set(spec["channels"][j] if spec["channels"] else range(n_ch)):
-                layer.mlp.down_proj.weight[:, c] = 0
-    return masked
-
-
 @pytest.mark.parametrize(
     ("grouping", "heads", "expect"), [("within_group", 2, (2, 2)), ("kv_groups", 2, (2, 1))], ids=["within", "kv"]
 )
 def test_pruned_output_equals_masked_original(tiny_teacher, grouping, heads, expect):
-    student = _student(tiny_teacher).eval()
-    cb = _callback(heads=heads, channels=0.5, layers=2, importance="activation", head_grouping=grouping, end_step=1)
-    _prepare(cb, student)
-    _score(cb.scores, student)
+    student = make_student(tiny_teacher).eval()
+    cb = ProgressiveStructuredPruning(
+        heads=heads, channels=0.5, layers=2, importance="activation", head_grouping=grouping, end_step=1
+    )
+    prepare(cb, student)
+    score(cb.scores, student)
     spec = select(cb.scores, student, cb.sizes_at(1))
-    masked = _masked(student, spec)
+    masked = masked_copy(student, spec)
     old_params = {n: p for n, p in student.named_parameters()}
 
     carry = apply_spec(student, spec)
@@ -138,7 +81,7 @@ def test_pruned_output_equals_masked_original(tiny_teacher, grouping, heads, exp
     assert carry and all(torch.equal(fn(old.data), new.data) for new, (old, fn) in carry.items())
     assert not any(p is old_params.get(n) for n, p in student.named_parameters() if "proj" in n)
 
-    ids = _batch()
+    ids = make_batch()
     with torch.no_grad():
         torch.testing.assert_close(student(input_ids=ids).logits, masked(input_ids=ids).logits, rtol=0, atol=1e-5)
         # The KV cache lines up after layers were dropped: cached greedy decoding equals the uncached one.
@@ -148,16 +91,16 @@ def test_pruned_output_equals_masked_original(tiny_teacher, grouping, heads, exp
 
 
 def test_bias_compensation_reduces_the_error_before_healing(tiny_teacher):
-    student = _student(tiny_teacher).eval()
-    cb = _callback(heads=2, channels=0.5, importance="magnitude", bias_compensation=True, end_step=1)
-    _prepare(cb, student)
+    student = make_student(tiny_teacher).eval()
+    cb = ProgressiveStructuredPruning(heads=2, channels=0.5, importance="magnitude", bias_compensation=True, end_step=1)
+    prepare(cb, student)
     inputs: dict[tuple[int, str], torch.Tensor] = {}
     hooks = [
         mod.register_forward_pre_hook(lambda m, a, key=(i, kind): inputs.__setitem__(key, a[0].detach()))
         for i, layer in enumerate(student.model.layers)
         for kind, mod in (("mlp", layer.mlp), ("attn", layer.self_attn.o_proj))
     ]
-    _score(cb.scores, student, batches=1)  # the same batch the errors are measured on
+    score(cb.scores, student, batches=1)  # the same batch the errors are measured on
     for h in hooks:
         h.remove()
     spec = select(cb.scores, student, cb.sizes_at(1))
@@ -191,35 +134,24 @@ def test_bias_compensated_run_exports_plain_llama_with_biases(tiny_cfg, tmp_path
     cfg = json.loads((export / "config.json").read_text())
     assert cfg["mlp_bias"] and cfg["attention_bias"] and cfg["intermediate_size"] == 32
     reloaded = AutoModelForCausalLM.from_pretrained(export).eval()
-    ids = _batch()
+    ids = make_batch()
     with torch.no_grad():
         expected = student.eval()(input_ids=ids).logits
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
 
 
 def test_schedule_is_cubic_and_ends_at_the_target(tiny_teacher):
-    cb = _callback(channels=0.5, start_step=0, end_step=40, every_n_steps=10, importance="magnitude")
+    cb = ProgressiveStructuredPruning(channels=0.5, start_step=0, end_step=40, every_n_steps=10, importance="magnitude")
     assert cb.events == [10, 20, 30, 40]
-    _prepare(cb, _student(tiny_teacher))
+    prepare(cb, make_student(tiny_teacher))
     kept = [cb.sizes_at(e)["channels"] for e in cb.events]
     assert kept == [64 - round(32 * (1 - 0.75**3)), 64 - round(32 * (1 - 0.5**3)), 64 - round(32 * (1 - 0.25**3)), 32]
     assert kept[0] - kept[1] > kept[2] - kept[3]  # cubic: fast early, gentle late
-    linear = _callback(channels=0.5, end_step=40, every_n_steps=10, schedule="linear", importance="magnitude")
-    _prepare(linear, _student(tiny_teacher))
+    linear = ProgressiveStructuredPruning(
+        channels=0.5, end_step=40, every_n_steps=10, schedule="linear", importance="magnitude"
+    )
+    prepare(linear, make_student(tiny_teacher))
     assert [linear.sizes_at(e)["channels"] for e in linear.events] == [56, 48, 40, 32]
-
-
-PRUNE = (
-    "callbacks=prune",
-    *STUDENT,
-    "callbacks.prune.heads=2",
-    "callbacks.prune.channels=0.5",
-    "callbacks.prune.layers=2",
-    "callbacks.prune.end_step=8",
-    "callbacks.prune.every_n_steps=2",
-    "callbacks.prune.calib_batches=2",
-    "trainer.log_every_n_steps=1",
-)
 
 
 def test_training_prunes_progressively_and_exports_plain_llama(tiny_cfg, tmp_path):
@@ -245,7 +177,7 @@ def test_training_prunes_progressively_and_exports_plain_llama(tiny_cfg, tmp_pat
     assert (cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (2, 2, 2)
     assert (cfg["intermediate_size"], cfg["head_dim"], cfg["model_type"]) == (32, 8, "llama")
     reloaded = AutoModelForCausalLM.from_pretrained(export).eval()
-    ids = _batch()
+    ids = make_batch()
     with torch.no_grad():
         expected = student.eval()(input_ids=ids).logits
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)

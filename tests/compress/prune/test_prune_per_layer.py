@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from callbacks.prune import ProgressiveStructuredPruning
 from distill.compress.prune.selection import select_per_layer
 from distill.compress.prune.surgery import apply_spec, layer_shapes, shapes
 from distill.config import ConfigError
 from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY, load_pruned
 from distill.models.loading import load_causal_lm
-from tests.compress.prune.test_prune import PRUNE, QUIET, _batch, _callback, _masked, _prepare, _score, _student
+from tests.compress.prune.helpers import PRUNE, QUIET, make_batch, make_student, masked_copy, prepare, score
 from tests.helpers import read_metrics, series
 from train import train
 
@@ -37,16 +38,16 @@ def _kill_half_of_layer0(student) -> None:
 
 @pytest.mark.parametrize("grouping", ["within_group", "kv_groups"])
 def test_dead_units_concentrate_the_pruning_in_their_layer(tiny_teacher, grouping):
-    student = _student(tiny_teacher).eval()
+    student = make_student(tiny_teacher).eval()
     _kill_half_of_layer0(student)
     heads = 2  # per layer on average: within_group keeps 1 of 2 per group; kv_groups keeps 1 of 2 groups
-    cb = _callback(
+    cb = ProgressiveStructuredPruning(
         heads=heads, channels=0.5, importance="activation", head_grouping=grouping, end_step=1, uniform=False
     )
-    _prepare(cb, student)
-    _score(cb.scores, student)
+    prepare(cb, student)
+    score(cb.scores, student)
     spec = select_per_layer(cb.scores, student, cb.sizes_at(1), cb.plan.head_grouping)
-    masked = _masked(student, spec)
+    masked = masked_copy(student, spec)
 
     apply_spec(student, spec)
     per_layer = layer_shapes(student)
@@ -62,7 +63,7 @@ def test_dead_units_concentrate_the_pruning_in_their_layer(tiny_teacher, groupin
     assert (cfg.intermediate_size, cfg.num_attention_heads) == (64, 4)  # the config keeps the unpruned counts
     assert getattr(cfg, LAYER_SHAPES_KEY) == per_layer
 
-    ids = _batch()
+    ids = make_batch()
     with torch.no_grad():  # removing units equals zeroing them in the original, exactly
         torch.testing.assert_close(student(input_ids=ids).logits, masked(input_ids=ids).logits, rtol=0, atol=1e-5)
         cached = student.generate(ids[:1, :6], max_new_tokens=5, do_sample=False, use_cache=True)
@@ -85,7 +86,7 @@ def test_per_layer_run_exports_shapes_and_a_loader(tiny_cfg, tmp_path):
     assert (export / "load_pruned.py").is_file()
     with pytest.raises((RuntimeError, ValueError), match="size mismatch|shape|mismatched_sizes"):
         AutoModelForCausalLM.from_pretrained(export)  # plain transformers refuses rather than loading wrong shapes
-    ids = _batch()
+    ids = make_batch()
     with torch.no_grad():
         expected = student(input_ids=ids).logits
         torch.testing.assert_close(load_pruned(export)(input_ids=ids).logits, expected, rtol=0, atol=1e-5)

@@ -32,7 +32,7 @@ from distill.export.quantized import load_quantized
 from students import scratch
 from train import train
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SMOKE_LINEARS = {  # the smoke student: 1 layer, width 32, MLP 64
     f"model.layers.0.{n}"
     for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
