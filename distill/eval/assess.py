@@ -157,7 +157,7 @@ def _score_tasks(
             tasks = [t for t in tasks if t not in LOCAL_TASKS]
     if not tasks:
         return notes
-    manager = task_manager(task_dir)
+    manager = task_manager(task_dir, tasks)
     sided = {"student": models.student, **({"teacher": models.base_lm} if models.can_generate else {})}
     for side, model in sided.items():
         scores = run_tasks(

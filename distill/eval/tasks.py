@@ -135,11 +135,16 @@ def _write_task_configs(out: Path) -> None:
         (out / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def task_manager(task_dir: str | Path | None) -> Any:
-    """lm-eval's TaskManager with the local tasks' folder added to its search path."""
+def task_manager(task_dir: str | Path | None, tasks: Sequence[str] | None = None) -> Any:
+    """lm-eval's TaskManager with the local tasks' folder added to its search path.
+
+    Indexing lm-eval's own task registry (about 15,000 YAML files) takes seconds on every call, so it is
+    skipped when ``tasks`` names only this project's local tasks; ``tasks=None`` always includes it.
+    """
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(task_dir) if task_dir else None)
+    local_only = tasks is not None and task_dir is not None and all(t in LOCAL_TASKS for t in tasks)
+    return TaskManager(include_path=str(task_dir) if task_dir else None, include_defaults=not local_only)
 
 
 def check_tasks(tasks: Sequence[str], manager: Any) -> None:

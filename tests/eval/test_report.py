@@ -15,7 +15,7 @@ from distill.config import ConfigError
 from distill.eval.cost import cost_metrics, parameter_count
 from distill.eval.heldout import generation_fidelity, heldout_metrics
 from distill.eval.report import build_report, degradation_flags, to_markdown, write_report
-from distill.eval.tasks import build_local_tasks, check_tasks, run_tasks, task_manager
+from distill.eval.tasks import LOCAL_TASKS, build_local_tasks, check_tasks, run_tasks, task_manager
 from students import scratch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,8 @@ def test_local_tasks_score_an_oracle_at_one_and_a_contrarian_at_zero(task_dir):
     truths = {(r["context"], r["target"]) for r in rows["lastword"]}
     truths |= {(r["context"], " " + r["choices"][r["label"]].lstrip()) for r in rows["cloze"]}
     truths |= {(r["context"], r["choices"][r["label"]]) for r in rows["cloze"]}
-    manager = task_manager(task_dir)
+    manager = task_manager(task_dir, LOCAL_TASKS)  # local tasks only: lm-eval's own registry is not indexed
+    assert sorted(manager.all_tasks) == sorted(LOCAL_TASKS)
     perfect = run_tasks(Oracle(truths), ["distill_lastword", "distill_cloze"], manager)
     assert perfect["distill_lastword"]["acc"] == 1.0
     assert perfect["distill_cloze"]["acc"] == 1.0
