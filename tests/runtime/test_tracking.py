@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,17 @@ from train import train
 pytest.importorskip("wandb")
 
 KEY = "0123456789abcdef0123456789abcdef01234567"  # looks like a W&B key (40 hex characters)
+
+
+def _settled_records(run_dir: Path, seconds: float = 30.0) -> list:
+    """The run's records once wandb-core has written them: it flushes the file from its own process,
+    and once (in a full-suite run) the file still held no record right after ``wandb.finish()``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        records = _records(run_dir)
+        if any(r.WhichOneof("record_type") == "history" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
 
 
 def _records(run_dir: Path) -> list:
@@ -103,7 +115,7 @@ def test_offline_run_end_to_end_logs_metrics_and_the_student_without_secrets(tin
     assert run_id == "wb-test"  # the id is the run name, so a resumed run continues the same W&B run
 
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    records = _records(run_dir)
+    records = _settled_records(run_dir)
     history = [
         {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
         for r in records
