@@ -20,8 +20,15 @@ def _settled_records(run_dir: Path, seconds: float = 30.0) -> list:
     """The run's records once wandb-core has written them: it flushes the file from its own process,
     and once (in a full-suite run) the file still held no record right after ``wandb.finish()``."""
     deadline = time.monotonic() + seconds
+    from google.protobuf.message import DecodeError
+
     while True:
-        records = _records(run_dir)
+        try:  # a record still being written reads as a truncated message
+            records = _records(run_dir)
+        except DecodeError:
+            if time.monotonic() > deadline:
+                raise
+            records = []
         if any(r.WhichOneof("record_type") == "history" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.5)
