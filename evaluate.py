@@ -87,7 +87,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         config=OmegaConf.to_container(cfg, resolve=True),
         names=(baseline.name, str(cfg.model)),
     )
-    models = Comparison(model, baseline, baseline.tokenizer, datamodule.val_dataloader(), vocab)
+    models = Comparison(
+        model,
+        baseline,
+        baseline.tokenizer,
+        datamodule.val_dataloader(),
+        vocab,
+        token_counts=datamodule.train_token_counts(),  # the same data config, so the same training split
+    )
     return assess(models, cfg.eval, cfg.paths.output_dir, about)
 
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from distill.compress.stages import CompressionStage, check_schedule, compression_stages
 from distill.config import build, exit_on_config_error, instantiate_loggers, named_callbacks
 from distill.eval.assess import Comparison, Provenance, assess
+from distill.eval.cost import disk_bytes
 from distill.eval.tasks import validate_task_names
 from distill.export.hf import export_compact_forms, export_student, plain_model
 from distill.module import DistillModule
@@ -49,7 +50,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if not trainer.is_global_zero or trainer.fast_dev_run:
         return metrics, objects
     if cfg.export.enabled:
-        objects["export_dir"] = _export(cfg, objects, stages, loggers)
+        objects["export_dir"], objects["artifact_dir"] = _export(cfg, objects, stages, loggers)
     if cfg.eval.enabled:
         facts = {
             "recipe": cfg.get("recipe"),
@@ -57,6 +58,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "steps": trainer.global_step,
             "resumed_from": str(ckpt_path) if ckpt_path else None,
             "run_dir": str(cfg.paths.output_dir),
+            "artifact": str(objects["artifact_dir"]) if objects.get("artifact_dir") else None,
         }
         report = _assess(cfg, objects, callbacks, facts)
         flat = {_side_key(k, side): v for side, values in report["metrics"].items() for k, v in values.items()}
@@ -116,8 +118,14 @@ def _build_trainer(cfg: DictConfig) -> tuple[pl.Trainer, list, dict[str, Any], l
     return trainer, loggers, callbacks, stages
 
 
-def _export(cfg: DictConfig, objects: dict[str, Any], stages: list[CompressionStage], loggers: list) -> Path:
-    """The plain export (shared/factorised/quantized weights made plain), then each stage's compact form."""
+def _export(
+    cfg: DictConfig, objects: dict[str, Any], stages: list[CompressionStage], loggers: list
+) -> tuple[Path, Path]:
+    """The plain export (shared/factorised/quantized weights made plain), then each stage's compact form.
+
+    Returns the plain export and the deployable artifact: the smallest of the exports on disk (each one was
+    reloaded and checked against the student when written), whose size the report gives.
+    """
     teacher, student, module = objects["teacher"], objects["student"], objects["module"]
     out = export_student(
         plain_model(student, stages),
@@ -132,9 +140,11 @@ def _export(cfg: DictConfig, objects: dict[str, Any], stages: list[CompressionSt
     )
     publish_student(loggers, out)  # W&B: the export as a model artifact
     log.info("exported the student to %s", out)
-    for name, path in export_compact_forms(student, teacher.tokenizer, stages, cfg.paths.output_dir).items():
+    compact = export_compact_forms(student, teacher.tokenizer, stages, cfg.paths.output_dir)
+    for name, path in compact.items():
         log.info("%s wrote a compact export to %s", name, path)
-    return out
+    artifact = min([out, *compact.values()], key=lambda folder: disk_bytes(folder) or 0)
+    return out, artifact
 
 
 def _assess(
@@ -144,13 +154,18 @@ def _assess(
     teacher, student, module = objects["teacher"], objects["student"], objects["module"]
     teacher.to(next(student.parameters()).device)
     about = Provenance(
-        export_dir=objects.get("export_dir"),
+        export_dir=objects.get("artifact_dir") or objects.get("export_dir"),
         modifications=modifications(cfg, module, objects["trainer"].global_step, callbacks),
         config=OmegaConf.to_container(cfg, resolve=True),
         names=(teacher.name, "student"),
         run=facts,
     )
-    models = Comparison(student, teacher, teacher.tokenizer, objects["datamodule"].val_dataloader(), module.vocab_size)
+    datamodule = objects["datamodule"]
+    # Long-tail buckets come from the training split's token counts; a datamodule without them skips the buckets.
+    counts = datamodule.train_token_counts() if hasattr(datamodule, "train_token_counts") else None
+    models = Comparison(
+        student, teacher, teacher.tokenizer, datamodule.val_dataloader(), module.vocab_size, token_counts=counts
+    )
     return assess(models, cfg.eval, cfg.paths.output_dir, about)
 
 

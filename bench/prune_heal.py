@@ -47,10 +47,9 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from callbacks.prune import ProgressiveStructuredPruning  # noqa: E402
-from distill.compress.prune.selection import select  # noqa: E402
-from distill.compress.prune.surgery import apply_spec, shapes  # noqa: E402
+from distill.compress.prune.surgery import shapes  # noqa: E402
 from distill.config import build, config_error, exit_on_config_error  # noqa: E402
-from distill.data.sampler import StepBatchSampler  # noqa: E402
+from distill.eval.baselines import first_train_batches, prune_once  # noqa: E402
 from distill.eval.heldout import heldout_metrics  # noqa: E402
 from train import train  # noqa: E402
 
@@ -139,19 +138,8 @@ def untrained(base: Path, out: Path, calib: int) -> list[dict]:
     rows = [row("base (unpruned)", copy.deepcopy(student), evaluate(student), time.perf_counter() - start)]
     start = time.perf_counter()
     cb = ProgressiveStructuredPruning(heads=6, channels=0.5, importance="activation", end_step=calib)
-    cb.original = shapes(student)
-    cb.final = cb.plan.final_sizes(cb.original)
-    # The same batches the trained variants see at steps 0..calib-1.
-    sampler = StepBatchSampler(len(data.train_set), data.batch_size, calib, seed=cfg.seed)
-    cb.scores.attach(student)
-    cb.scores.collecting = True
-    student.eval()
-    with torch.no_grad():
-        for idx in sampler:
-            student(input_ids=data.collate([data.train_set[i] for i in idx])["input_ids"], use_cache=False)
-    cb.scores.collecting = False
-    cb.scores.detach()
-    apply_spec(student, select(cb.scores, student, cb.sizes_at(calib)))
+    # The same batches the trained variants see at steps 0..calib-1 (bench/baselines.py's prune_noheal too).
+    prune_once(student, cb, first_train_batches(data, calib, cfg.seed), calib)
     rows.append(row("oneshot", student, evaluate(student), time.perf_counter() - start))
     return rows
 

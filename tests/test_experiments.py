@@ -61,6 +61,7 @@ def recipe_cfg(recipe: str, out: Path, cache_dir: Path, *extra: str) -> DictConf
 
 def test_every_recipe_is_tested():
     assert set(RECIPES) == {
+        "ce_only",
         "distill_only",
         "distill_prune",
         "distill_share",
@@ -235,7 +236,10 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
             "heldout/ppl": ppl,
             "heldout/top1_agreement": 0.2,
             "cost/bytes_memory": 538e6 / ratio,
+            "cost/bytes_disk": 538e6 / ratio,
             "cost/compression_ratio": ratio,
+            "cost/ratio_vs_fp32_teacher": ratio,
+            "cost/ratio_vs_shipped_teacher": 98e6 / (538e6 / ratio),
             "cost/tokens_per_s": 300.0,
             "task/distill_cloze/acc": 0.4,
         }
@@ -251,8 +255,11 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[2].startswith("| teacher") and "| 25.00 |" in rows[2]
-    assert rows[3].startswith("| distill_only | 198.5 | 2.71× | 222.50 |") and "| 5.0 min |" in rows[3]
-    assert rows[4].startswith("| stacked_max | 122.3 | 4.40× | 987.25 |")
+    # disk MB, ratio vs the fp32 teacher, ratio vs the shipped file, bits/weight (none here), memory MB, ppl
+    assert (
+        rows[3].startswith("| distill_only | 198.5 | 2.71× | 0.49× | – | 198.5 | 222.50 |") and "| 5.0 min |" in rows[3]
+    )
+    assert rows[4].startswith("| stacked_max | 122.3 | 4.40× | 0.80× | – | 122.3 | 987.25 |")
     assert (tmp_path / "results" / "headline_quality_vs_size.png").stat().st_size > 10_000
     with pytest.raises(ConfigError, match=r"recipes=\['distill_share'\]: no report under .*; run with run=true"):
         headline([*args, "recipes=distill_share"])  # no report: refused, nothing rewritten

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import os
+import re
 import sys
-from collections.abc import Sequence
+import sysconfig
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -25,11 +31,117 @@ _FILE_BUILDERS = {
 }
 
 
+# Folders of the standard library whose docstrings are left out: test suites (their docstrings describe
+# test cases, and some files there are deliberately invalid), third-party packages, bytecode, and the
+# parts Linux distributions ship as separate packages (IDLE, Tk, lib2to3, distutils, venv/ensurepip), so
+# that two installs of the same Python version yield the same corpus whichever extras they carry.
+_SKIPPED_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "distutils",
+        "ensurepip",
+        "venv",
+    }
+)
+MIN_DOCSTRING_CHARS = 100  # shorter ones are one-liners ("Return the foo."), too short to train or test on
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _documented_nodes(body: list[ast.stmt]) -> Iterator[ast.AST]:
+    """Classes and functions at any depth, reached through statement bodies only.
+
+    Docstrings can only sit in statement bodies, so expressions are never visited: ``ast.walk`` over every
+    node would take seconds longer on the whole standard library.
+    """
+    for node in body:
+        if isinstance(node, _DOCUMENTED):
+            yield node
+        for name in ("body", "orelse", "finalbody", "handlers", "cases"):
+            sub = getattr(node, name, None)
+            if isinstance(sub, list):
+                yield from _documented_nodes(sub)
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_docstrings() -> tuple[str, ...]:
+    """The standard library's own docstrings (modules, classes, functions) of 100 characters or more.
+
+    The sources are parsed with ``ast``, never imported, in a sorted walk, so the result depends only on the
+    installed files. Files that do not parse are skipped, and a docstring seen before (inherited or copied
+    text) is kept once, so that no text can land in both the training and the held-out split. The walk
+    parses about 10 MB of source (seconds), hence the in-process cache: ``load_raw`` needs the corpus for
+    its fingerprint as well as for its content.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    seen: dict[str, None] = {}  # insertion-ordered set
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS)
+        for file in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # invalid escape sequences and the like in old sources
+                    tree = ast.parse((Path(folder) / file).read_bytes())
+            except (SyntaxError, ValueError, OSError):
+                continue
+            for node in (tree, *_documented_nodes(tree.body)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= MIN_DOCSTRING_CHARS:
+                    seen.setdefault(doc)
+    return tuple(seen)
+
+
 def embedded_corpus() -> list[str]:
-    """The English reference prose every CPython ships (``pydoc_data.topics``), one document per topic."""
+    """The English reference prose every CPython ships, one document per topic or docstring.
+
+    First the pydoc topics (``pydoc_data.topics``, the language reference), then the standard library's
+    docstrings (:func:`stdlib_docstrings`): ~1.5 MB in all on CPython 3.11. Many topics repeat sections of
+    others and docstrings repeat each other's paragraphs, so a paragraph seen in an earlier document is
+    dropped from the later ones: the split holds out whole documents, and a repeated paragraph would
+    otherwise sit on both sides of it (a held-out task example the student was trained on).
+    """
     from pydoc_data.topics import topics
 
-    return [topics[k] for k in sorted(topics)]
+    return _without_repeated_paragraphs([*(topics[k] for k in sorted(topics)), *stdlib_docstrings()])
+
+
+# Where a sentence ends inside a paragraph (to find paragraphs that repeat another one with small edits).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def _without_repeated_paragraphs(docs: Sequence[str]) -> list[str]:
+    """Each document without the paragraphs that repeat an earlier one; empty or repeated documents dropped.
+
+    A paragraph (of 100+ characters) repeats an earlier one when it shares a sentence of 60+ characters
+    with it, which also catches near copies (``os.getenv`` and ``os.getenvb`` differ in one word). Shorter
+    paragraphs ("Changed in version 3.3.") are kept: they are headings and notes, too short for a held-out
+    example and needed for the documents to read.
+    """
+    seen: set[str] = set()
+    out = []
+    for doc in docs:
+        kept = []
+        for para in re.split(r"\n\s*\n", doc):
+            flat = " ".join(para.split())
+            if len(flat) >= MIN_DOCSTRING_CHARS:
+                sentences = {s for s in _SENTENCE_END.split(flat) if len(s) >= 60} | {flat}
+                if sentences & seen:
+                    continue
+                seen |= sentences
+            kept.append(para)
+        text = "\n\n".join(kept).strip()
+        if text and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
 
 
 def load_raw(
@@ -43,7 +155,7 @@ def load_raw(
     """The raw documents as a ``datasets.Dataset`` plus a fingerprint of their content.
 
     Args:
-        source: ``embedded`` (CPython's pydoc topics), ``text`` (local files) or ``hub``.
+        source: ``embedded`` (CPython's pydoc topics and stdlib docstrings), ``text`` (local files) or ``hub``.
         files: for ``text``: a path, glob or list of files of one kind (txt/md, json/jsonl, parquet or csv).
         name: for ``hub``: the dataset id.
         config_name: for ``hub``: the dataset configuration.

@@ -84,6 +84,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.val_set: datasets.Dataset | None = None
         self.cache_path: Path | None = None
         self.cache_hit = False
+        self._token_counts: torch.Tensor | None = None
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -167,6 +168,32 @@ class DistillDataModule(pl.LightningDataModule):
         assert self.cache_path is not None
         self.train_set = datasets.load_from_disk(str(self.cache_path / "train")).with_format("torch")
         self.val_set = datasets.load_from_disk(str(self.cache_path / "val")).with_format("torch")
+
+    def train_token_counts(self, chunk: int = 4096) -> torch.Tensor:
+        """How often each token id occurs in the packed training blocks (what the student was trained on).
+
+        The evaluation buckets held-out tokens by these counts (rare / middle / common); they come from the
+        training split only, so the held-out text never decides its own buckets. Computed once and kept.
+
+        Args:
+            chunk: blocks counted at a time, so a large corpus is never held in memory as one tensor.
+
+        Returns:
+            A long tensor of length ``max(len(tokenizer), largest id + 1)``.
+
+        """
+        if self._token_counts is None:
+            self.setup()
+            assert self.train_set is not None
+            counts = torch.zeros(len(self.tokenizer), dtype=torch.long)
+            for start in range(0, len(self.train_set), chunk):
+                ids = self.train_set[start : start + chunk]["input_ids"].flatten()
+                part = torch.bincount(ids, minlength=len(counts))
+                if len(part) > len(counts):
+                    counts = torch.cat([counts, counts.new_zeros(len(part) - len(counts))])
+                counts += part
+            self._token_counts = counts
+        return self._token_counts
 
     @staticmethod
     def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

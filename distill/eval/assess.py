@@ -17,19 +17,24 @@ from torch.utils.data import DataLoader
 
 from distill.config import ConfigError
 from distill.eval.cost import cost_metrics
-from distill.eval.heldout import format_table, generation_fidelity, heldout_metrics
+from distill.eval.heldout import format_table, generation_fidelity, heldout_analysis, summarize_documents
 from distill.eval.report import build_report, plot_run, write_report
-from distill.eval.tasks import LOCAL_TASKS, build_local_tasks, hf_lm, run_tasks, task_manager
+from distill.eval.tasks import LOCAL_TASKS, TaskCache, build_local_tasks, hf_lm, run_tasks, task_manager
 
 log = logging.getLogger("distill")
 
 
-def _texts(loader: DataLoader, tokenizer: Any, max_blocks: int = 400) -> list[str]:
-    """Held-out text back from the packed validation blocks (decoding BPE reproduces the text)."""
-    ids = []
+def _texts(loader: Any, tokenizer: Any, max_tokens: int | None = 1_000_000) -> list[str]:
+    """Held-out text back from the packed validation blocks (decoding BPE reproduces the text).
+
+    The local tasks need most of the embedded corpus's held-out text (~60k tokens) to reach 500 examples
+    each, so the cap sits far above that; it only keeps a large hub corpus's validation split from being
+    decoded whole.
+    """
+    ids: list[list[int]] = []
     for batch in loader:
         ids += batch["input_ids"].tolist()
-        if len(ids) >= max_blocks:
+        if max_tokens is not None and len(ids) * len(ids[0]) >= max_tokens:  # blocks are all one size
             break
     eos = tokenizer.eos_token_id
     stream = [t for block in ids for t in block]
@@ -54,6 +59,8 @@ class Comparison:
         tokenizer: the shared tokenizer.
         val_loader: held-out batches.
         vocab_size: the shared vocabulary.
+        token_counts: training count per token id (``DistillDataModule.train_token_counts``), for the
+            long-tail buckets; None leaves them out.
 
     """
 
@@ -62,6 +69,7 @@ class Comparison:
     tokenizer: Any
     val_loader: DataLoader
     vocab_size: int
+    token_counts: Tensor | None = None
 
     @property
     def base_lm(self) -> nn.Module:
@@ -115,40 +123,70 @@ def assess(
     about = about or Provenance()
     device = next(models.student.parameters()).device
     sides: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
-    _score_heldout(models, settings, sides, device)
+    documents = _score_heldout(models, settings, sides, device)
     notes = _score_tasks(models, settings, Path(run_dir), sides)
     prompts = _score_fidelity(models, settings, sides, device)
     _score_cost(models, settings, sides, prompts, about)
-    return _write(sides, notes, settings, run_dir, about)
+    return _write(sides, notes, settings, run_dir, about, documents)
 
 
 def _score_heldout(
     models: Comparison, settings: Mapping[str, Any], sides: dict[str, dict[str, float]], device: torch.device
-) -> None:
-    held = heldout_metrics(
+) -> list[dict[str, Any]]:
+    """Held-out perplexity, KL and agreement, the long-tail buckets and per-document scores, in one pass.
+
+    Returns:
+        The per-document scores for ``report.json``'s ``documents`` (worst first in report.md).
+
+    """
+    held = heldout_analysis(
         {"teacher": models.baseline, "student": models.student},
         models.baseline,
         models.val_loader,
         models.vocab_size,
         max_batches=settings.get("max_batches"),
         device=device,
+        token_counts=models.token_counts,
+        eos_token_id=getattr(models.tokenizer, "eos_token_id", None),
     )
-    print("\nHeld-out evaluation (validation split):\n" + format_table(held), flush=True)
+    print("\nHeld-out evaluation (validation split):\n" + format_table(held.metrics), flush=True)
     for side in sides:
-        sides[side].update({f"heldout/{k}": v for k, v in held[side].items() if k != "tokens"})
+        sides[side].update({f"heldout/{k}": v for k, v in held.metrics[side].items() if k != "tokens"})
+        for bucket, values in held.tail.get(side, {}).items():
+            sides[side].update({f"tail/{bucket}/{k}": v for k, v in values.items()})
+    sides["student"].update({f"docs/{k}": v for k, v in summarize_documents(held.documents).items()})
+    documents = []
+    for d in held.documents:
+        entry = {
+            "index": d["index"],
+            "tokens": d["tokens"],
+            "student_top1_agreement": d["student"]["top1_agreement"],
+            "student_accuracy": d["student"]["accuracy"],
+            "teacher_accuracy": d["teacher"]["accuracy"],
+        }
+        if models.tokenizer is not None:
+            # A preview to recognise the document by; whitespace folded so it fits a table cell.
+            entry["text"] = " ".join(models.tokenizer.decode(d["head"]).split())[:60]
+        documents.append(entry)
+    return documents
 
 
 def _score_tasks(
     models: Comparison, settings: Mapping[str, Any], run_dir: Path, sides: dict[str, dict[str, float]]
 ) -> list[str]:
-    """lm-eval tasks for both sides; returns notes for the report (local tasks skipped for lack of text)."""
+    """lm-eval tasks for both sides; returns notes for the report (local tasks skipped for lack of text).
+
+    Each metric comes with its bootstrap interval and example count (``task/<task>/<metric>_ci_low``,
+    ``_ci_high``, ``task/<task>/n``). The baseline's local-task results are read from and kept in
+    ``settings["cache_dir"]`` (null: off) when the baseline has an identity (:class:`TaskCache`).
+    """
     notes: list[str] = []
     tasks = list(settings.get("tasks") or [])
     task_dir = run_dir / "tasks"
     if any(t in LOCAL_TASKS for t in tasks):
         try:
             build_local_tasks(
-                _texts(models.val_loader, models.tokenizer), task_dir, n_examples=settings.get("task_examples", 50)
+                _texts(models.val_loader, models.tokenizer), task_dir, n_examples=settings.get("task_examples", 500)
             )
         except ConfigError as err:
             # Too little held-out prose: the run's other results still stand, so say so and go on.
@@ -158,13 +196,24 @@ def _score_tasks(
     if not tasks:
         return notes
     manager = task_manager(task_dir, tasks)
+    batch_size = settings.get("task_batch_size", 8)
     sided = {"student": models.student, **({"teacher": models.base_lm} if models.can_generate else {})}
     for side, model in sided.items():
+        # The frozen teacher scores the same on the same tasks in every run: its results are kept on disk.
+        cache = (
+            TaskCache.for_model(
+                settings.get("cache_dir"), getattr(models.baseline, "identity", None), model, batch_size, task_dir
+            )
+            if side == "teacher"
+            else None
+        )
         scores = run_tasks(
-            hf_lm(model, models.tokenizer, settings.get("task_batch_size", 8)),
+            hf_lm(model, models.tokenizer, batch_size),
             tasks,
             manager,
             limit=settings.get("task_limit"),
+            label=side,
+            cache=cache,
         )
         for task, metrics in scores.items():
             sides[side].update({f"task/{task}/{k}": v for k, v in metrics.items()})
@@ -191,7 +240,13 @@ def _score_cost(
     prompts: Tensor,
     about: Provenance,
 ) -> None:
-    """Size and speed of each side, and the student's compression ratio against the baseline's memory."""
+    """Size and speed of each side, and the student's compression ratios.
+
+    ``compression_ratio`` compares bytes in memory (what the guard watches). The size on disk of the
+    deployable artifact is compared with two references: the teacher in fp32 (4 bytes per parameter, what
+    a ``save_pretrained`` of the dequantized teacher holds) and the teacher as shipped (the file it was
+    loaded from, e.g. a 4-bit GGUF), so a student bigger than the user's starting file shows as a ratio below 1.
+    """
     speed_probe = prompts[:1] if settings.get("speed_runs", 3) > 0 else None
     for side, model, folder in (
         ("student", models.student, about.export_dir),
@@ -207,11 +262,21 @@ def _score_cost(
             runs=settings.get("speed_runs", 3),
         )
         sides[side].update({f"cost/{k}": v for k, v in cost.items() if v is not None})
-    if "cost/bytes_memory" in sides["teacher"]:
-        sides["student"]["cost/compression_ratio"] = sides["teacher"]["cost/bytes_memory"] / max(
-            sides["student"]["cost/bytes_memory"], 1
-        )
-        sides["teacher"]["cost/compression_ratio"] = 1.0
+    teacher, student = sides["teacher"], sides["student"]
+    if "cost/bytes_memory" not in teacher:
+        return
+    student["cost/compression_ratio"] = teacher["cost/bytes_memory"] / max(student["cost/bytes_memory"], 1)
+    teacher["cost/compression_ratio"] = 1.0
+    teacher["cost/bytes_fp32"] = 4 * teacher["cost/params"]
+    shipped = getattr(models.baseline, "shipped_bytes", None)
+    if shipped:
+        teacher["cost/bytes_shipped"] = float(shipped)
+        teacher.setdefault("cost/bytes_disk", float(shipped))  # loaded from that file: it is the teacher on disk
+    for side in (teacher, student):
+        if "cost/bytes_disk" in side:
+            side["cost/ratio_vs_fp32_teacher"] = teacher["cost/bytes_fp32"] / side["cost/bytes_disk"]
+            if shipped:
+                side["cost/ratio_vs_shipped_teacher"] = shipped / side["cost/bytes_disk"]
 
 
 def _write(
@@ -220,6 +285,7 @@ def _write(
     settings: Mapping[str, Any],
     run_dir: str | Path,
     about: Provenance,
+    documents: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Build the report with its guard flags, write it and its plots into ``run_dir``."""
     guard = dict(settings.get("guard") or {})
@@ -228,6 +294,7 @@ def _write(
     )
     report["notes"] = notes
     report["run"] = dict(about.run or {})
+    report["documents"] = documents or []
     write_report(report, run_dir)
     try:
         plot_run(run_dir, sides["teacher"], sides["student"])

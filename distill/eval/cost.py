@@ -55,11 +55,23 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+# What holds weights in an export folder; the rest (config, tokenizer, loader code) is counted in the
+# folder's size but not in its bits per weight.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
 def disk_bytes(folder: str | Path | None) -> int | None:
     """Total size of the files in an export folder (None when there is none)."""
     if folder is None or not Path(folder).is_dir():
         return None
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def weight_file_bytes(folder: str | Path | None) -> int | None:
+    """Size of the weight files alone in an export folder (None when it has none)."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES) or None
 
 
 @torch.no_grad()
@@ -89,14 +101,21 @@ def cost_metrics(
     new_tokens: int = 32,
     runs: int = 3,
 ) -> dict[str, Any]:
-    """Parameters, bytes in memory and on disk, effective bits per weight, and generation tokens/s."""
+    """Parameters, bytes in memory and on disk, bits per weight in memory and as stored, generation tokens/s.
+
+    ``bytes_disk`` is the whole export folder (weights, config, tokenizer); ``bits_per_weight_disk`` counts
+    only its weight files over the parameters, i.e. what the weights actually cost as stored (codes, scales
+    and zero points of quantized weights included).
+    """
     params = parameter_count(model)
     mem = memory_bytes(model)
+    weights = weight_file_bytes(export_dir)
     out: dict[str, Any] = {
         "params": params,
         "bytes_memory": mem,
         "bytes_disk": disk_bytes(export_dir),
         "bits_per_weight": 8 * mem / max(params, 1),
+        "bits_per_weight_disk": None if weights is None else 8 * weights / max(params, 1),
     }
     if probe is not None:
         out["tokens_per_s"] = generation_tokens_per_s(model, probe, new_tokens, runs)

@@ -1,15 +1,76 @@
-"""Held-out evaluation of teacher and student: perplexity, KL to the teacher, top-1 agreement."""
+"""Held-out evaluation of teacher and student: perplexity, KL to the teacher, top-1 agreement.
+
+One pass over the held-out batches also breaks agreement and accuracy down by how frequent the label
+token was in the training split (the long tail) and by held-out document.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.objective.divergences import IGNORE_INDEX
+
+TAIL_BUCKETS = ("rare", "middle", "common")
+MIN_DOC_TOKENS = 32  # documents shorter than this are listed but left out of the summary statistics
+_HEAD_TOKENS = 24  # tokens kept from each document's start, enough to decode a ~60-character preview
+
+
+def frequency_buckets(counts: Tensor, size: int | None = None) -> Tensor:
+    """The long-tail bucket of every token id, from its count in the training split.
+
+    Token ids are ranked by training count, most frequent first (ties by ascending id, so the ranking is
+    deterministic), and cut where the cumulative count crosses one third and two thirds of all training
+    tokens: a token is ``common`` when the tokens ranked before it hold less than a third of the training
+    tokens, ``middle`` when they hold less than two thirds, and ``rare`` otherwise. Each bucket therefore
+    covers about a third of the training tokens (``common`` is a few dozen very frequent ids, ``rare`` the
+    long tail of thousands), so on held-out text drawn like the training text each holds about a third of
+    the scored tokens. Ids never seen in training, and ids past the end of ``counts``, are always ``rare``.
+
+    Args:
+        counts: training count per token id (``DistillDataModule.train_token_counts``).
+        size: length of the result (the vocabulary scored); defaults to ``len(counts)``.
+
+    Returns:
+        A long tensor of length ``size``: the index into :data:`TAIL_BUCKETS` (0 rare, 1 middle, 2 common).
+
+    """
+    counts = counts.detach().to("cpu", torch.float64).flatten()
+    size = len(counts) if size is None else size
+    buckets = torch.zeros(max(size, len(counts)), dtype=torch.long)
+    total = float(counts.sum())
+    if total > 0:
+        order = torch.sort(counts, descending=True, stable=True).indices
+        before = (torch.cumsum(counts[order], 0) - counts[order]) / total  # share held by higher-ranked ids
+        ranked = torch.where(before < 1 / 3, 2, torch.where(before < 2 / 3, 1, 0))
+        ranked[counts[order] == 0] = 0
+        buckets[order] = ranked
+    return buckets[:size]
+
+
+@dataclass
+class Heldout:
+    """Everything one held-out pass measures.
+
+    Attributes:
+        metrics: name → {``ppl``, ``kl_to_teacher``, ``top1_agreement``, ``tokens``}.
+        tail: name → bucket (:data:`TAIL_BUCKETS`) → {``top1_agreement``, ``accuracy``, ``tokens``}; empty
+            without training token counts. A bucket with no scored token has only ``tokens`` (0).
+        documents: one entry per held-out document in stream order: ``index``, ``tokens`` (scored
+            positions), ``head`` (its first token ids) and name → {``top1_agreement``, ``accuracy``};
+            empty without an EOS id.
+
+    """
+
+    metrics: dict[str, dict[str, float]]
+    tail: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    documents: list[dict[str, Any]] = field(default_factory=list)
 
 
 @torch.no_grad()
@@ -35,8 +96,41 @@ def heldout_metrics(
         name → {``ppl``, ``kl_to_teacher`` (KL(teacher‖model), nats per token), ``top1_agreement``, ``tokens``}.
 
     """
-    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in models}
-    count = 0
+    return heldout_analysis(models, teacher, batches, vocab_size, max_batches=max_batches, device=device).metrics
+
+
+@torch.no_grad()
+def heldout_analysis(
+    models: dict[str, nn.Module],
+    teacher: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    vocab_size: int,
+    *,
+    max_batches: int | None = None,
+    device: torch.device | str = "cpu",
+    token_counts: Tensor | None = None,
+    eos_token_id: int | None = None,
+) -> Heldout:
+    """:func:`heldout_metrics`, plus the long-tail buckets and the per-document scores, in the same pass.
+
+    Args:
+        models: name → causal LM to score (the teacher itself may be among them).
+        teacher: the reference model for KL and agreement.
+        batches: batches with ``input_ids``, ``labels`` and optionally ``attention_mask``; for the
+            per-document scores, packed documents each ending in ``eos_token_id``, in stream order.
+        vocab_size: vocabulary compared (the shared prefix of both output layers).
+        max_batches: stop after this many batches.
+        device: where to run.
+        token_counts: training count per token id; buckets the label tokens (:func:`frequency_buckets`).
+        eos_token_id: the id that ends each packed document; a label token belongs to the document it is
+            in (an EOS to the document it ends).
+
+    Returns:
+        The scores; ``tail`` and ``documents`` stay empty without ``token_counts`` / ``eos_token_id``.
+
+    """
+    buckets = None if token_counts is None else frequency_buckets(token_counts, vocab_size).to(device)
+    tally = _Tally(list(models), buckets, eos_token_id)
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
@@ -44,41 +138,130 @@ def heldout_metrics(
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            count += _accumulate(sums, models, teacher, batch, vocab_size, device)
+            _accumulate(tally, models, teacher, batch, vocab_size, device)
     finally:
         for name, m in models.items():
             m.train(was_training[name])
-    if count == 0:
+    if tally.count == 0:
         raise ValueError("held-out evaluation saw no tokens")
-    return {
-        name: {
-            "ppl": math.exp(s["nll"] / count),
-            "kl_to_teacher": s["kl"] / count,
-            "top1_agreement": s["agree"] / count,
-            "tokens": float(count),
+    return tally.result()
+
+
+class _Tally:
+    """Running sums over the held-out batches: totals, per-bucket and per-document counts per model."""
+
+    def __init__(self, names: list[str], buckets: Tensor | None, eos: int | None) -> None:
+        self.names, self.buckets, self.eos = names, buckets, eos
+        self.count = 0
+        self.sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in names}
+        n = len(TAIL_BUCKETS)
+        # Per model: (agreements, correct predictions, tokens) per bucket, kept as tensors until the end.
+        self.tail = {name: torch.zeros(3, n, dtype=torch.float64) for name in names}
+        self.docs: dict[int, dict[str, Any]] = {}
+        self.next_doc = 0  # document index of the next token in the held-out stream
+
+    def document_ids(self, ids: Tensor) -> Tensor:
+        """Each position's document index: EOS tokens seen before it in the stream (rows in order)."""
+        flat = ids.flatten()
+        ends = (flat == self.eos).long()
+        doc = self.next_doc + torch.cumsum(ends, 0) - ends  # an EOS still belongs to the document it ends
+        self.next_doc += int(ends.sum())
+        return doc.view_as(ids)
+
+    def add_heads(self, ids: Tensor, doc: Tensor) -> None:
+        """Keep each document's first tokens (EOS excluded) for a text preview."""
+        flat_ids, flat_doc = ids.flatten().tolist(), doc.flatten().tolist()
+        for t, d in zip(flat_ids, flat_doc, strict=True):
+            head = self.docs.setdefault(d, {"tokens": 0, "head": []})["head"]
+            if len(head) < _HEAD_TOKENS and t != self.eos:
+                head.append(t)
+
+    def add_documents(self, name: str, doc: Tensor, agree: Tensor, correct: Tensor, first: bool) -> None:
+        """Add one batch's per-document agreements and correct predictions (of the real label positions)."""
+        if doc.numel() == 0:
+            return
+        base = int(doc.min())
+        local = (doc - base).cpu()
+        agree_sum = torch.bincount(local, weights=agree.double().cpu())
+        correct_sum = torch.bincount(local, weights=correct.double().cpu())
+        tokens = torch.bincount(local)
+        for j in torch.nonzero(tokens).flatten().tolist():
+            entry = self.docs.setdefault(base + j, {"tokens": 0, "head": []})
+            if first:  # the scored positions are the same for every model: count them once
+                entry["tokens"] += int(tokens[j])
+            side = entry.setdefault(name, {"agree": 0.0, "correct": 0.0})
+            side["agree"] += float(agree_sum[j])
+            side["correct"] += float(correct_sum[j])
+
+    def result(self) -> Heldout:
+        """Means of the running sums."""
+        metrics = {
+            name: {
+                "ppl": math.exp(s["nll"] / self.count),
+                "kl_to_teacher": s["kl"] / self.count,
+                "top1_agreement": s["agree"] / self.count,
+                "tokens": float(self.count),
+            }
+            for name, s in self.sums.items()
         }
-        for name, s in sums.items()
-    }
+        tail = {}
+        if self.buckets is not None:
+            for name, (agree, correct, tokens) in self.tail.items():
+                tail[name] = {
+                    bucket: (
+                        {
+                            "top1_agreement": float(agree[b] / tokens[b]),
+                            "accuracy": float(correct[b] / tokens[b]),
+                            "tokens": float(tokens[b]),
+                        }
+                        if tokens[b] > 0
+                        else {"tokens": 0.0}
+                    )
+                    for b, bucket in enumerate(TAIL_BUCKETS)
+                }
+        documents = [
+            {
+                "index": d,
+                "tokens": e["tokens"],
+                "head": e["head"],
+                **{
+                    name: {
+                        "top1_agreement": e[name]["agree"] / e["tokens"],
+                        "accuracy": e[name]["correct"] / e["tokens"],
+                    }
+                    for name in self.names
+                },
+            }
+            for d, e in sorted(self.docs.items())
+            if e["tokens"] > 0  # a document seen only as a block's unscored first token
+        ]
+        return Heldout(metrics, tail, documents)
 
 
 def _accumulate(
-    sums: dict[str, dict[str, float]],
+    tally: _Tally,
     models: dict[str, nn.Module],
     teacher: nn.Module,
     batch: dict[str, Tensor],
     vocab_size: int,
     device: torch.device | str,
-) -> int:
-    """Add one batch's summed NLL, KL and agreement per model into ``sums``; returns its real-token count."""
+) -> None:
+    """Add one batch's summed NLL, KL and agreement per model (and its buckets and documents) to ``tally``."""
     ids = batch["input_ids"].to(device)
     mask = batch.get("attention_mask")
     mask = mask.to(device) if mask is not None else None
     labels = batch["labels"].to(device)[:, 1:]
     real = labels != IGNORE_INDEX
+    doc = None
+    if tally.eos is not None:
+        positions = tally.document_ids(batch["input_ids"])
+        tally.add_heads(batch["input_ids"], positions)
+        doc = positions[:, 1:].to(device)[real]
+    bucket = None if tally.buckets is None else tally.buckets[labels.clamp(0, len(tally.buckets) - 1)][real]
     t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab_size].float()
     t_logp = F.log_softmax(t_logits, -1)
     t_top = t_logp.argmax(-1)
-    for name, model in models.items():
+    for k, (name, model) in enumerate(models.items()):
         logits = (
             t_logits
             if model is teacher
@@ -87,11 +270,42 @@ def _accumulate(
         logp = F.log_softmax(logits, -1)
         nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
-        agree = (logp.argmax(-1) == t_top).float()
-        sums[name]["nll"] += float(nll[real].sum())
-        sums[name]["kl"] += float(kl[real].sum())
-        sums[name]["agree"] += float(agree[real].sum())
-    return int(real.sum())
+        top = logp.argmax(-1)
+        agree = (top == t_top)[real]
+        correct = (top == labels)[real]
+        s = tally.sums[name]
+        s["nll"] += float(nll[real].sum())
+        s["kl"] += float(kl[real].sum())
+        s["agree"] += float(agree.sum())
+        if bucket is not None:
+            n = len(TAIL_BUCKETS)
+            for row, hits in enumerate((agree, correct, torch.ones_like(agree))):
+                tally.tail[name][row] += torch.bincount(bucket, weights=hits.double(), minlength=n).cpu()
+        if doc is not None:
+            tally.add_documents(name, doc, agree, correct, first=k == 0)
+    tally.count += int(real.sum())
+
+
+def summarize_documents(
+    documents: Sequence[dict[str, Any]], name: str = "student", min_tokens: int = MIN_DOC_TOKENS
+) -> dict[str, float]:
+    """The spread of one model's per-document top-1 agreement over documents with ``min_tokens`` scored tokens.
+
+    Returns:
+        ``top1_agreement_min``, ``top1_agreement_p10`` (10th percentile, linear interpolation),
+        ``top1_agreement_median`` and ``n`` (documents counted); empty when no document is long enough.
+
+    """
+    values = [d[name]["top1_agreement"] for d in documents if d["tokens"] >= min_tokens and name in d]
+    if not values:
+        return {}
+    v = torch.tensor(values, dtype=torch.float64)
+    return {
+        "top1_agreement_min": float(v.min()),
+        "top1_agreement_p10": float(torch.quantile(v, 0.1)),
+        "top1_agreement_median": float(torch.quantile(v, 0.5)),
+        "n": float(len(values)),
+    }
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

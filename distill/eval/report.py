@@ -3,7 +3,10 @@
 ``report.json`` and ``report.md`` go into the run directory, with ``training_curves.png`` and
 ``quality_vs_size.png``. The guard raises flags (and ``evaluate.py fail_on_degradation=true`` exits non-zero)
 when the compression ratio exceeds a limit, when task accuracy falls below a fraction of the
-teacher's, or when perplexity looks stable while task accuracy dropped ("perplexity lies").
+teacher's, when perplexity looks stable while task accuracy dropped ("perplexity lies"), or when the
+student lost much more of the teacher's accuracy on rare tokens than on common ones ("long tail").
+Task comparisons use the metrics' 95 % intervals (``<metric>_ci_low`` / ``<metric>_ci_high``) when the
+report has them, and the point estimates otherwise.
 """
 
 from __future__ import annotations
@@ -13,12 +16,27 @@ import datetime as dt
 import hashlib
 import json
 import platform
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-HIGHER_IS_BETTER = {"top1_agreement", "acc", "acc_norm", "exact_match", "token_agreement", "tokens_per_s"}
+from distill.eval.heldout import MIN_DOC_TOKENS, TAIL_BUCKETS
+
+HIGHER_IS_BETTER = {
+    "top1_agreement",
+    "top1_agreement_min",
+    "top1_agreement_p10",
+    "top1_agreement_median",
+    "accuracy",
+    "acc",
+    "acc_norm",
+    "exact_match",
+    "token_agreement",
+    "tokens_per_s",
+}
+CI_SUFFIXES = ("_ci_low", "_ci_high")
 
 
 def _higher_is_better(metric: str) -> bool | None:
@@ -27,29 +45,60 @@ def _higher_is_better(metric: str) -> bool | None:
         return True
     if leaf in {"ppl", "kl_to_teacher"}:
         return False
+    return None  # counts (tokens, n), interval bounds, sizes: no better direction
+
+
+def _ci_base(metric: str) -> str | None:
+    """The metric an interval bound belongs to (``task/x/acc`` for ``task/x/acc_ci_low``), else None."""
+    for suffix in CI_SUFFIXES:
+        if metric.endswith(suffix):
+            return metric[: -len(suffix)]
     return None
 
 
+def interval(side: Mapping[str, float], metric: str) -> tuple[float, float] | None:
+    """The 95 % interval of ``metric`` on one side, or None when the report has no interval for it."""
+    lo, hi = side.get(f"{metric}_ci_low"), side.get(f"{metric}_ci_high")
+    return None if lo is None or hi is None else (float(lo), float(hi))
+
+
 def compare(teacher: Mapping[str, float], student: Mapping[str, float]) -> list[dict[str, Any]]:
-    """Rows of (metric, teacher, student, absolute delta, relative delta); a side may lack a metric (None)."""
+    """Rows of (metric, teacher, student, absolute delta, relative delta); a side may lack a metric (None).
+
+    Interval bounds (``<metric>_ci_low`` / ``_ci_high``) get no rows of their own: they go into their
+    metric's row as ``teacher_ci`` / ``student_ci`` (``[low, high]`` or None), since a delta of bounds means
+    nothing.
+    """
     rows = []
     for metric in [*teacher, *(k for k in student if k not in teacher)]:
+        base = _ci_base(metric)
+        if base is not None and (base in teacher or base in student):
+            continue
         t, s = teacher.get(metric), student.get(metric)
         if t is None and s is None:
             continue
         delta = None if t is None or s is None else float(s) - float(t)
         rel = None if delta is None or not t else delta / abs(float(t))
-        rows.append(
-            {
-                "metric": metric,
-                "teacher": t,
-                "student": s,
-                "delta": delta,
-                "rel_delta": rel,
-                "higher_is_better": _higher_is_better(metric),
-            }
-        )
+        row = {
+            "metric": metric,
+            "teacher": t,
+            "student": s,
+            "delta": delta,
+            "rel_delta": rel,
+            "higher_is_better": _higher_is_better(metric),
+        }
+        t_ci, s_ci = interval(teacher, metric), interval(student, metric)
+        if t_ci or s_ci:
+            row["teacher_ci"] = list(t_ci) if t_ci else None
+            row["student_ci"] = list(s_ci) if s_ci else None
+        rows.append(row)
     return rows
+
+
+def retention(teacher: Mapping[str, float], student: Mapping[str, float], bucket: str) -> float | None:
+    """Student / teacher accuracy on one long-tail bucket; None when either is missing or the teacher's is 0."""
+    t, s = teacher.get(f"tail/{bucket}/accuracy"), student.get(f"tail/{bucket}/accuracy")
+    return None if t is None or s is None or t <= 0 else s / t
 
 
 def degradation_flags(
@@ -60,8 +109,17 @@ def degradation_flags(
     min_task_fraction: float = 0.9,
     ppl_stable_rel: float = 0.1,
     task_drop_abs: float = 0.05,
+    max_tail_gap: float = 0.15,
 ) -> list[dict[str, Any]]:
-    """The guard: each flag names what tripped and the numbers behind it."""
+    """The guard: each flag names what tripped and the numbers behind it.
+
+    With 95 % intervals for a task metric on both sides, ``task_accuracy`` fires only when the student's
+    whole interval lies below ``min_task_fraction`` × the teacher's lower bound, and ``perplexity_lies``
+    counts a task's drop only when the two intervals do not overlap. Without intervals (older reports, hub
+    tasks without per-sample scores) both fall back to the point estimates and their messages say so.
+    ``long_tail`` fires when the student's accuracy retention (student / teacher accuracy) on common
+    tokens exceeds that on rare tokens by more than ``max_tail_gap``.
+    """
     flags = []
     ratio = teacher.get("cost/bytes_memory", 0) / max(student.get("cost/bytes_memory", 0), 1)
     if ratio > max_compression_ratio:
@@ -73,33 +131,88 @@ def degradation_flags(
                 "message": f"compressed {ratio:.1f}× (> {max_compression_ratio}×): past the usual quality cliff",
             }
         )
+    # Only the accuracies themselves: their `_ci_low` / `_ci_high` / `n` companions end otherwise.
     task_keys = [k for k in teacher if k.startswith("task/") and k.endswith("/acc") and k in student]
-    for k in task_keys:
-        if teacher[k] > 0 and student[k] < min_task_fraction * teacher[k]:
-            flags.append(
-                {
-                    "flag": "task_accuracy",
-                    "metric": k,
-                    "value": student[k],
-                    "teacher": teacher[k],
-                    "limit": min_task_fraction,
-                    "message": f"{k}: {student[k]:.3f} < {min_task_fraction} × teacher's {teacher[k]:.3f}",
-                }
-            )
+    flags += [f for k in task_keys if (f := _task_flag(k, teacher, student, min_task_fraction))]
     if task_keys and "heldout/ppl" in teacher and "heldout/ppl" in student:
-        ppl_rel = (student["heldout/ppl"] - teacher["heldout/ppl"]) / teacher["heldout/ppl"]
-        drop = sum(teacher[k] - student[k] for k in task_keys) / len(task_keys)
-        if ppl_rel <= ppl_stable_rel and drop >= task_drop_abs:
-            flags.append(
-                {
-                    "flag": "perplexity_lies",
-                    "ppl_rel_change": ppl_rel,
-                    "task_drop": drop,
-                    "message": f"perplexity within {100 * ppl_stable_rel:.0f}% of the teacher's but task "
-                    f"accuracy down {drop:.3f} on average",
-                }
-            )
+        flag = _perplexity_lies(task_keys, teacher, student, ppl_stable_rel, task_drop_abs)
+        if flag:
+            flags.append(flag)
+    r_common, r_rare = retention(teacher, student, "common"), retention(teacher, student, "rare")
+    if r_common is not None and r_rare is not None and r_common - r_rare > max_tail_gap:
+        flags.append(
+            {
+                "flag": "long_tail",
+                "retention_common": r_common,
+                "retention_rare": r_rare,
+                "limit": max_tail_gap,
+                "message": f"the student keeps {r_rare:.3f} of the teacher's accuracy on rare tokens but "
+                f"{r_common:.3f} on common ones (gap {r_common - r_rare:.3f} > {max_tail_gap})",
+            }
+        )
     return flags
+
+
+def _task_flag(
+    k: str, teacher: Mapping[str, float], student: Mapping[str, float], fraction: float
+) -> dict[str, Any] | None:
+    """The ``task_accuracy`` flag of one task metric, by intervals when both sides have them, else by points."""
+    t_ci, s_ci = interval(teacher, k), interval(student, k)
+    flag = {"flag": "task_accuracy", "metric": k, "value": student[k], "teacher": teacher[k], "limit": fraction}
+    if t_ci and s_ci:
+        if s_ci[1] < fraction * t_ci[0]:
+            return {
+                **flag,
+                "basis": "intervals",
+                "student_ci": list(s_ci),
+                "teacher_ci": list(t_ci),
+                "message": f"{k}: student's 95% interval [{s_ci[0]:.3f}, {s_ci[1]:.3f}] lies below {fraction} × "
+                f"the teacher's lower bound (teacher [{t_ci[0]:.3f}, {t_ci[1]:.3f}])",
+            }
+        return None
+    if teacher[k] > 0 and student[k] < fraction * teacher[k]:
+        return {
+            **flag,
+            "basis": "points",
+            "message": f"{k}: {student[k]:.3f} < {fraction} × teacher's {teacher[k]:.3f} "
+            "(point estimates: the report has no intervals for this task)",
+        }
+    return None
+
+
+def _perplexity_lies(
+    task_keys: Sequence[str],
+    teacher: Mapping[str, float],
+    student: Mapping[str, float],
+    ppl_stable_rel: float,
+    task_drop_abs: float,
+) -> dict[str, Any] | None:
+    """The "perplexity lies" flag: perplexity close to the teacher's while task accuracy dropped on average."""
+    ppl_rel = (student["heldout/ppl"] - teacher["heldout/ppl"]) / teacher["heldout/ppl"]
+    drops, by_points = [], []
+    for k in task_keys:
+        t_ci, s_ci = interval(teacher, k), interval(student, k)
+        if t_ci and s_ci:
+            # Overlapping intervals: the drop may be sampling noise, so it counts as none.
+            drops.append(teacher[k] - student[k] if s_ci[1] < t_ci[0] else 0.0)
+        else:
+            drops.append(teacher[k] - student[k])
+            by_points.append(k)
+    drop = sum(drops) / len(drops)
+    if ppl_rel > ppl_stable_rel or drop < task_drop_abs:
+        return None
+    basis = (
+        "counting only drops whose 95% intervals separate"
+        if not by_points
+        else f"point estimates for {', '.join(by_points)} (no intervals)"
+    )
+    return {
+        "flag": "perplexity_lies",
+        "ppl_rel_change": ppl_rel,
+        "task_drop": drop,
+        "message": f"perplexity within {100 * ppl_stable_rel:.0f}% of the teacher's but task "
+        f"accuracy down {drop:.3f} on average ({basis})",
+    }
 
 
 def versions() -> dict[str, str]:
@@ -116,6 +229,177 @@ def versions() -> dict[str, str]:
 def config_hash(config: Mapping[str, Any]) -> str:
     """A short, stable hash of the resolved config."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _short(x: Any, width: int = 40) -> str:
+    """A value in a few characters: lists and dicts by their size, long strings cut."""
+    if isinstance(x, (list, tuple)):
+        return f"{len(x)} items"
+    if isinstance(x, dict):
+        return f"{len(x)} entries"
+    if isinstance(x, float):
+        return f"{x:g}"
+    text = str(x)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _target(config: Mapping[str, Any]) -> str | None:
+    """The class or function a Hydra node builds, without its module path."""
+    target = config.get("_target_")
+    return str(target).rsplit(".", 1)[-1] if target else None
+
+
+def _settings(config: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
+    """``key=value`` for the set (non-None) settings of a node, lists and dicts by their size."""
+    return ", ".join(
+        f"{k}={_short(v)}" for k, v in config.items() if v is not None and k != "_target_" and k not in skip
+    )
+
+
+def _spread(values: Sequence[int]) -> str:
+    """One number when all are equal, else their range: ``768`` or ``700–900``."""
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def _distillation(config: Mapping[str, Any]) -> str:
+    teacher, student = config.get("teacher") or {}, config.get("student") or {}
+    objective, optimizer = config.get("objective") or {}, config.get("optimizer") or {}
+    name = teacher.get("name") or teacher.get("path") or teacher.get("package") or _target(teacher) or "?"
+    target = str(student.get("_target_") or "?").split(".")
+    # Student builders are module-level ``build`` functions: the module names the recipe.
+    builder = target[-2] if target[-1] == "build" and len(target) > 1 else target[-1]
+    parts = [f"teacher {name} → student {builder}({_settings(student)})"]
+    loss = f"{objective.get('loss', '?')} loss"
+    knobs = [f"α={objective[k]}" for k in ("alpha",) if objective.get(k) is not None]
+    knobs += [f"T={objective['temperature']}"] if objective.get("temperature") is not None else []
+    hidden = objective.get("hidden") or {}
+    if hidden.get("weight"):
+        knobs.append(f"hidden {hidden.get('kind', 'mse')} ×{hidden['weight']}")
+    parts.append(loss + (f" ({', '.join(knobs)})" if knobs else ""))
+    if optimizer:
+        parts.append(f"{_target(optimizer) or 'optimizer'} lr {optimizer.get('lr', '?')}")
+    if config.get("steps") is not None:
+        parts.append(f"{config['steps']} steps")
+    return "; ".join(parts)
+
+
+def _prune(config: Mapping[str, Any], before: dict[str, list[int]]) -> str:
+    """One pruning step: what each layer keeps, against the previous step's counts when there was one.
+
+    ``before`` carries the per-layer counts of the previous pruning step and is updated in place, so
+    progressive pruning reads as a chain (``MLP channels 1092→864``).
+    """
+    parts = []
+    layers = config.get("layers")
+    if layers is not None:
+        was = f"{len(before['layers'])}→" if before.get("layers") else ""
+        parts.append(f"layers {was}{len(layers)} (kept {', '.join(map(str, layers))})")
+        # Later counts are per surviving layer: re-index the previous step's onto them.
+        for key in ("heads", "kv_heads", "channels"):
+            if key in before and len(before[key]) > max(layers, default=-1):
+                before[key] = [before[key][i] for i in layers]
+        before["layers"] = list(layers)
+    for key, label, spec in (
+        ("heads", "query heads", "q_heads"),
+        ("kv_heads", "KV heads", "kv_heads"),
+        ("channels", "MLP channels", "channels"),
+    ):
+        kept = config.get(spec)
+        if kept is None:
+            continue
+        counts = [len(k) for k in kept]
+        prev = before.get(key)
+        was = f"{_spread(prev)}→" if prev and len(prev) == len(counts) else "kept "
+        parts.append(f"{label} {was}{_spread(counts)} per layer")
+        before[key] = counts
+    if config.get("biases"):
+        parts.append(f"bias compensation on {', '.join(config['biases'])}")
+    n_layers = next((len(config[k]) for k in ("channels", "q_heads") if config.get(k) is not None), None)
+    tail = f" ({n_layers} layers)" if n_layers else ""
+    return (", ".join(parts) or "no change") + tail
+
+
+def _qat(config: Mapping[str, Any]) -> str:
+    scheme, group = config.get("scheme"), config.get("group_size")
+    try:  # the scheme table says what the name means; torchao is imported only here
+        from distill.compress.quant.schemes import SCHEMES
+
+        known = SCHEMES.get(str(scheme))
+    except ImportError:
+        known = None
+    if known is None:
+        what = f"{scheme}" + (f" in groups of {group}" if group else "")
+    else:
+        what = f"int{known.weight_bits} weights" + (f" in groups of {group}" if group else "")
+        if known.act_bits:
+            what += f", int{known.act_bits} dynamic activations"
+        what += f" ({scheme})"
+    skip = config.get("skip")
+    if skip is None:
+        return what + ", default skip list"
+    # Globs in backticks: ``*embed*`` would otherwise render as emphasis.
+    return what + (f", skip {', '.join(f'`{g}`' for g in skip)}" if skip else ", every linear layer")
+
+
+def _share(config: Mapping[str, Any]) -> str:
+    groups = [g for g in config.get("groups") or [] if len(g) > 1]
+    sizes = {len(g) for g in groups}
+    how = f"in groups of {sizes.pop()}" if len(sizes) == 1 else f"in {len(groups)} groups"
+    text = f"layers tied {how}: {', '.join('+'.join(map(str, g)) for g in groups)}"
+    lora = config.get("lora")
+    if lora and lora.get("rank"):
+        targets = lora.get("targets") or []
+        text += f"; rank-{lora['rank']} LoRA per layer on {len(targets)} projections ({', '.join(targets)})"
+    return text
+
+
+def _lowrank(config: Mapping[str, Any]) -> str:
+    ranks = list((config.get("ranks") or {}).values())
+    if not ranks:
+        return "no layer factorised"
+    return f"{len(ranks)} linear layers factorised, rank {_spread(ranks)} (median {statistics.median(ranks):g})"
+
+
+def _callback_prune(config: Mapping[str, Any]) -> str:
+    targets = [f"{k} {_short(config[k])}" for k in ("heads", "channels", "layers", "target") if config.get(k)]
+    how = [f"{config.get('importance', '?')} importance", f"{config.get('schedule', '?')} schedule"]
+    steps = f"steps {config.get('start_step', '?')}–{config.get('end_step', '?')}"
+    if config.get("every_n_steps"):
+        steps += f" every {config['every_n_steps']}"
+    extras = ["bias compensation"] if config.get("bias_compensation") else []
+    return f"{_target(config) or 'pruning'}: {', '.join(targets)} ({', '.join([*how, steps, *extras])})"
+
+
+def summarize_modifications(modifications: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One readable line per modification, in order (the full records stay in report.json).
+
+    Known kinds (``distillation``, ``prune``, ``qat``, ``share``, ``lowrank``, ``callback:prune``) get a
+    summary of what changed; any other kind lists its set scalar settings, with lists as "N items".
+    """
+    pruned: dict[str, list[int]] = {}  # per-layer counts after the latest pruning step
+    lines = []
+    for m in modifications:
+        kind, config = m.get("kind", "?"), m.get("config") or {}
+        if not isinstance(config, Mapping):
+            text = _short(config, 80)
+        elif kind == "distillation":
+            text = _distillation(config)
+        elif kind == "prune":
+            text = _prune(config, pruned)
+        elif kind == "qat":
+            text = _qat(config)
+        elif kind == "share":
+            text = _share(config)
+        elif kind == "lowrank":
+            text = _lowrank(config)
+        elif kind == "callback:prune":
+            text = _callback_prune(config)
+        else:
+            name = _target(config)
+            text = (f"{name}: " if name else "") + (_settings(config) or "no settings")
+        lines.append(text)
+    return lines
 
 
 def build_report(
@@ -148,8 +432,76 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _with_ci(x: Any, ci: Sequence[float] | None) -> str:
+    """A value and its 95 % interval, ``0.412 [0.371, 0.455]``; the value alone without one."""
+    return _fmt(x) if not ci else f"{_fmt(x)} [{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
+def _cell(text: str) -> str:
+    """Plain text shown as is in markdown: no emphasis from ``*embed*`` globs, no broken table cells."""
+    return "".join("\\" + c if c in "\\`*_[]<>|#" else c for c in text)
+
+
+def _tail_table(report: Mapping[str, Any]) -> list[str]:
+    teacher, student = report["metrics"]["teacher"], report["metrics"]["student"]
+    if not any(f"tail/{b}/tokens" in student for b in TAIL_BUCKETS):
+        return []
+    lines = [
+        "",
+        "## Long tail",
+        "",
+        "Held-out tokens bucketed by how often the label token occurs in the training split: ranked by count, "
+        "`common` are the most frequent ids that together make up the first third of the training tokens, "
+        "`middle` the next third, `rare` the last third and ids never seen in training. Retention is student "
+        "accuracy / teacher accuracy.",
+        "",
+        "| bucket | tokens | teacher acc | student acc | retention | student top-1 agreement |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for b in reversed(TAIL_BUCKETS):
+        tokens = student.get(f"tail/{b}/tokens")
+        lines.append(
+            f"| {b} | {_fmt(None if tokens is None else int(tokens))} | {_fmt(teacher.get(f'tail/{b}/accuracy'))} "
+            f"| {_fmt(student.get(f'tail/{b}/accuracy'))} | {_fmt(retention(teacher, student, b))} "
+            f"| {_fmt(student.get(f'tail/{b}/top1_agreement'))} |"
+        )
+    return lines
+
+
+def _documents_table(report: Mapping[str, Any], worst: int = 5) -> list[str]:
+    docs = report.get("documents") or []
+    if not docs:
+        return []
+    long_enough = [d for d in docs if d["tokens"] >= MIN_DOC_TOKENS] or list(docs)
+    ranked = sorted(long_enough, key=lambda d: (d["student_top1_agreement"], d["index"]))[:worst]
+    s = report["metrics"]["student"]
+    spread = (
+        f"student top-1 agreement over the {int(s['docs/n'])} with ≥ {MIN_DOC_TOKENS} scored tokens: "
+        f"min {_fmt(s['docs/top1_agreement_min'])}, 10th percentile {_fmt(s['docs/top1_agreement_p10'])}, "
+        f"median {_fmt(s['docs/top1_agreement_median'])}"
+        if "docs/n" in s
+        else f"none has {MIN_DOC_TOKENS} scored tokens"
+    )
+    lines = [
+        "",
+        "## Held-out documents",
+        "",
+        f"Documents scored: {len(docs)}; {spread}. The {len(ranked)} with the lowest agreement:",
+        "",
+        "| doc | tokens | student top-1 agreement | student acc | teacher acc | starts with |",
+        "| ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for d in ranked:
+        start = _cell(d["text"]) if d.get("text") else f"document {d['index']}"
+        lines.append(
+            f"| {d['index']} | {d['tokens']} | {_fmt(d['student_top1_agreement'])} | {_fmt(d['student_accuracy'])} "
+            f"| {_fmt(d['teacher_accuracy'])} | {start} |"
+        )
+    return lines
+
+
 def to_markdown(report: Mapping[str, Any]) -> str:
-    """The human-readable report."""
+    """The human-readable report: metrics (with 95 % intervals where measured), long tail, documents, changes."""
     lines = [
         f"# Compression report ({report['created']})",
         "",
@@ -159,13 +511,23 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for r in report["comparison"]:
+        if r["metric"].startswith("tail/"):  # in the long-tail table below
+            continue
         rel = None if r["rel_delta"] is None else 100 * r["rel_delta"]
-        lines.append(
-            f"| {r['metric']} | {_fmt(r['teacher'])} | {_fmt(r['student'])} | {_fmt(r['delta'])} | {_fmt(rel)} |"
-        )
+        teacher, student = _with_ci(r["teacher"], r.get("teacher_ci")), _with_ci(r["student"], r.get("student_ci"))
+        lines.append(f"| {r['metric']} | {teacher} | {student} | {_fmt(r['delta'])} | {_fmt(rel)} |")
+    if any(r.get("teacher_ci") or r.get("student_ci") for r in report["comparison"]):
+        lines += ["", "Brackets: 95 % bootstrap intervals."]
+    lines += _tail_table(report)
+    lines += _documents_table(report)
     lines += ["", "## Modifications, in the order applied", ""]
-    for i, m in enumerate(report["modifications"], 1):
-        lines.append(f"{i}. **{m['kind']}**: `{json.dumps(m.get('config', {}), default=str)}`")
+    summaries = summarize_modifications(report["modifications"])
+    lines += [
+        f"{i}. **{m['kind']}**: {text}"
+        for i, (m, text) in enumerate(zip(report["modifications"], summaries, strict=True), 1)
+    ]
+    if report["modifications"]:
+        lines += ["", "The full records are in report.json."]
     flags = report["degradation"]["flags"]
     lines += ["", "## Degradation guard", "", "No flags." if not flags else ""]
     lines += [f"- ⚠ **{f['flag']}**: {f['message']}" for f in flags]

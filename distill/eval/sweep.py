@@ -58,8 +58,8 @@ def load_point(path: Path) -> dict[str, Any]:
         "path": path,
         "report": report,
         "overrides": list(overrides or []),
-        "teacher": report["metrics"]["teacher"],
-        "student": report["metrics"]["student"],
+        "teacher": report.get("metrics", {}).get("teacher", {}),
+        "student": report.get("metrics", {}).get("student", {}),
         "run": report.get("run") or {},
     }
 
@@ -80,6 +80,16 @@ def task_accuracy(metrics: dict[str, float]) -> float | None:
     return sum(accs) / len(accs) if accs else None
 
 
+def task_names(points: list[dict[str, Any]]) -> list[str]:
+    """The tasks with an accuracy in any point, in first-seen order."""
+    names: dict[str, None] = {}
+    for p in points:
+        for key in p["student"]:
+            if key.startswith("task/") and key.endswith("/acc"):
+                names[key.split("/")[1]] = None
+    return list(names)
+
+
 def teacher_row(points: list[dict[str, Any]]) -> dict[str, float]:
     """The teacher's metrics: quality from the first report, tokens/s as the median over all reports.
 
@@ -97,29 +107,98 @@ def _num(x: float | None, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
 
-def summary_table(points: list[dict[str, Any]]) -> str:
-    """A markdown table: the teacher first, then one row per point."""
-    head = (
-        "| model | memory (MB) | ratio vs teacher | held-out ppl | top-1 agreement | task acc | tokens/s (CPU) "
-        "| train time | guard |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
-    )
-    t = teacher_row(points)
-    rows = [
-        f"| teacher ({points[0]['report']['models']['baseline']}) | {t['cost/bytes_memory'] / 1e6:.1f} | 1.00× "
-        f"| {t['heldout/ppl']:.2f} | 1.000 | {_num(task_accuracy(t), '.3f')} "
-        f"| {_num(t.get('cost/tokens_per_s'), '.1f')} | – | – |"
+def _acc(metrics: dict[str, float], task: str) -> str:
+    """``0.412 (0.371–0.455)``: a task's accuracy with its bootstrap 95 % interval when the report has one."""
+    key = f"task/{task}/acc"
+    if key not in metrics:
+        return "–"
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    return f"{metrics[key]:.3f}" + ("" if low is None or high is None else f" ({low:.2f}–{high:.2f})")
+
+
+def _row(label: str, m: dict[str, float], run: dict[str, Any], flags: str, tasks: list[str]) -> str:
+    mb = lambda k: _num(None if m.get(k) is None else m[k] / 1e6, ".1f")  # noqa: E731 - a column formatter
+    secs = run.get("train_seconds")
+    cells = [
+        label,
+        mb("cost/bytes_disk"),
+        _num(m.get("cost/ratio_vs_fp32_teacher"), ".2f") + "×",
+        _num(m.get("cost/ratio_vs_shipped_teacher"), ".2f") + "×",
+        _num(m.get("cost/bits_per_weight_disk"), ".2f"),
+        mb("cost/bytes_memory"),
+        _num(m.get("heldout/ppl"), ".2f"),
+        _num(m.get("heldout/top1_agreement"), ".3f"),
+        _num(m.get("heldout/kl_to_teacher"), ".3f"),
+        *(_acc(m, t) for t in tasks),
+        _num(m.get("cost/tokens_per_s"), ".1f"),
+        "–" if secs is None else f"{secs / 60:.1f} min",
+        flags,
     ]
+    return "| " + " | ".join(c.replace("–×", "–") for c in cells) + " |"
+
+
+def summary_table(points: list[dict[str, Any]], teacher: bool | None = None) -> str:
+    """A markdown table, one row per point; the size column is the deployable artifact's bytes on disk.
+
+    The teacher row (the teacher as the runs loaded it: quality of the dequantized model, size of the file
+    it came from) comes first unless ``teacher`` is False; by default it is left out when the points include
+    baseline rows, which measure the teacher's forms (fp32, bf16, as shipped) themselves.
+    """
+    tasks = task_names(points)
+    head = (
+        "| model | disk (MB) | ratio vs fp32 teacher | ratio vs shipped teacher | bits/weight (disk) | memory (MB) "
+        "| held-out ppl | top-1 agreement | KL to teacher | "
+        + "".join(f"{t} acc (95% CI) | " for t in tasks)
+        + "tokens/s (CPU) | train time | guard |\n"
+        + "| --- |"
+        + " ---: |" * (10 + len(tasks))
+        + " --- |"
+    )
+    if teacher is None:
+        teacher = not any(p["run"].get("baseline") for p in points)
+    rows = []
+    if teacher:
+        name = points[0]["report"]["models"]["baseline"]
+        rows.append(_row(f"teacher ({name})", teacher_row(points), {}, "–", tasks))
     for p in points:
-        s, run = p["student"], p["run"]
+        if p["run"].get("unavailable"):  # a baseline that cannot run here says why instead of numbers
+            rows.append(f"| {p['label']} | {p['run']['unavailable']} |" + " |" * (10 + len(tasks)))
+            continue
         flags = list(dict.fromkeys(f["flag"] for f in p["report"]["degradation"]["flags"]))  # once per kind
-        secs = run.get("train_seconds")
-        rows.append(
-            f"| {p['label']} | {s['cost/bytes_memory'] / 1e6:.1f} | {_num(s.get('cost/compression_ratio'), '.2f')}× "
-            f"| {s['heldout/ppl']:.2f} | {s['heldout/top1_agreement']:.3f} | {_num(task_accuracy(s), '.3f')} "
-            f"| {_num(s.get('cost/tokens_per_s'), '.1f')} | {_num(None if secs is None else secs / 60, '.1f')} min "
-            f"| {', '.join(flags) or 'ok'} |"
-        )
+        rows.append(_row(p["label"], p["student"], p["run"], ", ".join(flags) or "ok", tasks))
     return "\n".join([head, *rows])
+
+
+def same_evaluation(point: dict[str, Any], reference: dict[str, Any]) -> bool:
+    """Whether two reports scored their models against the same teacher on the same held-out data.
+
+    The teacher's held-out perplexity is a fingerprint of both: a different corpus, split, block size or
+    teacher changes it, so a baseline row is shown next to a run only when they agree to 1e-6.
+    """
+    same_teacher = point["report"]["models"]["baseline"] == reference["report"]["models"]["baseline"]
+    if point["run"].get("unavailable"):  # measured nothing, so only the teacher can be matched
+        return same_teacher
+    a, b = point["teacher"].get("heldout/ppl"), reference["teacher"].get("heldout/ppl")
+    return same_teacher and a is not None and b is not None and abs(a - b) <= 1e-6 * abs(b)
+
+
+def baseline_points(folder: str | Path | None, like: dict[str, Any]) -> list[dict[str, Any]]:
+    """The baseline reports under ``folder`` (``bench/baselines.py``) that match ``like``'s evaluation, by size."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    points = []
+    for path in find_reports([folder]):
+        point = load_point(path)
+        if point["run"].get("baseline") and same_evaluation(point, like):
+            point["label"] = f"baseline: {point['run'].get('recipe') or path.parent.name}"
+            points.append(point)
+    # Smallest compression first, like a size axis; the ones that could not run go last.
+    return sorted(points, key=lambda p: (bool(p["run"].get("unavailable")), _size_ratio(p["student"]) or 0.0))
+
+
+def _size_ratio(metrics: dict[str, float]) -> float:
+    """The disk ratio against the fp32 teacher; older reports without it fall back to the memory ratio."""
+    return metrics.get("cost/ratio_vs_fp32_teacher", metrics.get("cost/compression_ratio", float("nan")))
 
 
 def plot_quality_vs_size(points: list[dict[str, Any]], path: str | Path, cliff: float | None = None) -> Path:
@@ -139,17 +218,18 @@ def plot_quality_vs_size(points: list[dict[str, Any]], path: str | Path, cliff: 
         (axes[0], "heldout/ppl", "held-out perplexity", True),
         (axes[1], "heldout/top1_agreement", "top-1 agreement with the teacher", False),
     ):
-        xs = [p["student"].get("cost/compression_ratio", float("nan")) for p in points]
-        ys = [p["student"][key] for p in points]
+        shown = [p for p in points if key in p["student"]]
+        xs = [_size_ratio(p["student"]) for p in shown]
+        ys = [p["student"][key] for p in shown]
         ax.scatter(xs, ys, marker="o", s=40, label="student")
-        for x, y, p in zip(xs, ys, points, strict=True):
+        for x, y, p in zip(xs, ys, shown, strict=True):
             ax.annotate(p["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.scatter([1.0], [t.get(key, 1.0)], marker="*", s=180, color="tab:red", label="teacher")
         ax.axvline(cliff, linestyle="--", color="grey", label=f"guard: {cliff:g}× compression")
         ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
-        ax.set_xlabel("compression ratio vs teacher (memory bytes)")
+        ax.set_xlabel("compression ratio vs fp32 teacher (bytes on disk)")
         ax.set_ylabel(name)
         ax.legend(fontsize=7)
     fig.suptitle("quality vs size")
@@ -162,17 +242,28 @@ def plot_quality_vs_size(points: list[dict[str, Any]], path: str | Path, cliff: 
     return path
 
 
-def summarize(roots: Sequence[str | Path], out_dir: str | Path) -> tuple[Path, Path] | None:
+def summarize(
+    roots: Sequence[str | Path], out_dir: str | Path, baselines: str | Path | None = None
+) -> tuple[Path, Path] | None:
     """Write ``sweep_report.md`` and ``quality_vs_size.png`` for the reports under ``roots`` into ``out_dir``.
 
+    The baseline reports under ``baselines`` that were measured against the same teacher on the same data
+    (:func:`same_evaluation`) are added as rows, so every point stands next to its alternatives.
     Returns None (and logs why) when there is no report to combine.
     """
     reports = find_reports(roots)
     if not reports:
         log.warning("no report.json under %s: nothing to combine (was eval.enabled=false?)", list(map(str, roots)))
         return None
-    points = [load_point(p) for p in reports]
+    points = [p for p in map(load_point, reports) if not p["run"].get("baseline")]
+    if not points:
+        log.warning("only baseline reports under %s: nothing to combine", list(map(str, roots)))
+        return None
     label_points(points)
+    extra = baseline_points(baselines, points[0])
+    if baselines is not None and not extra:
+        log.info("no baseline report under %s matches these runs' teacher and held-out data", baselines)
+    points = extra + points
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = plot_quality_vs_size(points, out_dir / "quality_vs_size.png")
@@ -182,7 +273,9 @@ def summarize(roots: Sequence[str | Path], out_dir: str | Path) -> tuple[Path, P
         "",
         summary_table(points),
         "",
-        "Memory bytes are the compression ratio's basis. Task accuracy is the mean over the run's tasks.",
+        "Sizes are the deployable artifact's bytes on disk; ratios compare them with the teacher in fp32 and "
+        "with the file the teacher was loaded from. Bits per weight count the weight files over the parameters. "
+        "Task accuracies carry bootstrap 95 % intervals. Baseline rows come first.",
         "",
         "Reports:",
         "",
@@ -194,7 +287,15 @@ def summarize(roots: Sequence[str | Path], out_dir: str | Path) -> tuple[Path, P
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, combine its points' reports (``conf/hydra/default.yaml``)."""
+    """Hydra callback: after a multirun, combine its points' reports (``conf/hydra/default.yaml``).
+
+    Args:
+        baselines: a folder of baseline reports (``bench/baselines.py``) to add as rows when they match.
+
+    """
+
+    def __init__(self, baselines: str | None = None) -> None:
+        self.baselines = baselines
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Write the sweep's table and plot into ``hydra.sweep.dir``."""
@@ -202,7 +303,7 @@ class SweepSummary(Callback):
             # Hydra has left the per-job config by now; a user's sweep dir may still use ${hydra:...}.
             HydraConfig.instance().set_config(config)
         sweep_dir = Path(config.hydra.sweep.dir)
-        written = summarize([sweep_dir], sweep_dir)
+        written = summarize([sweep_dir], sweep_dir, self.baselines)
         if written:
             log.info("sweep summary: %s, %s", *written)
 
@@ -220,7 +321,7 @@ def run(cfg: DictConfig) -> tuple[Path, Path]:
     missing = [r for r in runs if not Path(r).exists()]
     if missing:
         raise config_error("runs", missing, "no such folder; pass run directories or a multirun folder")
-    written = summarize(runs, cfg.out or runs[0])
+    written = summarize(runs, cfg.out or runs[0], cfg.get("baselines"))
     if written is None:
         raise config_error("runs", runs, "no report.json found; run with eval.enabled=true")
     print(f"wrote {written[0]} and {written[1]}")

@@ -15,33 +15,73 @@ is available locally, and fail with a clear error when it is not.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import importlib
+import importlib.metadata
 import json
+import logging
+import os
 import random
 import re
-from collections.abc import Sequence
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from distill.config import ConfigError
+from distill.eval.intervals import bootstrap_interval
+
+log = logging.getLogger("distill")
 
 LOCAL_TASKS = ("distill_lastword", "distill_cloze")
-_WORD_END = re.compile(r"^(.*\S)\s+([A-Za-z]{3,})[.!?]?\s*$", re.S)
+# A text that ends in a plain word, possibly inside a closing bracket or quote: the context and the word.
+_WORD_END = re.compile(r"^(.*\S)\s+([A-Za-z]{3,})[)\"'”’]*[.!?]?\s*$", re.S)
+# A sentence ends at . ! or ? followed by space and a capital, a digit or an opening quote or bracket.
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(`])")
+_CLAUSE_BREAK = re.compile(r"[,;] ")
 
 
-def _passages(texts: Sequence[str], min_chars: int = 200, max_chars: int = 600) -> list[str]:
-    """Paragraph-sized passages of prose (code-like lines and short fragments are skipped)."""
-    out = []
+def _is_prose(text: str) -> bool:
+    """Mostly letters, and no interactive-session code (many docstrings carry doctests)."""
+    return sum(c.isalpha() for c in text) > 0.7 * len(text) and ">>>" not in text
+
+
+def _sentences(paragraph: str) -> list[str]:
+    return [s for s in _SENTENCE_BREAK.split(paragraph) if s]
+
+
+def _passages(texts: Sequence[str], min_chars: int = 100, max_chars: int = 250) -> list[str]:
+    """Non-overlapping windows of whole sentences of prose, ``min_chars`` to ``max_chars`` long.
+
+    Each paragraph is cut at sentence ends into consecutive windows, so a long paragraph gives several
+    examples instead of one truncated one. A sentence longer than ``max_chars`` (a table, a run-on list)
+    is skipped, and windows that are not prose (code, doctests, tables) are left out. Short windows keep
+    scoring cheap: 500 examples of each task from 100-250 character windows are ~90k tokens of requests
+    (150-400 would be ~130k), about 4 minutes for the 135M embedded teacher on two CPU cores.
+    """
+    out: list[str] = []
     for text in texts:
         for para in re.split(r"\n\s*\n", text):
-            para = " ".join(para.split())
-            if min_chars <= len(para) and sum(c.isalpha() for c in para) > 0.7 * len(para):
-                out.append(para[:max_chars])
+            window: list[str] = []
+            for sentence in [*_sentences(" ".join(para.split())), None]:  # None flushes the last window
+                size = sum(len(s) + 1 for s in window) - 1
+                if sentence is not None and size + 1 + len(sentence) <= max_chars:
+                    window.append(sentence)
+                    continue
+                joined = " ".join(window)
+                if len(joined) >= min_chars and _is_prose(joined):
+                    out.append(joined)
+                window = [sentence] if sentence is not None and len(sentence) <= max_chars else []
     return out
 
 
-def build_local_tasks(texts: Sequence[str], out_dir: str | Path, n_examples: int = 50, seed: int = 0) -> Path:
+def build_local_tasks(texts: Sequence[str], out_dir: str | Path, n_examples: int = 500, seed: int = 0) -> Path:
     """Write the two local tasks' data (jsonl) and lm-eval task configs (yaml) into ``out_dir``.
 
     Args:
@@ -70,36 +110,97 @@ def build_local_tasks(texts: Sequence[str], out_dir: str | Path, n_examples: int
 
 
 def _lastword_examples(passages: Sequence[str], n_examples: int) -> list[dict[str, str]]:
-    """Passages cut after a sentence, split into the text before the last word and that word."""
+    """Passages cut after a sentence that ends in a plain word, split into the text before it and the word.
+
+    The last sentence is tried first, then earlier ones while at least 80 characters of context remain,
+    since a sentence ending in a name, a quote or a bracket has no plain last word to predict.
+    """
     lastword = []
     for p in passages:
-        sentence_end = p.rfind(".", 0, len(p) - 1)
-        cut = p[: sentence_end + 1] if sentence_end > 100 else p
-        m = _WORD_END.match(cut.rstrip("."))
-        if m:
-            lastword.append({"context": m.group(1), "target": " " + m.group(2)})
         if len(lastword) == n_examples:
+            break
+        sentences = _sentences(p)
+        for k in range(len(sentences), 0, -1):
+            m = _WORD_END.match(" ".join(sentences[:k]).rstrip("."))
+            if m is None or len(m.group(1)) < 80:
+                continue
+            lastword.append({"context": m.group(1), "target": " " + m.group(2)})
             break
     return lastword
 
 
 def _cloze_examples(passages: Sequence[str], n_examples: int, rng: random.Random) -> list[dict[str, Any]]:
-    """A passage's start, its true continuation and three continuations taken from other passages."""
+    """A passage's start, its true continuation and three continuations taken from other passages.
+
+    The passage is cut at its last sentence end that leaves at least 80 characters of context, else at
+    its last clause break (comma or semicolon), else between two words. The distractors continue in the
+    same way (a sentence start, text after a clause break, or mid-sentence words) and come from other
+    passages, cut to the truth's number of words, and no choice keeps a final full stop: neither a capital
+    letter, the length nor the end of a sentence gives the true continuation away.
+    """
+    pools = _openings(passages)
     cloze = []
-    for i, p in enumerate(passages[:n_examples]):
-        split = p.rfind(". ", 0, int(len(p) * 0.75))
-        if split < 80:
+    for i, p in enumerate(passages):
+        if len(cloze) == n_examples:
+            break
+        context, rest, kind = _cloze_cut(p)
+        # The truth stops at its sentence's end, as every distractor does.
+        words = _opening((_sentences(rest) or [""])[0], 120).rstrip(".!?").split()
+        if len(words) < 3:
             continue
-        context, truth = p[: split + 1], " " + p[split + 2 : split + 2 + 120].rsplit(" ", 1)[0]
-        others = [q for j, q in enumerate(passages) if j != i]
-        distractors = []
-        for q in rng.sample(others, 3):
-            start = rng.randrange(0, max(1, len(q) - 130))
-            distractors.append(" " + q[start : start + 120].split(" ", 1)[-1].rsplit(" ", 1)[0])
+        truth = " " + " ".join(words)
+        distractors: list[str] = []
+        for _ in range(50):  # bounded: repeated text could make distinct openings scarce
+            j, other = rng.choice(pools[kind])
+            start = rng.randrange(1, max(2, len(other) - len(words))) if kind == "words" else 0
+            candidate = " " + " ".join(other[start : start + len(words)]).rstrip(".!?")
+            if j != i and len(other) - start >= len(words) and candidate not in (truth, *distractors):
+                distractors.append(candidate)
+            if len(distractors) == 3:
+                break
+        else:
+            continue
         choices = [truth, *distractors]
         rng.shuffle(choices)
         cloze.append({"context": context, "choices": choices, "label": choices.index(truth)})
     return cloze
+
+
+def _cloze_cut(passage: str, min_context: int = 80) -> tuple[str, str, str]:
+    """``(context, continuation, kind)``: the passage cut after at least ``min_context`` characters.
+
+    At the last sentence end that allows it (kind ``sentence``), else at the last clause break
+    (``clause``), else at the word boundary nearest to 60 % of the passage (``words``).
+    """
+    sentences = _sentences(passage)
+    for k in range(len(sentences) - 1, 0, -1):
+        context = " ".join(sentences[:k])
+        if len(context) >= min_context:
+            return context, " ".join(sentences[k:]), "sentence"
+    breaks = [m for m in _CLAUSE_BREAK.finditer(passage) if m.start() >= min_context]
+    if breaks:
+        return passage[: breaks[-1].start() + 1], passage[breaks[-1].end() :], "clause"
+    space = passage.rfind(" ", 0, max(min_context, int(0.6 * len(passage))) + 1)
+    return passage[:space], passage[space + 1 :], "words"
+
+
+def _opening(text: str, max_chars: int) -> str:
+    """The text, or its first words up to ``max_chars`` characters."""
+    return text if len(text) <= max_chars else text[: max_chars + 1].rsplit(" ", 1)[0]
+
+
+def _openings(passages: Sequence[str]) -> dict[str, list[tuple[int, list[str]]]]:
+    """Where distractors start, by kind, as (passage index, words from there to the sentence end).
+
+    ``words`` holds whole sentences: a distractor of that kind starts at a random word after the first.
+    """
+    pools: dict[str, list[tuple[int, list[str]]]] = {"sentence": [], "clause": [], "words": []}
+    for i, p in enumerate(passages):
+        for sentence in _sentences(p):
+            pools["sentence"].append((i, sentence.split()))
+            pools["words"].append((i, sentence.split()))
+            pools["clause"] += [(i, sentence[m.end() :].split()) for m in _CLAUSE_BREAK.finditer(sentence)]
+    return pools
 
 
 def _write_task_configs(out: Path) -> None:
@@ -166,26 +267,55 @@ def validate_task_names(tasks: Sequence[str]) -> None:
         check_tasks(hub, task_manager(None))
 
 
-def run_tasks(lm: Any, tasks: Sequence[str], manager: Any, limit: int | None = None) -> dict[str, dict[str, float]]:
+def run_tasks(
+    lm: Any,
+    tasks: Sequence[str],
+    manager: Any,
+    limit: int | None = None,
+    label: str | None = None,
+    resamples: int = 1000,
+    cache: TaskCache | None = None,
+) -> dict[str, dict[str, float]]:
     """Evaluate an lm-eval ``LM`` on ``tasks``; returns task → {metric: value}.
 
-    A task whose data cannot be loaded (offline, not in the cache) raises a ConfigError naming it.
+    Beside each mean metric (``acc``, ``acc_norm``) come ``<metric>_ci_low`` / ``<metric>_ci_high``, a
+    seeded 95 % bootstrap interval over the examples, and ``n``, the number of examples scored. A task
+    whose data cannot be loaded (offline, not in the cache) raises a ConfigError naming it.
+
+    Args:
+        lm: the model, as an lm-eval ``LM`` (see :func:`hf_lm`).
+        tasks: task names (local or from lm-eval's registry).
+        manager: the TaskManager that knows them (:func:`task_manager`).
+        limit: cap on examples per task (lm-eval's ``limit``).
+        label: names the model in the one log line written per task (``student``, ``teacher``).
+        resamples: bootstrap resamples per interval.
+        cache: where this (frozen) model's earlier results are kept; a task found there is not run again.
+
     """
     from lm_eval import simple_evaluate
 
     check_tasks(tasks, manager)
     results: dict[str, dict[str, float]] = {}
     for task in tasks:
+        cached = cache.load(task, limit, resamples) if cache is not None else None
+        if cached is not None:
+            results.update(cached)
+            if label is not None:
+                log.info("%s", describe_scores(task, label, cached.get(task, {})))
+            continue
+        start = time.perf_counter()
         try:
-            out = simple_evaluate(
-                model=lm,
-                tasks=[task],
-                task_manager=manager,
-                limit=limit,
-                log_samples=False,
-                bootstrap_iters=0,
-                verbosity="ERROR",
-            )
+            with quiet_evaluation():
+                # verbosity=None: lm-eval would otherwise reconfigure its logger for the rest of the process.
+                out = simple_evaluate(
+                    model=lm,
+                    tasks=[task],
+                    task_manager=manager,
+                    limit=limit,
+                    log_samples=True,
+                    bootstrap_iters=0,
+                    verbosity=None,
+                )
         except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
             if task in LOCAL_TASKS:
                 raise
@@ -194,13 +324,204 @@ def run_tasks(lm: Any, tasks: Sequence[str], manager: Any, limit: int | None = N
                 f"({type(err).__name__}: {str(err)[:160]}); run it where the hub is reachable, "
                 "or pre-download it into the HF datasets cache"
             ) from err
-        for name, metrics in out["results"].items():
-            results[name] = {
-                k.split(",")[0]: float(v)
-                for k, v in metrics.items()
-                if isinstance(v, (int, float)) and "stderr" not in k and k != "sample_len"
-            }
+        samples = out.get("samples") or {}
+        scored = {name: _with_intervals(m, samples.get(name), resamples) for name, m in out["results"].items()}
+        results.update(scored)
+        if cache is not None:
+            cache.store(task, limit, resamples, scored)
+        if label is not None:
+            log.info("%s", describe_scores(task, label, results.get(task, {}), time.perf_counter() - start))
     return results
+
+
+def _with_intervals(metrics: dict[str, Any], samples: list[dict[str, Any]] | None, resamples: int) -> dict[str, float]:
+    """A task's numeric metrics, plus a bootstrap interval for each that is a mean over its examples."""
+    scores: dict[str, float] = {}
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float)) or "stderr" in key or key == "sample_len":
+            continue
+        metric, _, filt = key.partition(",")
+        scores[metric] = float(value)
+        per_example = [s[metric] for s in samples or [] if s.get("filter", filt) == filt and metric in s]
+        # Only a metric that is the plain mean of its per-example values gets a bootstrap of that mean;
+        # corpus-level metrics (perplexity, F1 over the corpus, ...) are aggregated otherwise.
+        is_mean = (
+            per_example
+            and all(isinstance(v, (int, float)) for v in per_example)
+            and abs(sum(per_example) / len(per_example) - float(value)) <= 1e-9
+        )
+        if is_mean:
+            low, high = bootstrap_interval(per_example, resamples=resamples)
+            scores[f"{metric}_ci_low"], scores[f"{metric}_ci_high"] = low, high
+            scores["n"] = float(len(per_example))
+    return scores
+
+
+def describe_scores(task: str, label: str, scores: dict[str, float], seconds: float | None = None) -> str:
+    """One line for the log: ``task distill_cloze (student): acc 0.412 [0.371, 0.455], n=500, 38 s``."""
+    parts = []
+    for metric, value in scores.items():
+        if metric == "n" or metric.endswith(("_ci_low", "_ci_high")):
+            continue
+        interval = (
+            f" [{scores[f'{metric}_ci_low']:.3f}, {scores[f'{metric}_ci_high']:.3f}]"
+            if f"{metric}_ci_low" in scores
+            else ""
+        )
+        parts.append(f"{metric} {value:.3f}{interval}")
+    if "n" in scores:
+        parts.append(f"n={int(scores['n'])}")
+    parts.append("cached" if seconds is None else f"{seconds:.0f} s")
+    return f"task {task} ({label}): " + ", ".join(parts)
+
+
+class TaskCache:
+    """A frozen model's task results on disk, one JSON file per task, named by a hash of what decides them.
+
+    Every training run scores the same frozen teacher on tasks built from the same held-out text; the
+    teacher's side need not be run again. The key holds the model (its identity, a fingerprint of its
+    weights, its device and dtype, the batch size, which changes padding), the task (its name, its
+    configuration and the bytes of its data file), ``limit``, the bootstrap settings and the versions of
+    lm-eval, transformers and torch. Only the local tasks are cached: their data lies in ``task_dir`` and
+    can be hashed, while a hub task's dataset could change under the same name.
+
+    Args:
+        folder: where the JSON files go.
+        model_key: what identifies the model (see :meth:`for_model`).
+        task_dir: the local tasks' folder (:func:`build_local_tasks`).
+
+    """
+
+    def __init__(self, folder: str | Path, model_key: dict[str, Any], task_dir: str | Path) -> None:
+        self.folder = Path(folder)
+        self.model_key = model_key
+        self.task_dir = Path(task_dir)
+
+    @classmethod
+    def for_model(
+        cls, folder: str | Path | None, identity: Any, model: Any, batch_size: int, task_dir: str | Path
+    ) -> TaskCache | None:
+        """A cache for ``model``, or None when caching is off (no folder) or the model has no stable identity."""
+        if folder is None or not isinstance(identity, dict) or not identity:
+            return None
+        weights = model_fingerprint(model)
+        if weights is None:
+            return None
+        return cls(folder, {"identity": identity, **weights, "batch_size": batch_size}, task_dir)
+
+    def path(self, task: str, limit: int | None, resamples: int) -> Path | None:
+        """The cache file of ``task``, or None for a task that is not cached (not local, data missing)."""
+        config_file = self.task_dir / f"{task}.yaml"
+        if task not in LOCAL_TASKS or not config_file.is_file():
+            return None
+        config = yaml.safe_load(config_file.read_text())
+        # The data file's path changes with the run directory; its bytes are what count.
+        data = Path(str((config.pop("dataset_kwargs", None) or {}).get("data_files", {}).get("test", "")))
+        if not data.is_file():
+            return None
+        key = {
+            "model": self.model_key,
+            "task": config,
+            "data": hashlib.sha256(data.read_bytes()).hexdigest(),
+            "limit": limit,
+            "resamples": resamples,
+            "versions": {p: importlib.metadata.version(p) for p in ("lm_eval", "transformers", "torch")},
+            "format": 1,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return self.folder / f"{task}-{digest}.json"
+
+    def load(self, task: str, limit: int | None, resamples: int) -> dict[str, dict[str, float]] | None:
+        """The stored results of ``task`` (task → {metric: value}), or None on a miss."""
+        path = self.path(task, limit, resamples)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())["results"]
+        except (OSError, ValueError, KeyError):  # a damaged file is a miss; store() will replace it
+            return None
+
+    def store(self, task: str, limit: int | None, resamples: int, results: dict[str, dict[str, float]]) -> None:
+        """Keep ``results`` of ``task``; written to a temporary file and renamed, so no reader sees half a file."""
+        path = self.path(task, limit, resamples)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False) as tmp:
+            try:
+                json.dump({"model": self.model_key, "results": results}, tmp, indent=1, default=str)
+            except BaseException:
+                Path(tmp.name).unlink(missing_ok=True)
+                raise
+        os.replace(tmp.name, path)
+
+
+def model_fingerprint(model: Any) -> dict[str, str] | None:
+    """A hash of a model's weights (per tensor: name, shape, dtype, sum and sum of squares), device and dtype.
+
+    Sums stand in for the bytes: hashing a large model's bytes would mean copying it to the CPU, while two
+    sums per tensor are computed where it lives and change with any training. None when a tensor cannot be
+    summed (meta or exotic tensors): such a model is not cached.
+    """
+    try:
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for name, tensor in model.state_dict().items():
+                values = tensor.detach().float()
+                sums = torch.stack([values.sum(), values.square().sum()]).tolist()
+                digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{sums!r};".encode())
+        first = next(model.parameters())
+    except (RuntimeError, TypeError, NotImplementedError, StopIteration, AttributeError):
+        return None
+    return {"weights": digest.hexdigest(), "device": first.device.type, "dtype": str(first.dtype)}
+
+
+# Loggers that report lm-eval's, datasets' and transformers' internals (requests built, cache misses, model
+# arguments ignored). The evaluation writes its own line per task instead.
+_NOISY_LOGGERS = ("lm_eval", "lm-eval", "datasets", "transformers", "accelerate", "evaluate")
+# lm-eval modules whose progress bars (building requests, scoring them) cannot be switched off by argument.
+_TQDM_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
+@contextlib.contextmanager
+def quiet_evaluation() -> Iterator[None]:
+    """Silence lm-eval, ``datasets`` and transformers (log lines, warnings, progress bars) inside the block.
+
+    Every setting touched is put back on exit, so the user's own logging configuration outlives it.
+    """
+    import datasets
+
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    saved = [(lg, lg.level) for lg in loggers]
+    bars = not datasets.are_progress_bars_disabled()
+    modules = [importlib.import_module(name) for name in _TQDM_MODULES]
+    bars_of = [(m, m.tqdm) for m in modules if hasattr(m, "tqdm")]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        datasets.disable_progress_bars()
+        for module, bar in bars_of:
+            module.tqdm = _silenced(bar)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+        for module, bar in bars_of:
+            module.tqdm = bar
+
+
+def _silenced(bar: Any) -> Any:
+    """``bar`` (a tqdm class) with ``disable=True`` forced, whatever the caller passes."""
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return bar(*args, **kwargs)
+
+    return make
 
 
 def hf_lm(model: Any, tokenizer: Any, batch_size: int = 8) -> Any:
@@ -208,4 +529,5 @@ def hf_lm(model: Any, tokenizer: Any, batch_size: int = 8) -> Any:
     from lm_eval.models.huggingface import HFLM
 
     device = str(next(model.parameters()).device)
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    with quiet_evaluation():  # HFLM warns that an in-memory model ignores most of its arguments
+        return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)

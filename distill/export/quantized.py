@@ -1,7 +1,9 @@
 """The compact export of a quantized student (QAT or PTQ): torchao tensors in safetensors plus ``quantization.json``.
 
-:func:`save_quantized` writes a safetensors file with torchao's tensor-subclass flattening (int4 codes
-packed two per byte with torchao's bit packing) plus ``quantization.json``; ``save_pretrained`` of a
+:func:`save_quantized` writes a safetensors file with torchao's tensor-subclass flattening (int2..int6
+codes packed to their width with torchao's bit packing: int4 two per byte, int3 eight per three bytes)
+plus ``quantization.json``; a quantized tensor shared by several modules (a tied embedding/head) is written
+once; ``save_pretrained`` of a
 converted model fails in transformers, and a state dict loaded with ``assign=True`` into a model that went
 through the same ``quantize_`` round-trips exactly (:func:`load_quantized`).
 """
@@ -17,10 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from torchao.quantization import quantize_
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.compress.quant.schemes import QuantSpec, is_quantized
+from distill.compress.quant.schemes import QuantSpec, apply, is_quantized
 from distill.config import config_error
 from distill.eval.cost import memory_bytes, tensor_bytes, unique_tensors
 from distill.export.hf import compare_logits
@@ -59,12 +60,21 @@ def size_report(model: nn.Module, folder: str | Path | None = None) -> dict[str,
 
 
 def _flatten(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """Flatten the state dict with torchao's safetensors support; tied (shared) plain tensors are written once."""
+    """Flatten the state dict with torchao's safetensors support; tied (shared) tensors are written once."""
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
     state, tied, seen = {}, [], {}
+    # state_dict() detaches each entry into a new wrapper, so shared quantized weights are found by the
+    # identity of the Parameters themselves.
+    params = model.state_dict(keep_vars=True)
+    owners: dict[int, str] = {}
     for key, value in model.state_dict().items():
-        if not is_quantized(value):
+        if is_quantized(value):
+            if id(params[key]) in owners:  # the loader re-ties these from the config, as for plain tensors
+                tied.append(key)
+                continue
+            owners[id(params[key])] = key
+        else:
             ptr = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
             if ptr in seen:  # safetensors refuses shared memory; the loader re-ties these from the config
                 tied.append(key)
@@ -76,26 +86,38 @@ def _flatten(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str],
     return tensors, metadata, tied
 
 
-def _int4_code_keys(model: nn.Module) -> list[str]:
-    """Flattened names of the int8-stored codes of int4 weights (``<module>._weight_qdata``)."""
-    return [
-        f"{name}._weight_qdata"
-        for name, m in model.named_modules()
-        if is_quantized(getattr(m, "weight", None)) and getattr(m.weight, "target_dtype", None) == torch.int4
-    ]
+# Code widths packed on disk; int8 codes are already one per byte.
+PACKED_BITS = {torch.int1: 1, torch.int2: 2, torch.int3: 3, torch.int4: 4, torch.int5: 5, torch.int6: 6, torch.int7: 7}
 
 
-def _pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Two int4 codes per byte on disk (torchao's bit packing), halving the int8-stored codes."""
+def _code_keys(model: nn.Module) -> dict[str, int]:
+    """Flattened names of the int8-stored codes of sub-byte weights (``<module>._weight_qdata``) → bits."""
+    out = {}
+    for name, m in model.named_modules():
+        bits = PACKED_BITS.get(getattr(getattr(m, "weight", None), "target_dtype", None))
+        if bits is not None and is_quantized(m.weight) and m.weight.qdata.shape[-1] % 8 == 0:
+            out[f"{name}._weight_qdata"] = bits
+    return out
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``bits``-wide codes packed along the last dim (torchao's bit packing): ``bits/8`` bytes per code.
+
+    torchao splits a width into 4-, 2- and 1-bit shards (3 = 2 + 1); they are concatenated along the last
+    dim, whose shard sizes :func:`_unpack` recomputes from the width.
+    """
     from torchao.prototype.dtypes.uintx.bitpacking import pack
 
-    return pack((codes.to(torch.int16) + 8).to(torch.uint8), elem_size=4, dim=-1)[0]
+    shards = pack((codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8), elem_size=bits, dim=-1)
+    return torch.cat(list(shards), dim=-1)
 
 
-def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    from torchao.prototype.dtypes.uintx.bitpacking import unpack
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    from torchao.prototype.dtypes.uintx.bitpacking import numbits, unpack
 
-    return (unpack([packed], elem_size=4, dim=-1).to(torch.int16) - 8).to(torch.int8)
+    width = packed.shape[-1] * 8 // bits
+    shards = torch.split(packed, [width * n // 8 for n in numbits[bits]], dim=-1)
+    return (unpack(list(shards), elem_size=bits, dim=-1).to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
 
 
 def save_quantized(
@@ -115,9 +137,9 @@ def save_quantized(
 
     with atomic_directory(out_dir) as tmp:
         tensors, metadata, tied = _flatten(model)
-        packed = [k for k in _int4_code_keys(model) if k in tensors]
-        for key in packed:
-            tensors[key] = _pack_int4(tensors[key])
+        packed = {k: bits for k, bits in _code_keys(model).items() if k in tensors}
+        for key, bits in packed.items():
+            tensors[key] = _pack(tensors[key], bits)
         save_file(tensors, tmp / WEIGHTS_FILE, metadata=metadata)
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -126,14 +148,16 @@ def save_quantized(
             "format": FORMAT,
             **spec.to_dict(),
             "tied_keys": tied,
-            "packed_int4": packed,
+            # int4 keys keep their own list (the format's first packed width); other widths name theirs.
+            "packed_int4": [k for k, bits in packed.items() if bits == 4],
+            "packed_intx": {k: bits for k, bits in packed.items() if bits != 4},
             "torchao_version": torchao.__version__,
             "torch_version": torch.__version__,
             "base_config": repr(spec.base_config()),
             **(extra or {}),
         }
         meta["size"] = size_report(model, tmp)
-        # The same count for the file: codes (int4 ones packed two per byte), scales and zero points.
+        # The same count for the file: codes (sub-byte ones packed), scales and zero points.
         names = [n for n, m in model.named_modules() if is_quantized(getattr(m, "weight", None))]
         stored = sum(tensor_bytes(t) for k, t in tensors.items() if k.rsplit("._weight_", 1)[0] in names)
         meta["size"]["disk_bits_per_weight"] = 8.0 * stored / meta["size"]["quantized_weights"] if names else None
@@ -145,7 +169,7 @@ def save_quantized(
 def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
     """Load a folder written by :func:`save_quantized` (QAT's compact export, ``python -m distill.compress.quant.ptq``).
 
-    Rebuilds the architecture from ``config.json``, applies the same ``quantize_`` so every targeted Linear
+    Rebuilds the architecture from ``config.json``, applies the same ``quantize_`` so every targeted module
     holds a quantized tensor of the right type and shape, then loads the saved tensors with
     ``load_state_dict(..., assign=True)``. Needs torch, transformers and torchao, not this package's training code.
 
@@ -166,12 +190,13 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> Pr
     spec = QuantSpec.from_dict(meta)
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-    quantize_(model, spec.base_config(), filter_fn=spec.filter())
+    apply(model, spec)
     with safe_open(folder / WEIGHTS_FILE, framework="pt", device=str(device)) as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
         metadata = f.metadata()
-    for key in meta.get("packed_int4", []):
-        tensors[key] = _unpack_int4(tensors[key])
+    packed = {**dict.fromkeys(meta.get("packed_int4", []), 4), **meta.get("packed_intx", {})}
+    for key, bits in packed.items():
+        tensors[key] = _unpack(tensors[key], bits)
     state, leftover = unflatten_tensor_state_dict(tensors, metadata)
     if leftover:
         raise RuntimeError(f"{folder / WEIGHTS_FILE}: unrecognised tensors {sorted(leftover)[:5]}")

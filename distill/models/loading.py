@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distill.config import ConfigError, config_error
+from distill.eval.cost import weight_file_bytes
 from distill.export.loaders.load_pruned import is_pruned_export, load_pruned
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +48,19 @@ def resolve_source(path: str | None, package: str | None, gguf_file: str | None,
             raise config_error(f"{field}.gguf_file", gguf_file, f"no such file in {source}")
         return str(source)
     raise config_error(f"{field}.path", path, "set a hub id or a local model folder")
+
+
+def shipped_bytes(source: str, gguf_file: str | None = None) -> int | None:
+    """Bytes on disk of the checkpoint a model was loaded from: the GGUF file, or a folder's weight files.
+
+    None for a hub id that is not a local folder: the download cache's layout is not ours to measure.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    if gguf_file:
+        return (folder / gguf_file).stat().st_size
+    return weight_file_bytes(folder)
 
 
 def not_available(field: str, source: str, err: Exception) -> ConfigError:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from distill.models.loading import load_causal_lm, resolve_source
+from distill.models.loading import load_causal_lm, resolve_source, shipped_bytes
 from distill.models.tokenizer import load_tokenizer, tokenizer_fingerprint, train_tiny_tokenizer
 from distill.objective.chunked import TeacherRows, chunkable
 
@@ -82,12 +82,17 @@ class FrozenTeacher(nn.Module):
     The tokenizer rides along because the data and the vocabulary check are defined by it.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, shipped_bytes: int | None = None
+    ) -> None:
         super().__init__()
         self.model = model.eval()
         self.model.requires_grad_(False)
         self.tokenizer = tokenizer
         self.name = name
+        # The size of the file the user started from (a Q4 GGUF is several times smaller than the fp32 model
+        # it dequantizes to): the report's "ratio vs the teacher as shipped" is measured against it.
+        self.shipped_bytes = shipped_bytes
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         """Ignore ``mode``: the teacher stays in eval."""
@@ -193,7 +198,8 @@ def load_teacher(
     if getattr(model.config, "quantization_config", None) is not None and gguf_file:
         del model.config.quantization_config
         model.hf_quantizer = None
-    return FrozenTeacher(model, tokenizer, name or (f"{source}/{gguf_file}" if gguf_file else source))
+    label = name or (f"{source}/{gguf_file}" if gguf_file else source)
+    return FrozenTeacher(model, tokenizer, label, shipped_bytes=shipped_bytes(source, gguf_file))
 
 
 def random_teacher(

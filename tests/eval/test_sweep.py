@@ -73,3 +73,75 @@ def test_sweep_of_one_folder_writes_into_it(runs, tmp_path, capsys):
         run(OmegaConf.create({"runs": [str(tmp_path / "empty")], "out": None}))
     with pytest.raises(ConfigError, match=r"runs=None: required: python -m distill.eval.sweep"):
         run(OmegaConf.create({"runs": "???", "out": None}))
+
+
+def _report(folder: Path, teacher_ppl: float, student: dict, run: dict, teacher: str = "T") -> Path:
+    folder.mkdir(parents=True)
+    report = {
+        "models": {"baseline": teacher, "compressed": "student"},
+        "metrics": {"teacher": {"heldout/ppl": teacher_ppl, "cost/bytes_memory": 400.0}, "student": student},
+        "degradation": {"flags": [], "settings": {}},
+        "run": run,
+    }
+    (folder / "report.json").write_text(__import__("json").dumps(report))
+    return folder
+
+
+def test_baseline_rows_join_only_runs_scored_on_the_same_teacher_and_data(tmp_path):
+    student = {
+        "heldout/ppl": 30.0,
+        "heldout/top1_agreement": 0.5,
+        "cost/bytes_disk": 50e6,
+        "cost/bytes_memory": 60e6,
+        "cost/ratio_vs_fp32_teacher": 8.0,
+        "task/x/acc": 0.4,
+        "task/x/acc_ci_low": 0.35,
+        "task/x/acc_ci_high": 0.45,
+    }
+    runs = tmp_path / "runs"
+    _report(runs / "a", 25.0, student, {"recipe": "r"})
+    base = tmp_path / "base"
+    _report(
+        base / "baseline_ptq_int4",
+        25.0,
+        {**student, "heldout/top1_agreement": 0.7},
+        {"recipe": "ptq_int4", "baseline": True},
+    )
+    _report(
+        base / "baseline_other_data", 26.0, student, {"recipe": "ptq_int8", "baseline": True}
+    )  # other held-out data
+    _report(base / "baseline_other_teacher", 25.0, student, {"recipe": "ptq_int3", "baseline": True}, teacher="U")
+    _report(base / "baseline_bnb_nf4", 0.0, {}, {"recipe": "bnb_nf4", "baseline": True, "unavailable": "no CPU kernel"})
+    md, _ = run(OmegaConf.create({"runs": [str(runs)], "out": str(tmp_path / "out"), "baselines": str(base)}))
+    rows = _rows(md.read_text())
+    assert list(rows) == ["baseline: ptq_int4", "baseline: bnb_nf4", "r"]  # baselines first; mismatches left out
+    assert "| 0.700 |" in rows["baseline: ptq_int4"] and "| 8.00× |" in rows["r"]
+    assert "0.400 (0.35–0.45)" in rows["r"]  # the task accuracy with its interval
+    assert "no CPU kernel" in rows["baseline: bnb_nf4"]
+    header = next(line for line in md.read_text().splitlines() if line.startswith("| model"))
+    assert all(row.count("|") == header.count("|") for row in rows.values())
+
+
+def test_headline_verdict_compares_with_the_best_ptq_row_at_least_as_small():
+    sys_path = str(ROOT / "bench")
+    import sys
+
+    sys.path.insert(0, sys_path)
+    try:
+        from headline import ptq_verdicts
+    finally:
+        sys.path.remove(sys_path)
+
+    def point(label: str, ratio: float, agree: float, baseline: bool = False) -> dict:
+        run = {"recipe": label, "baseline": baseline}
+        return {
+            "label": label,
+            "run": run,
+            "student": {"cost/ratio_vs_fp32_teacher": ratio, "heldout/top1_agreement": agree},
+        }
+
+    ptq = [point("ptq_int8", 4.0, 0.97, True), point("ptq_int4", 7.0, 0.65, True), point("ptq_int3", 9.0, 0.18, True)]
+    lines = ptq_verdicts([point("small", 8.0, 0.30), point("mid", 5.0, 0.60), point("tiny", 20.0, 0.1)], ptq)
+    assert "**small** (8.00×, top-1 0.300) beats ptq_int3" in lines[0]
+    assert "**mid** (5.00×, top-1 0.600) does not beat ptq_int4" in lines[1]
+    assert "no PTQ baseline is this small" in lines[2]

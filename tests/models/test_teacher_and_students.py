@@ -28,6 +28,9 @@ def test_teacher_from_local_folder_and_missing_hub_id(tiny_teacher, tmp_path):
     torch.testing.assert_close(t(probe).logits, tiny_teacher(probe).logits)
     assert tokenizer_fingerprint(t.tokenizer) == tokenizer_fingerprint(tiny_teacher.tokenizer)
     assert load_teacher(str(tmp_path / "t"), dtype="bfloat16").model.dtype == torch.bfloat16
+    # The size of what the user started from: the folder's weight files (config and tokenizer left out).
+    assert t.shipped_bytes == (tmp_path / "t" / "model.safetensors").stat().st_size
+    assert tiny_teacher.shipped_bytes is None  # built in memory: nothing was shipped
 
     with pytest.raises(ConfigError, match=r"teacher.path='no-such-org/no-such-model': not a model folder.*offline"):
         load_teacher("no-such-org/no-such-model")

@@ -1,7 +1,7 @@
 """Post-training quantization of an exported student, the baseline QAT is measured against.
 
     python -m distill.compress.quant.ptq model=logs/train/runs/<run>/student scheme=int8_dynact_int4_weight \
-        [group_size=32] [out=<folder>] [skip='[lm_head,*embed*,*norm*]']
+        [group_size=32] [out=<folder>] [skip='[lm_head,*embed*,*norm*]'] [modules='[linear,embedding]']
 
 Loads a plain Hugging Face folder, applies the scheme's torchao config with ``quantize_`` (no training,
 no calibration data: the weight scales come from the weights themselves), and writes the same compact
@@ -31,8 +31,12 @@ def quantize_export(
     group_size: int | None = None,
     skip: list[str] | None = None,
     out: str | Path | None = None,
+    modules: list[str] | None = None,
 ) -> tuple[PreTrainedModel, Path]:
     """Load ``model_dir``, quantize it post-training with ``scheme`` and write the compact export.
+
+    ``modules`` are the module kinds targeted (``linear``, ``embedding``; default Linear layers only);
+    ``skip`` globs still apply to them, so quantizing the embedding also needs a skip list without ``*embed*``.
 
     Returns:
         The quantized model (in memory) and the folder it was written to.
@@ -41,7 +45,7 @@ def quantize_export(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise config_error("model", str(model_dir), "no config.json there; give a folder written by the plain export")
-    spec = quantization.make_spec(scheme, group_size, skip)
+    spec = quantization.make_spec(scheme, group_size, skip, modules=modules)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer_config.json").is_file() else None
     quantization.ptq(model, spec)
@@ -58,7 +62,9 @@ def run(cfg: DictConfig) -> Path:
                 key, None, "required: python -m distill.compress.quant.ptq model=<export folder> scheme=<name>"
             )
     skip = OmegaConf.to_container(cfg.skip) if OmegaConf.is_config(cfg.skip) else cfg.skip
-    model, out = quantize_export(cfg.model, cfg.scheme, cfg.group_size, skip, cfg.out)
+    modules = cfg.get("modules")
+    modules = OmegaConf.to_container(modules) if OmegaConf.is_config(modules) else modules
+    model, out = quantize_export(cfg.model, cfg.scheme, cfg.group_size, skip, cfg.out, modules)
     report = size_report(model, out)
     print(
         f"wrote {out}: {int(report['quantized_weights'])} quantized weights at {report['bits_per_weight']:.2f} "

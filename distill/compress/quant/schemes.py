@@ -9,7 +9,14 @@ group or row), because that is the layout whose QAT convert step and forward wor
 torchao's ``Int4WeightOnlyConfig`` (tinygemm/preshuffled int4) prepares on CPU but cannot convert there, so
 ``int4_weight_only`` uses ``IntxWeightOnlyConfig(torch.int4, PerGroup(g))`` instead: same 4-bit grid, but the
 values are kept one per byte in memory. :func:`distill.export.quantized.size_report` reports that honestly
-(storage bits per weight).
+(storage bits per weight). The same holds for the int2/int3/int5/int6 schemes (PTQ's cliff curve); on disk
+:func:`~distill.export.quantized.save_quantized` packs all of them to their nominal width.
+
+A spec quantizes ``nn.Linear`` layers by default. ``modules=("linear", "embedding")`` adds ``nn.Embedding``
+tables (weight-only schemes only: a lookup has no activations to quantize) when the skip globs let them
+through; :data:`DEFAULT_SKIP` keeps them out, so QAT's default targets are unchanged. A Parameter shared by
+several targets (tied input/output embeddings) is quantized once and stays shared (:func:`apply`), which is
+what the compact export then stores.
 
 The compact export of a quantized model (``save_quantized`` / ``load_quantized``) is in
 :mod:`distill.export.quantized`.
@@ -36,6 +43,9 @@ DEFAULT_GROUP_SIZE = 32
 # Embeddings, the output head and norms stay in full precision by default: they hold few of a small
 # model's weights relative to their effect on quality, and torchao's QAT supports only Linear/Embedding.
 DEFAULT_SKIP = ("lm_head", "*embed*", "*norm*")
+# The module types a spec may target, by the name used in configs and quantization.json.
+MODULE_KINDS: dict[str, type[nn.Module]] = {"linear": nn.Linear, "embedding": nn.Embedding}
+DEFAULT_MODULES = ("linear",)
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,11 @@ SCHEMES: dict[str, Scheme] = {
     s.name: s
     for s in (
         Scheme("int8_weight_only", torch.int8, 8, None, False, "int8 weights, one scale per output row"),
+        Scheme("int6_weight_only", torch.int6, 6, None, True, "int6 weights, one scale per group"),
+        Scheme("int5_weight_only", torch.int5, 5, None, True, "int5 weights, one scale per group"),
         Scheme("int4_weight_only", torch.int4, 4, None, True, "int4 weights, one scale per group"),
+        Scheme("int3_weight_only", torch.int3, 3, None, True, "int3 weights, one scale per group"),
+        Scheme("int2_weight_only", torch.int2, 2, None, True, "int2 weights, one scale per group"),
         Scheme(
             "int8_dynact_int4_weight",
             torch.int4,
@@ -105,61 +119,99 @@ def base_config(scheme: Scheme, group_size: int | None) -> AOBaseConfig:
     return Int8DynamicActivationIntxWeightConfig(weight_dtype=scheme.weight_dtype, weight_granularity=granularity)
 
 
-def module_filter(skip: Sequence[str]) -> Callable[[nn.Module, str], bool]:
-    """``filter_fn`` for ``quantize_``: Linear layers whose dotted name matches none of the ``skip`` globs."""
+def resolve_modules(scheme: Scheme, modules: Sequence[str] | None, field: str = "modules") -> tuple[str, ...]:
+    """Validate the module kinds a spec targets (:data:`MODULE_KINDS`); ``None`` is :data:`DEFAULT_MODULES`."""
+    kinds = tuple(DEFAULT_MODULES if modules is None else modules)
+    unknown = [k for k in kinds if k not in MODULE_KINDS]
+    if unknown or not kinds:
+        raise config_error(field, list(kinds), f"choose a non-empty list of {', '.join(MODULE_KINDS)}")
+    if "embedding" in kinds and scheme.act_bits is not None:
+        raise config_error(
+            field,
+            list(kinds),
+            f"{scheme.name} quantizes activations, which a table lookup has none of; use a weight-only scheme",
+        )
+    return kinds
+
+
+def module_filter(skip: Sequence[str], modules: Sequence[str] = DEFAULT_MODULES) -> Callable[[nn.Module, str], bool]:
+    """``filter_fn`` for ``quantize_``: modules of the ``modules`` kinds whose dotted name matches no ``skip`` glob."""
     patterns = list(skip)
+    types = tuple(MODULE_KINDS[k] for k in modules)
 
     def keep(module: nn.Module, fqn: str) -> bool:
-        return isinstance(module, nn.Linear) and not any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+        return isinstance(module, types) and not any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
 
     return keep
 
 
-def targets(model: nn.Module, skip: Sequence[str]) -> list[str]:
-    """Names of the modules a scheme with this skip list quantizes."""
-    keep = module_filter(skip)
+def targets(model: nn.Module, skip: Sequence[str], modules: Sequence[str] = DEFAULT_MODULES) -> list[str]:
+    """Names of the modules a scheme with this skip list (and these module kinds) quantizes."""
+    keep = module_filter(skip, modules)
     return [name for name, m in model.named_modules() if keep(m, name)]
 
 
-def check_targets(model: nn.Module, skip: Sequence[str], group_size: int | None, prefix: str = "") -> None:
-    """Refuse a skip list that leaves no Linear to quantize, and a group size that does not fit every target.
+def _group_axis_width(module: nn.Module) -> int:
+    """The width torchao groups along: a Linear's in-features, an Embedding's vector width (rows are tokens)."""
+    return module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
 
-    The group size must divide the in-features of every targeted Linear; the error names the first layer
-    it does not fit and the supported sizes that fit all of them.
+
+def check_targets(
+    model: nn.Module,
+    skip: Sequence[str],
+    group_size: int | None,
+    prefix: str = "",
+    modules: Sequence[str] = DEFAULT_MODULES,
+) -> None:
+    """Refuse a skip list that leaves nothing to quantize, and a group size that does not fit every target.
+
+    The group size must divide the in-features of every targeted Linear (the embedding width of every
+    targeted Embedding); the error names the first module it does not fit and the supported sizes that fit
+    all of them.
     """
-    widths = {name: model.get_submodule(name).in_features for name in targets(model, skip)}
+    widths = {name: _group_axis_width(model.get_submodule(name)) for name in targets(model, skip, modules)}
     if not widths:
-        raise config_error(f"{prefix}skip", list(skip), "it leaves no nn.Linear to quantize; skip fewer modules")
+        what = " or ".join(MODULE_KINDS[k].__name__ for k in modules)
+        raise config_error(f"{prefix}skip", list(skip), f"it leaves no nn.{what} to quantize; skip fewer modules")
     if group_size is None:
         return
     field = f"{prefix}group_size"
     for name, n in widths.items():
         if n % group_size:
+            axis = "embedding_dim" if isinstance(model.get_submodule(name), nn.Embedding) else "in_features"
             fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths.values())]
             raise config_error(
                 field,
                 group_size,
-                f"it does not divide the in_features={n} of {name}; "
+                f"it does not divide the {axis}={n} of {name}; "
                 + (f"use one of {fits}" if fits else "no supported group size fits; add the layer to the skip list"),
             )
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Everything needed to quantize a model again: the scheme name, group size and skip globs."""
+    """Everything needed to quantize a model again: the scheme name, group size, skip globs and module kinds."""
 
     scheme: str
     group_size: int | None
     skip: tuple[str, ...]
+    modules: tuple[str, ...] = DEFAULT_MODULES
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
-        """Inverse of :meth:`to_dict`."""
-        return cls(d["scheme"], d["group_size"], tuple(d["skip"]))
+        """Inverse of :meth:`to_dict`; records written before ``modules`` existed mean Linear layers only."""
+        return cls(d["scheme"], d["group_size"], tuple(d["skip"]), tuple(d.get("modules", DEFAULT_MODULES)))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able form (stored in checkpoints' structure log and ``quantization.json``)."""
-        return {"scheme": self.scheme, "group_size": self.group_size, "skip": list(self.skip)}
+        """Plain JSON-able form (stored in checkpoints' structure log and ``quantization.json``).
+
+        ``modules`` is written only when it is not the default, so the records of Linear-only specs (QAT
+        checkpoints, replayed structure logs) stay exactly what they were.
+        """
+        d: dict[str, Any] = {"scheme": self.scheme, "group_size": self.group_size, "skip": list(self.skip)}
+        if self.modules != DEFAULT_MODULES:
+            d["modules"] = list(self.modules)
+        return d
 
     def base_config(self) -> AOBaseConfig:
         """The torchao PTQ config."""
@@ -167,21 +219,68 @@ class QuantSpec:
 
     def filter(self) -> Callable[[nn.Module, str], bool]:
         """The ``filter_fn`` selecting the modules to quantize."""
-        return module_filter(self.skip)
+        return module_filter(self.skip, self.modules)
 
 
-def make_spec(scheme: str, group_size: int | None, skip: Sequence[str] | None, prefix: str = "") -> QuantSpec:
+def make_spec(
+    scheme: str,
+    group_size: int | None,
+    skip: Sequence[str] | None,
+    prefix: str = "",
+    modules: Sequence[str] | None = None,
+) -> QuantSpec:
     """Validate user settings into a :class:`QuantSpec`; ``prefix`` names the config node in errors."""
     s = get_scheme(scheme, f"{prefix}scheme")
     gs = resolve_group_size(s, group_size, f"{prefix}group_size")
-    return QuantSpec(s.name, gs, tuple(DEFAULT_SKIP if skip is None else skip))
+    kinds = resolve_modules(s, modules, f"{prefix}modules")
+    return QuantSpec(s.name, gs, tuple(DEFAULT_SKIP if skip is None else skip), kinds)
+
+
+def shared_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of parameter names bound to one Parameter (tied embeddings, shared layers), in module order."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def retie(model: nn.Module, groups: list[list[str]]) -> list[list[str]]:
+    """Bind each group's quantized members back to its first one; returns the groups re-tied.
+
+    ``quantize_`` replaces each targeted module's weight on its own, so a Parameter that two targets shared
+    (SmolLM2's output head is its token embedding) comes out as two quantized tensors. torchao computes both
+    from the same values with the same per-row/per-group scales, so they are equal; keeping one (shared in
+    memory, stored once on disk) is what a deployable artifact of the tied model holds. A group whose members
+    differ (e.g. one of them was skipped) is left as it is.
+    """
+    tied = []
+    for names in groups:
+        owners = [name.rpartition(".") for name in names]
+        tensors = [getattr(model.get_submodule(mod), attr) for mod, _, attr in owners]
+        first = tensors[0]
+        if not all(is_quantized(t) for t in tensors) or any(
+            any(not torch.equal(getattr(t, n), getattr(first, n)) for n in first.__tensor_flatten__()[0])
+            for t in tensors[1:]
+        ):
+            continue
+        for mod, _, attr in owners[1:]:
+            setattr(model.get_submodule(mod), attr, first)
+        tied.append(names)
+    return tied
+
+
+def apply(model: nn.Module, spec: QuantSpec) -> nn.Module:
+    """``quantize_`` the spec's targets (in place), keeping shared parameters shared (:func:`retie`)."""
+    groups = shared_parameters(model)
+    quantize_(model, spec.base_config(), filter_fn=spec.filter())
+    retie(model, groups)
+    return model
 
 
 def ptq(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Post-training quantization: apply the scheme's torchao config directly, no training (in place)."""
-    check_targets(model, spec.skip, spec.group_size)
-    quantize_(model, spec.base_config(), filter_fn=spec.filter())
-    return model
+    check_targets(model, spec.skip, spec.group_size, modules=spec.modules)
+    return apply(model, spec)
 
 
 def is_quantized(t: torch.Tensor) -> bool:
