@@ -29,7 +29,9 @@ def bench_cfg(name: str, overrides: list[str]) -> DictConfig:
 
 def test_bench_scripts_are_the_expected_ones():
     assert SCRIPTS == [
+        "baselines",
         "chunked_loss",
+        "cliff",
         "headline",
         "prune_heal",
         "qat_vs_ptq",

@@ -35,7 +35,8 @@ class DistillDataModule(pl.LightningDataModule):
 
     Args:
         tokenizer: the teacher's tokenizer.
-        source: ``embedded`` (CPython's pydoc topics), ``text`` (local files) or ``hub``.
+        source: ``embedded`` (CPython's pydoc topics and standard-library docstrings), ``text`` (local files)
+            or ``hub``.
         files: for ``text``: a path, glob or list of txt/md, json/jsonl, parquet or csv files.
         name / config_name / split: for ``hub``: ``datasets.load_dataset(name, config_name, split=split)``.
         text_field: the column that holds the text.

@@ -134,7 +134,12 @@ def prepare(cfg: DictConfig) -> Bench:
 def compare(bench: Bench, model: nn.Module) -> Comparison:
     """The comparison ``train.py``'s ``_assess`` makes, with ``model`` in the student's place."""
     return Comparison(
-        model, bench.teacher, bench.teacher.tokenizer, bench.datamodule.val_dataloader(), bench.vocab_size
+        model,
+        bench.teacher,
+        bench.teacher.tokenizer,
+        bench.datamodule.val_dataloader(),
+        bench.vocab_size,
+        token_counts=bench.datamodule.train_token_counts(),  # the long-tail buckets, as train.py passes them
     )
 
 
@@ -554,6 +559,31 @@ def run(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 # --- the cliff curve -------------------------------------------------------------------------------------
 
 
+def _curve_models(
+    bench: Bench, widths: Sequence[str], group_size: int, root: Path
+) -> tuple[dict[str, nn.Module], dict[str, dict[str, Any]]]:
+    """The fp32 teacher and its PTQ copy at each width, each written to ``root/<width>``; and their rows."""
+    export_student(bench.teacher.model, bench.teacher.tokenizer, root / "fp32", verify=False)
+    rows = {"fp32": {"width": "fp32", "scheme": None, "quantized_bits_per_weight_disk": None}}
+    models: dict[str, nn.Module] = {"fp32": bench.teacher.model}
+    for width in widths:
+        folder, scheme = root / width, CURVE[width]
+        if scheme is None:
+            model = copy.deepcopy(bench.teacher.model).to(torch.bfloat16).eval()
+            export_student(model, bench.teacher.tokenizer, folder, verify=False)
+            quantized_bits = None
+        else:
+            spec = schemes.make_spec(
+                scheme, None if scheme == "int8_weight_only" else group_size, list(PTQ_SKIP), modules=PTQ_MODULES
+            )
+            model = schemes.ptq(copy.deepcopy(bench.teacher.model), spec)
+            save_quantized(model, None, folder, spec, extra={"source": bench.teacher.name, "method": "ptq"})
+            quantized_bits = json.loads((folder / META_FILE).read_text())["size"]["disk_bits_per_weight"]
+        models[width] = model
+        rows[width] = {"width": width, "scheme": scheme, "quantized_bits_per_weight_disk": quantized_bits}
+    return models, rows
+
+
 def ptq_curve(
     bench: Bench,
     widths: Sequence[str] = tuple(CURVE),
@@ -583,28 +613,9 @@ def ptq_curve(
         raise config_error("widths", unknown, f"choose from {', '.join(CURVE)}")
     root = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="ptq-curve-"))
     params = parameter_count(bench.teacher.model)
-    models: dict[str, nn.Module] = {}
-    rows: dict[str, dict[str, Any]] = {}
     try:
         fp32 = root / "fp32"
-        export_student(bench.teacher.model, bench.teacher.tokenizer, fp32, verify=False)
-        rows["fp32"] = {"width": "fp32", "scheme": None, "quantized_bits_per_weight_disk": None}
-        models["fp32"] = bench.teacher.model
-        for width in widths:
-            folder, scheme = root / width, CURVE[width]
-            if scheme is None:
-                model = copy.deepcopy(bench.teacher.model).to(torch.bfloat16).eval()
-                export_student(model, bench.teacher.tokenizer, folder, verify=False)
-                quantized_bits = None
-            else:
-                spec = schemes.make_spec(
-                    scheme, None if scheme == "int8_weight_only" else group_size, list(PTQ_SKIP), modules=PTQ_MODULES
-                )
-                model = schemes.ptq(copy.deepcopy(bench.teacher.model), spec)
-                save_quantized(model, None, folder, spec, extra={"source": bench.teacher.name, "method": "ptq"})
-                quantized_bits = json.loads((folder / META_FILE).read_text())["size"]["disk_bits_per_weight"]
-            models[width] = model
-            rows[width] = {"width": width, "scheme": scheme, "quantized_bits_per_weight_disk": quantized_bits}
+        models, rows = _curve_models(bench, widths, group_size, root)
         for width, row in rows.items():
             folder = root / width
             weights = weight_file_bytes(folder) or 0

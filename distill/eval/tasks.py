@@ -292,8 +292,6 @@ def run_tasks(
         cache: where this (frozen) model's earlier results are kept; a task found there is not run again.
 
     """
-    from lm_eval import simple_evaluate
-
     check_tasks(tasks, manager)
     results: dict[str, dict[str, float]] = {}
     for task in tasks:
@@ -304,26 +302,7 @@ def run_tasks(
                 log.info("%s", describe_scores(task, label, cached.get(task, {})))
             continue
         start = time.perf_counter()
-        try:
-            with quiet_evaluation():
-                # verbosity=None: lm-eval would otherwise reconfigure its logger for the rest of the process.
-                out = simple_evaluate(
-                    model=lm,
-                    tasks=[task],
-                    task_manager=manager,
-                    limit=limit,
-                    log_samples=True,
-                    bootstrap_iters=0,
-                    verbosity=None,
-                )
-        except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
-            if task in LOCAL_TASKS:
-                raise
-            raise ConfigError(
-                f"eval.tasks: task {task!r} needs its dataset, which could not be loaded here "
-                f"({type(err).__name__}: {str(err)[:160]}); run it where the hub is reachable, "
-                "or pre-download it into the HF datasets cache"
-            ) from err
+        out = _evaluate_one(lm, task, manager, limit)
         samples = out.get("samples") or {}
         scored = {name: _with_intervals(m, samples.get(name), resamples) for name, m in out["results"].items()}
         results.update(scored)
@@ -332,6 +311,32 @@ def run_tasks(
         if label is not None:
             log.info("%s", describe_scores(task, label, results.get(task, {}), time.perf_counter() - start))
     return results
+
+
+def _evaluate_one(lm: Any, task: str, manager: Any, limit: int | None) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` on one task, quietly, keeping the per-example samples."""
+    from lm_eval import simple_evaluate
+
+    try:
+        with quiet_evaluation():
+            # verbosity=None: lm-eval would otherwise reconfigure its logger for the rest of the process.
+            return simple_evaluate(
+                model=lm,
+                tasks=[task],
+                task_manager=manager,
+                limit=limit,
+                log_samples=True,
+                bootstrap_iters=0,
+                verbosity=None,
+            )
+    except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
+        if task in LOCAL_TASKS:
+            raise
+        raise ConfigError(
+            f"eval.tasks: task {task!r} needs its dataset, which could not be loaded here "
+            f"({type(err).__name__}: {str(err)[:160]}); run it where the hub is reachable, "
+            "or pre-download it into the HF datasets cache"
+        ) from err
 
 
 def _with_intervals(metrics: dict[str, Any], samples: list[dict[str, Any]] | None, resamples: int) -> dict[str, float]:

@@ -86,6 +86,7 @@ def test_each_baseline_writes_a_report_measured_from_its_artifact(tmp_path, cach
         )
         assert m["cost/bytes_disk"] == disk_bytes(tmp_path / "runs" / f"baseline_{label}" / "artifact"), label
     assert s["teacher_fp32"]["heldout/top1_agreement"] == 1.0
+    assert s["ptq_int4"]["tail/rare/tokens"] + s["ptq_int4"]["tail/common/tokens"] > 0  # the long tail, as in train.py
     assert s["teacher_fp32"]["heldout/kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
     fp32 = s["teacher_fp32"]
     assert 0.49 < s["teacher_bf16"]["cost/bytes_memory"] / fp32["cost/bytes_memory"] < 0.51  # + fp32 rotary buffers
