@@ -63,7 +63,7 @@ class DistillDataModule(pl.LightningDataModule):
         block_size: int = 128,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
-        val_fraction: float = 0.05,
+        val_fraction: float = 0.15,
         seed: int = 1234,
         num_workers: int = 0,
         cache_dir: str | None = None,
