@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lm_eval.api.model import LM
 
 from distill.data.datamodule import DistillDataModule
 from distill.eval import tasks as task_module
@@ -30,6 +29,7 @@ from distill.eval.tasks import (
     task_manager,
 )
 from students import scratch
+from tests.helpers import Oracle
 
 SENTENCES = [f"Sentence number {w} says something plain about the topic at hand." for w in "abcdefghijkl"]
 
@@ -101,23 +101,6 @@ def test_bootstrap_interval_is_seeded_and_covers_the_mean():
     assert 85 <= covered <= 100
     with pytest.raises(ValueError, match="non-empty"):
         bootstrap_interval([])
-
-
-class Oracle(LM):
-    """An lm-eval LM that knows the answers it is given and gets everything else wrong."""
-
-    def __init__(self, truths: set[tuple[str, str]]) -> None:
-        super().__init__()
-        self.truths = truths
-
-    def loglikelihood(self, requests):
-        return [(0.0, True) if tuple(r.args) in self.truths else (-100.0, False) for r in requests]
-
-    def loglikelihood_rolling(self, requests):
-        return [0.0 for _ in requests]
-
-    def generate_until(self, requests):
-        return ["" for _ in requests]
 
 
 @pytest.fixture(scope="module")
