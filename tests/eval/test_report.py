@@ -240,13 +240,17 @@ def test_modification_summaries_of_the_committed_runs():
 
 
 def test_markdown_summarizes_pruning_instead_of_listing_channels():
-    report = json.loads((HEADLINE / "headline_stacked_max" / "report.json").read_text())
+    report = json.loads((HEADLINE / "headline_distill_prune_qat4" / "report.json").read_text())
     channels = next(m for m in report["modifications"] if m["kind"] == "prune")["config"]["channels"][0]
     assert len(channels) > 1000  # the record itself keeps every index
-    text = to_markdown(report)  # a report from before intervals, buckets and documents still renders
+    text = to_markdown(report)
     assert json.dumps(channels[:8])[1:-1] not in text
-    assert max(len(line) for line in text.splitlines()) < 300
-    assert "MLP channels 1092→864 per layer" in text and "**lowrank**: 42 linear layers" in text
+    assert max(len(line) for line in text.splitlines() if "channels" in line) < 300
+    assert "MLP channels 1161→934 per layer" in text and "**qat**: int4 weights in groups of 32" in text
+    # a report from before intervals, buckets and documents (only the records and the metrics) still renders
+    old = {k: v for k, v in report.items() if k not in ("documents", "run", "notes")}
+    old["modifications"] = _records("headline_stacked_max")
+    assert "**lowrank**: 42 linear layers" in to_markdown(old)
 
 
 def test_report_files_are_written_and_parse(tmp_path):
