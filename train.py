@@ -16,6 +16,7 @@ from distill.compress.stages import CompressionStage, check_schedule, compressio
 from distill.config import build, exit_on_config_error, instantiate_loggers, named_callbacks
 from distill.eval.assess import Comparison, Provenance, assess
 from distill.eval.cost import disk_bytes
+from distill.eval.sweep import versus_ptq
 from distill.eval.tasks import validate_task_names
 from distill.export.hf import export_compact_forms, export_student, plain_model
 from distill.module import DistillModule
@@ -61,6 +62,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "artifact": str(objects["artifact_dir"]) if objects.get("artifact_dir") else None,
         }
         report = _assess(cfg, objects, callbacks, facts)
+        # One line against the cheapest alternative: the teacher quantized post-training to this size.
+        log.info(
+            versus_ptq(
+                Path(cfg.paths.output_dir) / "report.json", cfg.eval.get("baselines"), facts["recipe"] or "student"
+            )
+        )
         flat = {_side_key(k, side): v for side, values in report["metrics"].items() for k, v in values.items()}
         metrics.update(flat)
         _log_report(report, flat, loggers, trainer.global_step)
@@ -89,10 +96,18 @@ def _build_models(cfg: DictConfig, objective: DistillationObjective) -> dict[str
     """Seed, then build teacher, student, data and the LightningModule, in this order (it fixes the init)."""
     pl.seed_everything(cfg.seed, workers=True)
     teacher = build(cfg.teacher)
-    student = build(cfg.student, teacher=teacher)
+    # A student that measures which teacher layers to keep (student.select) needs training text, so the data
+    # comes first for it; every other student keeps the order above, and with it the RNG draws of its init.
+    measured = cfg.student.get("select", "even") != "even"
+    datamodule = build(cfg.data, tokenizer=teacher.tokenizer) if measured else None
+    if datamodule is not None:
+        datamodule.setup("fit")  # tokenises and caches the splits (prepare_data's work), then loads them
+    calibration = {"calibration": datamodule.train_set} if datamodule is not None else {}  # training split only
+    student = build(cfg.student, teacher=teacher, **calibration)
     apply_student_switches(student, cfg.get("trainer_extras"))  # activation checkpointing, torch.compile
     objective.attach(student.config, teacher.config)
-    datamodule = build(cfg.data, tokenizer=teacher.tokenizer)
+    if datamodule is None:
+        datamodule = build(cfg.data, tokenizer=teacher.tokenizer)
     teacher.check_data(datamodule)  # a cached teacher only fits the data it was built from
     module = DistillModule(
         teacher,
@@ -191,6 +206,9 @@ def modifications(
             },
         }
     ]
+    selection = getattr(module.student, "layer_selection", None)
+    if selection:  # a from_teacher student that measured which teacher layers to keep
+        mods.append({"kind": "layer_selection", "config": selection})
     mods += [{"kind": c["kind"], "config": c["spec"]} for c in module.structure]
     for name, cb in callbacks.items():
         if isinstance(cb, CompressionStage):

@@ -36,6 +36,7 @@ from distill.eval.sweep import (  # noqa: E402
     baseline_points,
     load_point,
     plot_quality_vs_size,
+    ptq_verdict,
     summary_table,
 )
 
@@ -47,7 +48,7 @@ def run_dir(runs_root: Path, recipe: str) -> Path:
     return runs_root / f"headline_{recipe}"
 
 
-def run_recipe(recipe: str, runs_root: Path, force: bool) -> None:
+def run_recipe(recipe: str, runs_root: Path, force: bool, overrides: list[str] | None = None) -> None:
     """Run one recipe to completion unless a finished report already exists (``force`` starts it over)."""
     # The datasets cache and the teacher are shared, so each run's wall-clock time is its own.
     folder = run_dir(runs_root, recipe)
@@ -57,7 +58,7 @@ def run_recipe(recipe: str, runs_root: Path, force: bool) -> None:
     if folder.exists():
         shutil.rmtree(folder)  # a half-finished or forced run starts over, so its time is one whole run
     cmd = [sys.executable, str(ROOT / "train.py"), f"experiment={recipe}", f"run_name=headline_{recipe}"]
-    cmd += ["callbacks.progress_bar=null"]
+    cmd += ["callbacks.progress_bar=null", *(overrides or [])]
     print(f"{recipe}: {' '.join(cmd[1:])}", flush=True)
     started = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -85,7 +86,8 @@ def run(cfg: DictConfig) -> None:
     if cfg.run:
         runs_root = Path(cfg.runs_root)
         for recipe in recipes:
-            run_recipe(recipe, runs_root, cfg.force)
+            extra = (cfg.get("overrides") or {}).get(recipe) or []
+            run_recipe(recipe, runs_root, cfg.force, [str(o) for o in extra])
             keep = run_dir(reports, recipe)
             keep.mkdir(parents=True, exist_ok=True)
             for name in ("report.json", "report.md"):
@@ -98,30 +100,8 @@ def run(cfg: DictConfig) -> None:
 
 
 def ptq_verdicts(points: list[dict], baselines: list[dict]) -> list[str]:
-    """One sentence per recipe: does it beat the best PTQ baseline that is at least as small on disk?
-
-    "At its size" means a PTQ row whose ratio against the fp32 teacher is at least the recipe's; quality is
-    top-1 agreement with the teacher on the held-out split (the same tokens for every row).
-    """
-    ptq = [b for b in baselines if str(b["run"].get("recipe", "")).startswith("ptq_") and b["student"]]
-    lines = []
-    for p in points:
-        s = p["student"]
-        ratio, agree = s.get("cost/ratio_vs_fp32_teacher"), s.get("heldout/top1_agreement")
-        if ratio is None or agree is None:
-            continue
-        rivals = [b for b in ptq if b["student"].get("cost/ratio_vs_fp32_teacher", 0) >= ratio]
-        if not rivals:
-            lines.append(f"- **{p['label']}** ({ratio:.2f}×, top-1 {agree:.3f}): no PTQ baseline is this small.")
-            continue
-        best = max(rivals, key=lambda b: b["student"]["heldout/top1_agreement"])
-        b = best["student"]
-        verdict = "beats" if agree > b["heldout/top1_agreement"] else "does not beat"
-        lines.append(
-            f"- **{p['label']}** ({ratio:.2f}×, top-1 {agree:.3f}) {verdict} {best['run']['recipe']} "
-            f"({b['cost/ratio_vs_fp32_teacher']:.2f}×, top-1 {b['heldout/top1_agreement']:.3f})."
-        )
-    return lines
+    """One list item per recipe: :func:`distill.eval.sweep.ptq_verdict` against the PTQ baselines."""
+    return [f"- {line}" for p in points if (line := ptq_verdict(p, baselines)) is not None]
 
 
 def tabulate(recipes: list[str], reports: Path, results: Path, readmes: list[Path]) -> str:

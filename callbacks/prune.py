@@ -1,4 +1,4 @@
-"""Progressive structured pruning during distillation: attention heads, MLP channels, whole layers.
+"""Progressive structured pruning during distillation: attention heads, MLP channels, layers, hidden width.
 
 ``callbacks=prune`` (``conf/callbacks/prune.yaml``). Between ``start_step`` and ``end_step`` the
 callback prunes every ``every_n_steps`` along a cubic (Zhu & Gupta, 2017) or linear schedule until the
@@ -33,7 +33,7 @@ log = logging.getLogger("distill.prune")
 
 
 class ProgressiveStructuredPruning(CompressionCallback):
-    """Prune heads, MLP channels and decoder layers of the student progressively while it distils.
+    """Prune heads, MLP channels, decoder layers and the hidden width of the student while it distils.
 
     Targets are a fraction to remove (float in [0, 1)) or a count to keep per layer (int); ``null``
     leaves that dimension alone.
@@ -61,6 +61,9 @@ class ProgressiveStructuredPruning(CompressionCallback):
         uniform: True keeps one width for all layers (a plain Hugging Face Llama export). False ranks units
             across layers, so each layer keeps its own head and channel counts (their totals meet the
             targets); the export then records per-layer shapes and loads with ``load_pruned.py``.
+        hidden: hidden (residual-stream) channels of the whole model, Minitron's embedding pruning.
+        hidden_multiple: the pruned hidden size stays a multiple of this (32: the QAT group size) and of
+            the config's head count; see :mod:`distill.compress.prune.schedule`.
 
     """
 
@@ -81,6 +84,8 @@ class ProgressiveStructuredPruning(CompressionCallback):
         bias_compensation: bool = False,
         target: float | None = None,
         uniform: bool = True,
+        hidden: float | int | None = None,
+        hidden_multiple: int = 32,
     ) -> None:
         super().__init__()
         self.plan = PruneSchedule.from_config(
@@ -95,12 +100,15 @@ class ProgressiveStructuredPruning(CompressionCallback):
             end_step=end_step,
             every_n_steps=every_n_steps,
             schedule=schedule,
+            hidden=hidden,
+            hidden_multiple=hidden_multiple,
+            uniform=uniform,
         )
         self.start_step, self.end_step = start_step, end_step
         self.calib_batches = calib_batches
         self.bias_compensation = bias_compensation
         self.uniform = uniform
-        self.scores = ImportanceAccumulator(importance, layers=layers is not None, means=bias_compensation)
+        self.scores = ImportanceAccumulator(importance, layers is not None, bias_compensation, hidden is not None)
         check_calibration(importance, self.scores.needs_data, end_step)
         self.events = self.plan.events()
         self.done: list[int] = []
@@ -128,9 +136,11 @@ class ProgressiveStructuredPruning(CompressionCallback):
         if self.original is None:
             self.original = shapes(student)
         self.final = self.plan.final_sizes(self.original)
+        stages = compression_stages(trainer.callbacks)
+        self.plan.check_stack(student, self.final, pl_module.objective.needs_hidden_states, stages)
 
     def _check_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse strategies, objectives, stages and step budgets that pruning mid-run cannot work with."""
+        """Refuse strategies and step budgets that pruning mid-run cannot work with (the rest: ``check_stack``)."""
         strategy = trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or "DeepSpeed" in type(strategy).__name__:
             raise config_error(
@@ -138,20 +148,6 @@ class ProgressiveStructuredPruning(CompressionCallback):
                 type(strategy).__name__,
                 "pruning mid-run is supported on one device or under DDP only (FSDP/DeepSpeed shard the weights "
                 "it slices); use trainer=cpu, gpu, ddp or ddp_sim",
-            )
-        if self.plan.layers is not None and pl_module.objective.needs_hidden_states:
-            raise config_error(
-                f"{FIELD}.layers",
-                self.plan.layers,
-                "layer pruning changes the student's depth, which breaks the hidden-state loss's layer map; "
-                "set distill.objective.hidden.weight=0 or prune heads and channels only",
-            )
-        if not self.uniform and any(s.stage == "share" for s in compression_stages(trainer.callbacks)):
-            raise config_error(
-                f"{FIELD}.uniform",
-                False,
-                "cross-layer sharing ties layers of one shape, which per-layer widths break; "
-                f"set {FIELD}.uniform=true or drop callbacks=share",
             )
         if trainer.max_steps > 0 and self.end_step >= trainer.max_steps:
             raise config_error(
@@ -192,7 +188,8 @@ class ProgressiveStructuredPruning(CompressionCallback):
         self.done.append(step)
         # Totals over layers: equal to layers × per-layer width for uniform models, the budget otherwise.
         wanted = {f"total_{k}": target[k] * target["layers"] for k in ("heads", "kv_heads", "channels")}
-        if now["layers"] == target["layers"] and all(now[k] == v for k, v in wanted.items()):
+        wanted |= {"layers": target["layers"], "hidden": target["hidden"]}
+        if all(now[k] == v for k, v in wanted.items()):
             return
         if self.scores.needs_data:
             # Every rank must remove the same units: sum the statistics over ranks first.

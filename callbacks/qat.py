@@ -39,6 +39,9 @@ class QuantizationAwareTraining(OneShotCompression):
             every quantized linear. Leave null for per-row schemes.
         skip: glob patterns (``fnmatch``) on the student's dotted module names that stay in full precision;
             null means :data:`distill.compress.quant.schemes.DEFAULT_SKIP` (embeddings, ``lm_head``, norms).
+        modules: module kinds to fake-quantize: ``[linear]`` (default) or ``[linear, embedding]`` (weight-only
+            schemes). The embedding also needs a ``skip`` list without ``*embed*``; a tied output head
+            (``lm_head``, a Linear) shares its Parameter, gets the same codes and stays tied in the export.
         start_step: global step at which fake-quant is inserted; before it the student trains in full
             precision. 0 inserts it in ``setup``, before the strategy wraps the model (needed for FSDP).
         freeze_ranges_step: global step from which the weight scales/zero points stop following the weights
@@ -55,12 +58,19 @@ class QuantizationAwareTraining(OneShotCompression):
         scheme: str = "int8_dynact_int4_weight",
         group_size: int | None = None,
         skip: list[str] | None = None,
+        modules: list[str] | None = None,
         start_step: int = 0,
         freeze_ranges_step: int | None = None,
         export_dir: str = "student_quantized",
     ) -> None:
         super().__init__()
-        self.spec = schemes.make_spec(scheme, group_size, list(skip) if skip is not None else None, FIELD)
+        self.spec = schemes.make_spec(
+            scheme,
+            group_size,
+            list(skip) if skip is not None else None,
+            FIELD,
+            list(modules) if modules is not None else None,
+        )
         if not isinstance(start_step, int) or start_step < 0:
             raise config_error(FIELD + "start_step", start_step, "give a global step >= 0")
         if freeze_ranges_step is not None and (
@@ -100,14 +110,15 @@ class QuantizationAwareTraining(OneShotCompression):
             )
         others = [cb for cb in compression_stages(trainer.callbacks) if cb is not self]
         if not others:  # earlier stages may still reshape the linears; then the check waits for prepare
-            schemes.check_targets(pl_module.student, self.spec.skip, self.spec.group_size, FIELD)
+            schemes.check_targets(pl_module.student, self.spec.skip, self.spec.group_size, FIELD, self.spec.modules)
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rebuild: bool) -> None:
         """Insert fake-quant; the Parameters stay the same objects, so the optimizer needs no rebuild."""
         prepare(pl_module.student, self.spec)
         pl_module.record_structure_change(self.stage, self.spec.to_dict())
         rank_zero_info(
-            f"QAT prepared ({self.spec.scheme}): {len(fake_quantized(pl_module.student))} fake-quantized linears"
+            f"QAT prepared ({self.spec.scheme}): {len(fake_quantized(pl_module.student))} fake-quantized "
+            f"{' and '.join(self.spec.modules)} modules"
         )
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:

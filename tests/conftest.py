@@ -26,7 +26,13 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def compose_cfg(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
-    """Compose ``conf/train.yaml`` as ``python train.py <overrides>`` would, with paths under tmp."""
+    """Compose ``conf/train.yaml`` as ``python train.py <overrides>`` would, with paths under tmp.
+
+    Overrides that name no recipe compose the bare defaults (``~experiment``), not the default run's
+    recipe (``experiment=qad_int4``): those tests are about one config group at a time.
+    """
+    if not any(o.lstrip("+~").startswith("experiment") for o in overrides):
+        overrides = ["~experiment", *overrides]
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)

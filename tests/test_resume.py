@@ -58,6 +58,20 @@ CASES = {
     "prune_per_layer": Case(
         (*PRUNE, "callbacks.prune.uniform=false"), at_crash=("prune",), steps=10, mid_schedule=True
     ),
+    # Width pruning too, of a student whose lm_head is its embedding: the sliced tie and its Adam moments resume.
+    "prune_hidden_tied": Case(
+        (
+            *PRUNE,
+            "student.hidden_size=64",
+            "student.tie_word_embeddings=true",
+            "callbacks.prune.hidden=32",
+            "callbacks.prune.hidden_multiple=8",
+        ),
+        at_crash=("prune",),
+        steps=10,
+        mid_schedule=True,
+        tied=True,  # the embedding ↔ lm_head tie
+    ),
     # A whitened low-rank budget after sharing: the factorisation (step 3) is restored, not recomputed.
     "share_lowrank": Case(
         (

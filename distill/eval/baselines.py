@@ -8,7 +8,8 @@ deployable artifact folder (its size on disk is the report's) and a report again
 * ``teacher_gguf``: the file the teacher ships as. transformers dequantizes a GGUF on load, so the model
   that runs is ``teacher_fp32``'s: its quality is reused from that report, only the size is the file's;
 * ``ptq_int8`` / ``ptq_int4`` / ``ptq_int3``: torchao weight-only PTQ of every Linear *and* the token
-  embedding (int8 per row, int4/int3 in groups of 32), written by
+  embedding (int8 per row, int4/int3 in groups of 32; ``ptq_int4_g192`` / ``ptq_int3_g192`` in groups of
+  192, the grids of the ``qad_int4`` / ``qad_int3`` recipes), written by
   :func:`distill.export.quantized.save_quantized` (codes packed to their width). SmolLM2's output head is
   its token embedding: the one matrix is quantized once and stays tied (the file stores it once), as the
   fp32 and GGUF forms store it;
@@ -60,6 +61,9 @@ PTQ: dict[str, tuple[str, int | None]] = {
     "ptq_int8": ("int8_weight_only", None),
     "ptq_int4": ("int4_weight_only", 32),
     "ptq_int3": ("int3_weight_only", 32),
+    # The QAD recipes' own grids (groups of 192 fit SmolLM2's 576 and 1536 widths): the PTQ row of equal size.
+    "ptq_int4_g192": ("int4_weight_only", 192),
+    "ptq_int3_g192": ("int3_weight_only", 192),
 }
 PTQ_MODULES = ("linear", "embedding")
 PTQ_SKIP: tuple[str, ...] = ()  # norms are neither Linear nor Embedding: nothing else to leave out

@@ -269,7 +269,9 @@ def _distillation(config: Mapping[str, Any]) -> str:
     target = str(student.get("_target_") or "?").split(".")
     # Student builders are module-level ``build`` functions: the module names the recipe.
     builder = target[-2] if target[-1] == "build" and len(target) > 1 else target[-1]
-    parts = [f"teacher {name} → student {builder}({_settings(student)})"]
+    # Calibration settings only matter when from_teacher measures which layers to keep.
+    unused = ("calibration_batches", "calibration_tokens") if student.get("select") == "even" else ()
+    parts = [f"teacher {name} → student {builder}({_settings(student, skip=unused)})"]
     loss = f"{objective.get('loss', '?')} loss"
     knobs = [f"α={objective[k]}" for k in ("alpha",) if objective.get(k) is not None]
     knobs += [f"T={objective['temperature']}"] if objective.get("temperature") is not None else []
@@ -371,11 +373,24 @@ def _callback_prune(config: Mapping[str, Any]) -> str:
     return f"{_target(config) or 'pruning'}: {', '.join(targets)} ({', '.join([*how, steps, *extras])})"
 
 
+def _layer_selection(config: Mapping[str, Any]) -> str:
+    """The teacher layers a measured from_teacher student kept, and the scores of those it dropped."""
+    kept, scores = list(config.get("kept") or []), list(config.get("scores") or [])
+    dropped = [i for i in range(len(scores)) if i not in kept]
+    text = f"kept teacher layers {kept} of {len(scores) or '?'} by {config.get('select', '?')}"
+    if dropped:
+        text += " (dropped " + ", ".join(f"{i}: {scores[i]:.4g}" for i in dropped) + ")"
+    if config.get("tokens"):
+        text += f" on {config['tokens']} training tokens"
+    return text
+
+
 def summarize_modifications(modifications: Sequence[Mapping[str, Any]]) -> list[str]:
     """One readable line per modification, in order (the full records stay in report.json).
 
-    Known kinds (``distillation``, ``prune``, ``qat``, ``share``, ``lowrank``, ``callback:prune``) get a
-    summary of what changed; any other kind lists its set scalar settings, with lists as "N items".
+    Known kinds (``distillation``, ``layer_selection``, ``prune``, ``qat``, ``share``, ``lowrank``,
+    ``callback:prune``) get a summary of what changed; any other kind lists its set scalar settings, with
+    lists as "N items".
     """
     pruned: dict[str, list[int]] = {}  # per-layer counts after the latest pruning step
     lines = []
@@ -395,6 +410,8 @@ def summarize_modifications(modifications: Sequence[Mapping[str, Any]]) -> list[
             text = _lowrank(config)
         elif kind == "callback:prune":
             text = _callback_prune(config)
+        elif kind == "layer_selection":
+            text = _layer_selection(config)
         else:
             name = _target(config)
             text = (f"{name}: " if name else "") + (_settings(config) or "no settings")

@@ -196,6 +196,48 @@ def baseline_points(folder: str | Path | None, like: dict[str, Any]) -> list[dic
     return sorted(points, key=lambda p: (bool(p["run"].get("unavailable")), _size_ratio(p["student"]) or 0.0))
 
 
+def ptq_verdict(point: dict[str, Any], baselines: list[dict[str, Any]]) -> str | None:
+    """One sentence saying whether ``point`` beats the best PTQ baseline that is at least as small on disk.
+
+    "At its size" means a PTQ row whose ratio against the fp32 teacher is at least the point's; quality is
+    top-1 agreement with the teacher on the held-out split (the same tokens for every row, which
+    :func:`baseline_points` checks). None when the point has no size or agreement to compare.
+    """
+    s = point["student"]
+    ratio, agree = s.get("cost/ratio_vs_fp32_teacher"), s.get("heldout/top1_agreement")
+    if ratio is None or agree is None:
+        return None
+    ptq = [b for b in baselines if str(b["run"].get("recipe", "")).startswith("ptq_") and b["student"]]
+    rivals = [b for b in ptq if b["student"].get("cost/ratio_vs_fp32_teacher", 0) >= ratio]
+    if not rivals:
+        return f"**{point['label']}** ({ratio:.2f}×, top-1 {agree:.3f}): no PTQ baseline is this small."
+    best = max(rivals, key=lambda b: b["student"]["heldout/top1_agreement"])
+    b = best["student"]
+    verdict = "beats" if agree > b["heldout/top1_agreement"] else "does not beat"
+    return (
+        f"**{point['label']}** ({ratio:.2f}×, top-1 {agree:.3f}) {verdict} {best['run']['recipe']} "
+        f"({b['cost/ratio_vs_fp32_teacher']:.2f}×, top-1 {b['heldout/top1_agreement']:.3f})."
+    )
+
+
+def versus_ptq(report: str | Path, baselines: str | Path | None, label: str) -> str:
+    """The line a run ends with: its student against the PTQ baseline of its size (:func:`ptq_verdict`).
+
+    ``baselines`` is the folder of baseline reports (``python bench/baselines.py``); only those scored on the
+    run's teacher and held-out data count, and the line says so when there are none.
+    """
+    point = load_point(Path(report))
+    point["label"] = label
+    rows = baseline_points(baselines, point)
+    line = ptq_verdict(point, rows) if rows else None
+    if line is None:
+        return (
+            f"{label}: no PTQ baseline was measured on this teacher and held-out data under {baselines}; "
+            "python bench/baselines.py measures them"
+        )
+    return "versus PTQ: " + line.replace("**", "")
+
+
 def _size_ratio(metrics: dict[str, float]) -> float:
     """The disk ratio against the fp32 teacher; older reports without it fall back to the memory ratio."""
     return metrics.get("cost/ratio_vs_fp32_teacher", metrics.get("cost/compression_ratio", float("nan")))

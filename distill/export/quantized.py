@@ -224,10 +224,13 @@ def dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:
     quantize activations it keeps the quantized weights but runs activations in full precision.
     """
     plain = copy.deepcopy(model)
+    done: dict[int, nn.Parameter] = {}  # one plain Parameter per quantized one, so tied weights stay tied
     for module in plain.modules():
-        for name, p in list(module.named_parameters(recurse=False)):
+        for name, p in list(module.named_parameters(recurse=False, remove_duplicate=False)):
             if is_quantized(p):
-                setattr(module, name, nn.Parameter(p.dequantize(), requires_grad=False))
+                if id(p) not in done:
+                    done[id(p)] = nn.Parameter(p.dequantize(), requires_grad=False)
+                setattr(module, name, done[id(p)])
     return plain
 
 

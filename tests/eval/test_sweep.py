@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -145,3 +146,18 @@ def test_headline_verdict_compares_with_the_best_ptq_row_at_least_as_small():
     assert "**small** (8.00×, top-1 0.300) beats ptq_int3" in lines[0]
     assert "**mid** (5.00×, top-1 0.600) does not beat ptq_int4" in lines[1]
     assert "no PTQ baseline is this small" in lines[2]
+
+
+def test_a_run_ends_with_one_line_against_the_ptq_baseline_of_its_size(tmp_path):
+    from distill.eval.sweep import versus_ptq
+
+    reports = ROOT / "bench" / "results" / "headline_runs"
+    line = versus_ptq(reports / "headline_distill_prune_qat4" / "report.json", reports, "distill_prune_qat4")
+    # The committed baselines scored on the same teacher and held-out data; the best PTQ row at >= 4.32x.
+    assert line.startswith("versus PTQ: distill_prune_qat4 (4.32×, top-1 0.213) does not beat ptq_int4 (5.84×")
+    report = json.loads((reports / "headline_distill_prune_qat4" / "report.json").read_text())
+    report["metrics"]["teacher"]["heldout/ppl"] *= 1.01  # another corpus or split: no baseline is comparable
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    line = versus_ptq(tmp_path / "report.json", reports, "mine")
+    assert line.startswith("mine: no PTQ baseline was measured on this teacher and held-out data")
+    assert versus_ptq(tmp_path / "report.json", None, "mine").startswith("mine: no PTQ baseline")

@@ -1,4 +1,4 @@
-"""Importance scores for structured pruning: per attention head, MLP channel and decoder layer.
+"""Importance scores for structured pruning: per attention head, MLP channel, hidden channel and decoder layer.
 
 Three scores for heads and channels:
 
@@ -10,6 +10,13 @@ Three scores for heads and channels:
 - ``taylor`` (LLM-Pruner): first-order Taylor, the sum of |weight × grad| over the unit's weights,
   accumulated over calibration batches.
 - ``magnitude``: the L2 norm of the unit's weights; needs no data.
+
+Hidden (residual-stream) channels score the same three ways. ``activation`` follows Minitron's embedding
+score: the mean |y| of the channel in the *output* of every RMSNorm over the residual stream (each layer's
+two norms and the final norm), summed over the norms. The output, not the input, is what q/k/v, gate/up
+and ``lm_head`` read, so a channel that every norm weight silences scores zero although the residual stream
+carries it. ``taylor`` and ``magnitude`` sum over every weight the channel indexes (embedding and
+``lm_head`` columns, norm weights, q/k/v/gate/up columns, o_proj/down_proj rows).
 
 Layers always score by block influence (ShortGPT): 1 − cos(input, output) of the layer's hidden states,
 averaged over tokens; a layer that barely changes its input costs least to remove.
@@ -27,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from distill.compress.prune.surgery import decoder_layers
+from distill.compress.prune.surgery import decoder_layers, hidden_norms, hidden_params
 
 METHODS = ("activation", "taylor", "magnitude")
 
@@ -36,15 +43,18 @@ class ImportanceAccumulator:
     """Collects importance statistics from a model's forward (and backward) passes.
 
     Args:
-        method: ``activation``, ``taylor`` or ``magnitude`` for heads and channels.
+        method: ``activation``, ``taylor`` or ``magnitude`` for heads and channels (and hidden channels).
         layers: also collect block influence for layer scores.
+        means: also collect the signed mean inputs of ``down_proj``/``o_proj`` (bias compensation).
+        hidden: also collect hidden-channel scores (width pruning).
 
     """
 
-    def __init__(self, method: str, layers: bool, means: bool = False) -> None:
+    def __init__(self, method: str, layers: bool, means: bool = False, hidden: bool = False) -> None:
         self.method = method
         self.layers = layers
         self.means = means
+        self.hidden = hidden
         self.collecting = False
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, Tensor] = {}
@@ -98,6 +108,8 @@ class ImportanceAccumulator:
                 self._handles.append(
                     layer.self_attn.o_proj.register_forward_pre_hook(self._mean_hook(f"mean.attn.{i}"))
                 )
+        if self.hidden and self.method == "activation":
+            self._handles += [norm.register_forward_hook(self._hidden_hook) for norm in hidden_norms(model)]
 
     def detach(self) -> None:
         """Remove all hooks."""
@@ -128,6 +140,12 @@ class ImportanceAccumulator:
 
         return hook
 
+    def _hidden_hook(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        if self.collecting:
+            y = output.detach()
+            # One count per token and norm: the mean over norms and tokens ranks like the sum over norms.
+            self._add("hidden", y.abs().flatten(0, -2).sum(0), y[..., 0].numel())
+
     def _mean_hook(self, key: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
             if self.collecting:
@@ -157,6 +175,8 @@ class ImportanceAccumulator:
         """Add one batch of first-order Taylor scores from the current gradients (``taylor`` only)."""
         if self.method != "taylor" or not self.collecting:
             return
+        if self.hidden:
+            self._accumulate_hidden_grads(model)
         for i, layer in enumerate(decoder_layers(model)):
             mlp, attn = layer.mlp, layer.self_attn
             if any(lin.weight.grad is None for lin in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
@@ -171,6 +191,16 @@ class ImportanceAccumulator:
             q = (attn.q_proj.weight * attn.q_proj.weight.grad).abs().view(-1, d, attn.q_proj.in_features).sum((1, 2))
             o = (attn.o_proj.weight * attn.o_proj.weight.grad).abs().view(attn.o_proj.out_features, -1, d).sum((0, 2))
             self._add(f"head.{i}", q + o, 1)
+
+    def _accumulate_hidden_grads(self, model: nn.Module) -> None:
+        """One batch of |w·∇w| per hidden channel, summed over every weight the channel indexes."""
+        total = None
+        for w, axis in hidden_params(model):
+            if w.grad is not None:  # a frozen weight (say, the embedding) has no gradient to score with
+                part = _per_channel((w * w.grad).abs(), axis)
+                total = part if total is None else total + part
+        if total is not None:
+            self._add("hidden", total, 1)
 
     # -- scores -------------------------------------------------------------------------------
     def _mean(self, key: str) -> Tensor:
@@ -212,3 +242,16 @@ class ImportanceAccumulator:
     def layer_scores(self, model: nn.Module) -> Tensor:
         """One block-influence score per decoder layer (higher = more important)."""
         return torch.stack([self._mean(f"layer.{i}") for i in range(len(decoder_layers(model)))])
+
+    @torch.no_grad()
+    def hidden_scores(self, model: nn.Module) -> Tensor:
+        """One score per hidden (residual-stream) channel (higher = more important)."""
+        if self.method != "magnitude":
+            return self._mean("hidden")
+        sq = sum(_per_channel(w.detach().float().pow(2), axis) for w, axis in hidden_params(model))
+        return sq.sqrt().double().cpu()
+
+
+def _per_channel(t: Tensor, axis: int) -> Tensor:
+    """Sum a weight-shaped tensor down to one value per index along ``axis`` (a vector stays as it is)."""
+    return t if t.dim() == 1 else t.sum(dim=1 - axis)

@@ -1,10 +1,11 @@
-"""Which heads, channels and layers a pruning step keeps, from the accumulated importance scores.
+"""Which heads, channels, hidden channels and layers a pruning step keeps, from the importance scores.
 
 :func:`select` keeps one width for all layers (a plain Hugging Face Llama); :func:`select_per_layer` lets
 units compete across layers, so each layer keeps its own counts. Both return the pruning spec that
 :func:`~distill.compress.prune.surgery.apply_spec` applies. Ties always go to the lower index so every
-DDP rank picks the same units. :func:`compensation` and :func:`add_compensation` implement FLAP's bias
-compensation for the removed units.
+DDP rank picks the same units. The hidden width is one for the whole model in both (the residual stream
+runs through every layer), so hidden channels are always ranked model-wide. :func:`compensation` and
+:func:`add_compensation` implement FLAP's bias compensation for the removed units.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ def select(scores: ImportanceAccumulator, student: nn.Module, target: dict[str, 
     Args:
         scores: the importance statistics accumulated over the calibration batches.
         student: the model about to be pruned (its current widths are read from it).
-        target: ``layers``, ``heads``, ``kv_heads`` and ``channels`` per layer after this step.
+        target: ``layers``, ``heads``, ``kv_heads`` and ``channels`` per layer after this step, and ``hidden``.
 
     Returns:
-        The spec: kept ``layers``, ``q_heads``/``kv_heads`` and ``channels`` (None where nothing goes).
+        The spec: kept ``layers``, ``q_heads``/``kv_heads`` and ``channels`` (None where nothing goes), and
+        kept ``hidden`` channels when the width shrinks.
 
     """
     now = shapes(student)
@@ -57,7 +59,17 @@ def select(scores: ImportanceAccumulator, student: nn.Module, target: dict[str, 
     if target["channels"] < now["channels"]:
         channel_scores = scores.channel_scores(student)
         spec["channels"] = [_top(channel_scores[i], target["channels"]) for i in layer_idx]
+    _select_hidden(scores, student, target, spec)
     return spec
+
+
+def _select_hidden(
+    scores: ImportanceAccumulator, student: nn.Module, target: dict[str, int], spec: dict[str, Any]
+) -> None:
+    """Add the kept hidden channels to ``spec`` when ``target`` narrows the width (specs without it stay as before)."""
+    width = student.config.hidden_size
+    if target.get("hidden", width) < width:
+        spec["hidden"] = _top(scores.hidden_scores(student), target["hidden"])
 
 
 @torch.no_grad()
@@ -101,6 +113,7 @@ def select_per_layer(
         drop = sum(s["channels"] for s in now) - target["channels"] * len(layer_idx)
         gone = _weakest(units, drop)
         spec["channels"] = [[c for c in range(now[j]["channels"]) if (j, c) not in gone] for j in range(len(layer_idx))]
+    _select_hidden(scores, student, target, spec)
     return spec
 
 
@@ -154,7 +167,8 @@ def compensation(
 
     For removed MLP channels C: ``down_proj.weight[:, C] @ mean(x_C)``; for removed query heads: their
     ``o_proj`` columns times the mean of their slice of the ``o_proj`` input. Computed from the weights
-    before slicing. Removed layers are not compensated.
+    before slicing. Removed layers are not compensated. When the spec narrows the hidden width, the
+    vectors keep only the surviving hidden channels (the biases they go into are sliced the same way).
 
     Args:
         scores: the accumulator, built with ``means=True`` so it holds the mean projection inputs.
@@ -181,6 +195,8 @@ def compensation(
             cols = [c for h in gone for c in range(h * d, (h + 1) * d)]
             mean = scores.input_mean("attn", i).to(o_proj.weight)
             out.append((j, "attention", o_proj.weight[:, cols] @ mean[cols]))
+    if spec.get("hidden") is not None:
+        out = [(j, kind, vec[spec["hidden"]]) for j, kind, vec in out]
     return out
 
 

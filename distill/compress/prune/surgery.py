@@ -1,4 +1,4 @@
-"""Physical structured pruning of a Hugging Face Llama-family model: heads, MLP channels, whole layers.
+"""Physical structured pruning of a Hugging Face Llama-family model: heads, MLP channels, layers, width.
 
 Why this is hand-written: Torch-Pruning's dependency graph does not finish building on Hugging Face
 Llama models (its open issues #519 and #527), and the surgery needed here is small and well defined:
@@ -9,6 +9,12 @@ still lines up. By default widths stay uniform across layers, so the result is a
 whose config alone rebuilds it (``AutoModelForCausalLM.from_pretrained`` loads the export). With
 ``uniform: false`` in a spec each layer keeps its own counts; the config then records them in
 ``distill_layer_shapes`` and :mod:`distill.export.loaders.load_pruned` rebuilds such a model.
+
+Hidden (residual-stream) channels, as Minitron prunes the embedding dimension: the same channels go from
+the embedding's columns, every RMSNorm's weight, the in-features of q/k/v/gate/up and ``lm_head`` and the
+out-features of o_proj/down_proj; ``hidden_size`` shrinks and ``head_dim`` is pinned in the config. A tied
+``lm_head`` keeps sharing the (sliced) embedding Parameter. RMSNorm then averages over fewer channels, so
+the pruned model is not the original with those channels zeroed: that is expected, healing fixes it.
 
 Every slicing function returns a carry map, new parameter → (old parameter, function), that
 :meth:`distill.module.DistillModule.rebuild_optimizers` uses to slice the old Adam moments down to
@@ -130,6 +136,69 @@ def prune_channels(model: nn.Module, keep: list[list[int]], carry: Carry, unifor
         model.config.intermediate_size = len(keep[0])
 
 
+def hidden_norms(model: nn.Module) -> list[nn.Module]:
+    """Every norm over the residual stream: each layer's input and post-attention norms, then the final norm."""
+    norms = [n for layer in decoder_layers(model) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    return [*norms, model.model.norm]
+
+
+def hidden_params(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Every weight indexed by a hidden channel, with the axis the channel indexes; a tied one appears once."""
+    out: list[tuple[nn.Parameter, int]] = [(model.get_input_embeddings().weight, 1)]
+    out += [(norm.weight, 0) for norm in hidden_norms(model)]
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        out += [(lin.weight, 1) for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)]
+        out += [(lin.weight, 0) for lin in (attn.o_proj, mlp.down_proj)]
+    head = model.get_output_embeddings().weight
+    if head is not out[0][0]:  # a tied head is the embedding: count its weights once
+        out.append((head, 1))
+    return out
+
+
+def _slice_param(module: nn.Module, name: str, dim: int, index: Tensor, carry: Carry) -> None:
+    """Replace ``module.<name>`` by its slice ``index`` along ``dim``, a new Parameter recorded in ``carry``."""
+    old = getattr(module, name)
+    fn = _slicer(dim, index)
+    new = nn.Parameter(fn(old.data), requires_grad=old.requires_grad)
+    setattr(module, name, new)
+    carry[new] = (old, fn)
+
+
+def prune_hidden(model: nn.Module, keep: list[int], carry: Carry) -> None:
+    """Keep hidden (residual-stream) channels ``keep`` everywhere the width appears; see the module docstring.
+
+    The tie between ``lm_head`` and the embedding is read from the modules (one Parameter or two), not
+    only from the config, and survives: the head gets the sliced embedding Parameter back.
+    """
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head.weight is emb.weight
+    index = torch.tensor(sorted(keep), dtype=torch.long, device=emb.weight.device)
+    # head_dim must be explicit before hidden_size changes: Llama would derive hidden_size / num_heads.
+    model.config.head_dim = head_dim(model)
+    _slice_param(emb, "weight", 1, index, carry)
+    emb.embedding_dim = len(index)
+    for norm in hidden_norms(model):
+        _slice_param(norm, "weight", 0, index, carry)
+        if getattr(norm, "bias", None) is not None:  # a LayerNorm-style norm
+            _slice_param(norm, "bias", 0, index, carry)
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            slice_linear(lin, 1, index, carry)
+        slice_linear(attn.o_proj, 0, index, carry)
+        slice_linear(mlp.down_proj, 0, index, carry)
+        for mod in (layer, mlp):  # transformers keeps the width on these, informational only
+            if hasattr(mod, "hidden_size"):
+                mod.hidden_size = len(index)
+    if tied:
+        head.weight = emb.weight
+        head.in_features = len(index)
+    else:
+        slice_linear(head, 1, index, carry)
+    model.config.hidden_size = len(index)
+
+
 def add_biases(model: nn.Module, kinds: list[str]) -> None:
     """Give every projection of ``kinds`` (``mlp``, ``attention``) a zero bias, as Llama's config flags do.
 
@@ -154,8 +223,8 @@ def apply_spec(model: nn.Module, spec: dict[str, Any]) -> Carry:
 
     ``spec`` holds ``layers`` (kept layer indices or None), ``q_heads``/``kv_heads`` (per surviving layer,
     kept head indices, or None), ``channels`` (per surviving layer, kept channels, or None) and optionally
-    ``biases`` (projection kinds that get biases for bias compensation; their values come from the weights).
-    Indices refer to the model as it was before this step.
+    ``biases`` (projection kinds that get biases for bias compensation; their values come from the weights)
+    and ``hidden`` (kept hidden channels, or None). Indices refer to the model as it was before this step.
     """
     carry: Carry = {}
     uniform = spec.get("uniform", True)
@@ -166,6 +235,8 @@ def apply_spec(model: nn.Module, spec: dict[str, Any]) -> Carry:
         prune_heads(model, spec["q_heads"], spec["kv_heads"], carry, uniform=uniform)
     if spec.get("channels") is not None:
         prune_channels(model, spec["channels"], carry, uniform=uniform)
+    if spec.get("hidden") is not None:
+        prune_hidden(model, spec["hidden"], carry)
     if not uniform or getattr(model.config, LAYER_SHAPES_KEY, None):
         # Per-layer widths: the config keeps the unpruned counts and records each layer's
         # (read by distill.export.loaders.load_pruned).

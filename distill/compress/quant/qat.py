@@ -1,11 +1,12 @@
 """Quantization-aware training with torchao: fake-quantize a student, freeze its weight ranges, convert it.
 
 ``quantize_(student, QATConfig(base, step="prepare"))`` swaps each targeted ``nn.Linear`` for torchao's
-``FakeQuantizedLinear``, which keeps the same ``weight``/``bias`` Parameters (so checkpoint keys and the
-optimizer are unchanged) and rounds weights (and, for the ``int8_dynact_*`` schemes, activations) to the
-target grid in every forward, with a straight-through gradient. ``QATConfig(base, step="convert")`` then
-replaces them by real quantized weights (torchao tensor subclasses). The Lightning side is
-``callbacks/qat.py``.
+``FakeQuantizedLinear`` (and, when the spec's ``modules`` include ``embedding``, each ``nn.Embedding`` for
+``FakeQuantizedEmbedding``), which keeps the same ``weight``/``bias`` Parameters (so checkpoint keys, the
+optimizer and a tied embedding/output head are unchanged) and rounds weights (and, for the ``int8_dynact_*``
+schemes, activations) to the target grid in every forward, with a straight-through gradient.
+``QATConfig(base, step="convert")`` then replaces them by real quantized weights (torchao tensor subclasses).
+The Lightning side is ``callbacks/qat.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from torchao.quantization import quantize_
 from torchao.quantization.qat import QATConfig
+from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
 from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 from torchao.quantization.qat.linear import FakeQuantizedLinear
 
@@ -23,12 +25,13 @@ from distill.compress.quant import schemes
 from distill.compress.quant.schemes import QuantSpec
 
 FIELD = "callbacks.qat."
+FAKE_QUANTIZED = (FakeQuantizedLinear, FakeQuantizedEmbedding)
 Ranges = dict[str, dict[str, torch.Tensor]]
 
 
 def prepare(student: nn.Module, spec: QuantSpec) -> None:
     """Insert torchao fake-quant modules into ``student`` (in place) for ``spec``."""
-    schemes.check_targets(student, spec.skip, spec.group_size, FIELD)
+    schemes.check_targets(student, spec.skip, spec.group_size, FIELD, spec.modules)
     quantize_(student, QATConfig(spec.base_config(), step="prepare"), filter_fn=spec.filter())
 
 
@@ -43,16 +46,19 @@ def convert(student: nn.Module, spec: QuantSpec) -> None:
         fq = getattr(module, "weight_fake_quantizer", None)
         if isinstance(fq, IntxFakeQuantizer) and not fq.config.is_dynamic and fq.scale is not None:
             fq.config.range_learning = True
+    groups = schemes.shared_parameters(student)
     quantize_(
         student,
         QATConfig(spec.base_config(), step="convert"),
-        filter_fn=lambda m, _fqn: isinstance(m, FakeQuantizedLinear),
+        filter_fn=lambda m, _fqn: isinstance(m, FAKE_QUANTIZED),
     )
+    # convert quantizes each module's weight on its own; a tied embedding/head becomes one tensor again.
+    schemes.retie(student, groups)
 
 
-def fake_quantized(student: nn.Module) -> dict[str, FakeQuantizedLinear]:
-    """The student's fake-quantized linears by name."""
-    return {n: m for n, m in student.named_modules() if isinstance(m, FakeQuantizedLinear)}
+def fake_quantized(student: nn.Module) -> dict[str, FakeQuantizedLinear | FakeQuantizedEmbedding]:
+    """The student's fake-quantized linears (and embeddings) by name."""
+    return {n: m for n, m in student.named_modules() if isinstance(m, FAKE_QUANTIZED)}
 
 
 @torch.no_grad()

@@ -38,7 +38,12 @@ from torchao.utils import TorchAOBaseTensor
 
 from distill.config import config_error
 
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (32, 64, 128)  # the usual choices; any multiple of GROUP_MULTIPLE up to MAX_GROUP_SIZE is accepted
+# Group sizes are multiples of 32 because that is what torchao's packed int4 kernels need; the
+# IntxUnpackedToInt8Tensor layout used here takes any divisor of the width. Widths such as SmolLM2's 576
+# (= 64 · 9) have no group of 128, so 96 or 192 are what make its int4 model fit 1/7 of the fp32 bytes.
+GROUP_MULTIPLE = 32
+MAX_GROUP_SIZE = 1024
 DEFAULT_GROUP_SIZE = 32
 # Embeddings, the output head and norms stay in full precision by default: they hold few of a small
 # model's weights relative to their effect on quality, and torchao's QAT supports only Linear/Embedding.
@@ -97,7 +102,7 @@ def get_scheme(name: str, field: str = "scheme") -> Scheme:
 
 
 def resolve_group_size(scheme: Scheme, group_size: int | None, field: str = "group_size") -> int | None:
-    """Validate ``group_size`` for ``scheme``: one of :data:`GROUP_SIZES` for grouped schemes, unset otherwise."""
+    """Validate ``group_size`` for ``scheme``: a multiple of 32 (up to 1024) for grouped schemes, unset otherwise."""
     if not scheme.grouped:
         if group_size is not None:
             raise config_error(
@@ -106,8 +111,18 @@ def resolve_group_size(scheme: Scheme, group_size: int | None, field: str = "gro
         return None
     if group_size is None:
         return DEFAULT_GROUP_SIZE
-    if group_size not in GROUP_SIZES:
-        raise config_error(field, group_size, f"{scheme.name} supports group sizes {', '.join(map(str, GROUP_SIZES))}")
+    if (
+        not isinstance(group_size, int)
+        or isinstance(group_size, bool)
+        or group_size % GROUP_MULTIPLE
+        or not 0 < group_size <= MAX_GROUP_SIZE
+    ):
+        raise config_error(
+            field,
+            group_size,
+            f"{scheme.name} takes a group size that is a multiple of {GROUP_MULTIPLE} up to {MAX_GROUP_SIZE} "
+            f"(usually one of {', '.join(map(str, GROUP_SIZES))})",
+        )
     return int(group_size)
 
 
@@ -179,7 +194,8 @@ def check_targets(
     for name, n in widths.items():
         if n % group_size:
             axis = "embedding_dim" if isinstance(model.get_submodule(name), nn.Embedding) else "in_features"
-            fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths.values())]
+            sizes = range(GROUP_MULTIPLE, MAX_GROUP_SIZE + 1, GROUP_MULTIPLE)
+            fits = [g for g in sizes if all(w % g == 0 for w in widths.values())]
             raise config_error(
                 field,
                 group_size,

@@ -1,0 +1,84 @@
+"""QAT of the token embedding and a tied output head: one Parameter while training, one tensor after convert."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distill.compress.quant import schemes
+from distill.compress.quant.qat import FIELD, convert, fake_quantized, prepare
+from distill.config import ConfigError
+from distill.export.quantized import dequantized_copy, load_quantized, save_quantized
+
+SPEC = schemes.make_spec("int4_weight_only", 32, ["*norm*"], modules=["linear", "embedding"])
+
+
+def _tied_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_embedding_and_tied_head_train_tied_and_convert_to_one_tensor(tmp_path):
+    model = _tied_model()
+    ids = torch.randint(0, 128, (2, 12))
+    prepare(model, SPEC)
+    fq = fake_quantized(model)
+    assert "model.embed_tokens" in fq and "lm_head" in fq  # both sides of the tie are fake-quantized
+    assert model.model.embed_tokens.weight is model.lm_head.weight  # ... and still share one Parameter
+    before = model.lm_head.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        logits = model(ids).logits
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+    assert not torch.equal(model.lm_head.weight, before)  # the straight-through gradient reached the tie
+    assert model.model.embed_tokens.weight is model.lm_head.weight
+
+    with torch.no_grad():
+        fake = model(ids).logits
+    convert(model, SPEC)
+    weight = model.model.embed_tokens.weight
+    assert schemes.is_quantized(weight) and weight is model.lm_head.weight  # re-tied after convert
+    with torch.no_grad():
+        real = model(ids).logits
+    torch.testing.assert_close(real, fake, atol=1e-4, rtol=1e-4)  # convert computes what training saw
+
+    out = save_quantized(model, None, tmp_path / "q", SPEC)  # checks the reload's logits are identical
+    meta = json.loads((out / "quantization.json").read_text())
+    assert meta["tied_keys"] == ["lm_head.weight"] and meta["modules"] == ["linear", "embedding"]
+    reloaded = load_quantized(out)
+    assert reloaded.model.embed_tokens.weight is reloaded.lm_head.weight
+
+    plain = dequantized_copy(model)  # the plain export's model: float weights, still one tied Parameter
+    assert plain.model.embed_tokens.weight is plain.lm_head.weight
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, real, atol=1e-5, rtol=1e-5)
+
+
+def test_qat_convert_without_training_equals_ptq_including_the_embedding():
+    qat, ptq = _tied_model(), _tied_model()
+    prepare(qat, SPEC)
+    convert(qat, SPEC)
+    schemes.ptq(ptq, SPEC)
+    for (name, a), (_, b) in zip(qat.state_dict().items(), ptq.state_dict().items(), strict=True):
+        assert torch.equal(a.dequantize(), b.dequantize()), name
+
+
+def test_embedding_needs_a_weight_only_scheme_and_a_fitting_group():
+    with pytest.raises(ConfigError, match=r"callbacks.qat.modules=\['linear', 'embedding'\]: .* weight-only"):
+        schemes.make_spec("int8_dynact_int4_weight", 32, ["*norm*"], FIELD, ["linear", "embedding"])
+    with pytest.raises(ConfigError, match=r"callbacks.qat.group_size=128: it does not divide the embedding_dim=64"):
+        prepare(_tied_model(), schemes.make_spec("int4_weight_only", 128, ["*norm*"], FIELD, ["embedding"]))
