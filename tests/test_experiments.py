@@ -52,7 +52,7 @@ def recipe_cfg(recipe: str, out: Path, cache_dir: Path, *extra: str) -> DictConf
                 continue
             if node.get("heads") is not None:
                 node.heads = 3  # the recipes remove one query head per KV group; so does this
-            if node.get("group_size") is not None:
+            if node._target_ == "callbacks.qat.QuantizationAwareTraining" and node.get("group_size") is not None:
                 node.group_size = 32  # the QAD recipes' 192 fits SmolLM2's widths, not the tiny student's
             for key in STEP_KEYS:
                 if node.get(key) is not None:

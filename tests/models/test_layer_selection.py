@@ -26,15 +26,6 @@ from students import from_teacher
 LAYERS = 5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Models this small run faster on one thread than on cores shared with other work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(seed: int = 0, identity: int | None = None) -> nn.Module:
     """A 5-layer Llama with weights large enough (std 0.2) that every layer matters differently."""
     config = LlamaConfig(
