@@ -173,13 +173,15 @@ def same_evaluation(point: dict[str, Any], reference: dict[str, Any]) -> bool:
     """Whether two reports scored their models against the same teacher on the same held-out data.
 
     The teacher's held-out perplexity is a fingerprint of both: a different corpus, split, block size or
-    teacher changes it, so a baseline row is shown next to a run only when they agree to 1e-6.
+    teacher changes it by far more than 1e-4, so a baseline row is shown next to a run only when they agree to
+    1e-4 (relative). The same teacher on the same tokens moves by about 1e-5 between CPUs (BLAS kernels): the
+    g192 baseline and the qad_int4 run, scored on this machine, read 22.648401 where earlier runs read 22.648612.
     """
     same_teacher = point["report"]["models"]["baseline"] == reference["report"]["models"]["baseline"]
     if point["run"].get("unavailable"):  # measured nothing, so only the teacher can be matched
         return same_teacher
     a, b = point["teacher"].get("heldout/ppl"), reference["teacher"].get("heldout/ppl")
-    return same_teacher and a is not None and b is not None and abs(a - b) <= 1e-6 * abs(b)
+    return same_teacher and a is not None and b is not None and abs(a - b) <= 1e-4 * abs(b)
 
 
 def baseline_points(folder: str | Path | None, like: dict[str, Any]) -> list[dict[str, Any]]:
@@ -196,10 +198,14 @@ def baseline_points(folder: str | Path | None, like: dict[str, Any]) -> list[dic
     return sorted(points, key=lambda p: (bool(p["run"].get("unavailable")), _size_ratio(p["student"]) or 0.0))
 
 
+SAME_SIZE = 0.001  # relative difference in size below which two artifacts count as equally large
+
+
 def ptq_verdict(point: dict[str, Any], baselines: list[dict[str, Any]]) -> str | None:
     """One sentence saying whether ``point`` beats the best PTQ baseline that is at least as small on disk.
 
-    "At its size" means a PTQ row whose ratio against the fp32 teacher is at least the point's; quality is
+    "At its size" means a PTQ row whose ratio against the fp32 teacher is at least the point's, within
+    :data:`SAME_SIZE` (the same grid differs by the bytes of its metadata: 45 of 74.6 MB); quality is
     top-1 agreement with the teacher on the held-out split (the same tokens for every row, which
     :func:`baseline_points` checks). None when the point has no size or agreement to compare.
     """
@@ -208,7 +214,7 @@ def ptq_verdict(point: dict[str, Any], baselines: list[dict[str, Any]]) -> str |
     if ratio is None or agree is None:
         return None
     ptq = [b for b in baselines if str(b["run"].get("recipe", "")).startswith("ptq_") and b["student"]]
-    rivals = [b for b in ptq if b["student"].get("cost/ratio_vs_fp32_teacher", 0) >= ratio]
+    rivals = [b for b in ptq if b["student"].get("cost/ratio_vs_fp32_teacher", 0) >= ratio * (1 - SAME_SIZE)]
     if not rivals:
         return f"**{point['label']}** ({ratio:.2f}×, top-1 {agree:.3f}): no PTQ baseline is this small."
     best = max(rivals, key=lambda b: b["student"]["heldout/top1_agreement"])
