@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lm_eval.api.model import LM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 # The recipes' models shrunk: 6 query heads in 3 KV groups (so "remove one head per group" is heads=3), and
 # widths that int4 groups of 32 divide before and after pruning half the MLP channels.
@@ -157,3 +159,21 @@ class Oracle(LM):
 
     def generate_until(self, requests):
         return ["" for _ in requests]
+
+
+def tiny_llama(seed: int = 0, **config: object) -> LlamaForCausalLM:
+    """A 2-layer, width-64 Llama (4 query heads in 2 KV groups, 256 tokens) whose head is its embedding.
+
+    ``config`` overrides any ``LlamaConfig`` field; the weights are drawn after ``torch.manual_seed(seed)``.
+    """
+    settings: dict[str, object] = {
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": True,
+    }
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**(settings | config)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from callbacks.prune import ProgressiveStructuredPruning
 from distill.compress.prune.importance import ImportanceAccumulator
@@ -20,6 +20,7 @@ from distill.config import ConfigError
 from distill.export.loaders.load_pruned import load_pruned
 from tests.compress.prune.helpers import QUIET, STUDENT, make_batch, prepare, score
 from tests.helpers import read_metrics, series
+from tests.helpers import tiny_llama as base_llama
 from train import train
 
 TIES = pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
@@ -30,18 +31,7 @@ def tiny_llama(tie: bool, seed: int = 0) -> LlamaForCausalLM:
 
     Random norm weights (not Llama's ones) make a norm sliced at the wrong channels change the logits.
     """
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-        rms_norm_eps=1e-5,
-    )
-    model = LlamaForCausalLM(config)
+    model = base_llama(seed, vocab_size=512, intermediate_size=96, tie_word_embeddings=tie, rms_norm_eps=1e-5)
     with torch.no_grad():
         for norm in hidden_norms(model):
             norm.weight.uniform_(0.5, 1.5)

@@ -8,28 +8,13 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.compress.quant import schemes as quantization
 from distill.config import ConfigError
 from distill.export.quantized import _pack, _unpack, load_quantized, save_quantized
+from tests.helpers import tiny_llama
 
 EVERYTHING = ("linear", "embedding")
-
-
-def _tied_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A tiny Llama whose output head is its token embedding, as SmolLM2's is."""
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
 
 
 def _quantized_modules(model: nn.Module) -> set[str]:
@@ -48,7 +33,7 @@ def _quantized_modules(model: nn.Module) -> set[str]:
     ],
 )
 def test_scheme_quantizes_linears_and_tied_embedding_and_reloads_identically(tmp_path, scheme, bits, group_size):
-    model = _tied_llama()
+    model = tiny_llama().eval()
     probe = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = model(input_ids=probe).logits
@@ -88,7 +73,7 @@ def test_scheme_quantizes_linears_and_tied_embedding_and_reloads_identically(tmp
 
 
 def test_tie_is_kept_only_when_both_sides_are_quantized(tmp_path):
-    model = _tied_llama()
+    model = tiny_llama().eval()
     # The embedding skipped: the head is quantized on its own and the fp32 table stays; both are stored.
     spec = quantization.make_spec("int4_weight_only", 32, ["*embed*"], modules=EVERYTHING)
     quantization.ptq(model, spec)
@@ -104,7 +89,7 @@ def test_tie_is_kept_only_when_both_sides_are_quantized(tmp_path):
 def test_default_targets_are_unchanged_linears_without_head_or_embedding():
     spec = quantization.make_spec("int4_weight_only", 32, None)
     assert spec.modules == ("linear",) and spec.skip == quantization.DEFAULT_SKIP
-    model = _tied_llama()
+    model = tiny_llama().eval()
     names = quantization.targets(model, spec.skip, spec.modules)
     assert names and "lm_head" not in names and not any("embed" in n for n in names)
     assert all(isinstance(model.get_submodule(n), nn.Linear) for n in names)
@@ -123,7 +108,7 @@ def test_bad_module_kinds_and_embedding_widths_are_refused():
         quantization.make_spec("int8_dynact_int4_weight", 32, [], modules=EVERYTHING)
     with pytest.raises(ConfigError, match=r"skip=.*it leaves no nn.Embedding to quantize"):
         spec = quantization.make_spec("int4_weight_only", 32, None, modules=["embedding"])
-        quantization.ptq(_tied_llama(), spec)
+        quantization.ptq(tiny_llama().eval(), spec)
     table = nn.Sequential(nn.Embedding(10, 48))
     with pytest.raises(ConfigError, match=r"group_size=32: it does not divide the embedding_dim=48 of 0"):
         quantization.ptq(table, quantization.make_spec("int4_weight_only", 32, [], modules=["embedding"]))

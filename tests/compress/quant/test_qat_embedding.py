@@ -6,32 +6,18 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.compress.quant import schemes
 from distill.compress.quant.qat import FIELD, convert, fake_quantized, prepare
 from distill.config import ConfigError
 from distill.export.quantized import dequantized_copy, load_quantized, save_quantized
+from tests.helpers import tiny_llama
 
 SPEC = schemes.make_spec("int4_weight_only", 32, ["*norm*"], modules=["linear", "embedding"])
 
 
-def _tied_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def test_embedding_and_tied_head_train_tied_and_convert_to_one_tensor(tmp_path):
-    model = _tied_model()
+    model = tiny_llama(vocab_size=128).eval()
     ids = torch.randint(0, 128, (2, 12))
     prepare(model, SPEC)
     fq = fake_quantized(model)
@@ -69,7 +55,7 @@ def test_embedding_and_tied_head_train_tied_and_convert_to_one_tensor(tmp_path):
 
 
 def test_qat_convert_without_training_equals_ptq_including_the_embedding():
-    qat, ptq = _tied_model(), _tied_model()
+    qat, ptq = tiny_llama(vocab_size=128).eval(), tiny_llama(vocab_size=128).eval()
     prepare(qat, SPEC)
     convert(qat, SPEC)
     schemes.ptq(ptq, SPEC)
@@ -81,4 +67,7 @@ def test_embedding_needs_a_weight_only_scheme_and_a_fitting_group():
     with pytest.raises(ConfigError, match=r"callbacks.qat.modules=\['linear', 'embedding'\]: .* weight-only"):
         schemes.make_spec("int8_dynact_int4_weight", 32, ["*norm*"], FIELD, ["linear", "embedding"])
     with pytest.raises(ConfigError, match=r"callbacks.qat.group_size=128: it does not divide the embedding_dim=64"):
-        prepare(_tied_model(), schemes.make_spec("int4_weight_only", 128, ["*norm*"], FIELD, ["embedding"]))
+        prepare(
+            tiny_llama(vocab_size=128).eval(),
+            schemes.make_spec("int4_weight_only", 128, ["*norm*"], FIELD, ["embedding"]),
+        )
