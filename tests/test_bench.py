@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -33,6 +36,7 @@ def test_bench_scripts_are_the_expected_ones():
         "chunked_loss",
         "cliff",
         "headline",
+        "kd_vs_ce",
         "prune_heal",
         "qat_vs_ptq",
         "share_lowrank",
@@ -102,3 +106,51 @@ def test_chunked_loss_measures_both_variants_in_subprocesses(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: loss='kl': unknown loss; choose one of forward_kl, reverse_kl, jsd, skew_kl, skew_rkl, tvd"
     )
+
+
+def _side_report(folder: Path, agree: list[float], teacher_nll: list[float], acc: float) -> None:
+    """A report.json with the per-sequence held-out sums bench/kd_vs_ce.py pairs (10 tokens per sequence)."""
+    n = len(agree)
+    rows = {
+        "teacher": {"nll": teacher_nll, "kl": [0.0] * n, "agree": [10.0] * n, "tokens": [10.0] * n},
+        "student": {
+            "nll": [20.0 - a for a in agree],
+            "kl": [10.0 - a for a in agree],
+            "agree": agree,
+            "tokens": [10.0] * n,
+        },
+    }
+    student = {"task/distill_cloze/acc": acc, "task/distill_cloze/acc_ci_low": acc - 0.04}
+    student["task/distill_cloze/acc_ci_high"] = acc + 0.04
+    report = {"metrics": {"teacher": {}, "student": student}, "heldout_rows": rows, "run": {"steps": 40}}
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(report))
+
+
+def test_kd_vs_ce_pairs_the_held_out_sequences_and_names_a_winner_only_when_the_interval_excludes_zero(tmp_path):
+    run = importlib.import_module("bench.kd_vs_ce").run
+    rng = np.random.default_rng(0)
+    teacher_nll = rng.uniform(20, 40, 64).tolist()
+    ce = rng.integers(3, 8, 64).astype(float)
+    _side_report(tmp_path / "qad_int4_kd", (ce + 1).tolist(), teacher_nll, 0.60)  # KD agrees on 1 more in 10
+    _side_report(tmp_path / "qad_int4_ce", ce.tolist(), teacher_nll, 0.59)
+    args = [f"reports={tmp_path}", f"results_dir={tmp_path}", "only=[qad_int4]"]
+    (result,) = run(bench_cfg("kd_vs_ce", args))
+    top1 = result["heldout"]["top1_agreement"]
+    assert top1["difference"] == pytest.approx(0.1) and top1["ci"] == pytest.approx([0.1, 0.1])  # paired: no noise
+    assert top1["winner"] == "kd" and result["heldout"]["kl_to_teacher"]["winner"] == "kd"
+    assert result["heldout"]["ppl"]["winner"] == "kd"  # nll fell with agreement in this made-up pair
+    assert result["tasks"]["task/distill_cloze/acc"]["winner"] == "neither"  # the intervals overlap
+    text = (tmp_path / "kd_vs_ce.md").read_text()
+    assert "| held-out top1_agreement | 0.6" in text and "+0.1 [0.1, 0.1] | kd |" in text
+    assert json.loads((tmp_path / "kd_vs_ce.json").read_text())[0]["pair"] == "qad_int4"
+
+    # Sides scored on different held-out data cannot be paired.
+    shutil.rmtree(tmp_path / "qad_int4_ce")
+    _side_report(tmp_path / "qad_int4_ce", ce.tolist(), (np.array(teacher_nll) + 1).tolist(), 0.59)
+    with pytest.raises(ConfigError, match="different held-out data"):
+        run(bench_cfg("kd_vs_ce", args))
+    with pytest.raises(ConfigError, match=r"^only=\['nope'\]: choose among \['qad_int4', 'pruned'\]"):
+        run(bench_cfg("kd_vs_ce", [*args[:2], "only=[nope]"]))
+    with pytest.raises(ConfigError, match=r"^pairs='pruned': no report at .*pruned_kd/report.json"):
+        run(bench_cfg("kd_vs_ce", [*args[:2], "only=[pruned]"]))

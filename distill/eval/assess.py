@@ -123,20 +123,21 @@ def assess(
     about = about or Provenance()
     device = next(models.student.parameters()).device
     sides: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
-    documents = _score_heldout(models, settings, sides, device)
+    documents, rows = _score_heldout(models, settings, sides, device)
     notes = _score_tasks(models, settings, Path(run_dir), sides)
     prompts = _score_fidelity(models, settings, sides, device)
     _score_cost(models, settings, sides, prompts, about)
-    return _write(sides, notes, settings, run_dir, about, documents)
+    return _write(sides, notes, settings, run_dir, about, documents, rows)
 
 
 def _score_heldout(
     models: Comparison, settings: Mapping[str, Any], sides: dict[str, dict[str, float]], device: torch.device
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
     """Held-out perplexity, KL and agreement, the long-tail buckets and per-document scores, in one pass.
 
     Returns:
-        The per-document scores for ``report.json``'s ``documents`` (worst first in report.md).
+        The per-document scores for ``report.json``'s ``documents`` (worst first in report.md), and the
+        per-sequence sums for its ``heldout_rows`` (what paired comparisons of two runs resample).
 
     """
     held = heldout_analysis(
@@ -168,7 +169,7 @@ def _score_heldout(
             # A preview to recognise the document by; whitespace folded so it fits a table cell.
             entry["text"] = " ".join(models.tokenizer.decode(d["head"]).split())[:60]
         documents.append(entry)
-    return documents
+    return documents, held.rows
 
 
 def _score_tasks(
@@ -286,6 +287,7 @@ def _write(
     run_dir: str | Path,
     about: Provenance,
     documents: list[dict[str, Any]] | None = None,
+    rows: dict[str, dict[str, list[float]]] | None = None,
 ) -> dict[str, Any]:
     """Build the report with its guard flags, write it and its plots into ``run_dir``."""
     guard = dict(settings.get("guard") or {})
@@ -295,6 +297,7 @@ def _write(
     report["notes"] = notes
     report["run"] = dict(about.run or {})
     report["documents"] = documents or []
+    report["heldout_rows"] = rows or {}
     write_report(report, run_dir)
     try:
         plot_run(run_dir, sides["teacher"], sides["student"])

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distill.eval.intervals import ratio_interval
 from distill.objective.divergences import IGNORE_INDEX
 
 TAIL_BUCKETS = ("rare", "middle", "common")
@@ -65,12 +66,17 @@ class Heldout:
         documents: one entry per held-out document in stream order: ``index``, ``tokens`` (scored
             positions), ``head`` (its first token ids) and name → {``top1_agreement``, ``accuracy``};
             empty without an EOS id.
+        rows: name → {``nll``, ``kl``, ``agree``, ``tokens``}: per held-out sequence (batch row, in
+            order), the summed NLL, KL and agreements over its scored tokens. The metrics' intervals
+            resample these rows; two models scored on the same rows can be compared pairwise
+            (``bench/kd_vs_ce.py``).
 
     """
 
     metrics: dict[str, dict[str, float]]
     tail: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     documents: list[dict[str, Any]] = field(default_factory=list)
+    rows: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -93,7 +99,9 @@ def heldout_metrics(
         device: where to run.
 
     Returns:
-        name → {``ppl``, ``kl_to_teacher`` (KL(teacher‖model), nats per token), ``top1_agreement``, ``tokens``}.
+        name → {``ppl``, ``kl_to_teacher`` (KL(teacher‖model), nats per token), ``top1_agreement``, ``tokens``},
+        each metric with its 95 % interval over held-out sequences (``<metric>_ci_low`` / ``_ci_high``; the
+        teacher's own agreement and KL, 1 and 0 by definition, have none).
 
     """
     return heldout_analysis(models, teacher, batches, vocab_size, max_batches=max_batches, device=device).metrics
@@ -130,7 +138,7 @@ def heldout_analysis(
 
     """
     buckets = None if token_counts is None else frequency_buckets(token_counts, vocab_size).to(device)
-    tally = _Tally(list(models), buckets, eos_token_id)
+    tally = _Tally(list(models), buckets, eos_token_id, {n for n, m in models.items() if m is teacher})
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
@@ -150,10 +158,12 @@ def heldout_analysis(
 class _Tally:
     """Running sums over the held-out batches: totals, per-bucket and per-document counts per model."""
 
-    def __init__(self, names: list[str], buckets: Tensor | None, eos: int | None) -> None:
-        self.names, self.buckets, self.eos = names, buckets, eos
+    def __init__(self, names: list[str], buckets: Tensor | None, eos: int | None, references: set[str]) -> None:
+        self.names, self.buckets, self.eos, self.references = names, buckets, eos, references
         self.count = 0
         self.sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in names}
+        # Per model, per held-out sequence: (nll, kl, agreements, tokens) summed over its scored positions.
+        self.rows: dict[str, list[Tensor]] = {name: [] for name in names}
         n = len(TAIL_BUCKETS)
         # Per model: (agreements, correct predictions, tokens) per bucket, kept as tensors until the end.
         self.tail = {name: torch.zeros(3, n, dtype=torch.float64) for name in names}
@@ -204,6 +214,11 @@ class _Tally:
             }
             for name, s in self.sums.items()
         }
+        rows = {}
+        for name in self.names:
+            nll, kl, agree, tokens = torch.cat(self.rows[name]).T.tolist() if self.rows[name] else ([],) * 4
+            rows[name] = {"nll": nll, "kl": kl, "agree": agree, "tokens": tokens}
+            metrics[name].update(_intervals(rows[name], reference=name in self.references))
         tail = {}
         if self.buckets is not None:
             for name, (agree, correct, tokens) in self.tail.items():
@@ -235,7 +250,25 @@ class _Tally:
             for d, e in sorted(self.docs.items())
             if e["tokens"] > 0  # a document seen only as a block's unscored first token
         ]
-        return Heldout(metrics, tail, documents)
+        return Heldout(metrics, tail, documents, rows)
+
+
+def _intervals(rows: dict[str, list[float]], reference: bool) -> dict[str, float]:
+    """95 % intervals of ppl, KL and agreement, resampling whole held-out sequences (a cluster bootstrap).
+
+    Tokens of one sequence share their context, so resampling tokens would make the interval too narrow.
+    A model's agreement with itself (the teacher) is 1 and its KL 0 with no uncertainty: no interval.
+    """
+    if len(rows["tokens"]) < 2:
+        return {}  # one sequence: nothing to resample
+    out = {}
+    pairs = [("ppl", "nll", math.exp)] + (
+        [] if reference else [("kl_to_teacher", "kl", None), ("top1_agreement", "agree", None)]
+    )
+    for metric, key, transform in pairs:
+        low, high = ratio_interval(rows[key], rows["tokens"], transform)
+        out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = low, high
+    return out
 
 
 def _accumulate(
@@ -277,6 +310,9 @@ def _accumulate(
         s["nll"] += float(nll[real].sum())
         s["kl"] += float(kl[real].sum())
         s["agree"] += float(agree.sum())
+        per_row = [(nll * real).sum(1), (kl * real).sum(1), ((top == t_top) & real).sum(1), real.sum(1)]
+        keep = real.any(1)  # a row of padding only has nothing to resample
+        tally.rows[name].append(torch.stack([r.double() for r in per_row], 1)[keep].cpu())
         if bucket is not None:
             n = len(TAIL_BUCKETS)
             for row, hits in enumerate((agree, correct, torch.ones_like(agree))):

@@ -151,3 +151,28 @@ def test_token_counts_come_from_the_training_blocks_only(tiny_teacher, cache_dir
     assert {i: int(c) for i, c in enumerate(counts) if c} == dict(plain)
     assert int(counts.sum()) == ids.numel()  # no held-out token among them
     assert dm.train_token_counts() is counts  # computed once
+
+
+def test_rows_add_up_to_the_totals_and_the_intervals_resample_sequences():
+    teacher, student = Bigram(0), Bigram(1)
+    batches = _batches(_stream(teacher, 6 * 5 * 12, seed=2), block=12, batch=5)
+    batches[-1]["labels"][0, 6:] = -100  # a partly masked row: its tokens count as it has them
+    res = heldout_analysis({"teacher": teacher, "student": student}, teacher, batches, V)
+    for name, rows in res.rows.items():
+        m = res.metrics[name]
+        assert len(rows["tokens"]) == 30  # one entry per sequence, in order
+        assert sum(rows["tokens"]) == m["tokens"] and rows["tokens"][-5] == 5  # 11 scored positions minus 6
+        assert sum(rows["agree"]) / m["tokens"] == pytest.approx(m["top1_agreement"])
+        assert sum(rows["kl"]) / m["tokens"] == pytest.approx(m["kl_to_teacher"])
+        assert torch.tensor(sum(rows["nll"]) / m["tokens"]).exp().item() == pytest.approx(m["ppl"])
+    s = res.metrics["student"]
+    for metric in ("ppl", "kl_to_teacher", "top1_agreement"):
+        low, high = s[f"{metric}_ci_low"], s[f"{metric}_ci_high"]
+        assert low < s[metric] < high  # a real spread around the point estimate
+    # The teacher agrees with itself with no uncertainty: only its perplexity has an interval.
+    t = res.metrics["teacher"]
+    assert "top1_agreement_ci_low" not in t and "kl_to_teacher_ci_low" not in t
+    assert t["ppl_ci_low"] < t["ppl"] < t["ppl_ci_high"]
+    # Resampling is seeded: the same pass gives the same intervals.
+    again = heldout_analysis({"teacher": teacher, "student": student}, teacher, batches, V)
+    assert again.metrics == res.metrics

@@ -219,3 +219,20 @@ def test_task_cache_keys_on_the_data_bytes_and_needs_an_identity(tiny_teacher, s
         data.write_bytes(original)
     assert cache.load("distill_lastword", None, 1000) == scores
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_ratio_interval_resamples_units_and_paired_statistics_see_the_same_draws():
+    from distill.eval.intervals import ratio_interval, resample_interval
+
+    num, den = [1.0, 3.0, 2.0, 8.0], [2.0, 4.0, 4.0, 10.0]  # ratio of sums 14 / 20
+    low, high = ratio_interval(num, den)
+    assert 0.5 <= low < 0.7 < high <= 0.8  # within the units' own ratios (0.5 ... 0.8)
+    assert ratio_interval(num, den, transform=lambda x: 2 * x) == pytest.approx((2 * low, 2 * high))
+    assert ratio_interval([2.0, 2.0], [4.0, 4.0]) == (0.5, 0.5)  # no spread, no width
+    # Two statistics of one resample differ by a constant: the paired difference has no width at all.
+    a = np.array([0.1, 0.5, 0.9, 0.3])
+    assert resample_interval(lambda i: (a[i] + 1).mean() - a[i].mean(), 4) == pytest.approx((1.0, 1.0))
+    with pytest.raises(ValueError, match="one length"):
+        ratio_interval([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="at least one unit"):
+        resample_interval(lambda i: 0.0, 0)
