@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,26 @@ log = logging.getLogger("distill")
 DEGRADED_EXIT = 3
 
 
+def read_checkpoint(p: Path, field_value: str) -> dict[str, Any]:
+    """A training checkpoint, unpickled with ``weights_only=True``: tensors and plain containers only.
+
+    A ``.ckpt`` is a pickle, and a full unpickle runs whatever code the file names, so a checkpoint from
+    anywhere else could run code on load. What train.py's checkpoints hold (Lightning's loop and
+    callback state, Adam's moments, the structure log and configs as dicts, lists, strings and numbers)
+    loads under the restricted unpickler with no allow-list; anything else is refused, not trusted.
+    """
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise config_error(
+            "model",
+            field_value,
+            f"the checkpoint holds objects beyond tensors and plain containers ({first}); distill loads "
+            "checkpoints with weights_only=True, so give the run's export folder (…/student) instead",
+        ) from None
+
+
 def load_model(path: str, fallback_tokenizer: Any) -> tuple[PreTrainedModel, Any, list[dict[str, Any]]]:
     """A model to evaluate, from an export folder or a training checkpoint, with its recorded changes."""
     p = Path(path)
@@ -41,14 +62,23 @@ def load_model(path: str, fallback_tokenizer: Any) -> tuple[PreTrainedModel, Any
         )
         return model.eval(), tokenizer, meta.get("structure", [])
     if p.is_file() and p.suffix == ".ckpt":
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(p, path)
         if "student_config" not in ckpt:
             raise config_error(
                 "model", path, "this checkpoint was not written by distill's train.py (no student_config)"
             )
-        config = dict(ckpt["student_config"])
+        structure = ckpt.get("student_structure", [])
+        if "student_config_initial" not in ckpt and structure:
+            # The current config already holds the changes; replaying them onto it would cut twice.
+            raise config_error(
+                "model",
+                path,
+                "this checkpoint predates student_config_initial and its student was restructured "
+                f"({', '.join(c['kind'] for c in structure)}); evaluate the run's export folder (…/student) instead",
+            )
+        config = dict(ckpt.get("student_config_initial") or ckpt["student_config"])
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
-        replay(model, ckpt.get("student_structure", []))
+        replay(model, structure)
         state = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
         model.load_state_dict(state, strict=True)
         return model.eval(), fallback_tokenizer, ckpt.get("student_structure", [])

@@ -11,12 +11,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from distill.compress.replay import replay
 from distill.compress.stages import check_stage_order
 from distill.eval.cost import parameter_count
 from distill.models.teacher import Teacher
+from distill.objective.divergences import IGNORE_INDEX
 from distill.objective.objective import DistillationObjective
 
 TEACHER_PREFIX = "teacher."
@@ -57,6 +59,9 @@ class DistillModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.teacher = teacher
+        self.initial_student_config = student.config.to_dict()  # before any callback changes its structure
+        # Token-weighted mean of the validation CE, reduced across ranks by torchmetrics (val/ppl).
+        self.val_nll = MeanMetric()
         self.student = student
         self.objective = objective
         self.optimizer_factory = optimizer
@@ -88,9 +93,14 @@ class DistillModule(pl.LightningModule):
         self.structure.append({"kind": kind, "spec": copy.deepcopy(spec)})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the structure log and the student's config next to the weights."""
+        """Store the structure log and the student's configs (as built, and as now) next to the weights.
+
+        The config as built is what the structure log replays onto (``evaluate.py`` rebuilds a student from
+        a checkpoint that way); the current one says what the student has become.
+        """
         checkpoint["student_structure"] = copy.deepcopy(self.structure)
         checkpoint["student_config"] = self.student.config.to_dict()
+        checkpoint["student_config_initial"] = copy.deepcopy(self.initial_student_config)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the saved structure on the fresh student; Lightning loads the weights right after."""
@@ -154,14 +164,24 @@ class DistillModule(pl.LightningModule):
         self._last_step_end = now
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Validation losses and perplexity, averaged across ranks."""
+        """Validation losses, averaged across ranks; the tokens' CE is kept for the epoch's perplexity."""
         out = self._step(batch)
         self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
         self.log_dict({f"val/{k}_loss": out[k] for k in ("ce", "kd", "hidden") if k in out}, sync_dist=True)
-        self.log("val/ppl", torch.exp(out["ce"]), sync_dist=True)
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        if tokens > 0:
+            self.val_nll.update(out["ce"].detach().float(), weight=tokens.float())
 
     def on_validation_epoch_end(self) -> None:
-        """Log the student's size next to its validation quality (the quality-vs-size curve)."""
+        """Log perplexity over the epoch's tokens and the student's size (the quality-vs-size curve).
+
+        ``val/ppl`` is exp(mean CE over every validation token, on every rank), not the mean of the
+        batches' exp(CE): by Jensen's inequality that mean overstates the perplexity, the more so the more the
+        batches differ.
+        """
+        if self.val_nll.update_called:
+            self.log("val/ppl", torch.exp(self.val_nll.compute()))  # compute() reduces across ranks
+        self.val_nll.reset()
         self.log("student/params", float(parameter_count(self.student)))
 
     # -- optimisation -------------------------------------------------------------------------

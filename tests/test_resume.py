@@ -14,6 +14,7 @@ import torch
 
 from distill.compress.prune.surgery import layer_shapes
 from distill.compress.quant.schemes import is_quantized
+from evaluate import load_model
 from tests.helpers import assert_same_losses, crash_at
 from train import train
 
@@ -142,7 +143,7 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path, case):
     _, full = train(tiny_cfg(*common, output_dir=full_dir))
 
     crash_at(tiny_cfg(*common, output_dir=cut_dir), step=5)
-    ckpt = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=True)  # no pickled objects in it
     assert ckpt["global_step"] == 4
     assert _stages(ckpt["student_structure"]) == case.at_crash
     if case.mid_schedule:
@@ -151,6 +152,12 @@ def test_resume_matches_uninterrupted_run(tiny_cfg, tmp_path, case):
         assert ckpt["student_structure"] == full["module"].structure
     if case.frozen is not None:
         assert len(ckpt["callbacks"]["QuantizationAwareTraining"]["frozen"]) == case.frozen
+
+    # evaluate.py rebuilds the checkpoint's student from the config as built plus the structure log.
+    model, _, changes = load_model(str(cut_dir / "checkpoints" / "last.ckpt"), None)
+    assert changes == ckpt["student_structure"]
+    saved = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
     _, resumed = train(tiny_cfg(*common, "resume=auto", output_dir=cut_dir))
     assert resumed["trainer"].global_step == case.steps

@@ -80,7 +80,8 @@ def test_checkpoint_holds_student_and_optimizer_only(tiny_cfg, tmp_path):
         "export.enabled=false",
     )
     _, objects = train(cfg)
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    # weights_only=True: the restricted unpickler would refuse a pickled module (a teacher) anywhere in it.
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     keys = list(ckpt["state_dict"])
     assert keys and not any(k.startswith("teacher.") for k in keys)
     student_keys = {f"student.{k}" for k in objects["student"].state_dict()}
@@ -88,9 +89,28 @@ def test_checkpoint_holds_student_and_optimizer_only(tiny_cfg, tmp_path):
     assert ckpt["optimizer_states"] and ckpt["optimizer_states"][0]["state"]
     n_params = sum(1 for p in objects["module"].trainable_parameters())
     assert len(ckpt["optimizer_states"][0]["state"]) == n_params  # no teacher parameter in the optimizer
-    assert "teacher" not in json.dumps(ckpt["hyper_parameters"], default=str).replace('"teacher": "tiny', "")
+    # The hyper-parameters are a flat record of plain values; the teacher appears by name, never as weights.
+    hparams = ckpt["hyper_parameters"]
+    assert all(v is None or isinstance(v, (str, int, float, bool)) for v in hparams.values())
+    assert hparams["teacher"].startswith("tiny_random") and len(json.dumps(hparams)) < 1000
     assert ckpt["student_structure"] == []
     assert ckpt["student_config"]["hidden_size"] == 32
+    assert ckpt["student_config_initial"] == ckpt["student_config"]  # nothing restructured the student
+
+
+def test_evaluate_refuses_checkpoints_it_cannot_rebuild_or_trust(tmp_path):
+    from distill.config import ConfigError
+    from evaluate import load_model
+
+    config = {"model_type": "llama", "hidden_size": 32}
+    old = tmp_path / "old.ckpt"  # written before student_config_initial, by a run that pruned
+    torch.save({"student_config": config, "student_structure": [{"kind": "prune", "spec": {}}]}, old)
+    with pytest.raises(ConfigError, match=r"^model='.*old.ckpt': this checkpoint predates .* \(prune\); evaluate"):
+        load_model(str(old), None)
+    odd = tmp_path / "odd.ckpt"  # an object the restricted unpickler does not know: refused, never run
+    torch.save({"student_config": config, "extra": Path("/x")}, odd)
+    with pytest.raises(ConfigError, match=r"^model='.*odd.ckpt': the checkpoint holds objects beyond tensors"):
+        load_model(str(odd), None)
 
 
 def test_resume_path_that_does_not_exist_is_refused(tiny_cfg, tmp_path):

@@ -1,4 +1,4 @@
-"""The training objective: (1-α)·CE + α·T²·KD, plus an optional intermediate-layer term."""
+"""The training objective: (1-α)·CE + α·s(T)·KD, plus an optional intermediate-layer term."""
 
 from __future__ import annotations
 
@@ -10,14 +10,22 @@ from torch import Tensor, nn
 
 from distill.config import config_error
 from distill.objective.chunked import TeacherRows, chunkable, chunked_distill_loss
-from distill.objective.divergences import IGNORE_INDEX, HiddenStateLoss, get_divergence, next_token_ce
+from distill.objective.divergences import (
+    IGNORE_INDEX,
+    HiddenStateLoss,
+    get_divergence,
+    next_token_ce,
+    real_rows,
+    temperature_scale,
+)
 
 
 class DistillationObjective(nn.Module):
     """Combines the hard-label CE with a soft-label divergence to the teacher.
 
-    The divergence is scaled by T² so its gradient magnitude does not shrink as the temperature
-    grows (Hinton et al., 2015). The CE term always uses temperature 1.
+    The divergence is scaled by :func:`temperature_scale` so its gradient magnitude does not shrink as the
+    temperature grows: T² for the KL family (Hinton et al., 2015), T for total variation. The CE term always
+    uses temperature 1.
 
     Args:
         loss: divergence name, one of :data:`distill.objective.divergences.DIVERGENCES`.
@@ -58,6 +66,7 @@ class DistillationObjective(nn.Module):
         if not 0.0 <= skew < 1.0:
             raise config_error("distill.objective.skew", skew, "skew must lie in [0, 1)")
         self.loss_name, self.alpha, self.temperature = loss, float(alpha), float(temperature)
+        self.kd_weight = self.alpha * temperature_scale(loss, self.temperature)
         self.kwargs: dict[str, float] = {}
         if loss == "jsd":
             self.kwargs["beta"] = float(beta)
@@ -99,7 +108,8 @@ class DistillationObjective(nn.Module):
     def chunk_terms(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """(CE sum, KD sum) over the real tokens of one chunk of aligned rows."""
         mask = labels != IGNORE_INDEX
-        ce = F.cross_entropy(student_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        (rows,) = real_rows(mask, student_logits)  # ignored rows never enter the softmax (NaN-safe)
+        ce = F.cross_entropy(rows.float(), labels[mask], reduction="sum")
         kd = self.divergence(student_logits, teacher_logits, mask, temperature=self.temperature, **self.kwargs)
         return ce, kd * mask.sum()
 
@@ -126,7 +136,7 @@ class DistillationObjective(nn.Module):
             labels[:, 1:].reshape(-1),
             teacher_rows,
             self.chunk_terms,
-            (1.0 - self.alpha, self.alpha * self.temperature**2),
+            (1.0 - self.alpha, self.kd_weight),
             vocab,
             self.chunk_size,
         )
@@ -181,7 +191,7 @@ class DistillationObjective(nn.Module):
         mask = y != IGNORE_INDEX
         ce = next_token_ce(s, y)
         kd = self.divergence(s, t, mask, temperature=self.temperature, **self.kwargs)
-        loss = (1.0 - self.alpha) * ce + self.alpha * self.temperature**2 * kd
+        loss = (1.0 - self.alpha) * ce + self.kd_weight * kd
         return self._with_hidden(
             {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}, student_hidden, teacher_hidden, attention_mask
         )

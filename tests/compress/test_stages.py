@@ -98,3 +98,23 @@ def test_rebuild_optimizers_carries_state_and_schedule(tiny_cfg):
     torch.testing.assert_close(swap.after["exp_avg"], swap.before["exp_avg"] * 2)
     assert swap.after["lr"] == swap.before["lr"] and swap.after["sched_step"] == swap.before["sched_step"]
     assert objects["trainer"].global_step == 6
+
+
+def test_val_ppl_is_exp_of_the_token_mean_ce_not_the_mean_of_batch_ppl(tiny_teacher, monkeypatch):
+    module = _module(tiny_teacher)
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.__setitem__(name, float(value)))
+    monkeypatch.setattr(module, "log_dict", lambda values, **_: None)
+    ce = iter([torch.tensor(1.0), torch.tensor(3.0)])
+    monkeypatch.setattr(module, "_step", lambda batch: {"loss": torch.tensor(0.0), "ce": next(ce)})
+    short = torch.full((1, 4), -100)
+    short[0, :2] = 1  # 1 scored token (position 0 has no prediction)
+    long = torch.ones(1, 4, dtype=torch.long)  # 3 scored tokens
+    module.validation_step({"input_ids": short, "labels": short}, 0)
+    module.validation_step({"input_ids": long, "labels": long}, 1)
+    module.on_validation_epoch_end()
+    # (1·1 + 3·3) / 4 tokens = 2.5; the mean of the batches' exp(CE) would be (e + e³)/2 ≈ 11.4.
+    assert logged["val/ppl"] == pytest.approx(torch.exp(torch.tensor(2.5)).item(), rel=1e-6)
+    logged.clear()
+    module.on_validation_epoch_end()  # the next epoch starts from nothing: no stale perplexity
+    assert "val/ppl" not in logged

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from distill.config import ConfigError
-from distill.objective.divergences import DIVERGENCES, HiddenStateLoss, get_divergence, jsd
+from distill.objective.divergences import (
+    DIVERGENCES,
+    HiddenStateLoss,
+    jsd,
+    next_token_ce,
+    temperature_scale,
+)
 from distill.objective.objective import DistillationObjective
 
 B, T, V = 2, 5, 7
@@ -95,17 +101,93 @@ def test_masked_positions_do_not_count(name, logits):
     assert fn(torch.cat([s, s]), torch.cat([t, t]), padded).item() == pytest.approx(fn(s, t, mask).item(), rel=1e-6)
 
 
-def test_jsd_endpoints_are_forward_and_reverse_kl_exactly(logits):
+def test_jsd_over_beta_tends_to_forward_kl_and_reverse_kl_at_the_ends(logits):
+    # An independent check of what the endpoints stand for: JSD(β)/β → KL(T‖S) as β → 0 and
+    # JSD(β)/(1-β) → KL(S‖T) as β → 1, both compared with the float64 reference sums.
     s, t, mask = logits
-    assert torch.equal(
-        jsd(s, t, mask, temperature=2.0, beta=0.0), get_divergence("forward_kl")(s, t, mask, temperature=2.0)
-    )
-    assert torch.equal(
-        jsd(s, t, mask, temperature=2.0, beta=1.0), get_divergence("reverse_kl")(s, t, mask, temperature=2.0)
-    )
-    # and interior values are strictly between 0 and the endpoint-free bound log 2
-    mid = jsd(s, t, mask, beta=0.5).item()
-    assert 0 < mid < math.log(2)
+    forward, reverse = _reference("forward_kl", s, t, mask, 2.0), _reference("reverse_kl", s, t, mask, 2.0)
+    gaps = []
+    for eps in (1e-1, 1e-2, 1e-3):
+        near0 = jsd(s.double(), t.double(), mask, temperature=2.0, beta=eps).item() / eps
+        near1 = jsd(s.double(), t.double(), mask, temperature=2.0, beta=1 - eps).item() / eps
+        gaps.append((abs(near0 - forward) / forward, abs(near1 - reverse) / reverse))
+    assert gaps[0][0] > gaps[1][0] > gaps[2][0] and gaps[0][1] > gaps[1][1] > gaps[2][1]  # converging
+    assert gaps[2][0] < 5e-3 and gaps[2][1] < 5e-3  # the gap is first order in the distance to the end
+    # The endpoints follow TRL's convention: exactly forward / reverse KL, a jump from their neighbours
+    # (JSD(0.01) is about 1 % of JSD(0)), which the README and conf/distill/default.yaml point out.
+    at0 = jsd(s, t, mask, temperature=2.0, beta=0.0).item()
+    assert at0 == pytest.approx(forward, rel=1e-5)
+    assert jsd(s, t, mask, temperature=2.0, beta=1.0).item() == pytest.approx(reverse, rel=1e-5)
+    assert jsd(s, t, mask, temperature=2.0, beta=0.01).item() < 0.02 * at0
+    assert 0 < jsd(s, t, mask, beta=0.5).item() < math.log(2)  # JSD(½) is bounded by log 2
+
+
+@pytest.mark.parametrize("name", [*sorted(DIVERGENCES), "ce"])
+def test_nan_and_inf_at_masked_positions_reach_neither_the_loss_nor_its_gradient(name, logits):
+    s, t, mask = logits
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(3))
+    labels[~mask] = -100
+
+    def loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if name == "ce":
+            return next_token_ce(student, labels)
+        return DIVERGENCES[name](student, teacher, mask, temperature=2.0)
+
+    clean = s.clone().requires_grad_(True)
+    want = loss(clean, t)
+    want.backward()
+    dirty_s, dirty_t = s.clone(), t.clone()
+    dirty_s[~mask], dirty_t[~mask] = float("nan"), float("inf")
+    dirty_s[0, -1, 0] = float("-inf")
+    dirty = dirty_s.requires_grad_(True)
+    got = loss(dirty, dirty_t)
+    got.backward()
+    assert torch.isfinite(got) and got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert torch.isfinite(dirty.grad).all()
+    assert torch.equal(dirty.grad[~mask], torch.zeros_like(dirty.grad[~mask]))
+    assert torch.allclose(dirty.grad[mask], clean.grad[mask], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_minus_inf_logits_are_zero_probability_tokens_not_nan(name, logits):
+    # A vocabulary entry masked to -inf in both models (a banned or padded token id): 0·log 0 = 0, so the
+    # loss is that of the vocabulary without it, and the gradient stays finite.
+    s, t, mask = logits
+    s_inf, t_inf = s.clone(), t.clone()
+    s_inf[..., -1], t_inf[..., -1] = float("-inf"), float("-inf")
+    x = s_inf.requires_grad_(True)
+    got = DIVERGENCES[name](x, t_inf, mask, temperature=2.0)
+    got.backward()
+    want = _reference(name, s[..., :-1], t[..., :-1], mask, 2.0)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_all_tokens_masked_gives_zero_loss_not_nan(logits):
+    s, t, _ = logits
+    labels = torch.full((B, T), -100)
+    out = DistillationObjective(loss="forward_kl", alpha=0.5)(s.requires_grad_(True), t, labels)
+    assert out["loss"].item() == 0.0
+    out["loss"].backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_temperature_scaling_keeps_the_kd_gradient_size_independent_of_t(name):
+    # Measured, not assumed: the gradient of the scaled KD term with respect to the student's logits has
+    # the same size at T = 8 and T = 32 (T² for the KL family, T for total variation). With T² for TVD
+    # it would grow 4×.
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(64, 50, generator=g), torch.randn(64, 50, generator=g)
+    labels = torch.randint(0, 50, (64, 2), generator=g)
+    sizes = []
+    for temperature in (8.0, 32.0):
+        x = torch.stack([s, s], 1).requires_grad_(True)  # (64, 2, 50): position 0 predicts label 1
+        obj = DistillationObjective(loss=name, alpha=1.0, temperature=temperature)
+        obj(x, torch.stack([t, t], 1), labels)["loss"].backward()
+        sizes.append(x.grad.norm().item())
+    assert sizes[1] == pytest.approx(sizes[0], rel=0.03)
+    assert temperature_scale("tvd", 4.0) == 4.0 and temperature_scale("forward_kl", 4.0) == 16.0
 
 
 @pytest.mark.parametrize("name", sorted(DIVERGENCES))
