@@ -13,7 +13,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distill.compress.stages import CompressionStage, check_schedule, compression_stages
-from distill.config import build, exit_on_config_error, instantiate_loggers, named_callbacks
+from distill.config import (
+    build,
+    check_optimization,
+    config_error,
+    exit_on_config_error,
+    instantiate_loggers,
+    named_callbacks,
+)
 from distill.eval.assess import Comparison, Provenance, assess
 from distill.eval.cost import disk_bytes
 from distill.eval.sweep import versus_ptq
@@ -24,7 +31,7 @@ from distill.objective.objective import DistillationObjective
 from distill.runtime.paths import export_root
 from distill.runtime.resume import resolve_resume
 from distill.runtime.strategies import apply_student_switches, check_trainer_config, strategy_name
-from distill.runtime.tracking import publish_student
+from distill.runtime.tracking import LogConfig, publish_student
 
 log = logging.getLogger("distill")
 
@@ -83,6 +90,9 @@ def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]
 
     """
     check_trainer_config(cfg.trainer, objective=cfg.distill.objective)  # e.g. FSDP on CPU, before any load
+    if not isinstance(cfg.get("seed"), int):
+        raise config_error("seed", cfg.get("seed"), "give an integer seed, e.g. seed=1234")
+    check_optimization(cfg.distill.optimizer, cfg.distill.get("scheduler"))
     ckpt_path = resolve_resume(cfg.get("resume"), Path(cfg.paths.output_dir) / "checkpoints")
     objective = build(cfg.distill.objective)
     if cfg.eval.enabled:
@@ -108,6 +118,8 @@ def _build_models(cfg: DictConfig, objective: DistillationObjective) -> dict[str
     objective.attach(student.config, teacher.config)
     if datamodule is None:
         datamodule = build(cfg.data, tokenizer=teacher.tokenizer)
+        # Tokenise (or load the cached splits) now: a bad file or column fails here, before the loggers write.
+        datamodule.setup("fit")
     teacher.check_data(datamodule)  # a cached teacher only fits the data it was built from
     module = DistillModule(
         teacher,
@@ -127,9 +139,10 @@ def _build_trainer(cfg: DictConfig) -> tuple[pl.Trainer, list, dict[str, Any], l
     check_schedule(stages)
     # Lightning calls callbacks in list order; compression stages run in STAGES order, so none waits on another.
     others = [cb for cb in callbacks.values() if cb not in stages]
-    trainer: pl.Trainer = build(cfg.trainer, callbacks=[*others, *stages], logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    extra = [LogConfig(OmegaConf.to_container(cfg, resolve=True))] if loggers else []
+    trainer: pl.Trainer = build(
+        cfg.trainer, field="trainer", callbacks=[*others, *stages, *extra], logger=loggers or False
+    )
     return trainer, loggers, callbacks, stages
 
 

@@ -72,14 +72,40 @@ def exit_on_config_error() -> Iterator[None]:
         sys.exit(2)
 
 
-def build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` that lets a ConfigError from the target surface as itself."""
+def root_message(err: BaseException) -> str:
+    """The first line of the innermost cause of ``err``: what the library that refused the value said."""
+    seen = set()
+    while id(err) not in seen and (err.__cause__ or err.__context__) is not None:
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def as_config_error(field: str, err: BaseException) -> ConfigError:
+    """A library's refusal of a setting under ``field``, as one ConfigError line that names the field.
+
+    Torch, Lightning and Hydra name the bad value in their own words (``Invalid learning rate: -1``,
+    ``max_steps must be a non-negative integer``); the line adds which config node it came from.
+    """
+    message = root_message(err).replace("set env var HYDRA_FULL_ERROR=1 to see chained exception.", "").strip()
+    return ConfigError(f"{field}: {message}; fix this setting under {field}")
+
+
+def build(node: Any, field: str | None = None, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets a ConfigError from the target surface as itself.
+
+    With ``field`` (the node's path in the config), any other refusal of the node's settings (an unknown
+    ``_target_``, an unexpected argument, a value the library rejects) becomes a ConfigError naming it.
+    """
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except Exception as err:
         config_err = find_config_error(err)
         if config_err is not None and config_err is not err:
             raise config_err from None
+        if config_err is None and field is not None:
+            raise as_config_error(field, err) from err
         raise
 
 
@@ -90,7 +116,7 @@ def _instantiate_named(nodes: DictConfig | None, kind: type, group: str) -> dict
             continue
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise TypeError(f"{group}.{name}: expected a node with _target_, got {node!r}")
-        obj = build(node)
+        obj = build(node, field=f"{group}.{name}")
         if not isinstance(obj, kind):
             raise TypeError(f"{group}.{name}: {type(obj).__name__} is not a {kind.__name__}")
         out[str(name)] = obj
@@ -110,3 +136,39 @@ def named_callbacks(cfg: DictConfig | None) -> dict[str, Callback]:
 def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     """Instantiate every logger node under ``logger:``."""
     return list(_instantiate_named(cfg, Logger, "logger").values())
+
+
+def check_optimization(optimizer: DictConfig, scheduler: DictConfig | None) -> None:
+    """Build the optimizer and the LR schedule once on a stand-in parameter, so a bad setting fails now.
+
+    Without this, ``distill.optimizer.lr=-1`` would surface as torch's ``ValueError`` from inside
+    ``trainer.fit``, after the teacher loaded and the loggers wrote their first files.
+
+    Raises:
+        ConfigError: naming ``distill.optimizer`` or ``distill.scheduler`` and what the library refused.
+
+    """
+    import torch
+
+    for key in ("num_warmup_steps", "num_training_steps"):
+        value = (scheduler or {}).get(key)
+        if isinstance(value, (int, float)) and value < 0:
+            why = (
+                " (by default it is trainer.max_steps: give the run a step count)"
+                if key == "num_training_steps"
+                else ""
+            )
+            raise config_error(f"distill.scheduler.{key}", value, f"must be 0 or more steps{why}")
+    stand_in = torch.nn.Parameter(torch.zeros(1))
+    make_optimizer = build(optimizer, field="distill.optimizer")
+    try:
+        opt = make_optimizer(params=[stand_in])
+    except Exception as err:
+        raise as_config_error("distill.optimizer", err) from err
+    if scheduler is None:
+        return
+    make_scheduler = build(scheduler, field="distill.scheduler")
+    try:
+        make_scheduler(optimizer=opt)
+    except Exception as err:
+        raise as_config_error("distill.scheduler", err) from err

@@ -34,6 +34,12 @@ def build(
         tie_word_embeddings: share input and output embeddings (defaults to the teacher's choice).
 
     """
+    sizes = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads}
+    sizes |= {"num_kv_heads": num_kv_heads, "intermediate_size": intermediate_size, "head_dim": head_dim}
+    for key, value in sizes.items():
+        # A 0-layer or negative-width model would build, train and export without complaint, and mean nothing.
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise config_error(f"student.{key}", value, "must be a positive integer")
     num_kv_heads = num_kv_heads or num_heads
     if num_heads % num_kv_heads:
         raise config_error("student.num_kv_heads", num_kv_heads, f"must divide student.num_heads={num_heads}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import functools
+import glob
 import hashlib
+import json
 import os
 import re
 import sys
@@ -16,7 +18,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from distill.config import config_error
+from distill.config import config_error, root_message
 
 SOURCES = ("embedded", "text", "hub")
 
@@ -170,15 +172,22 @@ def load_raw(
     if source == "text":
         if not files:
             raise config_error("data.files", files, "give a file, a glob or a list of txt/jsonl/parquet files")
-        file_list = [files] if isinstance(files, str) else list(files)
+        file_list = [str(f) for f in ([files] if isinstance(files, str) else list(files))]
+        for f in file_list:
+            if Path(f).is_dir():
+                raise config_error("data.files", f, "is a folder; name the files in it, e.g. data.files='folder/*.txt'")
         suffixes = {Path(f).suffix.lower() for f in file_list}
         builders = {_FILE_BUILDERS.get(s) for s in suffixes}
         if None in builders or len(builders) != 1:
             raise config_error("data.files", files, f"use one kind of file among {', '.join(sorted(_FILE_BUILDERS))}")
+        builder = builders.pop()
+        paths = _existing_files(file_list)
         try:
-            raw = datasets.load_dataset(builders.pop(), data_files=file_list, split=split)
+            raw = datasets.load_dataset(builder, data_files=paths, split=split)
         except FileNotFoundError as err:
             raise config_error("data.files", files, f"no such file ({err}); check the path or glob") from err
+        except Exception as err:  # datasets wraps parse errors (DatasetGenerationError, ArrowInvalid, ...)
+            raise config_error("data.files", files, _unreadable(paths, builder, err)) from err
         return raw, raw._fingerprint
     if source == "hub":
         if not name:
@@ -194,6 +203,45 @@ def load_raw(
             ) from err
         return raw, raw._fingerprint
     raise config_error("data.source", source, f"choose one of {', '.join(SOURCES)}")
+
+
+def _existing_files(entries: Sequence[str]) -> list[str]:
+    """Every file the entries name (globs expanded, in order); refuses a glob that matches nothing and an empty file."""
+    found: list[str] = []
+    for entry in entries:
+        matches = sorted(glob.glob(os.path.expanduser(entry))) if glob.has_magic(entry) else [entry]
+        if not matches:
+            raise config_error("data.files", entry, "the pattern matches no file; check the folder and the pattern")
+        for m in matches:
+            p = Path(m).expanduser()
+            if p.is_file() and p.stat().st_size == 0:
+                raise config_error("data.files", m, "the file is empty; add text to it or leave it out")
+            found.append(str(p))
+    return found
+
+
+def _unreadable(paths: Sequence[str], builder: str, err: BaseException) -> str:
+    """Why ``datasets`` could not read the files: the first broken JSON line when there is one, else its reason."""
+    if builder == "json":
+        for path in paths:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                head = fh.read(1).strip()
+                fh.seek(0)
+                if head == "[":  # one JSON array, not JSON lines
+                    try:
+                        rows = json.load(fh)
+                    except json.JSONDecodeError as bad:
+                        return f"{path} is not valid JSON (line {bad.lineno}: {bad.msg}); fix the file"
+                    if not rows:
+                        return f"{path} holds no rows (an empty JSON array); add records with a text field"
+                    continue
+                for n, line in enumerate(fh, 1):
+                    if line.strip():
+                        try:
+                            json.loads(line)
+                        except json.JSONDecodeError as bad:
+                            return f"line {n} of {path} is not valid JSON ({bad.msg}); fix or remove that line"
+    return f"could not read the files as {builder} ({root_message(err)[:200]}); check that they are {builder} files"
 
 
 def pack(token_lists: Sequence[Sequence[int]], block_size: int) -> list[list[int]]:

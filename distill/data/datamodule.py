@@ -75,10 +75,17 @@ class DistillDataModule(pl.LightningDataModule):
             raise config_error("data.val_fraction", val_fraction, "must lie strictly between 0 and 1")
         if batch_size < 1:
             raise config_error("data.batch_size", batch_size, "must be at least 1")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise config_error(
+                "data.eval_batch_size", eval_batch_size, "must be at least 1, or null for data.batch_size"
+            )
+        if num_workers < 0:
+            raise config_error("data.num_workers", num_workers, "must be 0 (load in the main process) or more")
         self.tokenizer = tokenizer
         self.source, self.files, self.name, self.config_name = source, files, name, config_name
         self.split, self.text_field, self.block_size = split, text_field, block_size
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.batch_size = batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.val_fraction, self.seed, self.num_workers = val_fraction, seed, num_workers
         self.cache_dir = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "distill"
         self.train_set: datasets.Dataset | None = None
@@ -120,6 +127,15 @@ class DistillDataModule(pl.LightningDataModule):
             return
         if self.text_field not in raw.column_names:
             raise config_error("data.text_field", self.text_field, f"no such column; the data has {raw.column_names}")
+        kind = getattr(raw.features[self.text_field], "dtype", type(raw.features[self.text_field]).__name__)
+        if kind not in ("string", "large_string"):
+            raise config_error(
+                "data.text_field", self.text_field, f"the column holds {kind} values, not text; name a text column"
+            )
+        if len(raw) == 0:
+            raise config_error(
+                f"data.{'files' if self.source == 'text' else 'name'}", self.files or self.name, "no rows"
+            )
         tokenizer, field, block = self.tokenizer, self.text_field, self.block_size
         eos = tokenizer.eos_token_id
 

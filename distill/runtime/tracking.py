@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 REDACTED = "<redacted>"
@@ -100,3 +101,21 @@ def publish_student(loggers: list[Logger], export_dir: str | Path) -> None:
     for lg in loggers:
         if hasattr(lg, "log_student"):
             lg.log_student(export_dir)
+
+
+class LogConfig(Callback):
+    """Log the run's resolved config, secrets redacted, to every logger when fitting starts.
+
+    Redacted here, for every logger: the CSV and TensorBoard loggers write what they get to
+    ``hparams.yaml`` in plain text, and a secret resolved from the environment
+    (``${oc.env:MY_API_TOKEN}``) would otherwise land there. Logged at fit start, after the callbacks'
+    and the module's setup, so a setting refused during setup leaves no file behind.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config = redact(dict(config), _secrets())
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        """Hand the redacted config to each logger."""
+        for lg in trainer.loggers:
+            lg.log_hyperparams(self.config)
