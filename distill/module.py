@@ -121,8 +121,11 @@ class DistillModule(pl.LightningModule):
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         hidden = self.objective.needs_hidden_states
         ids, mask, v = batch["input_ids"], batch.get("attention_mask"), self.vocab_size
+        # A cached teacher serves its top-k and tail buckets at the KD temperature (teacher_cache.py).
+        cached = hasattr(self.teacher, "targets")
         if self.chunked:
-            teacher_rows, t_hidden = self.teacher.rows(ids, mask, output_hidden_states=hidden, vocab=v)
+            extra = {"temperature": self.objective.temperature} if cached else {}
+            teacher_rows, t_hidden = self.teacher.rows(ids, mask, output_hidden_states=hidden, vocab=v, **extra)
             s_out = self.student.base_model(
                 input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False
             )
@@ -136,14 +139,20 @@ class DistillModule(pl.LightningModule):
                 teacher_hidden=t_hidden if hidden else None,
                 attention_mask=mask,
             )
-        t_out = self.teacher(ids, attention_mask=mask, output_hidden_states=hidden)
+        if cached:
+            if hidden:
+                self.teacher(ids, output_hidden_states=True)  # a cache holds no hidden states: explains and raises
+            t_logits, t_states = self.teacher.targets(ids, self.objective.temperature, vocab=v), None
+        else:
+            t_out = self.teacher(ids, attention_mask=mask, output_hidden_states=hidden)
+            t_logits, t_states = t_out.logits[..., :v], t_out.hidden_states if hidden else None
         s_out = self.student(input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False)
         return self.objective(
             s_out.logits[..., :v],
-            t_out.logits[..., :v],
+            t_logits,
             batch["labels"],
             student_hidden=s_out.hidden_states if hidden else None,
-            teacher_hidden=t_out.hidden_states if hidden else None,
+            teacher_hidden=t_states,
             attention_mask=mask,
         )
 

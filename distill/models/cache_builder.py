@@ -7,6 +7,7 @@ See :mod:`distill.models.teacher_cache` for the format and how the tail mass is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -19,24 +20,51 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from safetensors.torch import save_file
+from torch import Tensor
 from tqdm import tqdm
 
 from distill.config import ConfigError, build, config_error, exit_on_config_error
 from distill.data.datamodule import DistillDataModule
 from distill.models.teacher import FrozenTeacher
-from distill.models.teacher_cache import FORMAT_VERSION, MANIFEST, bytes_per_token, describe, index_dtype
+from distill.models.teacher_cache import (
+    DEFAULT_TEMPERATURES,
+    FORMAT_VERSION,
+    MANIFEST,
+    bytes_per_token,
+    describe,
+    index_dtype,
+)
 from distill.models.tokenizer import tokenizer_fingerprint
+from distill.runtime.files import atomic_write_text
 from distill.runtime.paths import export_root
 
 log = logging.getLogger("distill")
 
 
-def _identity(teacher: FrozenTeacher, datamodule: DistillDataModule, top_k: int) -> dict[str, Any]:
+def weights_hash(model: torch.nn.Module) -> str:
+    """A hash of a model's parameters and buffers: names, dtypes, shapes and bytes.
+
+    Two teachers with one name but different weights (a fine-tune saved over the original) get different
+    caches, and a build resumed with other weights is refused.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def _identity(
+    teacher: FrozenTeacher, datamodule: DistillDataModule, top_k: int, temperatures: tuple[float, ...]
+) -> dict[str, Any]:
     config = teacher.config.to_dict()
     keep = {k: v for k, v in config.items() if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
     return {
         "version": FORMAT_VERSION,
         "teacher": teacher.name,
+        "weights": weights_hash(teacher.model),
+        "temperatures": list(temperatures),
         "tokenizer": tokenizer_fingerprint(teacher.tokenizer),
         "data_key": datamodule.data_key(),
         "block_size": datamodule.block_size,
@@ -57,6 +85,7 @@ def build_cache(
     splits: tuple[str, ...] = ("train", "val"),
     max_blocks: int | None = None,
     progress: bool = True,
+    temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES,
 ) -> dict[str, Any]:
     """Run the teacher over the packed splits and write the cache; resumes shard by shard.
 
@@ -70,18 +99,25 @@ def build_cache(
         splits: which splits to cache.
         max_blocks: cap on blocks per split (for quick caches and benchmarks).
         progress: show a progress bar.
+        temperatures: the KD temperatures training may use with this cache; each costs 8 bytes per token
+            (its shift and tail mass).
 
     Returns:
         The manifest.
 
     """
-    if not 1 <= top_k <= teacher.vocab_size:
-        raise config_error("cache.top_k", top_k, f"must lie in 1..{teacher.vocab_size} (the vocabulary)")
+    if not 1 <= top_k < teacher.vocab_size:
+        raise config_error(
+            "cache.top_k", top_k, f"must lie in 1..{teacher.vocab_size - 1} (fewer than the vocabulary's ids)"
+        )
+    temperatures = tuple(float(t) for t in temperatures)
+    if not temperatures or any(t <= 0 for t in temperatures):
+        raise config_error("cache.temperatures", list(temperatures), "give one or more temperatures > 0")
     if blocks_per_shard < 1:
         raise config_error("cache.blocks_per_shard", blocks_per_shard, "must be at least 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _start_manifest(out, _identity(teacher, datamodule, top_k))
+    manifest = _start_manifest(out, _identity(teacher, datamodule, top_k, temperatures))
     teacher.tokenizer.save_pretrained(out / "tokenizer")
 
     totals, started = {"kl_sum": 0.0, "mass_sum": 0.0, "tokens": 0}, time.perf_counter()
@@ -93,11 +129,12 @@ def build_cache(
             name = f"{split}-{shard_no:05d}.safetensors"
             shards.append(name)
             blocks = range(first, min(first + blocks_per_shard, n))
-            stats = _write_shard(teacher, data, out / name, split, blocks, top_k, batch_size, progress)
+            stats = _write_shard(teacher, data, out / name, split, blocks, (top_k, temperatures), batch_size, progress)
             for key in totals:
                 totals[key] += stats[key]
         manifest["splits"][split] = {"blocks": n, "shards": shards}
-    _finish_manifest(manifest, out, totals, bytes_per_token(top_k, teacher.vocab_size), started)
+    payload = bytes_per_token(top_k, teacher.vocab_size, len(temperatures))
+    _finish_manifest(manifest, out, totals, payload, started)
     return manifest
 
 
@@ -116,11 +153,11 @@ def _finish_manifest(
             "bytes_per_token_payload": payload,
             "reconstruction_kl": totals["kl_sum"] / max(tokens, 1),
             "mean_topk_mass": totals["mass_sum"] / max(tokens, 1),
-            "tail": "uniform over the V-k tokens outside the top k",
+            "tail": "training: one lumped bucket per temperature; evaluation: uniform over the V-k other tokens",
             "seconds": time.perf_counter() - started,
         }
     )
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def _start_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +167,7 @@ def _start_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
         old = json.loads(manifest_file.read_text())
         diff = [
             k
-            for k in ("teacher", "tokenizer", "data_key", "block_size", "top_k", "version")
+            for k in ("teacher", "weights", "tokenizer", "data_key", "block_size", "top_k", "temperatures", "version")
             if old.get(k) != identity[k]
         ]
         if diff:
@@ -139,7 +176,7 @@ def _start_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
                 f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); choose another cache.dir or delete it"
             )
     manifest = {**identity, "complete": False, "splits": {}}
-    manifest_file.write_text(json.dumps(manifest, indent=1))
+    atomic_write_text(manifest_file, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -149,11 +186,13 @@ def _write_shard(
     path: Path,
     split: str,
     blocks: range,
-    top_k: int,
+    targets: tuple[int, tuple[float, ...]],
     batch_size: int,
     progress: bool,
 ) -> dict[str, Any]:
     """Score ``blocks`` and write them as the shard ``path`` with its stats; a shard already done is kept.
+
+    ``targets`` is (k, temperatures): the top k at τ = 1 and, per temperature, the shift and tail mass.
 
     Returns:
         The shard's ``kl_sum``, ``mass_sum`` and ``tokens``.
@@ -164,7 +203,9 @@ def _write_shard(
         return json.loads(stats_file.read_text())
     vocab, idx_dtype = teacher.vocab_size, index_dtype(teacher.vocab_size)
     device = next(teacher.parameters()).device
-    ids_all, vals, idxs, stats = [], [], [], {"kl_sum": 0.0, "mass_sum": 0.0, "tokens": 0}
+    top_k, temperatures = targets
+    ids_all, vals, idxs, shifts, tails = [], [], [], [], []
+    stats = {"kl_sum": 0.0, "mass_sum": 0.0, "tokens": 0}
     last = blocks.stop
     bar = tqdm(range(blocks.start, last, batch_size), desc=f"teacher {path.name}", disable=not progress)
     for start in bar:
@@ -180,15 +221,44 @@ def _write_shard(
         stats["kl_sum"] += float(kl.sum())
         stats["mass_sum"] += float((1.0 - tail).sum())
         stats["tokens"] += ids.numel()
+        shift, tail_mass = tempered_statistics(logp, indices, temperatures)
+        shifts.append(shift.cpu())
+        tails.append(tail_mass.cpu())
         ids_all.append(ids.cpu().to(idx_dtype))
         vals.append(values.cpu().half())
         idxs.append(indices.cpu().to(idx_dtype))
-    tensors = {"input_ids": torch.cat(ids_all), "topk_logprobs": torch.cat(vals), "topk_indices": torch.cat(idxs)}
+    tensors = {
+        "input_ids": torch.cat(ids_all),
+        "topk_logprobs": torch.cat(vals),
+        "topk_indices": torch.cat(idxs),
+        "shift": torch.cat(shifts),
+        "tail_logmass": torch.cat(tails),
+    }
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"split": split, "first_block": str(blocks.start)})
     os.replace(tmp, path)  # atomic: a shard file is either whole or absent
-    stats_file.write_text(json.dumps(stats))
+    atomic_write_text(stats_file, json.dumps(stats))
     return stats
+
+
+def tempered_statistics(logp: Tensor, indices: Tensor, temperatures: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """Per position and temperature τ: ``shift_τ`` and the log of the mass outside the top k at τ.
+
+    With the full log-probabilities ``logp`` at τ = 1, the tempered ones are ``logp / τ + shift_τ`` where
+    ``shift_τ = -logsumexp(logp / τ)``; the tail mass is summed over every id outside ``indices``.
+
+    Returns:
+        ``shift`` and ``tail_logmass``, each ``(..., len(temperatures))`` in float32.
+
+    """
+    shifts, tails = [], []
+    outside = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, indices, True).logical_not_()
+    for tau in temperatures:
+        scaled = logp / tau
+        shift = -scaled.logsumexp(-1)
+        shifts.append(shift)
+        tails.append((scaled.masked_fill(~outside, float("-inf"))).logsumexp(-1) + shift)
+    return torch.stack(shifts, -1).float(), torch.stack(tails, -1).float()
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="cache_teacher")
@@ -207,6 +277,7 @@ def main(cfg: DictConfig) -> None:
             batch_size=cfg.cache.batch_size,
             splits=tuple(cfg.cache.splits),
             max_blocks=cfg.cache.max_blocks,
+            temperatures=tuple(cfg.cache.temperatures),
         )
     print(f"teacher cache at {cfg.cache.dir}: {describe(manifest)}")
 

@@ -3,22 +3,34 @@
 Building (``python -m distill.models.cache_builder``) runs the teacher once over the packed corpus and stores,
 per token, the k most likely next tokens and their log-probabilities, in safetensors shards:
 
-    <dir>/manifest.json                      teacher identity, tokenizer hash, data key, k, statistics
+    <dir>/manifest.json                      format version, teacher identity (with a hash of its weights),
+                                             tokenizer hash, data key, k, temperatures, statistics
     <dir>/tokenizer/                         the teacher's tokenizer (so training needs no teacher files)
-    <dir>/{train,val}-00000.safetensors      input_ids [n, T], topk_logprobs [n, T, k] (fp16),
-                                             topk_indices [n, T, k] (uint16 when V <= 65536, else int32)
+    <dir>/{train,val}-00000.safetensors      input_ids [n, T], topk_logprobs [n, T, k] (fp16, at T = 1),
+                                             topk_indices [n, T, k] (uint16 when V <= 65536, else int32),
+                                             shift, tail_logmass [n, T, len(temperatures)] (fp32)
 
-Shards are written atomically and skipped when present, so an interrupted build resumes.
+Shards and the manifest are written atomically and shards are skipped when present, so an interrupted build
+resumes.
 
-**The missing mass.** The cache keeps ``m = Σ_topk p`` exactly; the remaining ``1 - m`` is spread
-uniformly over the other ``V - k`` tokens. The reconstruction ``q`` therefore agrees with the teacher on
-the top k, has the right total tail mass, and ``KL(p ‖ q)`` (reported per token in the manifest) is the
-KD signal lost. A temperature T is applied to the reconstruction (``q^(1/T)``, renormalised), since the
-tail's own shape is not stored.
+**Temperature and the missing mass.** At temperature τ the teacher's top-k log-probabilities are
+``log p_1 / τ + shift_τ`` (``shift_τ = -logsumexp(log p_1 / τ)`` over the *full* vocabulary), and the mass
+outside the top k is ``exp(tail_logmass_τ)``: both measured at build time for each temperature in the
+manifest. Training from the cache computes KD over k + 1 buckets, the teacher's top k and one lumped tail,
+both distributions tempered consistently (:mod:`distill.objective.buckets`): nothing is assumed about the
+tail's shape. Tempering a top-k reconstruction instead (``q^(1/τ)`` with a uniform tail) would hand most of the
+tempered mass to the V - k tail tokens: at τ = 2, k = 64 and V = 49,152 the tail held over 90 % of it.
+By the chain rule of KL, the bucket KL is the full KL minus ``tail mass × KL between the two tails'
+conditional distributions``, so it never exceeds the full KL and equals it when the tail is empty.
+
+The dense reconstruction (:func:`reconstruct_logprobs`: the top k exact, the tail spread uniformly) is what
+the cached teacher returns as ``.logits`` for evaluation at τ = 1; ``KL(p ‖ q)`` of that reconstruction is
+reported per token in the manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -32,9 +44,11 @@ from transformers import AutoConfig
 from distill.config import ConfigError, config_error
 from distill.models.teacher import DataIdentity
 from distill.models.tokenizer import load_tokenizer, tokenizer_fingerprint
+from distill.objective.buckets import TopKBuckets
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-temperature shift and tail mass, blocks looked up by hash, weights hash
+DEFAULT_TEMPERATURES = (1.0, 2.0)  # 2.0: conf/distill/default.yaml's temperature
 
 
 def index_dtype(vocab: int) -> torch.dtype:
@@ -60,8 +74,12 @@ def reconstruction_kl(full_logprobs: Tensor, k: int) -> Tensor:
 
 
 def block_key(ids: Tensor) -> bytes:
-    """The lookup key of one packed block: its token ids."""
-    return ids.to(torch.int64).cpu().numpy().tobytes()
+    """The lookup key of one packed block: a 128-bit hash of its token ids (16 bytes per block in RAM).
+
+    A hit is confirmed against the ids stored in the shard, so a collision could never serve another
+    block's targets.
+    """
+    return hashlib.blake2b(ids.to(torch.int64).cpu().numpy().tobytes(), digest_size=16).digest()
 
 
 class CachedTeacher(nn.Module):
@@ -88,6 +106,13 @@ class CachedTeacher(nn.Module):
                 "`python -m distill.models.cache_builder` and point teacher.path at its folder",
             )
         self.manifest: dict[str, Any] = json.loads(manifest_file.read_text())
+        if self.manifest.get("version") != FORMAT_VERSION:
+            raise config_error(
+                "teacher.path",
+                str(path),
+                f"the cache has format version {self.manifest.get('version')}, this distill reads version "
+                f"{FORMAT_VERSION}; rebuild it with `python -m distill.models.cache_builder`",
+            )
         if not self.manifest.get("complete"):
             raise config_error(
                 "teacher.path",
@@ -103,6 +128,7 @@ class CachedTeacher(nn.Module):
         self.name = f"cached:{self.manifest['teacher']}"
         self.top_k = int(self.manifest["top_k"])
         self._vocab = int(self.manifest["vocab_size"])
+        self.temperatures = [float(t) for t in self.manifest["temperatures"]]
         self._where: dict[bytes, tuple[str, int]] = {}
         self._files: dict[str, Any] = {}
         for split in self.manifest["splits"].values():
@@ -141,20 +167,50 @@ class CachedTeacher(nn.Module):
                 f"(block_size {block_size}); rebuild the cache with the same data settings or use the live teacher"
             )
 
-    def _topk(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-        values, indices = [], []
+    def _read(self, input_ids: Tensor, names: tuple[str, ...]) -> list[Tensor]:
+        """The stored tensors ``names`` of each block in the batch, in batch order."""
+        out: list[list[Tensor]] = [[] for _ in names]
         for ids in input_ids:
             where = self._where.get(block_key(ids))
-            if where is None:
+            handle = None if where is None else self._files[where[0]]
+            if where is None or not torch.equal(
+                handle.get_slice("input_ids")[where[1] : where[1] + 1][0].long(), ids.long().cpu()
+            ):
                 raise ConfigError(
                     f"teacher.path={str(self.path)!r}: a batch block is not in the teacher cache; the cache was "
                     "built for other data, tokenizer or block_size; rebuild it for this data"
                 )
-            shard, row = where
-            handle = self._files[shard]
-            values.append(handle.get_slice("topk_logprobs")[row : row + 1])
-            indices.append(handle.get_slice("topk_indices")[row : row + 1])
-        return torch.cat(values).to(input_ids.device), torch.cat(indices).to(input_ids.device)
+            for got, name in zip(out, names, strict=True):
+                got.append(handle.get_slice(name)[where[1] : where[1] + 1])
+        return [torch.cat(t).to(input_ids.device) for t in out]
+
+    def _topk(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        values, indices = self._read(input_ids, ("topk_logprobs", "topk_indices"))
+        return values, indices
+
+    def targets(self, input_ids: Tensor, temperature: float, vocab: int | None = None) -> TopKBuckets:
+        """The teacher's top-k and tail buckets at ``temperature``, for every position of the batch.
+
+        Raises:
+            ConfigError: a temperature the cache was not built for, or a vocabulary that cuts the top k.
+
+        """
+        column = next((i for i, t in enumerate(self.temperatures) if math.isclose(t, temperature)), None)
+        if column is None:
+            raise config_error(
+                "distill.objective.temperature",
+                temperature,
+                f"the teacher cache holds the temperatures {self.temperatures}; use one of them or rebuild the "
+                f"cache with cache.temperatures=[...,{temperature}]",
+            )
+        if vocab is not None and vocab < self._vocab:
+            raise ConfigError(
+                f"teacher.path={str(self.path)!r}: the student's vocabulary ({vocab}) is smaller than the cached "
+                f"teacher's ({self._vocab}), whose top-k ids may lie beyond it; use the live teacher"
+            )
+        values, indices, shift, tail = self._read(input_ids, ("topk_logprobs", "topk_indices", "shift", "tail_logmass"))
+        top = values.float() / temperature + shift[..., column : column + 1]
+        return TopKBuckets(torch.cat([top, tail[..., column : column + 1]], -1), indices.long())
 
     @torch.no_grad()
     def forward(
@@ -176,10 +232,22 @@ class CachedTeacher(nn.Module):
         attention_mask: Tensor | None = None,
         output_hidden_states: bool = False,
         vocab: int | None = None,
+        temperature: float | None = None,
     ) -> tuple[Any, None]:
-        """Reconstructed log-probabilities for aligned rows ``[start, stop)``, built one chunk at a time."""
+        """Targets for aligned rows ``[start, stop)``, one chunk at a time (the chunked loss's teacher rows).
+
+        With ``temperature`` (training): the top-k and tail buckets at it (:meth:`targets`); without: the
+        dense reconstruction at τ = 1.
+        """
         if output_hidden_states:
             self.forward(input_ids, output_hidden_states=True)  # raises the explanatory error
+        if temperature is not None:
+            buckets = self.targets(input_ids, temperature, vocab)[:, :-1]
+            flat = TopKBuckets(
+                buckets.logprobs.reshape(-1, buckets.logprobs.shape[-1]),
+                buckets.indices.reshape(-1, buckets.indices.shape[-1]),
+            )
+            return (lambda start, stop: flat[start:stop]), None
         values, indices = self._topk(input_ids)
         k = values.shape[-1]
         values, indices = values[:, :-1].reshape(-1, k), indices[:, :-1].reshape(-1, k)
@@ -198,10 +266,10 @@ class _Output:
         self.hidden_states = None
 
 
-def bytes_per_token(k: int, vocab: int) -> float:
-    """Storage per cached token: k log-probs (fp16) + k indices + the token id itself."""
+def bytes_per_token(k: int, vocab: int, temperatures: int = len(DEFAULT_TEMPERATURES)) -> float:
+    """Storage per cached token: k log-probs (fp16) + k indices + the token id + shift and tail mass (fp32) per τ."""
     idx = torch.tensor([], dtype=index_dtype(vocab)).element_size()
-    return k * (2 + idx) + idx
+    return k * (2 + idx) + idx + 8 * temperatures
 
 
 def describe(manifest: dict[str, Any]) -> str:

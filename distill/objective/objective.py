@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.config import config_error
+from distill.objective.buckets import TopKBuckets, bucket_logprobs
 from distill.objective.chunked import TeacherRows, chunkable, chunked_distill_loss
 from distill.objective.divergences import (
     IGNORE_INDEX,
@@ -110,8 +111,21 @@ class DistillationObjective(nn.Module):
         mask = labels != IGNORE_INDEX
         (rows,) = real_rows(mask, student_logits)  # ignored rows never enter the softmax (NaN-safe)
         ce = F.cross_entropy(rows.float(), labels[mask], reduction="sum")
-        kd = self.divergence(student_logits, teacher_logits, mask, temperature=self.temperature, **self.kwargs)
+        kd = self.kd(student_logits, teacher_logits, mask)
         return ce, kd * mask.sum()
+
+    def kd(self, student_logits: Tensor, teacher: Tensor | TopKBuckets, mask: Tensor) -> Tensor:
+        """The divergence at the objective's temperature, averaged over the real positions of ``mask``.
+
+        ``teacher`` is dense logits (a live teacher) or a cached teacher's :class:`TopKBuckets`, already
+        tempered: then the student is coarsened to the same k + 1 buckets and compared at temperature 1.
+        """
+        if isinstance(teacher, TopKBuckets):
+            (student_rows,) = real_rows(mask, student_logits)
+            target = teacher[mask.bool()]
+            student = bucket_logprobs(student_rows, target.indices, self.temperature)
+            return self.divergence(student, target.logprobs, None, temperature=1.0, **self.kwargs)
+        return self.divergence(student_logits, teacher, mask, temperature=self.temperature, **self.kwargs)
 
     def forward_chunked(
         self,
@@ -176,7 +190,7 @@ class DistillationObjective(nn.Module):
     def forward(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor,
+        teacher_logits: Tensor | TopKBuckets,
         labels: Tensor,
         student_hidden: tuple[Tensor, ...] | None = None,
         teacher_hidden: tuple[Tensor, ...] | None = None,
@@ -184,13 +198,14 @@ class DistillationObjective(nn.Module):
     ) -> dict[str, Tensor]:
         """Compute the loss terms for one batch.
 
-        Logits are unshifted ``(B, T, V)`` over the shared vocabulary; ``labels`` are the input ids
+        Logits are unshifted ``(B, T, V)`` over the shared vocabulary (a cached teacher gives its
+        :class:`TopKBuckets` at this temperature instead); ``labels`` are the input ids
         with ``-100`` at positions that must not be predicted. Position t predicts label t+1.
         """
         s, t, y = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
         mask = y != IGNORE_INDEX
         ce = next_token_ce(s, y)
-        kd = self.divergence(s, t, mask, temperature=self.temperature, **self.kwargs)
+        kd = self.kd(s, t, mask)
         loss = (1.0 - self.alpha) * ce + self.kd_weight * kd
         return self._with_hidden(
             {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}, student_hidden, teacher_hidden, attention_mask

@@ -56,3 +56,11 @@ def _publish_unless_present(tmp: Path, out_dir: Path) -> None:
             if not out_dir.exists():
                 raise
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers see the old or the new file, whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
