@@ -117,7 +117,7 @@ def chunked_distill_loss(
         labels: ``(N,)`` next-token labels, ``-100`` where nothing is predicted.
         teacher_rows: the teacher's logits for rows ``[start, stop)`` (computed or looked up lazily).
         terms: per-chunk (CE sum, KD sum) of student logits, teacher logits and labels.
-        weights: (w_ce, w_kd), e.g. ``(1-α, α·T²)``.
+        weights: (w_ce, w_kd), e.g. ``(1-α, α·T²)`` (``α·T`` for TVD).
         vocab: the shared vocabulary compared.
         chunk_size: token rows per chunk; the extra memory is a few ``chunk_size × V`` float tensors.
 
