@@ -242,7 +242,7 @@ def _log_report(report: dict[str, Any], flat: dict[str, float], loggers: list, s
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the metric that sweeps optimise."""
-    with exit_on_config_error():
+    with exit_on_config_error(discard=cfg.paths.output_dir):
         metrics, _ = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 

@@ -7,9 +7,11 @@ objects without letting Hydra's wrapping hide such an error.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -59,15 +61,29 @@ def find_config_error(err: BaseException | None) -> ConfigError | None:
     return None
 
 
+# What Hydra writes into a run folder before the job starts: its records of the call and the job's log.
+_HYDRA_RECORDS = {".hydra", "train.log", "evaluate.log", "main.log"}
+
+
 @contextmanager
-def exit_on_config_error() -> Iterator[None]:
-    """Entry points: a ConfigError anywhere inside (even wrapped by Hydra) becomes one line and exit code 2."""
+def exit_on_config_error(discard: str | Path | None = None) -> Iterator[None]:
+    """Entry points: a ConfigError anywhere inside (even wrapped by Hydra) becomes one line and exit code 2.
+
+    Args:
+        discard: the run folder Hydra made for this call. When the error comes before the run wrote
+            anything of its own, the folder (Hydra's records and an empty log) is removed, so a refused
+            setting leaves no run behind. A folder with anything else in it (a run being resumed) is kept.
+
+    """
     try:
         yield
     except Exception as err:
         config_err = find_config_error(err)
         if config_err is None:
             raise
+        folder = Path(discard) if discard is not None else None
+        if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= _HYDRA_RECORDS:
+            shutil.rmtree(folder, ignore_errors=True)
         print(f"error: {config_err}", file=sys.stderr)
         sys.exit(2)
 

@@ -146,6 +146,13 @@ def test_cli_bad_value_gives_one_line_error(tmp_path, cache_dir):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: distill.objective.alpha=2: alpha must lie in [0, 1]")
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # not even Hydra's records of a run that never started
+    # A run folder with work in it (a run being resumed) is never removed by a refused setting.
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"work")
+    proc = _run_cli(["experiment=smoke", "distill.optimizer.lr=-1", *_cli_paths(tmp_path, cache_dir)], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: distill.optimizer: ")
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == b"work"
 
 
 def test_fast_dev_run_cli(tmp_path, cache_dir):
