@@ -11,6 +11,13 @@ import numpy as np
 _CHUNK = 100
 
 
+def _check(resamples: int, confidence: float) -> None:
+    if resamples < 1:
+        raise ValueError(f"resamples must be at least 1, got {resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+
+
 def bootstrap_interval(
     values: Sequence[float], resamples: int = 1000, confidence: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
@@ -36,10 +43,7 @@ def bootstrap_interval(
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 1 or data.size == 0:
         raise ValueError(f"bootstrap_interval needs a non-empty list of scores, got shape {data.shape}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be at least 1, got {resamples}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    _check(resamples, confidence)
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     for start in range(0, resamples, _CHUNK):
@@ -80,10 +84,7 @@ def resample_interval(
     """
     if n < 1:
         raise ValueError(f"resample_interval needs at least one unit, got n={n}")
-    if resamples < 1:
-        raise ValueError(f"resamples must be at least 1, got {resamples}")
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+    _check(resamples, confidence)
     rng = np.random.default_rng(seed)
     values = np.array([statistic(rng.integers(0, n, size=n)) for _ in range(resamples)])
     tail = (1.0 - confidence) / 2 * 100

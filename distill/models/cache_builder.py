@@ -74,6 +74,20 @@ def _identity(
     }
 
 
+def _check_settings(
+    top_k: int, vocab: int, blocks_per_shard: int, temperatures: tuple[float, ...]
+) -> tuple[float, ...]:
+    """Refuse settings no cache can be built with; returns the temperatures as floats."""
+    if not 1 <= top_k < vocab:
+        raise config_error("cache.top_k", top_k, f"must lie in 1..{vocab - 1} (fewer than the vocabulary's ids)")
+    temperatures = tuple(float(t) for t in temperatures)
+    if not temperatures or any(t <= 0 for t in temperatures):
+        raise config_error("cache.temperatures", list(temperatures), "give one or more temperatures > 0")
+    if blocks_per_shard < 1:
+        raise config_error("cache.blocks_per_shard", blocks_per_shard, "must be at least 1")
+    return temperatures
+
+
 @torch.no_grad()
 def build_cache(
     teacher: FrozenTeacher,
@@ -106,15 +120,7 @@ def build_cache(
         The manifest.
 
     """
-    if not 1 <= top_k < teacher.vocab_size:
-        raise config_error(
-            "cache.top_k", top_k, f"must lie in 1..{teacher.vocab_size - 1} (fewer than the vocabulary's ids)"
-        )
-    temperatures = tuple(float(t) for t in temperatures)
-    if not temperatures or any(t <= 0 for t in temperatures):
-        raise config_error("cache.temperatures", list(temperatures), "give one or more temperatures > 0")
-    if blocks_per_shard < 1:
-        raise config_error("cache.blocks_per_shard", blocks_per_shard, "must be at least 1")
+    temperatures = _check_settings(top_k, teacher.vocab_size, blocks_per_shard, temperatures)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = _start_manifest(out, _identity(teacher, datamodule, top_k, temperatures))

@@ -50,6 +50,21 @@ def is_gpu_only(strategy: Any) -> bool:
     return strategy_name(strategy).startswith(GPU_ONLY)
 
 
+def _check_counts(trainer: Mapping[str, Any]) -> None:
+    """Step and accumulation counts Lightning would take without complaint and then train nothing with."""
+    max_steps = trainer.get("max_steps", -1)
+    if not isinstance(max_steps, int) or max_steps < -1:
+        raise config_error("trainer.max_steps", max_steps, "give a step count, or -1 for no step limit")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if not isinstance(accumulate, int) or accumulate < 1:
+        raise config_error(
+            "trainer.accumulate_grad_batches", accumulate, "must be a positive integer (1 = no accumulation)"
+        )
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and (not isinstance(clip, (int, float)) or clip < 0):
+        raise config_error("trainer.gradient_clip_val", clip, "must be 0 or more (null or 0 = no clipping)")
+
+
 def check_trainer_config(
     trainer: Mapping[str, Any], environ: Mapping[str, str] | None = None, objective: Mapping[str, Any] | None = None
 ) -> None:
@@ -88,18 +103,7 @@ def check_trainer_config(
             "the chunked loss runs the teacher's body outside its FSDP unit; set distill.objective.chunked=false "
             "with trainer=fsdp",
         )
-    max_steps = trainer.get("max_steps", -1)
-    if not isinstance(max_steps, int) or max_steps < -1:
-        raise config_error("trainer.max_steps", max_steps, "give a step count, or -1 for no step limit")
-    # Lightning takes these without complaint and then trains nothing (0 accumulation) or clips nothing.
-    accumulate = trainer.get("accumulate_grad_batches", 1)
-    if not isinstance(accumulate, int) or accumulate < 1:
-        raise config_error(
-            "trainer.accumulate_grad_batches", accumulate, "must be a positive integer (1 = no accumulation)"
-        )
-    clip = trainer.get("gradient_clip_val")
-    if clip is not None and (not isinstance(clip, (int, float)) or clip < 0):
-        raise config_error("trainer.gradient_clip_val", clip, "must be 0 or more (null or 0 = no clipping)")
+    _check_counts(trainer)
     # Under srun every task is one Lightning process; if the two counts differ, Lightning either hangs
     # waiting for ranks that never start or raises deep inside setup, so name the fix here.
     per_node = environ.get("SLURM_NTASKS_PER_NODE")
