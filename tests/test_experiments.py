@@ -83,7 +83,13 @@ def test_recipe_header_gives_the_command(recipe):
     assert f"recipe: {recipe}\n" in text
 
 
-@pytest.mark.parametrize("recipe", CPU_RECIPES)
+# The CE control and the int3 variant share qad_int4's code path: run with -m slow (about 40 s each, loaded).
+_SLOW_RECIPES = {"qad_int4_ce", "qad_int3"}
+
+
+@pytest.mark.parametrize(
+    "recipe", [pytest.param(r, marks=pytest.mark.slow) if r in _SLOW_RECIPES else r for r in CPU_RECIPES]
+)
 def test_recipe_runs_on_tiny_models_with_all_its_callbacks(recipe, tmp_path, cache_dir):
     cfg = recipe_cfg(recipe, tmp_path, cache_dir)
     expected = [k for k in ("prune", "share", "lowrank", "qat") if cfg.callbacks.get(k)]
@@ -183,6 +189,7 @@ def test_cluster_recipe_runs_a_few_steps_on_tiny_models(tmp_path, cache_dir):
     assert metrics["heldout/student/ppl"] > 0
 
 
+@pytest.mark.slow  # three tiny runs and a sweep summary, about 90 s loaded; the summary has unit tests
 def test_sweep_writes_one_report_per_point_and_a_combined_plot(tmp_path, cache_dir):
     sweep = tmp_path / "logs" / "train" / "multiruns" / "sweep"  # the default sweep dir, under the launch dir
     tiny = [o for o in TINY_RUN if not o.startswith(("trainer.max_steps", "eval.tasks"))]

@@ -309,6 +309,7 @@ def _evaluate(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # four interpreters, about 85 s loaded; bad input to train.py is tested in the default suite
 def test_evaluate_cli_bad_input(tmp_path, tiny_teacher, cache_dir):
     common = [
         f"hydra.run.dir={tmp_path}/run",

@@ -34,6 +34,7 @@ def test_embedded_teacher_loads_and_answers(smollm2):
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
 
 
+@pytest.mark.slow  # about 3 min on 2 loaded cores; the real teacher still loads and answers in the default suite
 def test_from_teacher_student_of_the_real_teacher_distils(smollm2, tmp_path, cache_dir):
     """Two real steps on the default setup, shrunk: the plumbing works on the 49k-token vocabulary."""
     from distill.module import DistillModule  # noqa: F401 - imported to fail fast if the package is broken

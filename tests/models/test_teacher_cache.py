@@ -230,6 +230,7 @@ def test_train_from_cache_without_the_teacher(tiny_teacher, tiny_cfg, tmp_path):
         )
 
 
+@pytest.mark.slow  # two builds and three interpreters, about 90 s loaded; build_cache is tested in-process
 def test_cli_writes_what_build_cache_writes(tiny_teacher, dm, tmp_path, cache_dir):
     import os
     import subprocess

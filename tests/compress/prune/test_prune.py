@@ -251,6 +251,7 @@ class RankRecorder(pl.Callback):
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
+@pytest.mark.slow  # two ranks pruning over gloo, about 100 s loaded; DDP training is in the default suite
 @pytest.mark.ddp
 def test_ddp_ranks_prune_the_same_units_and_stay_in_sync(tmp_path, cache_dir):
     overrides = [o for o in PRUNE if not o.startswith("trainer.log")]
