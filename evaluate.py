@@ -1,4 +1,4 @@
-"""Evaluate a compressed model against its baseline: ``python evaluate.py model=<export or .ckpt> [baseline=<dir>]``.
+"""Evaluate a compressed model against its baseline: ``python evaluate.py model=<export|.gguf|.ckpt> [baseline=<dir>]``.
 
 Writes ``report.md``, ``report.json`` and plots into the run directory (``logs/evaluate/runs/<run_name>``).
 With ``fail_on_degradation=true`` it exits with code 3 when the degradation guard raises a flag, so CI
@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from distill.compress.replay import replay
 from distill.config import build, config_error, exit_on_config_error, require
 from distill.eval.assess import Comparison, Provenance, assess
+from distill.export.gguf import same_tokenization
 from distill.models.loading import load_causal_lm
 from distill.models.teacher import FrozenTeacher
 from distill.models.tokenizer import load_tokenizer, shared_vocab_size
@@ -61,6 +62,17 @@ def load_model(path: str, fallback_tokenizer: Any) -> tuple[PreTrainedModel, Any
             load_tokenizer(str(p), field="model") if (p / "tokenizer_config.json").is_file() else fallback_tokenizer
         )
         return model.eval(), tokenizer, meta.get("structure", [])
+    if p.is_file() and p.suffix == ".gguf":
+        # A deployable llama.cpp file, read by transformers' GGUF loader (dequantised to fp32): the report
+        # measures the file's own weights, and its size on disk is the file's.
+        model = load_causal_lm(str(p.parent), gguf_file=p.name, dtype="float32", field="model")
+        tokenizer = load_tokenizer(str(p.parent), gguf_file=p.name, field="model")
+        rows = model.get_input_embeddings().weight.shape[0]
+        if fallback_tokenizer is not None and same_tokenization(tokenizer, fallback_tokenizer, rows):
+            # transformers rebuilds the file's tokenizer in its own classes; one that tokenises as the
+            # baseline's does is the baseline's, and the comparison below then accepts it.
+            tokenizer = fallback_tokenizer
+        return model.eval(), tokenizer, []
     if p.is_file() and p.suffix == ".ckpt":
         ckpt = read_checkpoint(p, path)
         if "student_config" not in ckpt:
@@ -86,7 +98,7 @@ def load_model(path: str, fallback_tokenizer: Any) -> tuple[PreTrainedModel, Any
         "model",
         path,
         "not a model: give an export folder written by train.py (…/student, with "
-        "config.json) or a checkpoint (…/checkpoints/last.ckpt)",
+        "config.json), a GGUF file (…/student_gguf/student-q4_0.gguf) or a checkpoint (…/checkpoints/last.ckpt)",
     )
 
 
@@ -111,7 +123,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build(cfg.data, tokenizer=baseline.tokenizer)
     datamodule.setup()
     about = Provenance(
-        export_dir=cfg.model if Path(cfg.model).is_dir() else None,
+        export_dir=cfg.model if Path(cfg.model).is_dir() or Path(cfg.model).suffix == ".gguf" else None,
         baseline_dir=cfg.baseline,
         modifications=[{"kind": c["kind"], "config": c["spec"]} for c in changes],
         config=OmegaConf.to_container(cfg, resolve=True),

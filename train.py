@@ -25,6 +25,7 @@ from distill.eval.assess import Comparison, Provenance, assess
 from distill.eval.cost import disk_bytes
 from distill.eval.sweep import versus_ptq
 from distill.eval.tasks import validate_task_names
+from distill.export import gguf as gguf_export
 from distill.export.hf import export_compact_forms, export_student, plain_model
 from distill.module import DistillModule
 from distill.objective.objective import DistillationObjective
@@ -68,6 +69,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "run_dir": str(cfg.paths.output_dir),
             "artifact": str(objects["artifact_dir"]) if objects.get("artifact_dir") else None,
         }
+        if objects.get("gguf") is not None:  # what the GGUF file's reload measured (docs/deploy.md)
+            check = objects["gguf"]
+            facts |= {
+                "gguf_file": str(check.file),
+                "gguf_bytes": check.bytes,
+                "gguf_max_abs_logit_vs_student": check.drift_max_abs_logit,
+                "gguf_top1_vs_student_probe": check.drift_top1_agreement,
+            }
         report = _assess(cfg, objects, callbacks, facts)
         # One line against the cheapest alternative: the teacher quantized post-training to this size.
         log.info(
@@ -95,6 +104,8 @@ def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]
     check_optimization(cfg.distill.optimizer, cfg.distill.get("scheduler"))
     ckpt_path = resolve_resume(cfg.get("resume"), Path(cfg.paths.output_dir) / "checkpoints")
     objective = build(cfg.distill.objective)
+    if cfg.export.enabled:
+        gguf_export.check_formats(cfg.export)  # before the teacher loads
     if cfg.eval.enabled:
         validate_task_names(cfg.eval.tasks or [])
     if strategy_name(cfg.trainer.get("strategy")) == "fsdp" and objective.chunked == "auto":
@@ -155,8 +166,10 @@ def _export(
     reloaded and checked against the student when written), whose size the report gives.
     """
     teacher, student, module = objects["teacher"], objects["student"], objects["module"]
+    formats = gguf_export.check_formats(cfg.export)
+    plain = plain_model(student, stages)
     out = export_student(
-        plain_model(student, stages),
+        plain,
         teacher.tokenizer,
         cfg.export.dir,
         verify=cfg.export.verify,
@@ -171,8 +184,44 @@ def _export(
     compact = export_compact_forms(student, teacher.tokenizer, stages, cfg.paths.output_dir)
     for name, path in compact.items():
         log.info("%s wrote a compact export to %s", name, path)
-    artifact = min([out, *compact.values()], key=lambda folder: disk_bytes(folder) or 0)
+    candidates = [out, *compact.values()]
+    if "gguf" in formats:
+        check = _export_gguf(cfg, plain, teacher, stages)
+        objects["gguf"] = check
+        # The report measures the student in memory, so the GGUF file is the artifact only when it computes
+        # the same model (a student trained on its llama.cpp grid), not when writing it rounded the weights.
+        if check is not None and check.drift_max_abs_logit <= gguf_export.RELOAD_ATOL:
+            candidates.append(check.file.parent)
+    artifact = min(candidates, key=lambda folder: disk_bytes(folder) or 0)
     return out, artifact
+
+
+def _export_gguf(
+    cfg: DictConfig, plain: Any, teacher: Any, stages: list[CompressionStage]
+) -> gguf_export.GGUFCheck | None:
+    """Write the GGUF file (``export.formats`` has ``gguf``); returns what its verification measured."""
+    trained = next((s.gguf_types for s in stages if getattr(s, "gguf_types", None)), {})
+    gguf_type = cfg.export.get("gguf_type", "auto")
+    if gguf_type == "auto":
+        gguf_type = next(iter(trained.values()), "f16")
+    pre = cfg.export.get("gguf_pre", "auto")
+    if pre == "auto":
+        pre = gguf_export.teacher_pre(cfg.teacher)
+    file = gguf_export.write_gguf(plain, teacher.tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre)
+    if not cfg.export.verify:
+        log.info("wrote the GGUF export %s (not verified: export.verify=false)", file)
+        return None
+    check = gguf_export.verify_gguf(plain, teacher.tokenizer, file, gguf_type, trained)
+    log.info(
+        "wrote the GGUF export %s (%s, %.2f MiB): reloads as written; against the student max |Δlogit| %.3g, "
+        "top-1 agreement %.3f on a random probe",
+        file,
+        gguf_type,
+        check.bytes / 2**20,
+        check.drift_max_abs_logit,
+        check.drift_top1_agreement,
+    )
+    return check
 
 
 def _assess(

@@ -34,7 +34,9 @@ class QuantizationAwareTraining(OneShotCompression):
 
     Args:
         scheme: one of :data:`distill.compress.quant.schemes.SCHEMES` (``int8_weight_only``, ``int4_weight_only``,
-            ``int8_dynact_int4_weight``, ``int8_dynact_int8_weight``).
+            ``int8_dynact_int4_weight``, ``int8_dynact_int8_weight``), or llama.cpp's own block grids
+            ``gguf_q8_0``, ``gguf_q4_0``, ``gguf_q4_1`` (blocks of 32 with fp16 scales; the GGUF export then
+            writes the trained weights as they are, see docs/deploy.md).
         group_size: 32, 64 or 128 for the grouped int4 schemes (default 32); must divide the in-features of
             every quantized linear. Leave null for per-row schemes.
         skip: glob patterns (``fnmatch``) on the student's dotted module names that stay in full precision;
@@ -81,11 +83,20 @@ class QuantizationAwareTraining(OneShotCompression):
                 freeze_ranges_step,
                 f"give a global step >= start_step ({start_step}), or null to keep ranges dynamic",
             )
+        if freeze_ranges_step is not None and schemes.get_scheme(self.spec.scheme).gguf is not None:
+            raise config_error(
+                FIELD + "freeze_ranges_step",
+                freeze_ranges_step,
+                f"{self.spec.scheme} computes each block's scale from its weights, as llama.cpp does when it "
+                "writes the file; leave it null",
+            )
         self.start_step = start_step
         self.end_step = start_step  # the structure is final once fake-quant is in (see check_schedule)
         self.freeze_ranges_step = freeze_ranges_step
         self.export_dir = export_dir
         self.converted = False
+        # {weight name: GGUF type} after a convert on a llama.cpp grid (gguf_* schemes); the GGUF export reads it.
+        self.gguf_types: dict[str, str] = {}
         self._frozen: dict[str, dict[str, torch.Tensor]] = {}
         self._pending_frozen: dict[str, dict[str, torch.Tensor]] | None = None
 
@@ -134,8 +145,15 @@ class QuantizationAwareTraining(OneShotCompression):
         """Run torchao's convert: the student now holds real low-bit weights."""
         if not self.is_applied(pl_module.structure) or not fake_quantized(pl_module.student):
             return  # never reached start_step (e.g. fast_dev_run); export_compact says so if asked
-        convert(pl_module.student, self.spec)
+        self.gguf_types = convert(pl_module.student, self.spec)
         self.converted = True
+        if self.gguf_types:
+            rank_zero_info(
+                f"QAT convert ({self.spec.scheme}): {len(self.gguf_types)} weights rounded to llama.cpp's "
+                f"{self.spec.scheme.removeprefix('gguf_')} grid; export.formats=[hf,gguf] writes them without "
+                "a second rounding"
+            )
+            return
         report = quantized.size_report(pl_module.student)
         rank_zero_info(
             f"QAT convert ({self.spec.scheme}, group_size={self.spec.group_size}): "
@@ -161,7 +179,7 @@ class QuantizationAwareTraining(OneShotCompression):
         schemes it has the quantized weights but full-precision activations (plain transformers has no
         activation quantization); the compact export keeps both.
         """
-        if not self.converted:
+        if not self.converted or self.gguf_types:  # a llama.cpp grid leaves plain modules holding the grid values
             return model
         if schemes.get_scheme(self.spec.scheme).act_bits is not None:
             log.warning(
@@ -182,6 +200,12 @@ class QuantizationAwareTraining(OneShotCompression):
                 f"QAT never converted the student (start_step={self.start_step} was not reached), "
                 "so there is no quantized model to export"
             )
+        if self.gguf_types:
+            rank_zero_info(
+                f"{self.spec.scheme}: the compact form of a llama.cpp grid is the GGUF file that "
+                "export.formats=[hf,gguf] writes; no torchao folder is written"
+            )
+            return None
         if not quantized.plain_architecture(model):
             # load_quantized rebuilds the architecture from config.json; factorised layers are not in it.
             log.warning(

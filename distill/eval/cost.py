@@ -61,14 +61,18 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
 def disk_bytes(folder: str | Path | None) -> int | None:
-    """Total size of the files in an export folder (None when there is none)."""
+    """Total size of the files in an export folder, or of a single-file export (a GGUF); None when there is none."""
+    if folder is not None and Path(folder).is_file():
+        return Path(folder).stat().st_size
     if folder is None or not Path(folder).is_dir():
         return None
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def weight_file_bytes(folder: str | Path | None) -> int | None:
-    """Size of the weight files alone in an export folder (None when it has none)."""
+    """Size of the weight files alone in an export folder, or of a single-file export; None when there is none."""
+    if folder is not None and Path(folder).is_file():
+        return Path(folder).stat().st_size if Path(folder).suffix in WEIGHT_SUFFIXES else None
     if folder is None or not Path(folder).is_dir():
         return None
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES) or None

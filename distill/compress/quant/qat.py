@@ -22,6 +22,7 @@ from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 from torchao.quantization.qat.linear import FakeQuantizedLinear
 
 from distill.compress.quant import schemes
+from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer, fake_quantize
 from distill.compress.quant.schemes import QuantSpec
 
 FIELD = "callbacks.qat."
@@ -32,16 +33,86 @@ Ranges = dict[str, dict[str, torch.Tensor]]
 def prepare(student: nn.Module, spec: QuantSpec) -> None:
     """Insert torchao fake-quant modules into ``student`` (in place) for ``spec``."""
     schemes.check_targets(student, spec.skip, spec.group_size, FIELD, spec.modules)
+    kind = schemes.get_scheme(spec.scheme).gguf
+    if kind is not None:
+        _prepare_gguf(student, spec, kind)
+        return
     quantize_(student, QATConfig(spec.base_config(), step="prepare"), filter_fn=spec.filter())
 
 
-def convert(student: nn.Module, spec: QuantSpec) -> None:
+def _swap(student: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(student.get_submodule(parent) if parent else student, child, new)
+
+
+def _prepare_gguf(student: nn.Module, spec: QuantSpec, kind: str) -> None:
+    """Swap targets for torchao's fake-quant modules, with a llama.cpp block quantizer in place of torchao's own.
+
+    ``from_linear``/``from_embedding`` keep the module's Parameters, so checkpoint keys, the optimizer and
+    a tied embedding/output head are unchanged, exactly as with torchao's grids.
+    """
+    keep = spec.filter()
+    for name, module in [(n, m) for n, m in student.named_modules() if keep(m, n)]:
+        if isinstance(module, nn.Embedding):
+            new = FakeQuantizedEmbedding.from_embedding(module)
+        else:
+            new = FakeQuantizedLinear.from_linear(module)
+        new.weight_fake_quantizer = GGUFBlockFakeQuantizer(kind)
+        _swap(student, name, new)
+
+
+def gguf_grid_kind(student: nn.Module) -> str | None:
+    """The llama.cpp block type the student is fake-quantized to, or None for torchao grids (or none)."""
+    for module in fake_quantized(student).values():
+        if isinstance(module.weight_fake_quantizer, GGUFBlockFakeQuantizer):
+            return module.weight_fake_quantizer.kind
+    return None
+
+
+@torch.no_grad()
+def _convert_gguf(student: nn.Module) -> dict[str, str]:
+    """Replace GGUF-grid fake-quant modules by plain ones holding the grid values; returns ``{param: kind}``.
+
+    The values are what the GGUF file stores, so the plain student is already the deployable model: the
+    GGUF export writes these weights in the recorded types without a second rounding. A Parameter shared by
+    several modules (a tied embedding/head) is rounded once and stays shared.
+    """
+    types: dict[str, str] = {}
+    rounded: dict[int, nn.Parameter] = {}
+    for name, module in fake_quantized(student).items():
+        kind = module.weight_fake_quantizer.kind
+        weight = module.weight
+        if id(weight) not in rounded:
+            rounded[id(weight)] = nn.Parameter(fake_quantize(weight, kind), requires_grad=weight.requires_grad)
+        if isinstance(module, nn.Embedding):
+            plain = nn.Embedding(
+                module.num_embeddings,
+                module.embedding_dim,
+                padding_idx=module.padding_idx,
+                device="meta",
+            )
+        else:
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+            plain.bias = module.bias
+        plain.weight = rounded[id(weight)]
+        _swap(student, name, plain)
+        types[f"{name}.weight"] = kind
+    return types
+
+
+def convert(student: nn.Module, spec: QuantSpec) -> dict[str, str]:
     """Replace fake-quant modules by real quantized weights (in place).
+
+    On a llama.cpp grid (``gguf_*`` schemes) the weights become plain tensors holding the grid values and
+    the return value maps each rounded weight's name to its GGUF type (what the GGUF export writes it as);
+    for torchao's grids it is empty.
 
     Weight quantizers whose ranges were frozen carry their scales into convert: torchao passes a fake
     quantizer's own ``scale``/``zero_point`` to the base config only when ``range_learning`` is set, so it is
     set on those (static, no longer dynamic) configs right before converting.
     """
+    if gguf_grid_kind(student) is not None:
+        return _convert_gguf(student)
     for module in student.modules():
         fq = getattr(module, "weight_fake_quantizer", None)
         if isinstance(fq, IntxFakeQuantizer) and not fq.config.is_dynamic and fq.scale is not None:
@@ -54,6 +125,7 @@ def convert(student: nn.Module, spec: QuantSpec) -> None:
     )
     # convert quantizes each module's weight on its own; a tied embedding/head becomes one tensor again.
     schemes.retie(student, groups)
+    return {}
 
 
 def fake_quantized(student: nn.Module) -> dict[str, FakeQuantizedLinear | FakeQuantizedEmbedding]:

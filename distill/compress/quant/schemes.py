@@ -36,6 +36,7 @@ from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeig
 from torchao.quantization.granularity import PerAxis, PerGroup
 from torchao.utils import TorchAOBaseTensor
 
+from distill.compress.quant.gguf_grid import BLOCK as GGUF_BLOCK
 from distill.config import config_error
 
 GROUP_SIZES = (32, 64, 128)  # the usual choices; any multiple of GROUP_MULTIPLE up to MAX_GROUP_SIZE is accepted
@@ -63,6 +64,7 @@ class Scheme:
     act_bits: int | None
     grouped: bool
     description: str
+    gguf: str | None = None  # llama.cpp block type whose grid this scheme is (distill.compress.quant.gguf_grid)
 
 
 SCHEMES: dict[str, Scheme] = {
@@ -90,6 +92,12 @@ SCHEMES: dict[str, Scheme] = {
             False,
             "int8 weights per row, int8 per-token dynamic activations",
         ),
+        # llama.cpp's own block grids (blocks of 32, fp16 scales): QAT only; the GGUF export writes them as trained.
+        Scheme("gguf_q8_0", torch.int8, 8, None, True, "llama.cpp Q8_0: int8 codes, fp16 scale per 32", "q8_0"),
+        Scheme("gguf_q4_0", torch.int4, 4, None, True, "llama.cpp Q4_0: 4-bit codes, fp16 scale per 32", "q4_0"),
+        Scheme(
+            "gguf_q4_1", torch.int4, 4, None, True, "llama.cpp Q4_1: 4-bit codes, fp16 scale and min per 32", "q4_1"
+        ),
     )
 }
 
@@ -103,6 +111,12 @@ def get_scheme(name: str, field: str = "scheme") -> Scheme:
 
 def resolve_group_size(scheme: Scheme, group_size: int | None, field: str = "group_size") -> int | None:
     """Validate ``group_size`` for ``scheme``: a multiple of 32 (up to 1024) for grouped schemes, unset otherwise."""
+    if scheme.gguf is not None:
+        if group_size not in (None, GGUF_BLOCK):
+            raise config_error(
+                field, group_size, f"{scheme.name} is llama.cpp's grid of blocks of {GGUF_BLOCK}; leave it null"
+            )
+        return GGUF_BLOCK
     if not scheme.grouped:
         if group_size is not None:
             raise config_error(
@@ -128,6 +142,14 @@ def resolve_group_size(scheme: Scheme, group_size: int | None, field: str = "gro
 
 def base_config(scheme: Scheme, group_size: int | None) -> AOBaseConfig:
     """The torchao post-training config of a scheme (QAT wraps it in ``QATConfig``; PTQ applies it as is)."""
+    if scheme.gguf is not None:
+        raise config_error(
+            "scheme",
+            scheme.name,
+            "llama.cpp grids are for QAT (callbacks.qat.scheme); to quantize a model to "
+            f"{scheme.gguf} after training, write a GGUF file: python -m distill.export.gguf model=<export> "
+            f"type={scheme.gguf}",
+        )
     granularity = PerGroup(group_size) if scheme.grouped else PerAxis(0)
     if scheme.act_bits is None:
         return IntxWeightOnlyConfig(weight_dtype=scheme.weight_dtype, granularity=granularity)

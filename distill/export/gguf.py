@@ -1,0 +1,464 @@
+"""The student as a GGUF file for llama.cpp, written with gguf-py's writer and checked through transformers.
+
+    python train.py export.formats=[hf,gguf] export.gguf_type=q4_0        # at the end of training
+    python -m distill.export.gguf model=logs/train/runs/<run>/student type=q8_0   # any plain export
+
+What is written (llama.cpp's ``llama`` architecture, as its ``convert_hf_to_gguf.py`` lays it out):
+
+- tensors under llama.cpp's names (gguf-py's ``TensorNameMap``), the query and key projections' rows
+  reordered from Hugging Face's rotate-half layout to llama.cpp's interleaved rotary layout;
+- norms in F32; every matrix in ``gguf_type``, except the weights a QAT callback trained on a llama.cpp
+  grid (``callbacks.qat.scheme=gguf_q4_0`` etc.), which keep that grid's type and are written as trained;
+- the byte-level BPE tokenizer (tokens, types, merges, special ids, chat template) from the student's
+  Hugging Face tokenizer, so the file runs on its own.
+
+Types are those gguf-py can quantize: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1. It has no K-quant
+encoder, so K-quants are refused with the llama.cpp command that makes them from an F16 file.
+
+:func:`verify_gguf` reloads the file with ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``:
+its logits must equal those of the student with each tensor rounded by gguf-py itself (the function the
+file holds), and its tokenizer must encode a probe text as the student's does. The drift from the student
+(the quantization error) is measured and returned, not bounded.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.config import config_error, exit_on_config_error
+from distill.export.hf import compare_logits
+from distill.runtime.files import atomic_directory
+from distill.runtime.paths import export_root
+
+log = logging.getLogger("distill")
+
+BLOCK = 32  # the quantized types here all quantize blocks of 32 along a row
+FLOAT_TYPES = ("f32", "f16", "bf16")
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+TYPES = FLOAT_TYPES + QUANT_TYPES
+K_QUANTS = ("q2_k", "q3_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s", "q4_k_m", "q5_k", "q5_k_s", "q5_k_m")
+K_QUANTS += ("q6_k",)
+# Largest |Δlogit| between the reloaded file and the student rounded by gguf-py: both compute the same
+# weights in fp32, so only summation order differs.
+RELOAD_ATOL = 1e-4
+PROBE_TEXT = "The capital of France is Paris. def f(x):\n    return x ** 2  # 42 émigrés"
+
+
+def _qtype(name: str) -> Any:
+    import gguf
+
+    return gguf.GGMLQuantizationType[name.upper()]
+
+
+def _file_type(name: str) -> Any:
+    import gguf
+
+    return gguf.LlamaFileType.ALL_F32 if name == "f32" else gguf.LlamaFileType[f"MOSTLY_{name.upper()}"]
+
+
+def check_type(gguf_type: str, field: str = "export.gguf_type") -> str:
+    """Validate a GGUF type name; K-quants get the llama.cpp command that produces them."""
+    name = str(gguf_type).lower()
+    if name in K_QUANTS:
+        raise config_error(
+            field,
+            gguf_type,
+            "gguf-py's writer has no K-quant encoder; write f16 and convert it with llama.cpp: "
+            f"llama-quantize student-f16.gguf student-{name}.gguf {name.upper()}",
+        )
+    if name not in TYPES:
+        raise config_error(field, gguf_type, f"unknown GGUF type; choose one of {', '.join(TYPES)}")
+    return name
+
+
+def file_name(gguf_type: str) -> str:
+    """The GGUF file's name inside its folder: ``student-<type>.gguf``."""
+    return f"student-{gguf_type}.gguf"
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise config_error(
+            "export.formats",
+            "gguf",
+            f"the student uses {kind} rotary scaling, which this GGUF export does not write; export hf only",
+        )
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def check_exportable(model: PreTrainedModel) -> None:
+    """Refuse students llama.cpp's ``llama`` architecture (as transformers reloads it) cannot hold."""
+    config = model.config
+    if config.model_type != "llama":
+        raise config_error(
+            "export.formats",
+            "gguf",
+            f"the GGUF export writes Llama-architecture students; this one is {config.model_type}; export hf only",
+        )
+    if getattr(config, "distill_layer_shapes", None):
+        # llama.cpp reads per-layer head counts and FFN widths as arrays, but transformers' GGUF loader reads
+        # one width for all layers, so such a file could not be checked here; refused rather than unchecked.
+        raise config_error(
+            "export.formats",
+            "gguf",
+            "the student has per-layer pruned widths (callbacks.prune.uniform=false), which transformers' GGUF "
+            "loader cannot rebuild; prune uniformly (callbacks.prune.uniform=true) for a GGUF export",
+        )
+    _rope_theta(config)
+
+
+def _permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Reorder each head's rows from rotate-half pairs (i, i + d/2) to adjacent pairs (2i, 2i + 1)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, n_vocab: int) -> tuple[list[str], list[int]]:
+    """Token strings by id and their llama.cpp types, padded to the embedding's rows."""
+    import gguf
+
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= n_vocab:
+        raise config_error(
+            "export.formats",
+            "gguf",
+            f"the tokenizer has ids up to {max(vocab.values())} but the student's embedding has {n_vocab} rows",
+        )
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, [int(t) for t in types]
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    kind = (spec.get("model") or {}).get("type")
+    if kind != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        raise config_error(
+            "export.formats",
+            "gguf",
+            f"the GGUF export embeds byte-level BPE tokenizers (llama.cpp's gpt2 type); this one is "
+            f"{kind or type(tokenizer).__name__}; export hf only",
+        )
+
+
+def tensor_types(model: PreTrainedModel, gguf_type: str, trained: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The GGUF type of each tensor: norms and biases F32, weights a QAT grid trained keep it, others ``gguf_type``."""
+    trained = dict(trained or {})
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.dim() < 2:
+            out[name] = "f32"
+        else:
+            out[name] = trained.get(name, gguf_type)
+        if out[name] in QUANT_TYPES and tensor.shape[-1] % BLOCK:
+            raise config_error(
+                "export.gguf_type",
+                out[name],
+                f"{name} has rows {tensor.shape[-1]} wide, not a multiple of {BLOCK}; use f16, bf16 or f32",
+            )
+    return out
+
+
+def _tied(model: PreTrainedModel) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+def _write_hparams(writer: Any, model: PreTrainedModel, gguf_type: str) -> None:
+    """llama.cpp's ``llama.*`` keys from the student's config."""
+    import gguf
+
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)  # pruned heads leave head_dim != hidden / heads
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(model.get_input_embeddings().weight.shape[0])
+    writer.add_file_type(_file_type(gguf_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_tokenizer(writer: Any, tokenizer: PreTrainedTokenizerBase, n_vocab: int, pre: str) -> None:
+    """The byte-level BPE tokenizer: tokens, types, merges, special ids and chat template."""
+    import gguf
+
+    tokens, token_types = _tokens(tokenizer, n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    with tempfile.TemporaryDirectory() as tok_dir:
+        # gguf-py's SpecialVocab reads merges, special ids, add_bos/eos and the chat template from the
+        # Hugging Face files, as llama.cpp's converter does.
+        tokenizer.save_pretrained(tok_dir)
+        gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+
+
+def _add_tensors(writer: Any, model: PreTrainedModel, types: Mapping[str, str]) -> None:
+    """Every tensor under llama.cpp's name, encoded by gguf-py in its type; q/k rows in llama.cpp's rotary order."""
+    import gguf
+
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    tied = _tied(model)
+    for key, tensor in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd when there is no output tensor, and so does transformers
+        target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if target is None:
+            raise RuntimeError(f"no llama.cpp name for the student's tensor {key}")
+        data = tensor.detach().to(torch.float32).cpu().numpy()
+        if ".self_attn.q_proj." in key:
+            data = _permute_rows(data, config.num_attention_heads)
+        elif ".self_attn.k_proj." in key:
+            data = _permute_rows(data, config.num_key_value_heads)
+        qtype = _qtype(types[key])
+        raw = None if types[key] in ("f32", "f16") else qtype  # the writer infers those two from the array
+        writer.add_tensor(target, gguf.quants.quantize(data, qtype), raw_dtype=raw)
+
+
+def write_gguf(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    gguf_type: str = "f16",
+    trained: Mapping[str, str] | None = None,
+    pre: str = "default",
+    name: str = "distill-student",
+) -> Path:
+    """Write ``model`` and ``tokenizer`` as ``out_dir/student-<type>.gguf``; returns the file.
+
+    Args:
+        model: a plain Llama-architecture student (shared, factorised and quantized weights made plain).
+        tokenizer: its byte-level BPE tokenizer.
+        out_dir: the folder to publish; it is assembled next to it and swapped in only when complete.
+        gguf_type: the type of every matrix not in ``trained`` (see :data:`TYPES`).
+        trained: ``{weight name: type}`` for weights a QAT callback trained on a llama.cpp grid.
+        pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``): how text is split before the merges.
+        name: ``general.name``.
+
+    """
+    import gguf
+
+    gguf_type = check_type(gguf_type)
+    check_exportable(model)
+    _check_tokenizer(tokenizer)
+    types = tensor_types(model, gguf_type, trained)
+    with atomic_directory(out_dir) as tmp:
+        writer = gguf.GGUFWriter(tmp / file_name(gguf_type), "llama")
+        writer.add_name(name)
+        _write_hparams(writer, model, gguf_type)
+        _write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0], pre)
+        _add_tensors(writer, model, types)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return Path(out_dir) / file_name(gguf_type)
+
+
+@torch.no_grad()
+def rounded_copy(model: PreTrainedModel, types: Mapping[str, str]) -> PreTrainedModel:
+    """A copy of ``model`` whose tensors are rounded through gguf-py to their GGUF types: what the file holds."""
+    import gguf
+
+    out = copy.deepcopy(model)
+    state = out.state_dict(keep_vars=True)
+    done: set[int] = set()
+    for key, param in state.items():
+        if id(param) in done:
+            continue
+        done.add(id(param))
+        qtype = _qtype(types[key])
+        data = param.detach().to(torch.float32).cpu().numpy()
+        values = gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)
+        param.copy_(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(param.shape))
+    return out
+
+
+def same_tokenization(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase, n_vocab: int) -> bool:
+    """Whether two tokenizers map the model's ids to the same tokens and split a probe text the same way.
+
+    transformers rebuilds a GGUF file's BPE tokenizer as a GPT-2 tokenizer, which adds ``<|endoftext|>``
+    after the vocabulary when the file has none; ids past the model's rows are therefore not compared.
+    """
+
+    def within(t: PreTrainedTokenizerBase) -> dict[str, int]:
+        return {k: v for k, v in t.get_vocab().items() if v < n_vocab}
+
+    return within(a) == within(b) and a(PROBE_TEXT)["input_ids"] == b(PROBE_TEXT)["input_ids"]
+
+
+@dataclass(frozen=True)
+class GGUFCheck:
+    """What :func:`verify_gguf` measured."""
+
+    file: Path
+    bytes: int
+    reload_max_abs_diff: float  # reloaded file vs the student rounded by gguf-py
+    drift_max_abs_logit: float  # reloaded file vs the student itself: the quantization error
+    drift_top1_agreement: float  # share of probe positions where the file's argmax is the student's
+    tokenizer_matches: bool
+
+
+@torch.no_grad()
+def verify_gguf(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    file: str | Path,
+    gguf_type: str,
+    trained: Mapping[str, str] | None = None,
+) -> GGUFCheck:
+    """Reload ``file`` with plain transformers and check it is the student in the types it was written in.
+
+    Raises when the reloaded logits differ from the gguf-py-rounded student by more than
+    :data:`RELOAD_ATOL` (a wrong name, layout or type). The tokenizer check only warns: llama.cpp's and
+    transformers' pre-tokenizers for a name that neither knows fall back to GPT-2's split, which a
+    student's own tokenizer may not use.
+    """
+    file = Path(file)
+    reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
+    expected = rounded_copy(model, tensor_types(model, gguf_type, trained)).eval()
+    diff = compare_logits(expected, reloaded, f"GGUF export at {file}", atol=RELOAD_ATOL)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    probe = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
+    was_training = model.training
+    model.eval()
+    try:
+        want = model(input_ids=probe.to(next(model.parameters()).device)).logits.float().cpu()
+    finally:
+        model.train(was_training)
+    got = reloaded(input_ids=probe).logits.float()
+    reloaded_tok = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    matches = same_tokenization(reloaded_tok, tokenizer, vocab)
+    if not matches:
+        log.warning(
+            "the tokenizer read back from %s splits text differently from the student's; set export.gguf_pre to "
+            "llama.cpp's name for this tokenizer's pre-tokenizer",
+            file,
+        )
+    return GGUFCheck(
+        file=file,
+        bytes=file.stat().st_size,
+        reload_max_abs_diff=diff,
+        drift_max_abs_logit=float((want - got).abs().max()),
+        drift_top1_agreement=float((want.argmax(-1) == got.argmax(-1)).float().mean()),
+        tokenizer_matches=matches,
+    )
+
+
+def source_pre(folder: str | Path | None, gguf_file: str | None) -> str | None:
+    """``tokenizer.ggml.pre`` of a GGUF file (a GGUF teacher's), or None when there is none."""
+    if not folder or not gguf_file or not (Path(folder) / gguf_file).is_file():
+        return None
+    import gguf
+
+    field = gguf.GGUFReader(Path(folder) / gguf_file).get_field("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
+FORMATS = ("hf", "gguf")
+
+
+def check_formats(export: Any) -> list[str]:
+    """Validate ``export.formats`` (and, with ``gguf``, ``export.gguf_type``); returns the formats.
+
+    ``hf`` is required: evaluation, W&B publishing and the compact exports read the plain folder.
+    """
+    raw = export.get("formats", ["hf"])
+    formats = list(OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw or [])
+    if any(f not in FORMATS for f in formats) or "hf" not in formats:
+        raise config_error(
+            "export.formats",
+            formats,
+            "list the forms to write: [hf] or [hf,gguf] (the plain folder is always written; the run evaluates it)",
+        )
+    if "gguf" in formats and export.get("gguf_type", "auto") != "auto":
+        check_type(export.gguf_type)
+    return formats
+
+
+def teacher_pre(teacher: Any) -> str:
+    """llama.cpp's pre-tokenizer name for a student that kept its teacher's tokenizer.
+
+    The teacher's own ``tokenizer.ggml.pre`` when it was loaded from a GGUF file (``smollm`` for the
+    embedded SmolLM2), else ``default``.
+    """
+    gguf_file = teacher.get("gguf_file")
+    if not gguf_file or not (teacher.get("path") or teacher.get("package")):
+        return "default"
+    from distill.models.loading import resolve_source
+
+    return source_pre(resolve_source(teacher.get("path"), teacher.get("package"), gguf_file, "teacher"), gguf_file) or (
+        "default"
+    )
+
+
+def run(cfg: DictConfig) -> GGUFCheck:
+    """Write and verify the GGUF file of the plain export ``cfg.model`` (``conf/gguf.yaml``)."""
+    if OmegaConf.is_missing(cfg, "model"):
+        raise config_error("model", None, "required: python -m distill.export.gguf model=<export folder> type=q8_0")
+    model_dir = Path(cfg.model)
+    if not (model_dir / "config.json").is_file():
+        raise config_error("model", str(model_dir), "no config.json there; give a folder written by the plain export")
+    gguf_type = check_type(cfg.type, "type")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = Path(cfg.out) if cfg.out else model_dir.with_name(f"{model_dir.name}-gguf-{gguf_type}")
+    file = write_gguf(model, tokenizer, out, gguf_type, pre=cfg.pre, name=model_dir.name)
+    check = verify_gguf(model, tokenizer, file, gguf_type)
+    print(
+        f"wrote {file}: {check.bytes / 2**20:.2f} MiB; reload matches the rounded model to "
+        f"{check.reload_max_abs_diff:.2g}; against the unrounded model max |Δlogit| {check.drift_max_abs_logit:.3g}, "
+        f"top-1 agreement {check.drift_top1_agreement:.3f} on a random probe"
+    )
+    return check
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="gguf")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
+    with exit_on_config_error():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    export_root()
+    main()

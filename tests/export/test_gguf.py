@@ -1,0 +1,221 @@
+"""The GGUF export: gguf-py's writer, llama.cpp's layout, reloaded through transformers' GGUF loader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from distill.compress.quant import schemes
+from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer, fake_quantize
+from distill.compress.quant.qat import convert, fake_quantized, prepare
+from distill.config import ConfigError
+from distill.export.gguf import check_formats, file_name, rounded_copy, tensor_types, verify_gguf, write_gguf
+from tests.conftest import CONF, ROOT
+from tests.helpers import TINY_MODELS, tiny_llama
+from train import train
+
+QUIET = ["eval.max_batches=1", "eval.tasks=[]", "eval.new_tokens=0", "eval.speed_runs=0"]
+QTYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+QTYPES["q4_1"] = gguf.GGMLQuantizationType.Q4_1
+
+
+def _types(file: Path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(file).tensors}
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+def test_fake_quant_grid_is_gguf_py_bit_for_bit_and_a_fixed_point_of_it(kind):
+    torch.manual_seed(0)
+    w = torch.randn(16, 128) * 0.05
+    w[0, :32] = 0  # an all-zero block: scale 0
+    w[1, :32] = 0.01  # a constant block
+    w[2, :32] = torch.linspace(-1, 1, 32)  # equal largest magnitudes of both signs (Q4_0 keeps the first)
+    w[3, :32] = torch.arange(32) * 0.125 - 2  # values on a coarse grid: ties at .5 after scaling
+    qtype = QTYPES[kind]
+    reference = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype), qtype)
+    ours = fake_quantize(w, kind)
+    assert np.array_equal(ours.numpy(), reference)
+    again = gguf.quants.dequantize(gguf.quants.quantize(ours.numpy(), qtype), qtype)
+    assert np.array_equal(again, ours.numpy())  # written again, nothing is rounded a second time
+    assert not torch.equal(ours, w)
+    # Straight-through gradient: the identity.
+    p = w.clone().requires_grad_(True)
+    (GGUFBlockFakeQuantizer(kind)(p) * torch.arange(128.0)).sum().backward()
+    assert torch.equal(p.grad, torch.arange(128.0).expand(16, 128))
+
+
+def test_every_type_reloads_in_transformers_as_written(tiny_teacher, tmp_path):
+    model, tok = tiny_teacher.model, tiny_teacher.tokenizer  # untied head, 512 BPE tokens
+    sizes, drift = {}, {}
+    for t in ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"):
+        file = write_gguf(model, tok, tmp_path / t, t)
+        assert file == tmp_path / t / file_name(t)
+        check = verify_gguf(model, tok, file, t)
+        assert check.reload_max_abs_diff <= 1e-4 and check.tokenizer_matches
+        sizes[t], drift[t] = check.bytes, check.drift_max_abs_logit
+        types = _types(file)
+        assert types["blk.0.attn_norm.weight"] == "F32" and types["output_norm.weight"] == "F32"
+        assert types["blk.1.ffn_down.weight"] == types["token_embd.weight"] == types["output.weight"] == t.upper()
+    assert drift["f32"] == 0.0
+    assert 0 < drift["f16"] < drift["q8_0"] < drift["q4_0"]
+    assert sizes["f32"] > sizes["f16"] == sizes["bf16"] > sizes["q8_0"] > sizes["q5_1"] > sizes["q5_0"]
+    assert sizes["q5_0"] > sizes["q4_1"] > sizes["q4_0"]
+    reader = gguf.GGUFReader(tmp_path / "q8_0" / file_name("q8_0"))
+    assert reader.get_field("general.architecture").contents() == "llama"
+    assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    assert len(reader.get_field("tokenizer.ggml.merges").contents()) > 0
+
+
+def test_tied_head_and_a_head_width_other_than_hidden_over_heads(tiny_teacher, tmp_path):
+    # 4 heads of 32 on a width of 64: what pruning heads leaves. The tied head is written once.
+    model = tiny_llama(vocab_size=512, head_dim=32).eval()
+    file = write_gguf(model, tiny_teacher.tokenizer, tmp_path / "g", "q8_0")
+    assert "output.weight" not in _types(file)
+    verify_gguf(model, tiny_teacher.tokenizer, file, "q8_0")
+    reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name)
+    assert reloaded.config.tie_word_embeddings and reloaded.config.head_dim == 32
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("scheme", ["gguf_q8_0", "gguf_q4_0", "gguf_q4_1"])
+def test_a_student_trained_on_a_llama_cpp_grid_reloads_with_its_fake_quant_logits(tiny_teacher, tmp_path, scheme):
+    model = tiny_llama(vocab_size=512).eval()
+    spec = schemes.make_spec(scheme, None, ["*norm*"], modules=["linear", "embedding"])
+    prepare(model, spec)
+    assert len(fake_quantized(model)) == 2 * 7 + 2  # every Linear, the embedding and the tied head
+    probe = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fake = model(input_ids=probe).logits
+    trained = convert(model, spec)
+    kind = scheme.removeprefix("gguf_")
+    assert set(trained.values()) == {kind} and "lm_head.weight" in trained
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied after convert
+    file = write_gguf(model, tiny_teacher.tokenizer, tmp_path / "g", "f16", trained)
+    types = _types(file)
+    assert types["token_embd.weight"] == types["blk.0.attn_q.weight"] == kind.upper()
+    reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, fake, rtol=0, atol=1e-4)
+    check = verify_gguf(model, tiny_teacher.tokenizer, file, "f16", trained)
+    assert check.drift_max_abs_logit <= 1e-4 and check.drift_top1_agreement == 1.0
+
+
+def test_rounded_copy_is_what_the_file_holds_and_leaves_the_model_alone(tiny_teacher):
+    model = tiny_teacher.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy = rounded_copy(model, tensor_types(model, "q4_0"))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(copy.model.layers[0].mlp.up_proj.weight, fake_quantize(w, "q4_0"))
+    assert torch.equal(copy.model.norm.weight, model.model.norm.weight)
+
+
+def test_what_a_gguf_file_cannot_hold_is_refused(tiny_teacher, tmp_path):
+    tok = tiny_teacher.tokenizer
+    model = tiny_llama(vocab_size=512)
+    with pytest.raises(ConfigError, match=r"export.gguf_type='q4_k_m': .* llama-quantize student-f16.gguf"):
+        write_gguf(model, tok, tmp_path / "k", "q4_k_m")
+    with pytest.raises(ConfigError, match=r"export.gguf_type='q3': unknown GGUF type; choose one of f32"):
+        write_gguf(model, tok, tmp_path / "u", "q3")
+    odd = tiny_llama(vocab_size=512, intermediate_size=48)  # down_proj rows 48 wide: no blocks of 32
+    with pytest.raises(ConfigError, match=r"'q4_0': model.layers.0.mlp.down_proj.weight has rows 48 wide"):
+        write_gguf(odd, tok, tmp_path / "o", "q4_0")
+    write_gguf(odd, tok, tmp_path / "o", "f16")  # a float type takes any width
+    model.config.distill_layer_shapes = [{"heads": 4}, {"heads": 2}]
+    with pytest.raises(ConfigError, match=r"per-layer pruned widths .* \(callbacks.prune.uniform=true\)"):
+        write_gguf(model, tok, tmp_path / "p", "f16")
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=1))
+    with pytest.raises(ConfigError, match=r"writes Llama-architecture students; this one is qwen2"):
+        write_gguf(qwen, tok, tmp_path / "q", "f16")
+    assert not any(p.name in ("k", "u", "p", "q") for p in tmp_path.iterdir())  # nothing half-written
+    with pytest.raises(ConfigError, match=r"export.formats=\['gguf'\]: list the forms to write"):
+        check_formats({"formats": ["gguf"]})
+    with pytest.raises(ConfigError, match=r"callbacks.qat.group_size=64: gguf_q4_0 is llama.cpp's grid"):
+        schemes.make_spec("gguf_q4_0", 64, None, "callbacks.qat.")
+    with pytest.raises(ConfigError, match=r"scheme='gguf_q8_0': llama.cpp grids are for QAT"):
+        schemes.ptq(tiny_llama(vocab_size=512), schemes.make_spec("gguf_q8_0", None, None))
+
+
+def test_train_exports_a_q4_0_student_as_trained_and_evaluate_reads_the_file(tiny_cfg, tmp_path, cache_dir):
+    from distill.config import ConfigError as Refused
+
+    with pytest.raises(Refused, match=r"callbacks.qat.freeze_ranges_step=2: gguf_q4_0 computes each block's scale"):
+        train(tiny_cfg("callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "callbacks.qat.freeze_ranges_step=2"))
+    cfg = tiny_cfg(
+        "callbacks=qat",
+        "callbacks.qat.scheme=gguf_q4_0",
+        "callbacks.qat.modules=[linear,embedding]",
+        "callbacks.qat.skip=['*norm*']",
+        "export.formats=[hf,gguf]",
+        "trainer.max_steps=6",
+        *QUIET,
+        output_dir=tmp_path / "run",
+    )
+    metrics, objects = train(cfg)
+    file = tmp_path / "run" / "student_gguf" / "student-q4_0.gguf"  # gguf_type auto: the QAT grid's type
+    types = _types(file)
+    assert {t for n, t in types.items() if "norm" not in n} == {"Q4_0"}
+    assert {t for n, t in types.items() if "norm" in n} == {"F32"}
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["run"]["gguf_max_abs_logit_vs_student"] <= 1e-4  # the file is the trained student
+    assert report["run"]["artifact"] == str(file.parent)  # and the smallest export, so the report's size is its
+    assert metrics["cost/student/bytes_disk"] == file.stat().st_size
+    assert file.stat().st_size < 0.5 * (Path(objects["export_dir"]) / "model.safetensors").stat().st_size
+
+    # evaluate.py on the file itself: the same held-out numbers as the run's evaluation of the student.
+    from evaluate import evaluate
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        ecfg = compose(
+            config_name="evaluate",
+            overrides=[f"model={file}", "teacher=tiny_random", "data.block_size=32", "data.batch_size=4", *QUIET],
+        )
+    with open_dict(ecfg):
+        ecfg.paths.root_dir = str(ROOT)
+        ecfg.paths.output_dir = str(tmp_path / "eval")
+        ecfg.paths.cache_dir = str(cache_dir)
+        ecfg.data.cache_dir = str(cache_dir / "data")
+        ecfg.eval = cfg.eval
+    result = evaluate(ecfg)
+    on_file = result["metrics"]["student"]
+    assert on_file["heldout/ppl"] == pytest.approx(metrics["heldout/student/ppl"], rel=1e-4)
+    assert on_file["heldout/top1_agreement"] == pytest.approx(metrics["heldout/student/top1_agreement"], abs=1e-6)
+    assert on_file["cost/bytes_disk"] == file.stat().st_size
+
+
+def test_pruned_and_shared_students_export_to_gguf(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        "callbacks=[prune,share]",
+        *TINY_MODELS,
+        "callbacks.prune.channels=0.5",
+        "callbacks.prune.heads=3",
+        "callbacks.prune.end_step=4",
+        "callbacks.prune.every_n_steps=2",
+        "callbacks.share.start_step=4",
+        "trainer.max_steps=6",
+        "export.formats=[hf,gguf]",
+        "export.gguf_type=q8_0",
+        *QUIET,
+    )
+    _, objects = train(cfg)
+    file = tmp_path / "student_gguf" / "student-q8_0.gguf"
+    reader = gguf.GGUFReader(file)
+    assert reader.get_field("llama.feed_forward_length").contents() == 64  # 128 channels, half pruned
+    assert reader.get_field("llama.attention.head_count").contents() == 3
+    assert reader.get_field("llama.block_count").contents() == 4
+    tensors = {t.name: t for t in reader.tensors}
+    # Shared layers are materialised: each layer has its tensors, equal within a sharing group.
+    assert np.array_equal(tensors["blk.0.ffn_up.weight"].data, tensors["blk.1.ffn_up.weight"].data)
+    assert not np.array_equal(tensors["blk.1.ffn_up.weight"].data, tensors["blk.2.ffn_up.weight"].data)
+    check = objects["gguf"]
+    assert check.reload_max_abs_diff <= 1e-4 and check.drift_top1_agreement >= 0.9
