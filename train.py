@@ -26,7 +26,9 @@ from distill.eval.cost import disk_bytes
 from distill.eval.sweep import versus_ptq
 from distill.eval.tasks import validate_task_names
 from distill.export import gguf as gguf_export
+from distill.export.formats import check_formats
 from distill.export.hf import export_compact_forms, export_student, plain_model
+from distill.export.torchao_hf import save_transformers_torchao
 from distill.module import DistillModule
 from distill.objective.objective import DistillationObjective
 from distill.runtime.paths import export_root
@@ -105,7 +107,7 @@ def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]
     ckpt_path = resolve_resume(cfg.get("resume"), Path(cfg.paths.output_dir) / "checkpoints")
     objective = build(cfg.distill.objective)
     if cfg.export.enabled:
-        gguf_export.check_formats(cfg.export)  # before the teacher loads
+        check_formats(cfg.export, cfg.get("callbacks"))  # before the teacher loads
     if cfg.eval.enabled:
         validate_task_names(cfg.eval.tasks or [])
     if strategy_name(cfg.trainer.get("strategy")) == "fsdp" and objective.chunked == "auto":
@@ -166,7 +168,7 @@ def _export(
     reloaded and checked against the student when written), whose size the report gives.
     """
     teacher, student, module = objects["teacher"], objects["student"], objects["module"]
-    formats = gguf_export.check_formats(cfg.export)
+    formats = check_formats(cfg.export)
     plain = plain_model(student, stages)
     out = export_student(
         plain,
@@ -185,6 +187,17 @@ def _export(
     for name, path in compact.items():
         log.info("%s wrote a compact export to %s", name, path)
     candidates = [out, *compact.values()]
+    if "torchao" in formats:
+        qat = next((s for s in stages if s.stage == "qat"), None)
+        if qat is None or not qat.converted:
+            raise RuntimeError(
+                "export.formats has torchao but QAT never converted the student (start_step not reached)"
+            )
+        folder = save_transformers_torchao(
+            student, teacher.tokenizer, Path(cfg.paths.output_dir) / "student_torchao", qat.spec
+        )
+        log.info("wrote the transformers torchao export %s (loads with plain from_pretrained)", folder)
+        candidates.append(folder)  # checked to reload with identical logits
     if "gguf" in formats:
         check = _export_gguf(cfg, plain, teacher, stages)
         objects["gguf"] = check

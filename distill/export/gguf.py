@@ -394,27 +394,6 @@ def source_pre(folder: str | Path | None, gguf_file: str | None) -> str | None:
     return field.contents() if field is not None else None
 
 
-FORMATS = ("hf", "gguf")
-
-
-def check_formats(export: Any) -> list[str]:
-    """Validate ``export.formats`` (and, with ``gguf``, ``export.gguf_type``); returns the formats.
-
-    ``hf`` is required: evaluation, W&B publishing and the compact exports read the plain folder.
-    """
-    raw = export.get("formats", ["hf"])
-    formats = list(OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw or [])
-    if any(f not in FORMATS for f in formats) or "hf" not in formats:
-        raise config_error(
-            "export.formats",
-            formats,
-            "list the forms to write: [hf] or [hf,gguf] (the plain folder is always written; the run evaluates it)",
-        )
-    if "gguf" in formats and export.get("gguf_type", "auto") != "auto":
-        check_type(export.gguf_type)
-    return formats
-
-
 def teacher_pre(teacher: Any) -> str:
     """llama.cpp's pre-tokenizer name for a student that kept its teacher's tokenizer.
 

@@ -18,7 +18,8 @@ from distill.compress.quant import schemes
 from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer, fake_quantize
 from distill.compress.quant.qat import convert, fake_quantized, prepare
 from distill.config import ConfigError
-from distill.export.gguf import check_formats, file_name, rounded_copy, tensor_types, verify_gguf, write_gguf
+from distill.export.formats import check_formats
+from distill.export.gguf import file_name, rounded_copy, tensor_types, verify_gguf, write_gguf
 from tests.conftest import CONF, ROOT
 from tests.helpers import TINY_MODELS, tiny_llama
 from train import train
@@ -137,7 +138,7 @@ def test_what_a_gguf_file_cannot_hold_is_refused(tiny_teacher, tmp_path):
     with pytest.raises(ConfigError, match=r"writes Llama-architecture students; this one is qwen2"):
         write_gguf(qwen, tok, tmp_path / "q", "f16")
     assert not any(p.name in ("k", "u", "p", "q") for p in tmp_path.iterdir())  # nothing half-written
-    with pytest.raises(ConfigError, match=r"export.formats=\['gguf'\]: list the forms to write"):
+    with pytest.raises(ConfigError, match=r"export.formats=\['gguf'\]: list the forms to write, hf first"):
         check_formats({"formats": ["gguf"]})
     with pytest.raises(ConfigError, match=r"callbacks.qat.group_size=64: gguf_q4_0 is llama.cpp's grid"):
         schemes.make_spec("gguf_q4_0", 64, None, "callbacks.qat.")
