@@ -72,6 +72,7 @@ def test_every_recipe_is_tested():
         "qad_int4",
         "qad_int4_ce",
         "qad_int3",
+        "qad_q4_0",
         "llama3_8b_to_1b_slurm",
     }
 
@@ -83,8 +84,9 @@ def test_recipe_header_gives_the_command(recipe):
     assert f"recipe: {recipe}\n" in text
 
 
-# The CE control and the int3 variant share qad_int4's code path: run with -m slow (about 40 s each, loaded).
-_SLOW_RECIPES = {"qad_int4_ce", "qad_int3"}
+# The CE control and the int3 and Q4_0 variants share qad_int4's code path: run with -m slow (about 40 s each,
+# loaded). tests/export/test_gguf.py trains on the Q4_0 grid and exports the file in the default suite.
+_SLOW_RECIPES = {"qad_int4_ce", "qad_int3", "qad_q4_0"}
 
 
 @pytest.mark.parametrize(
@@ -106,9 +108,16 @@ def test_recipe_runs_on_tiny_models_with_all_its_callbacks(recipe, tmp_path, cac
     assert student["cost/compression_ratio"] > 0
     if expected:  # compression shrank the student below the fp32 model the recipe started from
         start = build(cfg.student, teacher=objects["teacher"])
-        assert student["cost/bytes_memory"] < 4 * sum(p.numel() for p in start.parameters())
+        fp32_bytes = 4 * sum(p.numel() for p in start.parameters())
+        if "gguf" in cfg.export.formats:  # in torch it holds the grid's values in fp32; the file is what shrank
+            assert student["cost/bytes_disk"] < 0.5 * fp32_bytes
+        else:
+            assert student["cost/bytes_memory"] < fp32_bytes
     assert (Path(objects["export_dir"]) / "config.json").exists()
-    if "qat" in expected and "lowrank" not in expected:  # QAT's compact form cannot hold factorised layers
+    if "gguf" in cfg.export.formats:  # the recipe ships as a llama.cpp file, and the report measured that file
+        assert report["run"]["gguf_max_abs_logit_vs_student"] <= 1e-4
+        assert report["run"]["artifact"] == str(tmp_path / "student_gguf")
+    elif "qat" in expected and "lowrank" not in expected:  # QAT's compact form cannot hold factorised layers
         assert (tmp_path / "student_quantized").is_dir()
 
 
