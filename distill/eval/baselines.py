@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distill.compress.prune.selection import select
 from distill.compress.prune.surgery import apply_spec, shapes
@@ -78,7 +78,10 @@ CURVE: dict[str, str | None] = {
     "int2": "int2_weight_only",
 }
 BNB = ("bnb_int8", "bnb_nf4")
-LABELS = ("teacher_fp32", "teacher_bf16", "teacher_gguf", *PTQ, *BNB, "prune_noheal")
+# label → GGUF type: the teacher written by this project's GGUF export (llama.cpp's block formats, every
+# matrix in that type, norms F32) and measured as the file reloads. The PTQ rows of the gguf_* QAT schemes.
+PTQ_GGUF: dict[str, str] = {"ptq_gguf_q4_0": "q4_0", "ptq_gguf_q8_0": "q8_0"}
+LABELS = ("teacher_fp32", "teacher_bf16", "teacher_gguf", *PTQ, *PTQ_GGUF, *BNB, "prune_noheal")
 
 
 @dataclass
@@ -216,6 +219,25 @@ def ptq(bench: Bench, artifact: Path, spec: schemes.QuantSpec) -> Candidate:
             "stored once in the artifact (as in the fp32 and GGUF files)."
         )
     return Candidate(model, artifact, [{"kind": "ptq", "config": spec.to_dict()}], facts, notes)
+
+
+def ptq_gguf(bench: Bench, artifact: Path, gguf_type: str) -> Candidate:
+    """The teacher written as a GGUF file of ``gguf_type`` (post-training) and measured as transformers reloads it."""
+    from distill.export.gguf import teacher_pre, verify_gguf, write_gguf
+
+    model, tokenizer = bench.teacher.model, bench.teacher.tokenizer
+    file = write_gguf(
+        model, tokenizer, artifact, gguf_type, pre=teacher_pre(bench.cfg.teacher), name=bench.teacher.name
+    )
+    check = verify_gguf(model, tokenizer, file, gguf_type)
+    reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
+    facts = {"gguf_type": gguf_type, "gguf_bytes": check.bytes, "tokenizer_matches": check.tokenizer_matches}
+    notes = [
+        f"The teacher written by distill.export.gguf as {gguf_type.upper()} (llama.cpp's blocks of 32, every "
+        "matrix including the tied embedding; norms F32) and measured as transformers' GGUF loader reloads it. "
+        "In memory it runs dequantized (fp32); the size on disk is the file's.",
+    ]
+    return Candidate(reloaded, artifact, [{"kind": "ptq_gguf", "config": {"type": gguf_type}}], facts, notes)
 
 
 def _tied_head(model: PreTrainedModel) -> bool:
@@ -505,6 +527,7 @@ def run_baseline(bench: Bench, label: str, layout: Layout) -> dict[str, Any]:
         "teacher_bf16": lambda: teacher_bf16(bench, artifact),
         "prune_noheal": lambda: prune_noheal(bench, artifact),
         **{k: (lambda k=k: ptq(bench, artifact, ptq_spec(k))) for k in PTQ},
+        **{k: (lambda k=k: ptq_gguf(bench, artifact, PTQ_GGUF[k])) for k in PTQ_GGUF},
         **{k: (lambda k=k: bnb(bench, artifact, k, _fp32_source(bench, layout))) for k in BNB},
     }
     if label in BNB:

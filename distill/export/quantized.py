@@ -59,7 +59,7 @@ def size_report(model: nn.Module, folder: str | Path | None = None) -> dict[str,
     return out
 
 
-def _flatten(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+def flatten_quantized(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     """Flatten the state dict with torchao's safetensors support; tied (shared) tensors are written once."""
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
@@ -136,7 +136,7 @@ def save_quantized(
     import torchao
 
     with atomic_directory(out_dir) as tmp:
-        tensors, metadata, tied = _flatten(model)
+        tensors, metadata, tied = flatten_quantized(model)
         packed = {k: bits for k, bits in _code_keys(model).items() if k in tensors}
         for key, bits in packed.items():
             tensors[key] = _pack(tensors[key], bits)

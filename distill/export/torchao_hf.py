@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from distill.compress.quant.schemes import MODULE_KINDS, QuantSpec, is_quantized
 from distill.export.hf import compare_logits
-from distill.export.quantized import _flatten
+from distill.export.quantized import flatten_quantized
 from distill.runtime.files import atomic_directory
 
 WEIGHTS_FILE = "model.safetensors"
@@ -45,7 +45,7 @@ def save_transformers_torchao(
     plain ``AutoModelForCausalLM`` and its logits must equal the model's exactly.
     """
     with atomic_directory(out_dir) as tmp:
-        tensors, metadata, tied = _flatten(model)
+        tensors, metadata, tied = flatten_quantized(model)
         head = model.get_output_embeddings()
         if tied and not (tied == ["lm_head.weight"] and head is not None and model.config.tie_word_embeddings):
             raise RuntimeError(f"shared quantized tensors other than a tied head ({tied}) have no transformers form")
