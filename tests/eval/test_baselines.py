@@ -141,6 +141,20 @@ def test_gguf_row_reuses_the_fp32_report_with_the_file_size(tmp_path):
     assert json.loads((tmp_path / "run" / "report.json").read_text())["run"]["gguf_bytes"] == 80
 
 
+def test_gguf_ptq_rows_measure_the_file_as_it_reloads(tmp_path, cache_dir):
+    cfg = bench_cfg(tmp_path, cache_dir, "baselines=[ptq_gguf_q8_0,ptq_gguf_q4_0]")
+    reports = baselines.run(cfg)
+    s = {label: r["metrics"]["student"] for label, r in reports.items()}
+    for label, kind in (("ptq_gguf_q8_0", "q8_0"), ("ptq_gguf_q4_0", "q4_0")):
+        file = tmp_path / "runs" / f"baseline_{label}" / "artifact" / f"student-{kind}.gguf"
+        assert s[label]["cost/bytes_disk"] == file.stat().st_size  # the file is the whole artifact
+        assert reports[label]["run"]["gguf_type"] == kind
+    # Q8_0 keeps more of the teacher than Q4_0, in a larger file.
+    assert s["ptq_gguf_q8_0"]["heldout/kl_to_teacher"] < s["ptq_gguf_q4_0"]["heldout/kl_to_teacher"]
+    assert s["ptq_gguf_q8_0"]["cost/bytes_disk"] > s["ptq_gguf_q4_0"]["cost/bytes_disk"]
+    assert s["ptq_gguf_q4_0"]["heldout/kl_to_teacher"] > 0
+
+
 def test_unknown_baseline_is_refused_before_loading(tmp_path, cache_dir):
     with pytest.raises(ConfigError, match=r"baselines=\['ptq_int1'\]: choose from teacher_fp32"):
         baselines.run(bench_cfg(tmp_path, cache_dir, "baselines=[ptq_int1]"))
