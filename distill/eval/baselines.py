@@ -223,14 +223,14 @@ def ptq(bench: Bench, artifact: Path, spec: schemes.QuantSpec) -> Candidate:
 
 def ptq_gguf(bench: Bench, artifact: Path, gguf_type: str) -> Candidate:
     """The teacher written as a GGUF file of ``gguf_type`` (post-training) and measured as transformers reloads it."""
-    from distill.export.gguf import teacher_pre, verify_gguf, write_gguf
+    from distill.export.gguf import export_gguf, teacher_pre
 
     model, tokenizer = bench.teacher.model, bench.teacher.tokenizer
-    file = write_gguf(
-        model, tokenizer, artifact, gguf_type, pre=teacher_pre(bench.cfg.teacher), name=bench.teacher.name
-    )
-    check = verify_gguf(model, tokenizer, file, gguf_type)
-    reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
+    pre = teacher_pre(bench.cfg.teacher)
+    check = export_gguf(model, tokenizer, artifact, gguf_type, pre=pre, name=bench.teacher.name)
+    file = check.file
+    reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+    reloaded = reloaded.to(bench.device).eval()
     facts = {"gguf_type": gguf_type, "gguf_bytes": check.bytes, "tokenizer_matches": check.tokenizer_matches}
     notes = [
         f"The teacher written by distill.export.gguf as {gguf_type.upper()} (llama.cpp's blocks of 32, every "

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from omegaconf import OmegaConf
 
 from distill.config import config_error
 from distill.export.gguf import check_type
+
+log = logging.getLogger("distill")
 
 # hf: the plain transformers folder (always); gguf: a llama.cpp file (docs/deploy.md); torchao: the quantized
 # student as a transformers TorchAoConfig folder (distill/export/torchao_hf.py).
@@ -25,18 +28,50 @@ def check_formats(export: Any, callbacks: Any = None) -> list[str]:
     checks ``export.gguf_type``; ``torchao`` needs a QAT callback on a torchao grid and no low-rank layers,
     which transformers' architectures do not have.
     """
-    formats = list(_plain(export.get("formats", ["hf"])) or [])
-    if any(f not in FORMATS for f in formats) or "hf" not in formats:
+    raw = _plain(export.get("formats", ["hf"]))
+    formats = list(raw) if isinstance(raw, list | tuple) else raw
+    if not isinstance(formats, list) or any(f not in FORMATS for f in formats) or "hf" not in formats:
         raise config_error(
             "export.formats",
             formats,
-            f"list the forms to write, hf first: any of {', '.join(FORMATS)} (the plain folder is always written)",
+            f"give a list with hf and any of {', '.join(FORMATS[1:])}, e.g. export.formats=[hf,gguf] "
+            "(the plain folder is always written)",
         )
     if "gguf" in formats and export.get("gguf_type", "auto") != "auto":
         check_type(export.gguf_type)
-    if "torchao" in formats and callbacks is not None:
-        callbacks = _plain(callbacks) or {}
-        qat = callbacks.get("qat") or {}
+    callbacks = (_plain(callbacks) or {}) if callbacks is not None else None
+    if callbacks is not None:
+        _check_callbacks(formats, callbacks)
+    return formats
+
+
+def _check_callbacks(formats: list[str], callbacks: dict[str, Any]) -> None:
+    """Refuse callback settings whose student an export format cannot hold, before anything trains."""
+    prune = callbacks.get("prune") or {}
+    qat = callbacks.get("qat") or {}
+    exact = [f for f in formats if f != "hf"]
+    if exact and prune and prune.get("uniform") is False:
+        raise config_error(
+            "export.formats",
+            formats,
+            f"{', '.join(exact)} cannot hold per-layer pruned widths (callbacks.prune.uniform=false); "
+            "prune uniformly or export hf only",
+        )
+    if "gguf" in formats and prune.get("bias_compensation"):
+        raise config_error(
+            "export.formats",
+            formats,
+            "the GGUF export cannot be checked with biases (transformers' GGUF loader drops them for llama); "
+            "set callbacks.prune.bias_compensation=false",
+        )
+    if str(qat.get("scheme", "")).startswith("gguf_") and "gguf" not in formats:
+        log.warning(
+            "callbacks.qat.scheme=%s trains on llama.cpp's grid, but export.formats=%s writes no GGUF file; "
+            "add gguf to ship it",
+            qat.get("scheme"),
+            formats,
+        )
+    if "torchao" in formats:
         if not qat or str(qat.get("scheme", "")).startswith("gguf_"):
             raise config_error(
                 "export.formats",
@@ -44,8 +79,11 @@ def check_formats(export: Any, callbacks: Any = None) -> list[str]:
                 "torchao writes a student quantized by torchao's QAT; add callbacks=qat with an int* scheme "
                 "(a gguf_* scheme ships as export.formats=[hf,gguf])",
             )
-        if callbacks.get("lowrank"):
-            raise config_error(
-                "export.formats", formats, "a low-rank student has no transformers architecture; drop torchao"
-            )
-    return formats
+        for name in ("lowrank", "share"):
+            if callbacks.get(name):
+                raise config_error(
+                    "export.formats",
+                    formats,
+                    f"torchao cannot hold a student with callbacks.{name} (no transformers architecture for "
+                    "factorised or shared layers); drop torchao from export.formats",
+                )

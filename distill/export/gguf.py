@@ -24,9 +24,10 @@ file holds), and its tokenizer must encode a probe text as the student's does. T
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,24 @@ def check_exportable(model: PreTrainedModel) -> None:
             "the student has per-layer pruned widths (callbacks.prune.uniform=false), which transformers' GGUF "
             "loader cannot rebuild; prune uniformly (callbacks.prune.uniform=true) for a GGUF export",
         )
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        # llama.cpp's llama reads bias tensors, but transformers' GGUF loader drops them for llama, so the
+        # file could not be checked here (students get biases from callbacks.prune.bias_compensation).
+        raise config_error(
+            "export.formats",
+            "gguf",
+            "the student has attention or MLP biases, which transformers' GGUF loader does not read back; "
+            "set callbacks.prune.bias_compensation=false for a GGUF export",
+        )
     _rope_theta(config)
+
+
+def check_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, gguf_type: str = "auto") -> None:
+    """Everything :func:`write_gguf` would refuse about this student, checked before training."""
+    check_exportable(model)
+    _check_tokenizer(tokenizer)
+    if gguf_type != "auto":
+        tensor_types(model, check_type(gguf_type))
 
 
 def _permute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -137,7 +155,8 @@ def _tokens(tokenizer: PreTrainedTokenizerBase, n_vocab: int) -> tuple[list[str]
         raise config_error(
             "export.formats",
             "gguf",
-            f"the tokenizer has ids up to {max(vocab.values())} but the student's embedding has {n_vocab} rows",
+            f"the tokenizer has ids up to {max(vocab.values())} but the student's embedding has {n_vocab} rows; "
+            "export with the tokenizer the student was trained with",
         )
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder
@@ -243,7 +262,9 @@ def _add_tensors(writer: Any, model: PreTrainedModel, types: Mapping[str, str]) 
             continue  # llama.cpp reuses token_embd when there is no output tensor, and so does transformers
         target = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if target is None:
-            raise RuntimeError(f"no llama.cpp name for the student's tensor {key}")
+            raise config_error(
+                "export.formats", "gguf", f"the student's tensor {key} has no llama.cpp name; export hf only"
+            )
         data = tensor.detach().to(torch.float32).cpu().numpy()
         if ".self_attn.q_proj." in key:
             data = _permute_rows(data, config.num_attention_heads)
@@ -262,6 +283,7 @@ def write_gguf(
     trained: Mapping[str, str] | None = None,
     pre: str = "default",
     name: str = "distill-student",
+    verify: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write ``model`` and ``tokenizer`` as ``out_dir/student-<type>.gguf``; returns the file.
 
@@ -273,6 +295,8 @@ def write_gguf(
         trained: ``{weight name: type}`` for weights a QAT callback trained on a llama.cpp grid.
         pre: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``): how text is split before the merges.
         name: ``general.name``.
+        verify: called with the written file before the folder is published; raising keeps the old folder
+            (:func:`export_gguf` passes :func:`verify_gguf`).
 
     """
     import gguf
@@ -291,7 +315,29 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        if verify is not None:
+            verify(tmp / file_name(gguf_type))
     return Path(out_dir) / file_name(gguf_type)
+
+
+def export_gguf(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    gguf_type: str = "f16",
+    trained: Mapping[str, str] | None = None,
+    pre: str = "default",
+    name: str = "distill-student",
+) -> GGUFCheck:
+    """:func:`write_gguf`, checked by :func:`verify_gguf` before the folder is published; returns the check."""
+    checks: list[GGUFCheck] = []
+    gguf_type = check_type(gguf_type)
+
+    def check(path: Path) -> None:
+        checks.append(verify_gguf(model, tokenizer, path, gguf_type, trained))
+
+    file = write_gguf(model, tokenizer, out_dir, gguf_type, trained, pre=pre, name=name, verify=check)
+    return dataclasses.replace(checks[0], file=file)
 
 
 @torch.no_grad()
@@ -299,7 +345,7 @@ def rounded_copy(model: PreTrainedModel, types: Mapping[str, str]) -> PreTrained
     """A copy of ``model`` whose tensors are rounded through gguf-py to their GGUF types: what the file holds."""
     import gguf
 
-    out = copy.deepcopy(model)
+    out = copy.deepcopy(model).float()  # the file is read back in fp32, whatever the student trained in
     state = out.state_dict(keep_vars=True)
     done: set[int] = set()
     for key, param in state.items():
@@ -361,11 +407,12 @@ def verify_gguf(
     probe = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
-        want = model(input_ids=probe.to(next(model.parameters()).device)).logits.float().cpu()
+        want = model(input_ids=probe.to(device)).logits.float().cpu()
     finally:
         model.train(was_training)
-    got = reloaded(input_ids=probe).logits.float()
+    got = reloaded.to(device)(input_ids=probe.to(device)).logits.float().cpu()
     reloaded_tok = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
     matches = same_tokenization(reloaded_tok, tokenizer, vocab)
     if not matches:
@@ -418,13 +465,14 @@ def run(cfg: DictConfig) -> GGUFCheck:
     if not (model_dir / "config.json").is_file():
         raise config_error("model", str(model_dir), "no config.json there; give a folder written by the plain export")
     gguf_type = check_type(cfg.type, "type")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    from distill.models.loading import load_causal_lm  # reads per-layer pruned exports too (then refused below)
+
+    model = load_causal_lm(str(model_dir), dtype="float32", field="model").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = Path(cfg.out) if cfg.out else model_dir.with_name(f"{model_dir.name}-gguf-{gguf_type}")
-    file = write_gguf(model, tokenizer, out, gguf_type, pre=cfg.pre, name=model_dir.name)
-    check = verify_gguf(model, tokenizer, file, gguf_type)
+    check = export_gguf(model, tokenizer, out, gguf_type, pre=cfg.pre, name=model_dir.name)
     print(
-        f"wrote {file}: {check.bytes / 2**20:.2f} MiB; reload matches the rounded model to "
+        f"wrote {check.file}: {check.bytes / 2**20:.2f} MiB; reload matches the rounded model to "
         f"{check.reload_max_abs_diff:.2g}; against the unrounded model max |Δlogit| {check.drift_max_abs_logit:.3g}, "
         f"top-1 agreement {check.drift_top1_agreement:.3f} on a random probe"
     )

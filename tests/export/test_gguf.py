@@ -138,7 +138,7 @@ def test_what_a_gguf_file_cannot_hold_is_refused(tiny_teacher, tmp_path):
     with pytest.raises(ConfigError, match=r"writes Llama-architecture students; this one is qwen2"):
         write_gguf(qwen, tok, tmp_path / "q", "f16")
     assert not any(p.name in ("k", "u", "p", "q") for p in tmp_path.iterdir())  # nothing half-written
-    with pytest.raises(ConfigError, match=r"export.formats=\['gguf'\]: list the forms to write, hf first"):
+    with pytest.raises(ConfigError, match=r"export.formats=\['gguf'\]: give a list with hf and any of gguf, torchao"):
         check_formats({"formats": ["gguf"]})
     with pytest.raises(ConfigError, match=r"callbacks.qat.group_size=64: gguf_q4_0 is llama.cpp's grid"):
         schemes.make_spec("gguf_q4_0", 64, None, "callbacks.qat.")
@@ -220,3 +220,47 @@ def test_pruned_and_shared_students_export_to_gguf(tiny_cfg, tmp_path):
     assert not np.array_equal(tensors["blk.1.ffn_up.weight"].data, tensors["blk.2.ffn_up.weight"].data)
     check = objects["gguf"]
     assert check.reload_max_abs_diff <= 1e-4 and check.drift_top1_agreement >= 0.9
+
+
+def test_a_file_that_fails_its_check_is_not_published(tiny_teacher, tmp_path, monkeypatch):
+    from distill.export import gguf as gguf_export
+
+    model, tok = tiny_teacher.model, tiny_teacher.tokenizer
+    good = gguf_export.export_gguf(model, tok, tmp_path / "g", "q8_0")
+    before = good.file.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("GGUF export does not reproduce the model")
+
+    monkeypatch.setattr(gguf_export, "verify_gguf", broken)
+    with pytest.raises(RuntimeError, match="does not reproduce"):
+        gguf_export.export_gguf(model, tok, tmp_path / "g", "q8_0")
+    assert good.file.read_bytes() == before  # the previous file stays, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]  # and no half-written folder is left
+
+
+def test_students_a_gguf_file_cannot_hold_are_refused_before_training(tiny_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"has rows 48 wide, not a multiple of 32; use f16"):
+        train(tiny_cfg("export.formats=[hf,gguf]", "export.gguf_type=q4_0", "student.intermediate_size=48"))
+    assert not (tmp_path / "checkpoints").exists()  # refused at start-up, not after the run
+    with pytest.raises(ConfigError, match=r"export.formats='gguf': give a list with hf"):
+        train(tiny_cfg("export.formats=gguf"))
+    with pytest.raises(ConfigError, match=r"cannot hold per-layer pruned widths \(callbacks.prune.uniform=false\)"):
+        train(tiny_cfg("callbacks=prune", "callbacks.prune.uniform=false", "export.formats=[hf,gguf]"))
+    with pytest.raises(ConfigError, match=r"set callbacks.prune.bias_compensation=false"):
+        train(tiny_cfg("callbacks=prune", "callbacks.prune.bias_compensation=true", "export.formats=[hf,gguf]"))
+    with pytest.raises(ConfigError, match=r"torchao cannot hold a student with callbacks.share"):
+        train(tiny_cfg("callbacks=[share,qat]", "student.num_layers=2", "export.formats=[hf,torchao]"))
+
+
+def test_biased_and_bf16_students_are_refused_with_the_fix(tiny_teacher, tmp_path):
+    biased = tiny_llama(vocab_size=512, attention_bias=True)
+    with pytest.raises(ConfigError, match=r"attention or MLP biases, .* set callbacks.prune.bias_compensation=false"):
+        write_gguf(biased, tiny_teacher.tokenizer, tmp_path / "b", "f16")
+    half = tiny_llama(vocab_size=512).to(torch.bfloat16)
+    spec = schemes.make_spec("gguf_q4_0", None, ["*norm*"], modules=["linear", "embedding"])
+    with pytest.raises(ConfigError, match=r"callbacks.qat.scheme='gguf_q4_0': llama.cpp grids need fp32 weights"):
+        prepare(half, spec)
+    # A bf16 student still exports (the file is checked against its rounding in fp32).
+    file = write_gguf(half, tiny_teacher.tokenizer, tmp_path / "h", "bf16")
+    assert verify_gguf(half, tiny_teacher.tokenizer, file, "bf16").reload_max_abs_diff <= 1e-4

@@ -24,6 +24,7 @@ from torchao.quantization.qat.linear import FakeQuantizedLinear
 from distill.compress.quant import schemes
 from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer, fake_quantize
 from distill.compress.quant.schemes import QuantSpec
+from distill.config import config_error
 
 FIELD = "callbacks.qat."
 FAKE_QUANTIZED = (FakeQuantizedLinear, FakeQuantizedEmbedding)
@@ -52,7 +53,17 @@ def _prepare_gguf(student: nn.Module, spec: QuantSpec, kind: str) -> None:
     a tied embedding/output head are unchanged, exactly as with torchao's grids.
     """
     keep = spec.filter()
-    for name, module in [(n, m) for n, m in student.named_modules() if keep(m, n)]:
+    targets = [(n, m) for n, m in student.named_modules() if keep(m, n)]
+    odd = next(((n, m.weight.dtype) for n, m in targets if m.weight.dtype != torch.float32), None)
+    if odd is not None:
+        # The grid values are exact in fp32 (codes times an fp16 scale); rounded to bf16 they no longer are.
+        raise config_error(
+            FIELD + "scheme",
+            spec.scheme,
+            f"llama.cpp grids need fp32 weights, and {odd[0]} is {odd[1]}; train in fp32 or with "
+            "trainer.precision=bf16-mixed (fp32 master weights)",
+        )
+    for name, module in targets:
         if isinstance(module, nn.Embedding):
             new = FakeQuantizedEmbedding.from_embedding(module)
         else:
