@@ -2,8 +2,9 @@
 
 Each recipe runs 12 fp32 steps from the config's fixed seed, on the tiny_random teacher and a small student,
 with its compression schedule shrunk so that every stage it stacks acts within the run. The losses read back
-from the run's CSV metrics must equal the pins below to rtol 1e-5 (as torchtune's recipe tests do): a
-refactoring that changes no maths passes; anything that moves a number fails here first.
+from the run's CSV metrics must equal the pins below to rtol 1e-5 (as torchtune's recipe tests do) until a
+fake-quant grid acts, 1e-4 at the first step through it, and to a wider, measured tolerance after it (see
+``POST_QAT_RTOL``): a refactoring that changes no maths passes; anything that moves a number fails here first.
 
 The pins were generated from commit 3008b25, the code before the issue-13 restructure, so they also proved
 that the restructure left the numerics alone. Issue 14 regenerated them on purpose: the embedded corpus grew
@@ -11,7 +12,9 @@ that the restructure left the numerics alone. Issue 14 regenerated them on purpo
 tokenizer and every batch; ``ce_only`` (alpha = 0) was added. Issue 15 added the QAD recipes and
 regenerated ``distill_prune_qat4`` and ``stacked_max``: with torchao 0.18.0 (a fresh install) their losses
 after QAT starts moved by up to 6e-5 relative, the same on the code before and after the issue's changes,
-so the fake-quant rounding, not this code, moved them. To regenerate them after a change that is *meant*
+so the fake-quant rounding, not this code, moved them. The first clean-clone CI on an Intel Xeon (AVX-512)
+then showed that past the QAT step no pin holds to 1e-5 across CPUs; the QAT recipes were regenerated there,
+the QAD ones at their own learning rate, and ``qad_q4_0`` joined. To regenerate them after a change that is *meant*
 to alter the numerics, print the new table instead of asserting, review it, and paste it over ``PINS``:
 
     DISTILL_REGEN_PINS=1 python -m pytest tests/regression -m "" -s -q
@@ -48,6 +51,7 @@ QUIET = [
     "distill.optimizer.lr=0.01",
     "distill.scheduler.num_warmup_steps=0",
 ]
+QAD_LR = "distill.optimizer.lr=2e-5"  # the QAD recipes' own rate; it overrides QUIET's (Hydra: the last one wins)
 PRUNE_BY_6 = ["callbacks.prune.heads=3", "callbacks.prune.end_step=6", "callbacks.prune.every_n_steps=2"]
 # Per recipe: its overrides on top of QUIET, scheduling each compression stage inside the 12 steps.
 RECIPES: dict[str, list[str]] = {
@@ -67,10 +71,12 @@ RECIPES: dict[str, list[str]] = {
         "callbacks.qat.start_step=10",
     ],
     # The QAD recipes on the tiny student: every Linear and the embedding fake-quantized from step 0, in groups
-    # of 32 (192 fits SmolLM2's widths, not the tiny student's); qad_int3 on it is int3 at the tiny depth.
-    "qad_int4": [*TINY_MODELS, "callbacks.qat.group_size=32"],
-    "qad_int4_ce": [*TINY_MODELS, "callbacks.qat.group_size=32"],
-    "qad_int3": [*TINY_MODELS, "callbacks.qat.group_size=32"],
+    # of 32 (192 fits SmolLM2's widths, not the tiny student's); qad_int3 on it is int3 at the tiny depth. They
+    # keep their own learning rate (QAD_LR): at QUIET's 0.01 their trajectories are chaotic (see CROSS_CPU_RTOL).
+    "qad_int4": [*TINY_MODELS, "callbacks.qat.group_size=32", QAD_LR],
+    "qad_int4_ce": [*TINY_MODELS, "callbacks.qat.group_size=32", QAD_LR],
+    "qad_int3": [*TINY_MODELS, "callbacks.qat.group_size=32", QAD_LR],
+    "qad_q4_0": [*TINY_MODELS, QAD_LR],  # llama.cpp's blocks of 32 fit the tiny widths as they are
     # The cluster recipe on one CPU process: FSDP and bf16 need GPUs, so the CPU trainer replaces its
     # trainer; its gradient accumulation and activation checkpointing still run.
     "llama3_8b_to_1b_slurm": [
@@ -165,72 +171,86 @@ PINS: dict[str, list[float]] = {
     "distill_prune_qat4": [
         3.1369243,
         3.1726375,
-        3.1802545,
-        3.0016112,
-        3.0437825,
+        3.1802542,
+        3.0016117,
+        3.0437829,
         2.9053106,
-        2.93718,
-        2.8907933,
-        2.8331234,
-        2.8974848,
-        3.0058901,
-        2.8753083,
+        2.9371805,
+        2.8907936,
+        2.8330963,
+        2.8975313,
+        3.0060074,
+        2.8754067,
     ],
     "stacked_max": [
         3.1369243,
         3.1726375,
-        3.1817126,
-        3.0051353,
+        3.1817129,
+        3.0051355,
         3.0442901,
-        2.9069076,
+        2.9069073,
         2.9529872,
         2.9006481,
-        2.8334014,
-        2.9143226,
-        3.0260823,
-        2.8766799,
+        2.8334012,
+        2.9143224,
+        3.0261183,
+        2.8767936,
     ],
     "qad_int4": [
-        0.0317596,
-        0.0351352,
-        0.049433,
-        0.0829692,
-        0.0498587,
-        0.0827699,
-        0.0311455,
-        0.0262228,
-        0.0280036,
-        0.0257278,
-        0.0235921,
-        0.0212901,
+        0.0317597,
+        0.032119,
+        0.0315919,
+        0.0312133,
+        0.0321002,
+        0.0315245,
+        0.0321756,
+        0.0313721,
+        0.0307842,
+        0.0316577,
+        0.0313327,
+        0.031608,
     ],
     "qad_int4_ce": [
         6.2508864,
-        6.3404346,
-        6.0715346,
-        5.7635221,
-        5.9145603,
-        5.5371938,
-        5.5856676,
-        5.5504341,
-        5.3078732,
-        5.4813542,
-        5.9705958,
-        5.5587296,
+        6.2889075,
+        6.2452726,
+        6.2943563,
+        6.2454443,
+        6.2644367,
+        6.2579837,
+        6.2408147,
+        6.2806764,
+        6.2700996,
+        6.2393241,
+        6.3031678,
     ],
     "qad_int3": [
         0.0324686,
-        0.0354705,
-        0.0357621,
-        0.0769635,
-        0.0430651,
-        0.0295894,
-        0.0282109,
-        0.0277681,
-        0.0260948,
-        0.0208994,
-        0.0203546,
-        0.0231254,
+        0.0325443,
+        0.0318491,
+        0.0313054,
+        0.032982,
+        0.0322057,
+        0.032102,
+        0.0322476,
+        0.0314379,
+        0.0317442,
+        0.0310128,
+        0.0325047,
+    ],
+    "qad_q4_0": [
+        0.031507,
+        0.0321467,
+        0.0315431,
+        0.0310292,
+        0.0321824,
+        0.0315329,
+        0.0322486,
+        0.0314709,
+        0.0310477,
+        0.0313774,
+        0.0313175,
+        0.0314694,
     ],
     "llama3_8b_to_1b_slurm": [
         3.1342802,
@@ -249,9 +269,21 @@ PINS: dict[str, list[float]] = {
 }
 
 
+# The tolerance once a rounding grid has acted on an update, per recipe (default POST_QAT_RTOL). Until then every
+# recipe reproduces its pins to 1e-5 on CPUs as different as an AMD EPYC (AVX2) and an Intel Xeon (AVX-512).
+# After it, it cannot: the kernels' float rounding differs between CPUs in the last bits, a weight that sits
+# on a rounding boundary of the fake-quant grid lands on one side on one CPU and on the other side elsewhere,
+# and Adam turns tiny gradient differences into full-size steps. Measured between the two CPUs (and, on one
+# CPU, between ATen's AVX2 and AVX-512 kernels): the staged recipes move by up to 4e-5 relative; the QAD
+# recipes, whose student starts as the teacher's own copy, by up to 50 % at QUIET's learning rate of 0.01 and
+# by up to 4e-3 at their own 2e-5. The first forward through the grid is pinned to 1e-4 (1.2e-5 measured).
+POST_QAT_RTOL = 1e-3
+CROSS_CPU_RTOL = {"qad_int4": 2e-2, "qad_int4_ce": 2e-2, "qad_int3": 2e-2, "qad_q4_0": 2e-2}
+
+
 def recipe_cfg(recipe: str, out: Path, cache_dir: Path) -> DictConfig:
     """The recipe composed on tiny models, as ``python train.py experiment=<recipe> <overrides>`` would."""
-    return compose_cfg([f"experiment={recipe}", *RECIPES[recipe], *QUIET], out, cache_dir)
+    return compose_cfg([f"experiment={recipe}", *QUIET, *RECIPES[recipe]], out, cache_dir)
 
 
 def test_every_recipe_is_pinned():
@@ -277,4 +309,10 @@ def test_recipe_losses_match_the_pins(recipe, tmp_path, cache_dir):
         print(line)
         pytest.skip(f"DISTILL_REGEN_PINS=1: printed the new pin, asserted nothing: {line.strip()}")
     assert recipe in PINS, f"{recipe}: no pinned losses; regenerate them (see this module's docstring)"
-    assert values == pytest.approx(PINS[recipe], rel=1e-5)
+    qat = cfg.callbacks.get("qat")
+    start = STEPS if not qat else int(qat.start_step)
+    assert values[:start] == pytest.approx(PINS[recipe][:start], rel=1e-5)  # no rounding grid has acted yet
+    # The first forward through the grid: weights equal to the last bits, a rare one rounded the other way.
+    assert values[start : start + 1] == pytest.approx(PINS[recipe][start : start + 1], rel=1e-4)
+    rtol = CROSS_CPU_RTOL.get(recipe, POST_QAT_RTOL)
+    assert values[start + 1 :] == pytest.approx(PINS[recipe][start + 1 :], rel=rtol)
