@@ -149,3 +149,21 @@ def test_offline_run_end_to_end_logs_metrics_and_the_student_without_secrets(tin
         for f in (tmp_path / "wandb").rglob("*"):
             if f.is_file():
                 assert secret.encode() not in f.read_bytes(), f
+
+
+def test_no_file_the_run_writes_holds_an_environment_secret(tiny_cfg, tmp_path, monkeypatch):
+    """A secret resolved from the environment reaches no file of the run: logs, checkpoints, export, report."""
+    secret = "tok-" + KEY
+    monkeypatch.setenv("MY_API_TOKEN", secret)
+    cfg = tiny_cfg(
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+        "+extra.api_token=${oc.env:MY_API_TOKEN}",  # redacted by key name
+        "+extra.endpoint='https://h/?k=${oc.env:MY_API_TOKEN}'",  # and by value, inside a longer string
+    )
+    train(cfg)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in files) and any(p.name == "hparams.yaml" for p in files)
+    leaks = [str(p.relative_to(tmp_path)) for p in files if secret.encode() in p.read_bytes()]
+    assert not leaks, f"the secret was written to {leaks}"
