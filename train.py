@@ -31,9 +31,15 @@ from distill.export.hf import export_compact_forms, export_student, plain_model
 from distill.export.torchao_hf import save_transformers_torchao
 from distill.module import DistillModule
 from distill.objective.objective import DistillationObjective
+from distill.runtime.gather import gather_student, is_sharded
 from distill.runtime.paths import export_root
 from distill.runtime.resume import resolve_resume
-from distill.runtime.strategies import apply_student_switches, check_trainer_config, strategy_name
+from distill.runtime.strategies import (
+    apply_student_switches,
+    check_sharded_callbacks,
+    check_trainer_config,
+    is_fsdp,
+)
 from distill.runtime.tracking import LogConfig, publish_student
 
 log = logging.getLogger("distill")
@@ -62,7 +68,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     train_seconds = time.perf_counter() - started  # this process only: a resumed run counts its own part
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if not trainer.is_global_zero or trainer.fast_dev_run:
+    if trainer.fast_dev_run:
+        return metrics, objects
+    if is_sharded(trainer.strategy.model):
+        _gather(cfg, objects, trainer)  # every rank joins the gather; rank 0 goes on with the whole student
+    if not trainer.is_global_zero:
         return metrics, objects
     if cfg.export.enabled:
         objects["export_dir"], objects["artifact_dir"] = _export(cfg, objects, stages, loggers)
@@ -97,6 +107,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, objects
 
 
+def _gather(cfg: DictConfig, objects: dict[str, Any], trainer: pl.Trainer) -> None:
+    """Replace the sharded student (and teacher) in ``objects`` with whole ones on rank 0 (docs/scale_out.md)."""
+    held = sum(p.numel() * p.element_size() for p in objects["teacher"].parameters())
+    log.info("rank %d holds %d bytes of the teacher's parameters", trainer.global_rank, held)
+    if not (cfg.export.enabled or cfg.eval.enabled):
+        return
+    student = gather_student(trainer.strategy.model, objects["student"])
+    if student is not None:
+        objects["student"] = student
+        # The teacher's shards are frozen copies of its source, so rank 0 loads it again rather than gathering
+        # it: the evaluation compares the student with the teacher as the user named it.
+        objects["teacher"] = build(cfg.teacher) if cfg.eval.enabled else objects["teacher"]
+
+
 def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]:
     """Settings that can be checked without models, so a typo fails before a slow teacher load.
 
@@ -105,6 +129,7 @@ def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]
 
     """
     check_trainer_config(cfg.trainer, objective=cfg.distill.objective)  # e.g. FSDP on CPU, before any load
+    check_sharded_callbacks(cfg.trainer, cfg.get("callbacks"), cfg.export.enabled or cfg.eval.enabled)
     if not isinstance(cfg.get("seed"), int):
         raise config_error("seed", cfg.get("seed"), "give an integer seed, e.g. seed=1234")
     check_optimization(cfg.distill.optimizer, cfg.distill.get("scheduler"))
@@ -114,7 +139,7 @@ def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]
         check_formats(cfg.export, cfg.get("callbacks"))  # before the teacher loads
     if cfg.eval.enabled:
         validate_task_names(cfg.eval.tasks or [])
-    if strategy_name(cfg.trainer.get("strategy")) == "fsdp" and objective.chunked == "auto":
+    if is_fsdp(cfg.trainer.get("strategy")) and objective.chunked == "auto":
         objective.chunked = False  # the chunked path needs the whole output layer; FSDP shards it (docs/performance.md)
     return objective, ckpt_path
 

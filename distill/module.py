@@ -232,6 +232,22 @@ class DistillModule(pl.LightningModule):
         for config, state in zip(trainer.lr_scheduler_configs, old_scheds, strict=False):
             config.scheduler.load_state_dict(state)
 
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip as configured; under FSDP by the norm over all shards, which Lightning's FSDP precision refuses.
+
+        Lightning raises for ``gradient_clip_algorithm='norm'`` with FSDP (each rank holds only its shard, so a
+        local norm would be wrong); FSDP's own ``clip_grad_norm_`` all-reduces the shards' norms.
+        """
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = self.trainer.model if self._trainer is not None else None
+        if isinstance(model, FullyShardedDataParallel) and gradient_clip_val and gradient_clip_algorithm != "value":
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> Any:
         """The optimizer over :meth:`trainable_parameters`, with the per-step LR schedule."""
         optimizer = self.optimizer_factory(params=self.trainable_parameters())

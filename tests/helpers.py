@@ -29,6 +29,16 @@ TINY_MODELS = [
 ]
 
 
+# Plain SGD for comparisons across process counts: Adam's normalisation would turn 1e-7 differences in
+# all-reduced gradients into full-size steps on near-zero ones.
+SGD = [
+    "distill.optimizer._target_=torch.optim.SGD",
+    "~distill.optimizer.betas",
+    "distill.optimizer.weight_decay=0.0",
+    "distill.optimizer.lr=0.5",
+]
+
+
 class CrashAtStep(pl.Callback):
     """Raise at the start of a given global step, to simulate a job killed mid-run."""
 

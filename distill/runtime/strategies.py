@@ -20,6 +20,7 @@ from torch import nn
 
 from distill.config import config_error
 from distill.models.teacher import FrozenTeacher
+from distill.runtime.gather import full_state_dict_context
 
 # Strategies Lightning only runs on GPUs; on a CPU accelerator they fail inside Trainer() or at fit time.
 GPU_ONLY = ("fsdp", "deepspeed")
@@ -39,6 +40,8 @@ def strategy_name(strategy: Any) -> str:
         target = str(strategy.get("_target_", "")).rsplit(".", 1)[-1].lower()
     else:
         target = type(strategy).__name__.lower()
+    if "fsdp_sim" in target:
+        return "fsdp_sim"
     for name in GPU_ONLY + ("ddp",):
         if name in target:
             return name
@@ -46,8 +49,14 @@ def strategy_name(strategy: Any) -> str:
 
 
 def is_gpu_only(strategy: Any) -> bool:
-    """Whether Lightning requires a GPU accelerator for ``strategy``."""
-    return strategy_name(strategy).startswith(GPU_ONLY)
+    """Whether Lightning requires a GPU accelerator for ``strategy`` (``fsdp_sim`` is FSDP made to run on CPU)."""
+    name = strategy_name(strategy)
+    return name.startswith(GPU_ONLY) and name != "fsdp_sim"
+
+
+def is_fsdp(strategy: Any) -> bool:
+    """Whether ``strategy`` shards with FSDP (``trainer=fsdp`` or its CPU simulation ``trainer=fsdp_sim``)."""
+    return strategy_name(strategy) in ("fsdp", "fsdp_sim")
 
 
 def _check_counts(trainer: Mapping[str, Any]) -> None:
@@ -96,7 +105,7 @@ def check_trainer_config(
             "use trainer=fsdp: Lightning's bare FSDP strategy has no wrap policy for the teacher, so its parameters "
             "would sit in the root unit with the student's and checkpointing (which leaves the teacher out) fails",
         )
-    if strategy_name(strategy) == "fsdp" and objective is not None and objective.get("chunked", False) is True:
+    if is_fsdp(strategy) and objective is not None and objective.get("chunked", False) is True:
         raise config_error(
             "distill.objective.chunked",
             objective.get("chunked"),
@@ -116,6 +125,55 @@ def check_trainer_config(
                 devices,
                 f"this SLURM job runs {tasks} tasks per node (--ntasks-per-node); set trainer.devices={tasks}, "
                 "or submit with `python -m slurm.submit`, which derives --ntasks-per-node from trainer.devices",
+            )
+
+
+# Why each compression stage cannot run on FSDP shards yet: it reads or rewrites whole weight matrices, or
+# ties parameters across units, while each rank holds a flat shard of every unit (docs/scale_out.md).
+SHARDED_STAGE_REASONS = {
+    "prune": "it scores and slices whole weight matrices, and each rank holds only a shard of each",
+    "share": "it ties one parameter across decoder layers, and FSDP cannot tie parameters across its units",
+    "lowrank": "it factorises whole weight matrices and replaces modules inside FSDP's units",
+    "qat": "it swaps modules for fake-quantized ones after FSDP has flattened them into its units",
+}
+
+
+def check_sharded_callbacks(
+    trainer: Mapping[str, Any], callbacks: Mapping[str, Any] | None, leaves_training: bool = False
+) -> None:
+    """Refuse what a sharding strategy (FSDP, DeepSpeed ZeRO-3) cannot do yet, before any model loads.
+
+    Args:
+        trainer: the ``trainer`` config node.
+        callbacks: the ``callbacks`` node: compression stages are refused under either strategy.
+        leaves_training: whether the student is exported or evaluated after training; refused under ZeRO-3,
+            whose partitioned student nothing here gathers yet (FSDP's is gathered: distill.runtime.gather).
+
+    Raises:
+        ConfigError: naming the first such setting, the strategy, why, and what runs instead.
+
+    """
+    strategy = trainer.get("strategy")
+    name = strategy_name(strategy)
+    stage = (strategy.get("stage") if isinstance(strategy, Mapping) else None) or (3 if "stage_3" in name else 0)
+    zero3 = name.startswith("deepspeed") and int(stage) == 3
+    if zero3 and leaves_training:
+        raise config_error(
+            "export.enabled",
+            True,
+            "the deepspeed ZeRO-3 strategy leaves the student partitioned and nothing gathers it yet; train with "
+            "trainer=fsdp (gathered before export), or set export.enabled=false eval.enabled=false and convert "
+            "the checkpoint with Lightning's convert_zero_checkpoint_to_fp32_state_dict",
+        )
+    if not (is_fsdp(strategy) or zero3):
+        return
+    for key in SHARDED_STAGE_REASONS:
+        if (callbacks or {}).get(key):
+            raise config_error(
+                f"callbacks.{key}",
+                "set",
+                f"not supported under the {name} strategy: {SHARDED_STAGE_REASONS[key]}; train with trainer=ddp "
+                f"(trainer=ddp_sim on CPU), where every rank holds the whole student, or remove callbacks.{key}",
             )
 
 
@@ -161,6 +219,61 @@ def fsdp_strategy(**kwargs: Any) -> Any:
     # resume=auto and the export read a plain .ckpt file.
     kwargs.setdefault("state_dict_type", "full")
     return FSDPStrategy(**kwargs)
+
+
+def fsdp_sim_strategy(**kwargs: Any) -> Any:
+    """:func:`fsdp_strategy` on CPU processes over gloo: ``trainer=fsdp_sim``, FSDP's code path on a laptop.
+
+    Lightning refuses its ``FSDPStrategy`` on a CPU accelerator, but only by an exact-type check
+    (``type(strategy) is FSDPStrategy``) in its accelerator connector; torch's FSDP itself runs on CPU tensors
+    over gloo. A subclass that changes nothing passes that check and keeps Lightning's real FSDP path
+    (wrapping, sharded optimizer state, full-state-dict checkpoints), which is what the simulation must test.
+    """
+    import torch
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        """Lightning's FSDPStrategy with the root unit placed on the CPU (see :func:`fsdp_sim_strategy`)."""
+
+        def _setup_model(self, model: nn.Module) -> nn.Module:
+            # Lightning passes device_id=root_device.index, None on CPU, and torch's FSDP then looks for an
+            # accelerator and refuses; device_id=cpu is what it accepts. Wrapped here with Lightning's own
+            # arguments, the model is then "already wrapped" for Lightning, which does the rest as on GPUs.
+            model = FullyShardedDataParallel(
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
+            )
+            self.kwargs.pop("auto_wrap_policy", None)  # applied; Lightning would warn that it is ignored
+            return super()._setup_model(model)
+
+        # Lightning's full state dict "offloads" to CPU, which crashes on CPU shards (full_state_dict_context).
+        def lightning_module_state_dict(self) -> dict[str, Any]:
+            with full_state_dict_context(self.model):
+                return self.model.state_dict()
+
+        def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+            from lightning.pytorch.core.optimizer import LightningOptimizer
+            from torch.distributed.fsdp import OptimStateKeyType
+
+            if isinstance(optimizer, LightningOptimizer):
+                optimizer = optimizer._optimizer
+            with full_state_dict_context(self.model):
+                state = FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
+                if self.global_rank == 0:  # keyed by parameter id, as Lightning stores it
+                    key = OptimStateKeyType.PARAM_ID
+                    state = FullyShardedDataParallel.rekey_optim_state_dict(state, key, self.model)
+                return state
+
+    kwargs.setdefault("auto_wrap_policy", shard_policy)
+    kwargs.setdefault("use_orig_params", True)
+    kwargs.setdefault("state_dict_type", "full")
+    kwargs.setdefault("process_group_backend", "gloo")
+    return CPUFSDPStrategy(**kwargs)
 
 
 def apply_student_switches(student: nn.Module, switches: Mapping[str, Any] | None) -> list[str]:

@@ -14,16 +14,10 @@ from safetensors.torch import load_file
 from distill.config import ConfigError
 from distill.runtime.strategies import apply_student_switches, check_trainer_config, shard_policy, strategy_name
 from tests.conftest import compose_cfg
-from tests.helpers import run_train_cli
+from tests.helpers import SGD, run_train_cli
 from train import train
 
 ROOT = Path(__file__).resolve().parents[2]
-SGD = [
-    "distill.optimizer._target_=torch.optim.SGD",
-    "~distill.optimizer.betas",
-    "distill.optimizer.weight_decay=0.0",
-    "distill.optimizer.lr=0.5",
-]
 
 
 @pytest.mark.parametrize(

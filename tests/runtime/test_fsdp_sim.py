@@ -1,0 +1,112 @@
+"""``trainer=fsdp_sim``: Lightning's FSDP path with 2 CPU ranks over gloo, end to end.
+
+The run's student is gathered from its shards before it leaves training, so the export is the whole model;
+it must equal a 1-process run that sees the same global batches; each rank holds about half the teacher;
+and a run killed mid-way resumes from its full-state-dict checkpoint to the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distill.config import ConfigError
+from distill.runtime.strategies import check_sharded_callbacks
+from tests.helpers import SGD, assert_same_losses, run_train_cli
+from train import train
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMON = [
+    "experiment=smoke",
+    "distill.scheduler.num_warmup_steps=0",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.progress_bar=null",
+    "eval.enabled=false",
+]
+
+
+def _fsdp(run: Path, *extra: str) -> list[str]:
+    return [*COMMON, "trainer=fsdp_sim", "data.batch_size=2", f"hydra.run.dir={run}", *extra]
+
+
+@pytest.mark.ddp
+def test_two_fsdp_ranks_export_the_gathered_student_of_one_process_with_twice_the_batch(tiny_cfg, tmp_path, cache_dir):
+    run = tmp_path / "fsdp"
+    proc = run_train_cli(_fsdp(run, *SGD), tmp_path, cache_dir)
+    out = proc.stdout + proc.stderr
+    assert "distributed_backend=gloo" in out and "FullyShardedDataParallel" in out  # Lightning's FSDP path ran
+
+    single_cfg = tiny_cfg(*COMMON[1:], *SGD, "data.batch_size=4", output_dir=tmp_path / "single")
+    _, single = train(single_cfg)
+    own = single["student"].state_dict()
+    exported = load_file(run / "student" / "model.safetensors")
+    # The gathered model: every tensor whole (a shard would be a flat fraction), none missing.
+    assert {k for k in own if k != "lm_head.weight"} <= set(exported)
+    for k, v in exported.items():
+        assert v.shape == own[k].shape, k
+        torch.testing.assert_close(v, own[k], rtol=1e-4, atol=1e-4)
+
+    # Each rank holds about half the teacher's parameter bytes (FSDP pads each unit to a multiple of 2).
+    held = {int(r): int(n) for r, n in re.findall(r"rank (\d) holds (\d+) bytes of the teacher", out)}
+    whole = sum(p.numel() * p.element_size() for p in single["teacher"].parameters())
+    assert set(held) == {0, 1}, out[-2000:]
+    for n in held.values():
+        assert 0.45 * whole <= n <= 0.55 * whole, (held, whole)
+
+
+@pytest.mark.ddp
+def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(tmp_path, cache_dir):
+    # The recipe's AdamW: its moments are in the checkpoint. (Lightning's FSDP loader cannot read the empty
+    # optimizer state of plain SGD without momentum; no recipe uses it.)
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_train_cli(_fsdp(full), tmp_path, cache_dir)
+    crash = ["+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=3"]
+    args = [sys.executable, str(ROOT / "train.py"), *_fsdp(cut, *crash)]
+    args += [f"paths.cache_dir={cache_dir}", f"data.cache_dir={cache_dir}/data"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    died = subprocess.run(args, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
+    assert died.returncode != 0 and "simulated crash at step 3" in died.stdout + died.stderr
+    assert (cut / "checkpoints" / "last.ckpt").is_file() and not (cut / "student").exists()
+    run_train_cli(_fsdp(cut), tmp_path, cache_dir)  # resume=auto picks up the step-2 checkpoint
+    assert_same_losses(full, cut, steps=4)
+    a, b = load_file(full / "student" / "model.safetensors"), load_file(cut / "student" / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("stage", ["prune", "share", "lowrank", "qat"])
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp_sim", "deepspeed_stage_3"])
+def test_compression_under_sharding_is_refused_at_start_up_naming_the_strategy(stage, strategy):
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg([f"trainer={strategy}", f"callbacks={stage}"], Path("/tmp/unused"), Path("/tmp/unused"))
+    with pytest.raises(
+        ConfigError, match=rf"callbacks\.{stage}.*not supported under the {strategy.split('_stage')[0]}"
+    ):
+        check_sharded_callbacks(cfg.trainer, cfg.callbacks)
+    cfg = compose_cfg(["trainer=ddp_sim", f"callbacks={stage}"], Path("/tmp/unused"), Path("/tmp/unused"))
+    check_sharded_callbacks(cfg.trainer, cfg.callbacks)  # every DDP rank holds the whole student: allowed
+
+
+def test_zero3_refuses_an_export_it_cannot_gather():
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["trainer=deepspeed_stage_3"], Path("/tmp/unused"), Path("/tmp/unused"))
+    with pytest.raises(ConfigError, match=r"export\.enabled.*ZeRO-3.*trainer=fsdp"):
+        check_sharded_callbacks(cfg.trainer, cfg.callbacks, leaves_training=True)
+    check_sharded_callbacks(cfg.trainer, cfg.callbacks, leaves_training=False)
+    cfg = compose_cfg(["trainer=fsdp_sim"], Path("/tmp/unused"), Path("/tmp/unused"))
+    check_sharded_callbacks(cfg.trainer, cfg.callbacks, leaves_training=True)  # FSDP's student is gathered
