@@ -67,6 +67,7 @@ def test_two_fsdp_ranks_export_the_gathered_student_of_one_process_with_twice_th
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # three 2-rank runs; the default suite writes and gathers FSDP checkpoints in the test above
 def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(tmp_path, cache_dir):
     # The recipe's AdamW: its moments are in the checkpoint. (Lightning's FSDP loader cannot read the empty
     # optimizer state of plain SGD without momentum; no recipe uses it.)
