@@ -198,7 +198,7 @@ def shard_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> boo
     return is_transformer_block(module) or isinstance(module, FrozenTeacher)
 
 
-def fsdp_strategy(**kwargs: Any) -> Any:
+def fsdp_strategy(strategy_class: type | None = None, **kwargs: Any) -> Any:
     """Lightning's ``FSDPStrategy`` that shards the decoder layers of the student and of the teacher.
 
     The teacher is a submodule of :class:`distill.module.DistillModule`, so :func:`shard_policy` reaches it
@@ -208,17 +208,19 @@ def fsdp_strategy(**kwargs: Any) -> Any:
     :func:`check_trainer_config`): it calls the teacher's body directly, outside the teacher's FSDP unit.
 
     Args:
+        strategy_class: ``FSDPStrategy`` or a subclass of it (:func:`fsdp_sim_strategy`'s).
         **kwargs: passed to ``FSDPStrategy`` (``sharding_strategy``, ``cpu_offload``, ``state_dict_type``...).
 
     """
     from lightning.pytorch.strategies import FSDPStrategy
 
+    strategy_class = strategy_class or FSDPStrategy
     kwargs.setdefault("auto_wrap_policy", shard_policy)
     kwargs.setdefault("use_orig_params", True)
     # One full state dict on rank 0: the module's state_dict hook drops the teacher's keys from it, and
     # resume=auto and the export read a plain .ckpt file.
     kwargs.setdefault("state_dict_type", "full")
-    return FSDPStrategy(**kwargs)
+    return strategy_class(**kwargs)
 
 
 def fsdp_sim_strategy(**kwargs: Any) -> Any:
@@ -226,8 +228,8 @@ def fsdp_sim_strategy(**kwargs: Any) -> Any:
 
     Lightning refuses its ``FSDPStrategy`` on a CPU accelerator, but only by an exact-type check
     (``type(strategy) is FSDPStrategy``) in its accelerator connector; torch's FSDP itself runs on CPU tensors
-    over gloo. A subclass that changes nothing passes that check and keeps Lightning's real FSDP path
-    (wrapping, sharded optimizer state, full-state-dict checkpoints), which is what the simulation must test.
+    over gloo. A subclass passes that check and keeps Lightning's real FSDP path (wrapping, sharded optimizer
+    state, full-state-dict checkpoints); it changes only the root unit's device and the state-dict gather.
     """
     import torch
     from lightning.pytorch.strategies import FSDPStrategy
@@ -269,11 +271,8 @@ def fsdp_sim_strategy(**kwargs: Any) -> Any:
                     state = FullyShardedDataParallel.rekey_optim_state_dict(state, key, self.model)
                 return state
 
-    kwargs.setdefault("auto_wrap_policy", shard_policy)
-    kwargs.setdefault("use_orig_params", True)
-    kwargs.setdefault("state_dict_type", "full")
     kwargs.setdefault("process_group_backend", "gloo")
-    return CPUFSDPStrategy(**kwargs)
+    return fsdp_strategy(strategy_class=CPUFSDPStrategy, **kwargs)
 
 
 def apply_student_switches(student: nn.Module, switches: Mapping[str, Any] | None) -> list[str]:
