@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,14 @@ from distill.module import DistillModule
 from distill.objective.objective import DistillationObjective
 from distill.runtime.gather import gather_student, is_sharded
 from distill.runtime.paths import export_root
+from distill.runtime.rank_zero_load import empty_weights, launch_rank
 from distill.runtime.resume import resolve_resume
 from distill.runtime.strategies import (
     apply_student_switches,
     check_sharded_callbacks,
     check_trainer_config,
     is_fsdp,
+    is_zero3,
 )
 from distill.runtime.tracking import LogConfig, publish_student
 
@@ -139,23 +142,40 @@ def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]
         check_formats(cfg.export, cfg.get("callbacks"))  # before the teacher loads
     if cfg.eval.enabled:
         validate_task_names(cfg.eval.tasks or [])
-    if is_fsdp(cfg.trainer.get("strategy")) and objective.chunked == "auto":
-        objective.chunked = False  # the chunked path needs the whole output layer; FSDP shards it (docs/performance.md)
+    if is_zero3(cfg.trainer.get("strategy")) and objective.chunked == "auto":
+        # ZeRO-3 partitions the output layer's weight outside its forward, which the chunked path reads.
+        log.info("distill.objective.chunked=auto: off under deepspeed ZeRO-3 (docs/scale_out.md)")
+        objective.chunked = False
     return objective, ckpt_path
+
+
+def _reads_weights(cfg: DictConfig, measured: bool) -> bool:
+    """Whether this process reads the teacher's weights: under FSDP only rank 0 does (rank_zero_load.py)."""
+    extras = cfg.get("trainer_extras") or {}
+    if not (is_fsdp(cfg.trainer.get("strategy")) and extras.get("teacher_on_rank_zero", True)):
+        return True
+    if measured:  # scoring layers runs the teacher on calibration text, on every rank
+        log.info("every rank reads the teacher: student.select=%s scores its layers", cfg.student.select)
+        return True
+    if launch_rank() == 0:
+        return True
+    log.info("rank %d builds the teacher and student empty; rank 0 fills each FSDP unit", launch_rank())
+    return False
 
 
 def _build_models(cfg: DictConfig, objective: DistillationObjective) -> dict[str, Any]:
     """Seed, then build teacher, student, data and the LightningModule, in this order (it fixes the init)."""
     pl.seed_everything(cfg.seed, workers=True)
-    teacher = build(cfg.teacher)
     # A student that measures which teacher layers to keep (student.select) needs training text, so the data
-    # comes first for it; every other student keeps the order above, and with it the RNG draws of its init.
+    # comes first for it; every other student keeps the order below, and with it the RNG draws of its init.
     measured = cfg.student.get("select", "even") != "even"
-    datamodule = build(cfg.data, tokenizer=teacher.tokenizer) if measured else None
-    if datamodule is not None:
-        datamodule.setup("fit")  # tokenises and caches the splits (prepare_data's work), then loads them
-    calibration = {"calibration": datamodule.train_set} if datamodule is not None else {}  # training split only
-    student = build(cfg.student, teacher=teacher, **calibration)
+    with nullcontext() if _reads_weights(cfg, measured) else empty_weights():
+        teacher = build(cfg.teacher)
+        datamodule = build(cfg.data, tokenizer=teacher.tokenizer) if measured else None
+        if datamodule is not None:
+            datamodule.setup("fit")  # tokenises and caches the splits (prepare_data's work), then loads them
+        calibration = {"calibration": datamodule.train_set} if datamodule is not None else {}  # training split only
+        student = build(cfg.student, teacher=teacher, **calibration)
     apply_student_switches(student, cfg.get("trainer_extras"))  # activation checkpointing, torch.compile
     objective.attach(student.config, teacher.config)
     if datamodule is None:
@@ -170,6 +190,8 @@ def _build_models(cfg: DictConfig, objective: DistillationObjective) -> dict[str
         optimizer=build(cfg.distill.optimizer),
         scheduler=build(cfg.distill.scheduler) if cfg.distill.get("scheduler") else None,
     )
+    if module.chunked:  # distill.objective.chunked: auto turns it on from chunked_min_vocab entries
+        log.info("the loss takes the chunked path (%d-entry vocabulary; docs/performance.md)", module.vocab_size)
     return {"teacher": teacher, "student": student, "module": module, "datamodule": datamodule}
 
 
@@ -289,7 +311,7 @@ def _assess(
     # Long-tail buckets come from the training split's token counts; a datamodule without them skips the buckets.
     counts = datamodule.train_token_counts() if hasattr(datamodule, "train_token_counts") else None
     models = Comparison(
-        student, teacher, teacher.tokenizer, datamodule.val_dataloader(), module.vocab_size, token_counts=counts
+        student, teacher, teacher.tokenizer, datamodule.heldout_dataloader(), module.vocab_size, token_counts=counts
     )
     return assess(models, cfg.eval, cfg.paths.output_dir, about)
 

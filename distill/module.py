@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -20,12 +21,20 @@ from distill.eval.cost import parameter_count
 from distill.models.teacher import Teacher
 from distill.objective.divergences import IGNORE_INDEX
 from distill.objective.objective import DistillationObjective
+from distill.runtime.gather import is_sharded, own_params_gathered
+from distill.runtime.rank_zero_load import peak_host_mib
 
 TEACHER_PREFIX = "teacher."
 Carry = Callable[[Tensor], Tensor]
 
 # Lightning warns about submodules left in eval mode when fit starts; the frozen teacher is exactly that.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+
+log = logging.getLogger("distill")
+
+# The loss terms validation reports (``val/loss``, ``val/ce_loss``...), each a token-weighted mean over the epoch.
+VAL_TERMS = ("loss", "ce", "kd", "hidden")
 
 
 class DistillModule(pl.LightningModule):
@@ -60,8 +69,9 @@ class DistillModule(pl.LightningModule):
         super().__init__()
         self.teacher = teacher
         self.initial_student_config = student.config.to_dict()  # before any callback changes its structure
-        # Token-weighted mean of the validation CE, reduced across ranks by torchmetrics (val/ppl).
-        self.val_nll = MeanMetric()
+        # Token-weighted means of the validation terms, reduced across ranks by torchmetrics: the epoch's numbers
+        # then do not depend on how the batches were split across ranks (EvalBatchSampler).
+        self.val_terms = nn.ModuleDict({k: MeanMetric() for k in VAL_TERMS})
         self.student = student
         self.objective = objective
         self.optimizer_factory = optimizer
@@ -125,20 +135,23 @@ class DistillModule(pl.LightningModule):
         cached = hasattr(self.teacher, "targets")
         if self.chunked:
             extra = {"temperature": self.objective.temperature} if cached else {}
-            teacher_rows, t_hidden = self.teacher.rows(ids, mask, output_hidden_states=hidden, vocab=v, **extra)
-            s_out = self.student.base_model(
-                input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False
-            )
-            return self.objective.forward_chunked(
-                s_out.last_hidden_state,
-                self.student.get_output_embeddings(),
-                teacher_rows,
-                batch["labels"],
-                v,
-                student_hidden=s_out.hidden_states if hidden else None,
-                teacher_hidden=t_hidden if hidden else None,
-                attention_mask=mask,
-            )
+            # Under FSDP the teacher unit's own weights are gathered for the whole loss (gather.py); the
+            # student's output layer sits in the root unit, which is whole during the step.
+            with own_params_gathered(self.teacher):
+                teacher_rows, t_hidden = self.teacher.rows(ids, mask, output_hidden_states=hidden, vocab=v, **extra)
+                s_out = self.student.base_model(
+                    input_ids=ids, attention_mask=mask, output_hidden_states=hidden, use_cache=False
+                )
+                return self.objective.forward_chunked(
+                    s_out.last_hidden_state,
+                    self.student.get_output_embeddings(),
+                    teacher_rows,
+                    batch["labels"],
+                    v,
+                    student_hidden=s_out.hidden_states if hidden else None,
+                    teacher_hidden=t_hidden if hidden else None,
+                    attention_mask=mask,
+                )
         if cached:
             if hidden:
                 self.teacher(ids, output_hidden_states=True)  # a cache holds no hidden states: explains and raises
@@ -172,26 +185,40 @@ class DistillModule(pl.LightningModule):
             self.log("train/tokens_per_s", tokens / (now - self._last_step_end), prog_bar=True)
         self._last_step_end = now
 
+    def on_train_end(self) -> None:
+        """Log this rank's peak host memory (every rank; ``bench/fsdp_memory.py`` reads the lines)."""
+        log.info("rank %d peak host memory %.0f MiB", self.global_rank, peak_host_mib())
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Validation losses, averaged across ranks; the tokens' CE is kept for the epoch's perplexity."""
+        """Validation losses, kept per term weighted by the batch's real tokens (padding batches weigh 0)."""
         out = self._step(batch)
-        self.log("val/loss", out["loss"], prog_bar=True, sync_dist=True)
-        self.log_dict({f"val/{k}_loss": out[k] for k in ("ce", "kd", "hidden") if k in out}, sync_dist=True)
-        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        if tokens > 0:
-            self.val_nll.update(out["ce"].detach().float(), weight=tokens.float())
+        tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().float()
+        for key, metric in self.val_terms.items():
+            if key in out:
+                # A batch with no real token (a rank's padding batch) may give NaN; it weighs 0 either way.
+                value = out[key].detach().float() if tokens > 0 else torch.zeros((), device=tokens.device)
+                metric.update(value, weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
-        """Log perplexity over the epoch's tokens and the student's size (the quality-vs-size curve).
+        """Log the epoch's token-weighted losses, the perplexity, and the student's size (quality vs size).
 
-        ``val/ppl`` is exp(mean CE over every validation token, on every rank), not the mean of the
-        batches' exp(CE): by Jensen's inequality that mean overstates the perplexity, the more so the more the
-        batches differ.
+        Every rank ran the same number of batches, so every rank calls ``compute()`` (a collective). ``val/ppl``
+        is exp(mean CE over every validation token), not the mean of the batches' exp(CE): by Jensen's
+        inequality that mean overstates the perplexity, the more so the more the batches differ.
         """
-        if self.val_nll.update_called:
-            self.log("val/ppl", torch.exp(self.val_nll.compute()))  # compute() reduces across ranks
-        self.val_nll.reset()
-        self.log("student/params", float(parameter_count(self.student)))
+        for key, metric in self.val_terms.items():
+            if metric.update_called:
+                value = metric.compute()  # reduces across ranks
+                # Equal on every rank already; sync_dist only averages equal values (and silences Lightning).
+                name = "val/loss" if key == "loss" else f"val/{key}_loss"
+                self.log(name, value, prog_bar=key == "loss", sync_dist=True)
+                if key == "ce":
+                    self.log("val/ppl", torch.exp(value), sync_dist=True)
+            metric.reset()
+        # Under FSDP each rank holds a shard of every parameter, so the shards' counts add up to the student's.
+        sharded = self._trainer is not None and is_sharded(self.trainer.strategy.model)
+        count = float(parameter_count(self.student))
+        self.log("student/params", count, sync_dist=True, reduce_fx="sum" if sharded else "mean")
 
     # -- optimisation -------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

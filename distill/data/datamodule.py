@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.config import ConfigError, config_error
 from distill.data.corpus import heldout_documents, load_raw, pack
-from distill.data.sampler import StepBatchSampler
+from distill.data.sampler import EvalBatchSampler, PaddedEvalSet, StepBatchSampler
 from distill.models.tokenizer import tokenizer_fingerprint
 from distill.runtime.files import atomic_directory
 
@@ -214,9 +214,15 @@ class DistillDataModule(pl.LightningDataModule):
 
     @staticmethod
     def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Stack packed blocks; every position is a real token, so the mask is all ones."""
+        """Stack packed blocks; every position is a real token, so the mask is all ones.
+
+        A validation padding row (:class:`~distill.data.sampler.PaddedEvalSet`) keeps its tokens, so the forward
+        is an ordinary one, but every label is ignored (-100), so it adds no loss and no token to any metric.
+        """
         ids = torch.stack([r["input_ids"] for r in rows])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        labels = ids.clone()
+        labels[torch.tensor([bool(r.get("padding", False)) for r in rows])] = -100
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
     def train_dataloader(self) -> DataLoader:
         """Batches for ``max_steps`` optimizer steps, resuming where the restored global step left off."""
@@ -245,11 +251,33 @@ class DistillDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        """The held-out blocks in a fixed order."""
+        """The held-out blocks in a fixed order, split across ranks (:class:`EvalBatchSampler`).
+
+        With an integer ``trainer.limit_val_batches`` the ranks together validate exactly the batches one
+        process would, so ``val/*`` do not depend on the number of ranks. A fractional limit is applied by
+        Lightning to each rank's share: the same fraction, but strided batches rather than the first ones.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return self.heldout_dataloader()
+        limit = trainer.limit_val_batches
+        sampler = EvalBatchSampler(
+            len(self.val_set),
+            self.eval_batch_size,
+            limit_batches=limit if isinstance(limit, int) else None,
+            world_size=trainer.world_size,
+            rank=trainer.global_rank,
+        )
+        return self._eval_loader(sampler)
+
+    def heldout_dataloader(self) -> DataLoader:
+        """Every held-out block in order, in one process, whatever trainer is attached (the final evaluation)."""
+        return self._eval_loader(EvalBatchSampler(len(self.val_set), self.eval_batch_size))
+
+    def _eval_loader(self, sampler: EvalBatchSampler) -> DataLoader:
         return DataLoader(
-            self.val_set,
-            batch_size=self.eval_batch_size,
-            shuffle=False,
+            PaddedEvalSet(self.val_set),
+            batch_sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,
         )

@@ -48,3 +48,48 @@ class StepBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.total
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """Validation batches split across ranks so that together they are exactly one process's batches.
+
+    One process validates batches ``0..n-1`` of the set in order (``n`` capped by an integer
+    ``limit_batches``); rank ``r`` of ``W`` takes batches ``r, r+W, ...``. Ranks left one batch short get a
+    padding batch so that every rank runs the same number of forwards (under FSDP each forward is a
+    collective: a rank that stops early hangs the others). A padding batch repeats batch 0's rows at indices
+    shifted by ``num_samples``; :class:`PaddedEvalSet` serves them with every label ignored, so they weigh
+    nothing in the token-weighted validation metrics.
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, *, limit_batches: int | None = None, world_size: int = 1, rank: int = 0
+    ) -> None:
+        batches = [list(range(s, min(s + batch_size, num_samples))) for s in range(0, num_samples, batch_size)]
+        if limit_batches is not None:
+            batches = batches[:limit_batches]
+        own = batches[rank::world_size]
+        per_rank = -(-len(batches) // world_size)  # ceil
+        padding = [[num_samples + i for i in batches[0]]] if batches else []
+        self.batches = own + padding * (per_rank - len(own))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class PaddedEvalSet(torch.utils.data.Dataset):
+    """A validation set whose indices past its end are padding rows (see :class:`EvalBatchSampler`)."""
+
+    def __init__(self, rows: torch.utils.data.Dataset) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        n = len(self.rows)
+        if index < n:
+            return self.rows[index]
+        return {**self.rows[index - n], "padding": torch.tensor(True)}

@@ -6,11 +6,12 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from distill.config import ConfigError, config_error
 from distill.eval.cost import weight_file_bytes
 from distill.export.loaders.load_pruned import is_pruned_export, load_pruned
+from distill.runtime.rank_zero_load import weights_are_empty
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -100,6 +101,15 @@ def load_causal_lm(
     if is_pruned_export(source):  # per-layer widths (callbacks.prune.uniform=false): plain from_pretrained refuses it
         return load_pruned(source, dtype=torch_dtype)
     try:
+        if weights_are_empty():  # a rank > 0 under FSDP: the same modules, no weights read (rank_zero_load.py)
+            config = AutoConfig.from_pretrained(
+                source, gguf_file=gguf_file, trust_remote_code=trust_remote_code, revision=revision
+            )
+            # "auto" on rank 0 means the checkpoint's dtype, which its config names: the broadcast needs equal dtypes.
+            dtype_here = torch_dtype if isinstance(torch_dtype, torch.dtype) else getattr(config, "dtype", None)
+            return AutoModelForCausalLM.from_config(
+                config, dtype=dtype_here or torch.float32, trust_remote_code=trust_remote_code
+            )
         return AutoModelForCausalLM.from_pretrained(
             source,
             gguf_file=gguf_file,

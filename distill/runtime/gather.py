@@ -80,3 +80,21 @@ def gather_student(wrapped: nn.Module, student: nn.Module, prefix: str = "studen
     plain.generation_config = student.generation_config
     log.info("gathered the sharded student on rank 0 (%d tensors)", len(weights))
     return plain.eval().requires_grad_(False)
+
+
+def own_params_gathered(module: nn.Module) -> Any:
+    """A context in which an FSDP unit's own parameters are whole, outside that unit's forward; a no-op otherwise.
+
+    The chunked loss runs the teacher's body (``base_model``) and its output layer chunk by chunk, not through
+    the teacher unit's ``forward``, so FSDP never gathers that unit's own parameters (embeddings, final norm,
+    output layer): they stay flat shards. Gathering them once for the whole loss costs one all-gather per step,
+    as a forward would; the decoder layers inside stay separate units that gather themselves. Only for a
+    frozen unit: nothing is written back, and gradients never reach it.
+    """
+    from contextlib import nullcontext
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not isinstance(module, FSDP):
+        return nullcontext()
+    return FSDP.summon_full_params(module, recurse=False, writeback=False)

@@ -3,7 +3,7 @@
 Lightning owns the strategies (DDP, FSDP, DeepSpeed); this module only adds what distillation needs:
 
 * :func:`check_trainer_config` refuses combinations that would fail late or obscurely (FSDP/DeepSpeed on a
-  CPU accelerator, a bare ``strategy=fsdp``, the chunked loss under FSDP, ``trainer.devices`` disagreeing
+  CPU accelerator, a bare ``strategy=fsdp``, the chunked loss under ZeRO-3, ``trainer.devices`` disagreeing
   with the SLURM tasks per node), before a teacher loads.
 * :func:`fsdp_strategy` builds Lightning's ``FSDPStrategy`` with :func:`shard_policy`, which shards every
   decoder layer of *both* models and the rest of the teacher, so the frozen teacher is not replicated.
@@ -20,7 +20,8 @@ from torch import nn
 
 from distill.config import config_error
 from distill.models.teacher import FrozenTeacher
-from distill.runtime.gather import full_state_dict_context
+from distill.runtime.gather import full_state_dict_context, is_sharded
+from distill.runtime.rank_zero_load import prepare_rank_zero_load
 
 # Strategies Lightning only runs on GPUs; on a CPU accelerator they fail inside Trainer() or at fit time.
 GPU_ONLY = ("fsdp", "deepspeed")
@@ -59,6 +60,13 @@ def is_fsdp(strategy: Any) -> bool:
     return strategy_name(strategy) in ("fsdp", "fsdp_sim")
 
 
+def is_zero3(strategy: Any) -> bool:
+    """Whether ``strategy`` is DeepSpeed ZeRO stage 3 (parameters partitioned across ranks)."""
+    name = strategy_name(strategy)
+    stage = (strategy.get("stage") if isinstance(strategy, Mapping) else None) or (3 if "stage_3" in name else 0)
+    return name.startswith("deepspeed") and int(stage) == 3
+
+
 def _check_counts(trainer: Mapping[str, Any]) -> None:
     """Step and accumulation counts Lightning would take without complaint and then train nothing with."""
     max_steps = trainer.get("max_steps", -1)
@@ -82,10 +90,10 @@ def check_trainer_config(
     Args:
         trainer: the ``trainer`` config node (a DictConfig or a plain mapping).
         environ: the environment to read ``SLURM_NTASKS_PER_NODE`` from (default ``os.environ``).
-        objective: the ``distill.objective`` node, to refuse the chunked loss under FSDP.
+        objective: the ``distill.objective`` node, to refuse the chunked loss under ZeRO-3.
 
     Raises:
-        ConfigError: FSDP/DeepSpeed with ``accelerator=cpu``; the chunked loss under FSDP; ``devices`` not
+        ConfigError: FSDP/DeepSpeed with ``accelerator=cpu``; the chunked loss under ZeRO-3; ``devices`` not
             matching the SLURM tasks per node.
 
     """
@@ -105,12 +113,13 @@ def check_trainer_config(
             "use trainer=fsdp: Lightning's bare FSDP strategy has no wrap policy for the teacher, so its parameters "
             "would sit in the root unit with the student's and checkpointing (which leaves the teacher out) fails",
         )
-    if is_fsdp(strategy) and objective is not None and objective.get("chunked", False) is True:
+    if is_zero3(strategy) and objective is not None and objective.get("chunked", False) is True:
         raise config_error(
             "distill.objective.chunked",
             objective.get("chunked"),
-            "the chunked loss runs the teacher's body outside its FSDP unit; set distill.objective.chunked=false "
-            "with trainer=fsdp",
+            "the chunked loss reads the output layer's weight outside its forward, where ZeRO-3 leaves it "
+            "partitioned; set distill.objective.chunked=false (or auto, which is off under ZeRO-3), or train with "
+            "trainer=fsdp, where the chunked loss runs",
         )
     _check_counts(trainer)
     # Under srun every task is one Lightning process; if the two counts differ, Lightning either hangs
@@ -155,8 +164,7 @@ def check_sharded_callbacks(
     """
     strategy = trainer.get("strategy")
     name = strategy_name(strategy)
-    stage = (strategy.get("stage") if isinstance(strategy, Mapping) else None) or (3 if "stage_3" in name else 0)
-    zero3 = name.startswith("deepspeed") and int(stage) == 3
+    zero3 = is_zero3(strategy)
     if zero3 and leaves_training:
         raise config_error(
             "export.enabled",
@@ -204,23 +212,45 @@ def fsdp_strategy(strategy_class: type | None = None, **kwargs: Any) -> Any:
     The teacher is a submodule of :class:`distill.module.DistillModule`, so :func:`shard_policy` reaches it
     too: each rank holds 1/N of every teacher unit and gathers one unit at a time in the forward pass.
     ``use_orig_params=True`` lets frozen and trainable tensors be handled per parameter (the optimizer sees
-    only the student's). The chunked loss must be off (``distill.objective.chunked=false``, checked by
-    :func:`check_trainer_config`): it calls the teacher's body directly, outside the teacher's FSDP unit.
+    only the student's). The chunked loss calls the teacher's body outside the teacher unit's forward, so it
+    gathers that unit's own parameters itself (:func:`distill.runtime.gather.own_params_gathered`).
 
     Args:
         strategy_class: ``FSDPStrategy`` or a subclass of it (:func:`fsdp_sim_strategy`'s).
         **kwargs: passed to ``FSDPStrategy`` (``sharding_strategy``, ``cpu_offload``, ``state_dict_type``...).
 
     """
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    strategy_class = strategy_class or FSDPStrategy
+    strategy_class = strategy_class or rank_zero_fsdp_class()
     kwargs.setdefault("auto_wrap_policy", shard_policy)
     kwargs.setdefault("use_orig_params", True)
     # One full state dict on rank 0: the module's state_dict hook drops the teacher's keys from it, and
     # resume=auto and the export read a plain .ckpt file.
     kwargs.setdefault("state_dict_type", "full")
     return strategy_class(**kwargs)
+
+
+def rank_zero_fsdp_class() -> type:
+    """Lightning's ``FSDPStrategy``, filling the units of a model that ranks > 0 built empty from rank 0.
+
+    See :mod:`distill.runtime.rank_zero_load`: only rank 0 reads the teacher; the others receive each unit's
+    weights just before FSDP shards it.
+    """
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class RankZeroLoadFSDPStrategy(FSDPStrategy):
+        """``FSDPStrategy`` whose wrapping fills empty (meta) units from rank 0 (:func:`prepare_rank_zero_load`)."""
+
+        def _setup_model(self, model: nn.Module) -> nn.Module:
+            if is_sharded(model):  # wrapped already (trainer=fsdp_sim wraps it on the CPU itself)
+                return super()._setup_model(model)
+            original = self.kwargs
+            self.kwargs = prepare_rank_zero_load(model, original, self.root_device)
+            try:
+                return super()._setup_model(model)
+            finally:
+                self.kwargs = original
+
+    return RankZeroLoadFSDPStrategy
 
 
 def fsdp_sim_strategy(**kwargs: Any) -> Any:
@@ -232,10 +262,9 @@ def fsdp_sim_strategy(**kwargs: Any) -> Any:
     state, full-state-dict checkpoints); it changes only the root unit's device and the state-dict gather.
     """
     import torch
-    from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    class CPUFSDPStrategy(FSDPStrategy):
+    class CPUFSDPStrategy(rank_zero_fsdp_class()):
         """Lightning's FSDPStrategy with the root unit placed on the CPU (see :func:`fsdp_sim_strategy`)."""
 
         def _setup_model(self, model: nn.Module) -> nn.Module:
@@ -248,7 +277,7 @@ def fsdp_sim_strategy(**kwargs: Any) -> Any:
                 mixed_precision=self.mixed_precision_config,
                 sharding_strategy=self.sharding_strategy,
                 device_id=torch.device("cpu"),
-                **self.kwargs,
+                **prepare_rank_zero_load(model, self.kwargs, torch.device("cpu")),
             )
             self.kwargs.pop("auto_wrap_policy", None)  # applied; Lightning would warn that it is ignored
             return super()._setup_model(model)
@@ -287,9 +316,13 @@ def apply_student_switches(student: nn.Module, switches: Mapping[str, Any] | Non
 
     """
     switches = switches or {}
-    unknown = set(switches) - {"activation_checkpointing", "compile"}
+    unknown = set(switches) - {"activation_checkpointing", "compile", "teacher_on_rank_zero"}
     if unknown:
-        raise config_error("trainer_extras", sorted(unknown), "known switches are activation_checkpointing and compile")
+        raise config_error(
+            "trainer_extras",
+            sorted(unknown),
+            "known switches are activation_checkpointing, compile and teacher_on_rank_zero",
+        )
     applied = []
     if switches.get("activation_checkpointing"):
         if not getattr(student, "supports_gradient_checkpointing", False):

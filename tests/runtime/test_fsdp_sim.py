@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from distill.config import ConfigError
 from distill.runtime.strategies import check_sharded_callbacks
-from tests.helpers import SGD, assert_same_losses, run_train_cli
+from tests.helpers import SGD, assert_same_losses, read_metrics, run_train_cli, series
 from train import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,13 +43,30 @@ def _fsdp(run: Path, *extra: str) -> list[str]:
 
 @pytest.mark.ddp
 def test_two_fsdp_ranks_export_the_gathered_student_of_one_process_with_twice_the_batch(tiny_cfg, tmp_path, cache_dir):
+    # The 2-rank run takes the chunked loss (the teacher unit gathered for it, distill.runtime.gather), the
+    # 1-process run the plain one (auto is off at this vocabulary): equal weights mean equal losses and gradients.
     run = tmp_path / "fsdp"
-    proc = run_train_cli(_fsdp(run, *SGD), tmp_path, cache_dir)
+    proc = run_train_cli(_fsdp(run, *SGD, "distill.objective.chunked=true"), tmp_path, cache_dir)
     out = proc.stdout + proc.stderr
     assert "distributed_backend=gloo" in out and "FullyShardedDataParallel" in out  # Lightning's FSDP path ran
 
     single_cfg = tiny_cfg(*COMMON[1:], *SGD, "data.batch_size=4", output_dir=tmp_path / "single")
     _, single = train(single_cfg)
+    assert "the loss takes the chunked path" in out and not single["module"].chunked
+    # Only rank 0 read the teacher; rank 1 built both models empty and was filled unit by unit from rank 0, so
+    # the equal weights below also check that fill (rank_zero_load.py).
+    assert "rank 1 builds the teacher and student empty" in out and "rank 0 builds" not in out
+    # limit_val_batches=1: rank 0 validates the batch, rank 1 a padding batch (no hang, weighs nothing).
+    fsdp_val = dict(series(read_metrics(run), "val/loss"))
+    single_val = dict(series(read_metrics(tmp_path / "single"), "val/loss"))
+    assert len(fsdp_val) == 2 and set(fsdp_val) == set(single_val)
+    for step, value in single_val.items():
+        assert fsdp_val[step] == pytest.approx(value, rel=1e-5), step
+    # The student's size is the sum of its shards, not rank 0's shard.
+    params = {
+        k: dict(series(read_metrics(d), "student/params")) for k, d in (("fsdp", run), ("one", tmp_path / "single"))
+    }
+    assert params["fsdp"] == params["one"] and params["one"]
     own = single["student"].state_dict()
     exported = load_file(run / "student" / "model.safetensors")
     # The gathered model: every tensor whole (a shard would be a flat fraction), none missing.
