@@ -7,7 +7,7 @@ models empty and are filled unit by unit, distill/runtime/rank_zero_load.py) and
 (``ru_maxrss``) after training; this prints them with the teacher's size and writes
 ``bench/results/fsdp_memory.json``.
 
-    python bench/fsdp_memory.py [--hidden 1024 --layers 8 --intermediate 4096]
+    python bench/fsdp_memory.py [hidden=1024 layers=8 intermediate=4096 steps=2]
 
 What it cannot show on a laptop: the GPU side (each rank's device memory holds its shards either way) and
 the time the broadcast takes over a real interconnect.
@@ -15,7 +15,6 @@ the time the broadcast takes over a real interconnect.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -24,7 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+import hydra
+from omegaconf import DictConfig
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from distill.config import exit_on_config_error  # noqa: E402
 
 
 def teacher_params(hidden: int, layers: int, intermediate: int, vocab: int, heads: int = 4, kv_heads: int = 2) -> int:
@@ -34,7 +39,7 @@ def teacher_params(hidden: int, layers: int, intermediate: int, vocab: int, head
     return layers * per_layer + 2 * vocab * hidden + hidden
 
 
-def run(teacher_on_rank_zero: bool, args: argparse.Namespace, work: Path) -> dict[int, float]:
+def peaks(teacher_on_rank_zero: bool, cfg: DictConfig, work: Path) -> dict[int, float]:
     """One 2-rank fsdp_sim run; returns rank → peak host memory in MiB."""
     out_dir = work / f"rank_zero_{teacher_on_rank_zero}"
     cmd = [
@@ -43,10 +48,10 @@ def run(teacher_on_rank_zero: bool, args: argparse.Namespace, work: Path) -> dic
         "experiment=smoke",
         "trainer=fsdp_sim",
         f"trainer_extras.teacher_on_rank_zero={str(teacher_on_rank_zero).lower()}",
-        f"teacher.hidden_size={args.hidden}",
-        f"teacher.num_layers={args.layers}",
-        f"teacher.intermediate_size={args.intermediate}",
-        "trainer.max_steps=2",
+        f"teacher.hidden_size={cfg.hidden}",
+        f"teacher.num_layers={cfg.layers}",
+        f"teacher.intermediate_size={cfg.intermediate}",
+        f"trainer.max_steps={cfg.steps}",
         "trainer.limit_val_batches=0",
         "trainer.num_sanity_val_steps=0",
         "eval.enabled=false",
@@ -64,26 +69,28 @@ def run(teacher_on_rank_zero: bool, args: argparse.Namespace, work: Path) -> dic
     return {int(r): float(m) for r, m in re.findall(r"rank (\d) peak host memory (\d+) MiB", text)}
 
 
-def main() -> None:
-    """Measure both settings and print and save the peaks."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--intermediate", type=int, default=4096)
-    args = parser.parse_args()
-    params = teacher_params(args.hidden, args.layers, args.intermediate, vocab=512)
+def run(cfg: DictConfig) -> None:
+    """Measure both settings; print and save the peaks."""
+    params = teacher_params(cfg.hidden, cfg.layers, cfg.intermediate, vocab=512)
     with tempfile.TemporaryDirectory() as tmp:
-        peaks = {flag: run(flag, args, Path(tmp)) for flag in (True, False)}
+        measured = {flag: peaks(flag, cfg, Path(tmp)) for flag in (True, False)}
     result = {
         "teacher_params": params,
         "teacher_fp32_mib": round(params * 4 / 2**20),
-        "peak_mib_teacher_on_rank_zero": peaks[True],
-        "peak_mib_every_rank_reads": peaks[False],
+        "peak_mib_teacher_on_rank_zero": measured[True],
+        "peak_mib_every_rank_reads": measured[False],
     }
     print(json.dumps(result, indent=2))
-    out = ROOT / "bench" / "results" / "fsdp_memory.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    (ROOT / "bench" / "results" / "fsdp_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/fsdp_memory")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
+    with exit_on_config_error():
+        run(cfg)
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("DISTILL_ROOT", str(ROOT))  # Hydra's record goes to the repository's logs/
     main()

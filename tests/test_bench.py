@@ -36,6 +36,7 @@ def test_bench_scripts_are_the_expected_ones():
         "chunked_loss",
         "cliff",
         "deploy_speed",
+        "fsdp_memory",
         "headline",
         "kd_vs_ce",
         "prune_heal",
