@@ -22,7 +22,7 @@ from distill.config import (
     instantiate_loggers,
     named_callbacks,
 )
-from distill.eval.assess import Comparison, Provenance, assess
+from distill.eval.assess import Comparison, Provenance, assess, heldout_pass
 from distill.eval.cost import disk_bytes
 from distill.eval.sweep import versus_ptq
 from distill.eval.tasks import validate_task_names
@@ -75,6 +75,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         return metrics, objects
     if is_sharded(trainer.strategy.model):
         _gather(cfg, objects, trainer)  # every rank joins the gather; rank 0 goes on with the whole student
+    held = _split_heldout(cfg, objects, trainer)  # under DDP every rank scores its share of the held-out batches
     if not trainer.is_global_zero:
         return metrics, objects
     if cfg.export.enabled:
@@ -88,15 +89,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "run_dir": str(cfg.paths.output_dir),
             "artifact": str(objects["artifact_dir"]) if objects.get("artifact_dir") else None,
         }
-        if objects.get("gguf") is not None:  # what the GGUF file's reload measured (docs/deploy.md)
-            check = objects["gguf"]
-            facts |= {
-                "gguf_file": str(check.file),
-                "gguf_bytes": check.bytes,
-                "gguf_max_abs_logit_vs_student": check.drift_max_abs_logit,
-                "gguf_top1_vs_student_probe": check.drift_top1_agreement,
-            }
-        report = _assess(cfg, objects, callbacks, facts)
+        facts |= _gguf_facts(objects.get("gguf"))
+        report = _assess(cfg, objects, callbacks, facts, held)
         # One line against the cheapest alternative: the teacher quantized post-training to this size.
         log.info(
             versus_ptq(
@@ -108,6 +102,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         _log_report(report, flat, loggers, trainer.global_step)
         objects["report"] = report
     return metrics, objects
+
+
+def _gguf_facts(check: gguf_export.GGUFCheck | None) -> dict[str, Any]:
+    """What the GGUF file's reload measured (docs/deploy.md), for the report's run facts; empty without one."""
+    if check is None:
+        return {}
+    return {
+        "gguf_file": str(check.file),
+        "gguf_bytes": check.bytes,
+        "gguf_max_abs_logit_vs_student": check.drift_max_abs_logit,
+        "gguf_top1_vs_student_probe": check.drift_top1_agreement,
+    }
 
 
 def _gather(cfg: DictConfig, objects: dict[str, Any], trainer: pl.Trainer) -> None:
@@ -295,25 +301,47 @@ def _export_gguf(
 
 
 def _assess(
-    cfg: DictConfig, objects: dict[str, Any], callbacks: dict[str, Any], facts: dict[str, Any]
+    cfg: DictConfig, objects: dict[str, Any], callbacks: dict[str, Any], facts: dict[str, Any], held: Any = None
 ) -> dict[str, Any]:
     """Evaluate the trained student against the teacher and write the run's compression report."""
-    teacher, student, module = objects["teacher"], objects["student"], objects["module"]
-    teacher.to(next(student.parameters()).device)
     about = Provenance(
         export_dir=objects.get("artifact_dir") or objects.get("export_dir"),
-        modifications=modifications(cfg, module, objects["trainer"].global_step, callbacks),
+        modifications=modifications(cfg, objects["module"], objects["trainer"].global_step, callbacks),
         config=OmegaConf.to_container(cfg, resolve=True),
-        names=(teacher.name, "student"),
+        names=(objects["teacher"].name, "student"),
         run=facts,
     )
-    datamodule = objects["datamodule"]
+    return assess(_comparison(objects), cfg.eval, cfg.paths.output_dir, about, heldout=held)
+
+
+def _comparison(objects: dict[str, Any]) -> Comparison:
+    """The trained student and the teacher, on the student's device, with the held-out batches."""
+    teacher, student, datamodule = objects["teacher"], objects["student"], objects["datamodule"]
+    teacher.to(next(student.parameters()).device)
     # Long-tail buckets come from the training split's token counts; a datamodule without them skips the buckets.
     counts = datamodule.train_token_counts() if hasattr(datamodule, "train_token_counts") else None
-    models = Comparison(
-        student, teacher, teacher.tokenizer, datamodule.heldout_dataloader(), module.vocab_size, token_counts=counts
+    return Comparison(
+        student,
+        teacher,
+        teacher.tokenizer,
+        datamodule.heldout_dataloader(),
+        objects["module"].vocab_size,
+        token_counts=counts,
     )
-    return assess(models, cfg.eval, cfg.paths.output_dir, about)
+
+
+def _split_heldout(cfg: DictConfig, objects: dict[str, Any], trainer: pl.Trainer) -> Any:
+    """Under DDP, the held-out pass split across the ranks: rank 0 gets the one-process result, the others None.
+
+    Every DDP rank holds the whole student and teacher, so each scores its share of the batches (``None`` for
+    one process, or under FSDP, whose whole student exists on rank 0 only: rank 0 then scores them all).
+    """
+    if not cfg.eval.enabled or trainer.world_size < 2 or is_sharded(trainer.strategy.model):
+        return None
+    models = _comparison(objects)
+    device = next(models.student.parameters()).device
+    log.info("rank %d scores its share of the held-out batches (%d ranks)", trainer.global_rank, trainer.world_size)
+    return heldout_pass(models, cfg.eval, device, shard=(trainer.global_rank, trainer.world_size))
 
 
 def _side_key(key: str, side: str) -> str:

@@ -175,6 +175,8 @@ def test_ddp_sim_two_processes_train_and_log_once(tmp_path, cache_dir):
     assert proc.returncode == 0, out[-3000:]
     assert "distributed_backend=gloo" in out and "All distributed processes registered" in out
     assert out.count("Held-out evaluation") == 1
+    # Both ranks scored their share of the held-out batches; rank 0 printed the merged table.
+    assert "rank 0 scores its share" in out and "rank 1 scores its share" in out
     run = tmp_path / "run"
     versions = list(run.glob("csv/version_*"))
     assert len(versions) == 1

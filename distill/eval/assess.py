@@ -17,7 +17,13 @@ from torch.utils.data import DataLoader
 
 from distill.config import ConfigError
 from distill.eval.cost import cost_metrics
-from distill.eval.heldout import format_table, generation_fidelity, heldout_analysis, summarize_documents
+from distill.eval.heldout import (
+    Heldout,
+    format_table,
+    generation_fidelity,
+    heldout_analysis,
+    summarize_documents,
+)
 from distill.eval.report import build_report, plot_run, write_report
 from distill.eval.tasks import LOCAL_TASKS, TaskCache, build_local_tasks, hf_lm, run_tasks, task_manager
 
@@ -105,7 +111,11 @@ class Provenance:
 
 
 def assess(
-    models: Comparison, settings: Mapping[str, Any], run_dir: str | Path, about: Provenance | None = None
+    models: Comparison,
+    settings: Mapping[str, Any],
+    run_dir: str | Path,
+    about: Provenance | None = None,
+    heldout: Heldout | None = None,
 ) -> dict[str, Any]:
     """Score the student and the baseline on held-out data, tasks, generation and cost; write the report.
 
@@ -115,6 +125,7 @@ def assess(
             ``task_batch_size``, ``fidelity_prompts``, ``prompt_tokens``, ``new_tokens``, ``speed_runs``, ``guard``.
         run_dir: where the report and plots go.
         about: where the models come from (folders, modifications, config, names, run facts).
+        heldout: the held-out pass already done (split across ranks: :func:`heldout_pass`); run here if None.
 
     Returns:
         The report dict (also written as report.json / report.md).
@@ -123,24 +134,22 @@ def assess(
     about = about or Provenance()
     device = next(models.student.parameters()).device
     sides: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
-    documents, rows = _score_heldout(models, settings, sides, device)
+    documents, rows = _score_heldout(models, sides, heldout or heldout_pass(models, settings, device))
     notes = _score_tasks(models, settings, Path(run_dir), sides)
     prompts = _score_fidelity(models, settings, sides, device)
     _score_cost(models, settings, sides, prompts, about)
     return _write(sides, notes, settings, run_dir, about, documents, rows)
 
 
-def _score_heldout(
-    models: Comparison, settings: Mapping[str, Any], sides: dict[str, dict[str, float]], device: torch.device
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
-    """Held-out perplexity, KL and agreement, the long-tail buckets and per-document scores, in one pass.
+def heldout_pass(
+    models: Comparison, settings: Mapping[str, Any], device: torch.device, shard: tuple[int, int] | None = None
+) -> Heldout | None:
+    """The held-out pass of a report: both models over ``eval.max_batches`` held-out batches.
 
-    Returns:
-        The per-document scores for ``report.json``'s ``documents`` (worst first in report.md), and the
-        per-sequence sums for its ``heldout_rows`` (what paired comparisons of two runs resample).
-
+    With ``shard=(rank, world_size)`` every rank of the process group must call it; the batches are split
+    across the ranks and rank 0 gets the one-process result (the others None; :func:`heldout_analysis`).
     """
-    held = heldout_analysis(
+    return heldout_analysis(
         {"teacher": models.baseline, "student": models.student},
         models.baseline,
         models.val_loader,
@@ -149,7 +158,20 @@ def _score_heldout(
         device=device,
         token_counts=models.token_counts,
         eos_token_id=getattr(models.tokenizer, "eos_token_id", None),
+        shard=shard,
     )
+
+
+def _score_heldout(
+    models: Comparison, sides: dict[str, dict[str, float]], held: Heldout
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
+    """Held-out perplexity, KL and agreement, the long-tail buckets and per-document scores, into ``sides``.
+
+    Returns:
+        The per-document scores for ``report.json``'s ``documents`` (worst first in report.md), and the
+        per-sequence sums for its ``heldout_rows`` (what paired comparisons of two runs resample).
+
+    """
     print("\nHeld-out evaluation (validation split):\n" + format_table(held.metrics), flush=True)
     for side in sides:
         sides[side].update({f"heldout/{k}": v for k, v in held.metrics[side].items() if k != "tokens"})

@@ -118,7 +118,8 @@ def heldout_analysis(
     device: torch.device | str = "cpu",
     token_counts: Tensor | None = None,
     eos_token_id: int | None = None,
-) -> Heldout:
+    shard: tuple[int, int] | None = None,
+) -> Heldout | None:
     """:func:`heldout_metrics`, plus the long-tail buckets and the per-document scores, in the same pass.
 
     Args:
@@ -132,6 +133,9 @@ def heldout_analysis(
         token_counts: training count per token id; buckets the label tokens (:func:`frequency_buckets`).
         eos_token_id: the id that ends each packed document; a label token belongs to the document it is
             in (an EOS to the document it ends).
+        shard: ``(rank, world_size)`` to split the batches across the ranks of a process group: every rank
+            must call this with the same batches and models; rank ``r`` scores batches ``r, r+W, ...``, and
+            rank 0 merges the ranks' sums into the one-process result (the others get ``None``).
 
     Returns:
         The scores; ``tail`` and ``documents`` stay empty without ``token_counts`` / ``eos_token_id``.
@@ -142,17 +146,62 @@ def heldout_analysis(
     was_training = {name: m.training for name, m in models.items()}
     for m in models.values():
         m.eval()
+    rank, world = shard or (0, 1)
     try:
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            _accumulate(tally, models, teacher, batch, vocab_size, device)
+            # Every rank walks every batch for the document bookkeeping (cheap); only its own are scored.
+            _accumulate(tally, models, teacher, batch, vocab_size, device, score=i % world == rank)
     finally:
         for name, m in models.items():
             m.train(was_training[name])
+    if shard is not None:
+        tally = _merged_on_rank_zero(tally, rank, world)
+        if tally is None:
+            return None
     if tally.count == 0:
         raise ValueError("held-out evaluation saw no tokens")
     return tally.result()
+
+
+def _merged_on_rank_zero(tally: _Tally, rank: int, world: int) -> _Tally | None:
+    """Rank 0's tally with every rank's sums added, rows in batch order (a collective; None on other ranks)."""
+    import torch.distributed as dist
+
+    parts: list[_Tally | None] = [None] * world if rank == 0 else []
+    dist.gather_object(tally, parts if rank == 0 else None, dst=0)
+    if rank != 0:
+        return None
+    merged = parts[0]
+    for part in parts[1:]:
+        merged.count += part.count
+        for name in merged.names:
+            for key in merged.sums[name]:
+                merged.sums[name][key] += part.sums[name][key]
+            merged.tail[name] += part.tail[name]
+        for d, entry in part.docs.items():  # heads are the same on every rank (all batches were walked)
+            mine = merged.docs.setdefault(d, {"tokens": 0, "head": entry["head"]})
+            mine["tokens"] += entry["tokens"]
+            for name in merged.names:
+                if name in entry:
+                    side = mine.setdefault(name, {"agree": 0.0, "correct": 0.0})
+                    side["agree"] += entry[name]["agree"]
+                    side["correct"] += entry[name]["correct"]
+    # Rank r scored batches r, r+W, ...: put the per-sequence rows back in the one-process order.
+    order = sorted(range(sum(len(p.batches) for p in parts)), key=lambda j: _batch_of(parts, j))
+    rows = {name: [r for p in parts for r in p.rows[name]] for name in merged.names}
+    merged.rows = {name: [rows[name][j] for j in order] for name in merged.names}
+    return merged
+
+
+def _batch_of(parts: list[_Tally], j: int) -> int:
+    """The global batch index of the ``j``-th scored batch, counting the ranks' batches rank after rank."""
+    for part in parts:
+        if j < len(part.batches):
+            return part.batches[j]
+        j -= len(part.batches)
+    raise IndexError(j)
 
 
 class _Tally:
@@ -169,6 +218,8 @@ class _Tally:
         self.tail = {name: torch.zeros(3, n, dtype=torch.float64) for name in names}
         self.docs: dict[int, dict[str, Any]] = {}
         self.next_doc = 0  # document index of the next token in the held-out stream
+        self.batches: list[int] = []  # the index of each batch scored, in order (one rows entry each)
+        self.seen = 0  # batches walked, scored or not
 
     def document_ids(self, ids: Tensor) -> Tensor:
         """Each position's document index: EOS tokens seen before it in the stream (rows in order)."""
@@ -278,8 +329,12 @@ def _accumulate(
     batch: dict[str, Tensor],
     vocab_size: int,
     device: torch.device | str,
+    score: bool = True,
 ) -> None:
-    """Add one batch's summed NLL, KL and agreement per model (and its buckets and documents) to ``tally``."""
+    """Add one batch's summed NLL, KL and agreement per model (and its buckets and documents) to ``tally``.
+
+    With ``score=False`` only the document bookkeeping runs (another rank scores this batch).
+    """
     ids = batch["input_ids"].to(device)
     mask = batch.get("attention_mask")
     mask = mask.to(device) if mask is not None else None
@@ -290,6 +345,10 @@ def _accumulate(
         positions = tally.document_ids(batch["input_ids"])
         tally.add_heads(batch["input_ids"], positions)
         doc = positions[:, 1:].to(device)[real]
+    tally.seen += 1
+    if not score:
+        return
+    tally.batches.append(tally.seen - 1)
     bucket = None if tally.buckets is None else tally.buckets[labels.clamp(0, len(tally.buckets) - 1)][real]
     t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab_size].float()
     t_logp = F.log_softmax(t_logits, -1)
