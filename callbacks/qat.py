@@ -1,7 +1,7 @@
 """Quantization-aware training (torchao) as a Lightning callback; the maths is :mod:`distill.compress.quant.qat`.
 
 The student is fake-quantized from ``start_step`` while it distils and converted to real quantized weights at
-the end of fit. Order with the other compression callbacks: prune → share → lowrank → qat
+the end of fit. Order with the other compression callbacks: prune → share → lowrank → sparsity → qat
 (:data:`distill.compress.stages.STAGES`). QAT is last because every other stage rewrites the weights it would
 otherwise have to quantize again; ``distill.compress.stages.check_schedule`` refuses a ``start_step`` before
 an earlier stage's ``end_step``.

@@ -42,6 +42,7 @@ def test_bench_scripts_are_the_expected_ones():
         "prune_heal",
         "qat_vs_ptq",
         "share_lowrank",
+        "sparsity",
         "step_time",
         "teacher_cache",
     ]

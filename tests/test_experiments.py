@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from distill.compress.stages import STAGES
 from distill.config import build
 from distill.runtime.strategies import check_trainer_config
 from slurm.submit import compose_config, job_settings, render
@@ -58,6 +59,9 @@ def recipe_cfg(recipe: str, out: Path, cache_dir: Path, *extra: str) -> DictConf
                 if node.get(key) is not None:
                     scaled = int(node[key] * TINY_STEPS / full)
                     node[key] = max(scaled, 1) if key == "every_n_steps" else scaled
+            if node.get("importance") == "wanda":  # Wanda scores the batches before its first cut
+                node.start_step = max(node.start_step, node.calib_batches)
+                node.end_step = max(node.end_step, node.start_step)
     return cfg
 
 
@@ -73,6 +77,7 @@ def test_every_recipe_is_tested():
         "qad_int4_ce",
         "qad_int3",
         "qad_q4_0",
+        "distill_sparse",
         "llama3_8b_to_1b_slurm",
     }
 
@@ -86,7 +91,7 @@ def test_recipe_header_gives_the_command(recipe):
 
 # The CE control and the int3 and Q4_0 variants share qad_int4's code path: run with -m slow (about 40 s each,
 # loaded). tests/export/test_gguf.py trains on the Q4_0 grid and exports the file in the default suite.
-_SLOW_RECIPES = {"qad_int4_ce", "qad_int3", "qad_q4_0"}
+_SLOW_RECIPES = {"qad_int4_ce", "qad_int3", "qad_q4_0", "distill_sparse"}  # sparsity: tests/compress
 
 
 @pytest.mark.parametrize(
@@ -94,7 +99,7 @@ _SLOW_RECIPES = {"qad_int4_ce", "qad_int3", "qad_q4_0"}
 )
 def test_recipe_runs_on_tiny_models_with_all_its_callbacks(recipe, tmp_path, cache_dir):
     cfg = recipe_cfg(recipe, tmp_path, cache_dir)
-    expected = [k for k in ("prune", "share", "lowrank", "qat") if cfg.callbacks.get(k)]
+    expected = [k for k in STAGES if cfg.callbacks.get(k)]
     _, objects = train(cfg)
     assert objects["trainer"].global_step == TINY_STEPS
     kinds = [c["kind"] for c in objects["module"].structure]

@@ -86,6 +86,19 @@ CASES = {
         at_crash=("share", "lowrank"),
         tied=True,
     ),
+    # Wanda weight sparsity pruned at steps 2, 4 and 6: the step-4 checkpoint holds the step-2 masks and the
+    # activation statistics collected for step 4, which the resumed run must prune with.
+    "sparsity_wanda_mid_schedule": Case(
+        (
+            "callbacks=sparsity",
+            "callbacks.sparsity.start_step=2",
+            "callbacks.sparsity.end_step=6",
+            "callbacks.sparsity.every_n_steps=2",
+            "callbacks.sparsity.calib_batches=2",
+        ),
+        at_crash=("sparsity",),
+        mid_schedule=True,
+    ),
     # QAT prepared at step 2 with ranges frozen from step 3 (all 7 linears of the 1-layer smoke student) ...
     "qat_delayed_start_frozen_ranges": Case(
         ("callbacks=qat", "callbacks.qat.start_step=2", "callbacks.qat.freeze_ranges_step=3"),

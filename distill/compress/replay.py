@@ -29,6 +29,8 @@ REPLAYS: dict[str, Replay] = {
     "share": lambda student, spec: apply_sharing(student, spec, init="first"),
     "lowrank": lambda student, spec: factorize(student, spec["ranks"]),
     "qat": lambda student, spec: prepare(student, QuantSpec.from_dict(spec)),
+    # Weight sparsity changes no shape: the zeros are in the checkpoint's weights, the masks in the callback's state.
+    "sparsity": lambda _student, _spec: None,
 }
 
 

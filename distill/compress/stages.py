@@ -11,9 +11,10 @@ checkpoint can be rebuilt by anything that imports ``distill`` (``evaluate.py`` 
 Every compression callback implements :class:`CompressionStage`; the export, the schedule check, the
 modification log and ``evaluate.py`` talk to callbacks only through it.
 
-Compression stages also have a fixed order, :data:`STAGES`: prune → share → lowrank → qat. Quantization
-goes last because every other stage rewrites the weights it would have to quantize again; pruning goes
-first because sharing and factorising a matrix that is then sliced wastes the work. A change of an
+Compression stages also have a fixed order, :data:`STAGES`: prune → share → lowrank → sparsity → qat.
+Quantization goes last because every other stage rewrites the weights it would have to quantize again; pruning
+goes first because sharing and factorising a matrix that is then sliced wastes the work; weight sparsity
+zeroes weights of the final shapes, and quantization keeps its zeros (zero is exact on every grid here). A change of an
 earlier stage after a later one is refused, and :func:`check_schedule` refuses configs whose step
 windows overlap in the wrong order before training starts.
 """
@@ -28,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.config import ConfigError
 
-STAGES = ("prune", "share", "lowrank", "qat")
+STAGES = ("prune", "share", "lowrank", "sparsity", "qat")
 
 
 @runtime_checkable

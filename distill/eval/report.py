@@ -373,6 +373,21 @@ def _callback_prune(config: Mapping[str, Any]) -> str:
     return f"{_target(config) or 'pruning'}: {', '.join(targets)} ({', '.join([*how, steps, *extras])})"
 
 
+def _sparsity(config: Mapping[str, Any]) -> str:
+    """One weight-sparsity step; the last lists each linear's share of zeros and its nonzero count."""
+    text = f"step {config.get('step', '?')}: {config.get('sparsity', 0):.1%} of the decoder linears' weights zero"
+    layers = config.get("layers") or {}
+    if layers:
+        shares = [v["sparsity"] for v in layers.values()]
+        nonzeros = sum(v["nonzeros"] for v in layers.values())
+        text += (
+            f" ({config.get('pattern', '?')}, {config.get('importance', '?')}; per linear {min(shares):.1%}–"
+            f"{max(shares):.1%}, {nonzeros:,} nonzeros in {len(layers)} linears: report.json lists each). "
+            "The export stores the zeros densely: dense kernels, every CPU run included, gain no speed from them"
+        )
+    return text
+
+
 def _layer_selection(config: Mapping[str, Any]) -> str:
     """The teacher layers a measured from_teacher student kept, and the scores of those it dropped."""
     kept, scores = list(config.get("kept") or []), list(config.get("scores") or [])
@@ -388,7 +403,7 @@ def _layer_selection(config: Mapping[str, Any]) -> str:
 def summarize_modifications(modifications: Sequence[Mapping[str, Any]]) -> list[str]:
     """One readable line per modification, in order (the full records stay in report.json).
 
-    Known kinds (``distillation``, ``layer_selection``, ``prune``, ``qat``, ``share``, ``lowrank``,
+    Known kinds (``distillation``, ``layer_selection``, ``prune``, ``qat``, ``share``, ``lowrank``, ``sparsity``,
     ``callback:prune``) get a summary of what changed; any other kind lists its set scalar settings, with
     lists as "N items".
     """
@@ -412,6 +427,8 @@ def summarize_modifications(modifications: Sequence[Mapping[str, Any]]) -> list[
             text = _callback_prune(config)
         elif kind == "layer_selection":
             text = _layer_selection(config)
+        elif kind == "sparsity":
+            text = _sparsity(config)
         else:
             name = _target(config)
             text = (f"{name}: " if name else "") + (_settings(config) or "no settings")

@@ -143,6 +143,7 @@ SHARDED_STAGE_REASONS = {
     "prune": "it scores and slices whole weight matrices, and each rank holds only a shard of each",
     "share": "it ties one parameter across decoder layers, and FSDP cannot tie parameters across its units",
     "lowrank": "it factorises whole weight matrices and replaces modules inside FSDP's units",
+    "sparsity": "it scores and masks whole weight matrices, and each rank holds only a shard of each",
     "qat": "it swaps modules for fake-quantized ones after FSDP has flattened them into its units",
 }
 

@@ -105,7 +105,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(tmp_path, cache_
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("stage", ["prune", "share", "lowrank", "qat"])
+@pytest.mark.parametrize("stage", ["prune", "share", "lowrank", "sparsity", "qat"])
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp_sim", "deepspeed_stage_3"])
 def test_compression_under_sharding_is_refused_at_start_up_naming_the_strategy(stage, strategy):
     from tests.conftest import compose_cfg
