@@ -111,7 +111,9 @@ def test_recipe_runs_on_tiny_models_with_all_its_callbacks(recipe, tmp_path, cac
     assert report["run"]["steps"] == TINY_STEPS and report["run"]["train_seconds"] > 0
     student = report["metrics"]["student"]
     assert student["cost/compression_ratio"] > 0
-    if expected:  # compression shrank the student below the fp32 model the recipe started from
+    # Compression shrank the student below the fp32 model the recipe started from; weight sparsity alone keeps
+    # the dense shapes (zeros stored densely, docs/sparsity.md), so it shrinks nothing on its own.
+    if set(expected) - {"sparsity"}:
         start = build(cfg.student, teacher=objects["teacher"])
         fp32_bytes = 4 * sum(p.numel() for p in start.parameters())
         if "gguf" in cfg.export.formats:  # in torch it holds the grid's values in fp32; the file is what shrank
