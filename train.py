@@ -34,7 +34,7 @@ from distill.module import DistillModule
 from distill.objective.objective import DistillationObjective
 from distill.runtime.gather import gather_student, is_sharded
 from distill.runtime.paths import export_root
-from distill.runtime.rank_zero_load import empty_weights, launch_rank
+from distill.runtime.rank_zero_load import empty_weights, launch_rank, tie_again
 from distill.runtime.resume import resolve_resume
 from distill.runtime.strategies import (
     apply_student_switches,
@@ -175,13 +175,16 @@ def _build_models(cfg: DictConfig, objective: DistillationObjective) -> dict[str
     # A student that measures which teacher layers to keep (student.select) needs training text, so the data
     # comes first for it; every other student keeps the order below, and with it the RNG draws of its init.
     measured = cfg.student.get("select", "even") != "even"
-    with nullcontext() if _reads_weights(cfg, measured) else empty_weights():
+    reads = _reads_weights(cfg, measured)
+    with nullcontext() if reads else empty_weights():
         teacher = build(cfg.teacher)
         datamodule = build(cfg.data, tokenizer=teacher.tokenizer) if measured else None
         if datamodule is not None:
             datamodule.setup("fit")  # tokenises and caches the splits (prepare_data's work), then loads them
         calibration = {"calibration": datamodule.train_set} if datamodule is not None else {}  # training split only
         student = build(cfg.student, teacher=teacher, **calibration)
+    if not reads:
+        tie_again(getattr(teacher, "model", teacher), student)
     apply_student_switches(student, cfg.get("trainer_extras"))  # activation checkpointing, torch.compile
     objective.attach(student.config, teacher.config)
     if datamodule is None:

@@ -74,6 +74,19 @@ def empty_weights() -> Iterator[None]:
         _EMPTY = before
 
 
+def tie_again(*models: nn.Module) -> None:
+    """Restore the tied embeddings of models built inside :func:`empty_weights`.
+
+    accelerate's ``init_empty_weights`` wraps every parameter registered under it in a new meta Parameter,
+    so the output layer that transformers ties to the embedding ends up a separate tensor. Rank 0's models
+    are tied; the filling broadcast pairs tensors by walking the modules, so the other ranks must be too.
+    """
+    for model in models:
+        config = getattr(model, "config", None)
+        if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+            model.tie_weights()
+
+
 def has_meta_tensors(module: nn.Module) -> bool:
     """Whether any parameter or buffer of ``module`` is on the meta device."""
     return any(t.is_meta for t in (*module.parameters(), *module.buffers()))

@@ -46,13 +46,15 @@ def test_two_fsdp_ranks_export_the_gathered_student_of_one_process_with_twice_th
     # The 2-rank run takes the chunked loss (the teacher unit gathered for it, distill.runtime.gather), the
     # 1-process run the plain one (auto is off at this vocabulary): equal weights mean equal losses and gradients.
     run = tmp_path / "fsdp"
-    proc = run_train_cli(_fsdp(run, *SGD, "distill.objective.chunked=true"), tmp_path, cache_dir)
+    tied = "student.tie_word_embeddings=true"  # rank 1 builds it empty: its tie must survive (tie_again)
+    proc = run_train_cli(_fsdp(run, *SGD, tied, "distill.objective.chunked=true"), tmp_path, cache_dir)
     out = proc.stdout + proc.stderr
     assert "distributed_backend=gloo" in out and "FullyShardedDataParallel" in out  # Lightning's FSDP path ran
 
-    single_cfg = tiny_cfg(*COMMON[1:], *SGD, "data.batch_size=4", output_dir=tmp_path / "single")
+    single_cfg = tiny_cfg(*COMMON[1:], *SGD, tied, "data.batch_size=4", output_dir=tmp_path / "single")
     _, single = train(single_cfg)
     assert "the loss takes the chunked path" in out and not single["module"].chunked
+    assert single["student"].lm_head.weight is single["student"].model.embed_tokens.weight
     # Only rank 0 read the teacher; rank 1 built both models empty and was filled unit by unit from rank 0, so
     # the equal weights below also check that fill (rank_zero_load.py).
     assert "rank 1 builds the teacher and student empty" in out and "rank 0 builds" not in out
@@ -128,3 +130,24 @@ def test_zero3_refuses_an_export_it_cannot_gather():
     check_sharded_callbacks(cfg.trainer, cfg.callbacks, leaves_training=False)
     cfg = compose_cfg(["trainer=fsdp_sim"], Path("/tmp/unused"), Path("/tmp/unused"))
     check_sharded_callbacks(cfg.trainer, cfg.callbacks, leaves_training=True)  # FSDP's student is gathered
+
+
+def test_models_built_empty_keep_their_tied_embeddings():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.runtime.rank_zero_load import empty_weights, tie_again
+
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    with empty_weights():
+        model = LlamaForCausalLM(config)
+    assert model.lm_head.weight.is_meta and model.model.rotary_emb.inv_freq.device.type == "cpu"  # buffers real
+    tie_again(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
