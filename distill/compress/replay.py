@@ -28,9 +28,9 @@ REPLAYS: dict[str, Replay] = {
     # The shared values are overwritten by the checkpoint right after, so the cheapest init will do.
     "share": lambda student, spec: apply_sharing(student, spec, init="first"),
     "lowrank": lambda student, spec: factorize(student, spec["ranks"]),
-    "qat": lambda student, spec: prepare(student, QuantSpec.from_dict(spec)),
     # Weight sparsity changes no shape: the zeros are in the checkpoint's weights, the masks in the callback's state.
     "sparsity": lambda _student, _spec: None,
+    "qat": lambda student, spec: prepare(student, QuantSpec.from_dict(spec)),
 }
 
 

@@ -17,12 +17,13 @@ from distill.compress.quant import qat
 from distill.compress.quant.schemes import make_spec
 from distill.compress.replay import REPLAYS, replay
 from distill.compress.share import apply_sharing, sharing_spec
+from distill.compress.sparsity import unstructured_mask
 from distill.config import ConfigError
 from tests.compress.prune.helpers import make_batch, make_student, prepare, score
 
 
 def compress(student: nn.Module) -> list[dict[str, Any]]:
-    """Prune, share, factorise and fake-quantize ``student`` in place as the callbacks do; returns their log.
+    """Prune, share, factorise, sparsify and fake-quantize ``student`` in place as the callbacks do; returns the log.
 
     Each spec is built the way its callback builds the one it records (``callbacks/<stage>.py``).
     """
@@ -37,12 +38,18 @@ def compress(student: nn.Module) -> list[dict[str, Any]]:
     # Both layers' down_proj are one tied weight: the factorisation keeps them one pair of factors.
     ranks = {"model.layers.0.mlp.down_proj": 4, "model.layers.1.mlp.down_proj": 4}
     factorize(student, ranks)
+    # Weight sparsity: half of a plain projection zeroed by magnitude; nothing to rebuild, the zeros are weights.
+    gate = student.model.layers[0].mlp.gate_proj.weight
+    with torch.no_grad():
+        gate.mul_(unstructured_mask(gate.abs(), 0.5))
+    sparse = {"step": 1, "level": 0.5, "sparsity": 0.5}
     quant = make_spec("int8_weight_only", None, None)
     qat.prepare(student, quant)
     return [
         {"kind": "prune", "spec": pruned},
         {"kind": "share", "spec": shared},
         {"kind": "lowrank", "spec": {"ranks": ranks}},
+        {"kind": "sparsity", "spec": sparse},
         {"kind": "qat", "spec": quant.to_dict()},
     ]
 
