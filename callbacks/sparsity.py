@@ -173,7 +173,7 @@ class WeightSparsity(CompressionCallback):
                 keep = unstructured_mask(score, level, self.compare)
             if name in self.masks:  # masks only grow (a pruned weight scores 0, but ties must not revive it)
                 keep &= self.masks[name].to(keep.device)
-            self.masks[name] = keep.cpu()
+            self.masks[name] = keep.to(linear.weight.device)  # kept where the weight is: applied every step
         if self.norms is not None:
             self.norms.reset()
         self._apply(pl_module)
@@ -193,7 +193,9 @@ class WeightSparsity(CompressionCallback):
         linears = target_linears(pl_module.student)
         for name, keep in self.masks.items():
             weight = linears[name].weight
-            weight.mul_(keep.to(weight.device, weight.dtype))
+            if keep.device != weight.device:  # a checkpoint's masks arrive on the CPU: moved once, not every step
+                keep = self.masks[name] = keep.to(weight.device)
+            weight.mul_(keep)
 
     # -- export and state ------------------------------------------------------------------------
     def export_compact(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path | None:
@@ -215,7 +217,9 @@ class WeightSparsity(CompressionCallback):
     def state_dict(self) -> dict[str, Any]:
         """Schedule progress, the masks (bit-packed) and Wanda's partial statistics."""
         # uint8 tensors and int lists: a checkpoint must load with torch.load(weights_only=True).
-        packed = {n: (torch.from_numpy(np.packbits(m.numpy().ravel())), list(m.shape)) for n, m in self.masks.items()}
+        packed = {
+            n: (torch.from_numpy(np.packbits(m.cpu().numpy().ravel())), list(m.shape)) for n, m in self.masks.items()
+        }
         norms = dict(self.norms.sums) if self.norms is not None else {}
         return {"done": list(self.done), "masks": packed, "norms": norms}
 

@@ -189,19 +189,10 @@ def _merged_on_rank_zero(tally: _Tally, rank: int, world: int) -> _Tally | None:
                     side["agree"] += entry[name]["agree"]
                     side["correct"] += entry[name]["correct"]
     # Rank r scored batches r, r+W, ...: put the per-sequence rows back in the one-process order.
-    order = sorted(range(sum(len(p.batches) for p in parts)), key=lambda j: _batch_of(parts, j))
-    rows = {name: [r for p in parts for r in p.rows[name]] for name in merged.names}
-    merged.rows = {name: [rows[name][j] for j in order] for name in merged.names}
+    for name in merged.names:
+        scored = sorted((b, i, p) for p in parts for i, b in enumerate(p.batches))
+        merged.rows[name] = [p.rows[name][i] for _, i, p in scored]
     return merged
-
-
-def _batch_of(parts: list[_Tally], j: int) -> int:
-    """The global batch index of the ``j``-th scored batch, counting the ranks' batches rank after rank."""
-    for part in parts:
-        if j < len(part.batches):
-            return part.batches[j]
-        j -= len(part.batches)
-    raise IndexError(j)
 
 
 class _Tally:

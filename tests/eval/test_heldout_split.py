@@ -9,25 +9,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from distill.eval.heldout import heldout_analysis
+from tests.helpers import tiny_llama
 
 EOS = 3
 
 
 def _models() -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    teacher, student = LlamaForCausalLM(config), LlamaForCausalLM(config)
-    return teacher.eval(), student.eval()
+    return tiny_llama(0, vocab_size=64).eval(), tiny_llama(1, vocab_size=64).eval()
 
 
 def _batches() -> list[dict[str, torch.Tensor]]:

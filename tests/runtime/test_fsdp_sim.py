@@ -133,21 +133,11 @@ def test_zero3_refuses_an_export_it_cannot_gather():
 
 
 def test_models_built_empty_keep_their_tied_embeddings():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from distill.runtime.rank_zero_load import empty_weights, tie_again
+    from tests.helpers import tiny_llama
 
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
     with empty_weights():
-        model = LlamaForCausalLM(config)
+        model = tiny_llama()  # tied embeddings
     assert model.lm_head.weight.is_meta and model.model.rotary_emb.inv_freq.device.type == "cpu"  # buffers real
     tie_again(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
