@@ -117,9 +117,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         baseline = build(cfg.teacher)
     model, tokenizer, changes = load_model(cfg.model, baseline.tokenizer)
-    vocab = shared_vocab_size(
-        baseline.tokenizer, tokenizer, baseline.vocab_size, model.get_output_embeddings().weight.shape[0]
-    )
+    rows = model.get_output_embeddings().weight.shape[0]
+    vocab = shared_vocab_size(baseline.tokenizer, tokenizer, baseline.vocab_size, rows, training=False)
     datamodule = build(cfg.data, tokenizer=baseline.tokenizer)
     datamodule.setup()
     about = Provenance(

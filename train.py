@@ -11,7 +11,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill.compress.stages import CompressionStage, check_schedule, compression_stages
 from distill.config import (
@@ -22,6 +22,7 @@ from distill.config import (
     instantiate_loggers,
     named_callbacks,
 )
+from distill.data.generation import Generation
 from distill.eval.assess import Comparison, Provenance, assess, heldout_pass
 from distill.eval.cost import disk_bytes
 from distill.eval.sweep import versus_ptq
@@ -39,6 +40,7 @@ from distill.runtime.resume import resolve_resume
 from distill.runtime.strategies import (
     apply_student_switches,
     check_sharded_callbacks,
+    check_sharded_generation,
     check_trainer_config,
     is_fsdp,
     is_zero3,
@@ -61,7 +63,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.export.enabled and "gguf" in check_formats(cfg.export):
         # What the GGUF file cannot hold is known from the built student: refuse now, not after training.
         gguf_type = cfg.export.get("gguf_type", "auto")
-        gguf_export.check_student(objects["student"], objects["teacher"].tokenizer, gguf_type)
+        gguf_export.check_student(objects["student"], objects["module"].tokenizer, gguf_type)
     trainer, loggers, callbacks, stages = _build_trainer(cfg)
     objects["trainer"] = trainer
     if ckpt_path:
@@ -139,6 +141,7 @@ def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]
     """
     check_trainer_config(cfg.trainer, objective=cfg.distill.objective)  # e.g. FSDP on CPU, before any load
     check_sharded_callbacks(cfg.trainer, cfg.get("callbacks"), cfg.export.enabled or cfg.eval.enabled)
+    check_sharded_generation(cfg.trainer, cfg.distill.get("generation"))
     if not isinstance(cfg.get("seed"), int):
         raise config_error("seed", cfg.get("seed"), "give an integer seed, e.g. seed=1234")
     check_optimization(cfg.distill.optimizer, cfg.distill.get("scheduler"))
@@ -187,8 +190,9 @@ def _build_models(cfg: DictConfig, objective: DistillationObjective) -> dict[str
         tie_again(getattr(teacher, "model", teacher), student)
     apply_student_switches(student, cfg.get("trainer_extras"))  # activation checkpointing, torch.compile
     objective.attach(student.config, teacher.config)
+    tokenizer = _student_tokenizer(cfg, teacher, student, objective)
     if datamodule is None:
-        datamodule = build(cfg.data, tokenizer=teacher.tokenizer)
+        datamodule = build(cfg.data, tokenizer=tokenizer)
         # Tokenise (or load the cached splits) now: a bad file or column fails here, before the loggers write.
         datamodule.setup("fit")
     teacher.check_data(datamodule)  # a cached teacher only fits the data it was built from
@@ -198,10 +202,72 @@ def _build_models(cfg: DictConfig, objective: DistillationObjective) -> dict[str
         objective,
         optimizer=build(cfg.distill.optimizer),
         scheduler=build(cfg.distill.scheduler) if cfg.distill.get("scheduler") else None,
+        generation=_generation(cfg, teacher, datamodule),
+        student_tokenizer=tokenizer,
     )
     if module.chunked:  # distill.objective.chunked: auto turns it on from chunked_min_vocab entries
         log.info("the loss takes the chunked path (%d-entry vocabulary; docs/performance.md)", module.vocab_size)
     return {"teacher": teacher, "student": student, "module": module, "datamodule": datamodule}
+
+
+def _student_tokenizer(cfg: DictConfig, teacher: Any, student: Any, objective: DistillationObjective) -> Any:
+    """The student's tokenizer: the teacher's, or its own with ``distill.objective.cross_tokenizer``.
+
+    Across tokenizers the data is tokenised with the student's, the export carries it, and the end-of-run report
+    (which compares the two models token by token) is skipped: it is not defined across vocabularies.
+    """
+    own = getattr(student, "distill_tokenizer", None)
+    method = objective.cross_tokenizer
+    if method is None:
+        return teacher.tokenizer
+    if own is None:
+        raise config_error(
+            "distill.objective.cross_tokenizer",
+            method,
+            "the student uses the teacher's tokenizer; set it to null, or give the student its own "
+            "(student=pretrained student.path=..., or student=tiny student.tokenizer=...)",
+        )
+    if hasattr(teacher, "targets"):
+        raise config_error("distill.objective.cross_tokenizer", method, "a cached teacher has no text to re-read")
+    if cfg.export.enabled and "gguf" in check_formats(cfg.export) and cfg.export.get("gguf_pre", "auto") == "auto":
+        raise config_error(
+            "export.gguf_pre",
+            "auto",
+            "auto names the teacher's llama.cpp pre-tokenizer, not the student's; name the student's "
+            "(export.gguf_pre=default for GPT-2's split)",
+        )
+    objective.attach_tokenizers(teacher.tokenizer, own)
+    if objective.cross is not None and objective.cross.shared is not None:
+        log.info("cross-tokenizer align: %d shared tokens", objective.cross.shared.size)
+    if cfg.eval.enabled:
+        log.warning("eval.enabled: the teacher-vs-student report compares tokens, so it is skipped across tokenizers")
+        with open_dict(cfg):
+            cfg.eval.enabled = False
+    return own
+
+
+def _generation(cfg: DictConfig, teacher: Any, datamodule: Any) -> Generation | None:
+    """``distill.generation`` built and checked against the data and the teacher (None when nothing is generated)."""
+    node = cfg.distill.get("generation")
+    generation = build(node, field="distill.generation") if node else None
+    if generation is None or not generation.enabled:
+        return None
+    if hasattr(teacher, "targets"):  # a cached teacher holds targets for corpus text only
+        key = "student_fraction" if generation.student_fraction else "teacher_fraction"
+        raise config_error(
+            f"distill.generation.{key}",
+            getattr(generation, key),
+            "a cached teacher cannot score or write generated text; use a live teacher (teacher=smollm2 ...)",
+        )
+    if generation.teacher_fraction and cfg.distill.objective.get("cross_tokenizer"):
+        raise config_error(
+            "distill.generation.teacher_fraction",
+            generation.teacher_fraction,
+            "the teacher writes in its own tokens, which this run's data does not use; set it to 0 across tokenizers",
+        )
+    generation.check(datamodule.block_size, datamodule.tokenizer)
+    log.info("generated rows: %s (docs/generation.md)", generation.settings())
+    return generation
 
 
 def _build_trainer(cfg: DictConfig) -> tuple[pl.Trainer, list, dict[str, Any], list[CompressionStage]]:
@@ -232,7 +298,7 @@ def _export(
     plain = plain_model(student, stages)
     out = export_student(
         plain,
-        teacher.tokenizer,
+        module.tokenizer,  # the student's: the teacher's, or its own across tokenizers
         cfg.export.dir,
         verify=cfg.export.verify,
         metadata={
@@ -243,7 +309,7 @@ def _export(
     )
     publish_student(loggers, out)  # W&B: the export as a model artifact
     log.info("exported the student to %s", out)
-    compact = export_compact_forms(student, teacher.tokenizer, stages, cfg.paths.output_dir)
+    compact = export_compact_forms(student, module.tokenizer, stages, cfg.paths.output_dir)
     for name, path in compact.items():
         log.info("%s wrote a compact export to %s", name, path)
     candidates = [out, *compact.values()]
@@ -254,12 +320,12 @@ def _export(
                 "export.formats has torchao but QAT never converted the student (start_step not reached)"
             )
         folder = save_transformers_torchao(
-            student, teacher.tokenizer, Path(cfg.paths.output_dir) / "student_torchao", qat.spec
+            student, module.tokenizer, Path(cfg.paths.output_dir) / "student_torchao", qat.spec
         )
         log.info("wrote the transformers torchao export %s (loads with plain from_pretrained)", folder)
         candidates.append(folder)  # checked to reload with identical logits
     if "gguf" in formats:
-        check = _export_gguf(cfg, plain, teacher, stages)
+        check = _export_gguf(cfg, plain, module.tokenizer, stages)
         objects["gguf"] = check
         # The report measures the student in memory, so the GGUF file is the artifact only when it computes
         # the same model (a student trained on its llama.cpp grid), not when writing it rounded the weights.
@@ -270,7 +336,7 @@ def _export(
 
 
 def _export_gguf(
-    cfg: DictConfig, plain: Any, teacher: Any, stages: list[CompressionStage]
+    cfg: DictConfig, plain: Any, tokenizer: Any, stages: list[CompressionStage]
 ) -> gguf_export.GGUFCheck | None:
     """Write the GGUF file (``export.formats`` has ``gguf``); returns what its verification measured."""
     trained = next((s.gguf_types for s in stages if getattr(s, "gguf_types", None)), {})
@@ -285,11 +351,11 @@ def _export_gguf(
             "QAT never converted the student (start_step not reached): the GGUF file rounds it to %s", gguf_type
         )
     if not cfg.export.verify:
-        file = gguf_export.write_gguf(plain, teacher.tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre)
+        file = gguf_export.write_gguf(plain, tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre)
         log.info("wrote the GGUF export %s (not verified: export.verify=false)", file)
         return None
     # Checked before the folder is published: a file that fails leaves the previous one in place.
-    check = gguf_export.export_gguf(plain, teacher.tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre)
+    check = gguf_export.export_gguf(plain, tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre)
     file = check.file
     log.info(
         "wrote the GGUF export %s (%s, %.2f MiB): reloads as written; against the student max |Δlogit| %.3g, "

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from distill.compress.replay import replay
 from distill.compress.stages import check_stage_order
+from distill.data.generation import Generation
 from distill.eval.cost import parameter_count
 from distill.models.teacher import Teacher
 from distill.objective.divergences import IGNORE_INDEX
@@ -54,6 +55,10 @@ class DistillModule(pl.LightningModule):
         optimizer: a partial optimizer factory taking the parameters.
         scheduler: a partial LR scheduler factory taking the optimizer, stepped every optimizer step.
         vocab_size: vocabulary compared between the models (the shared prefix when sizes differ).
+        generation: replaces a share of each training batch with student- or teacher-generated sequences
+            (:mod:`distill.data.generation`); None = the corpus only.
+        student_tokenizer: the student's tokenizer when it differs from the teacher's
+            (``distill.objective.cross_tokenizer``); None = the teacher's.
 
     """
 
@@ -65,6 +70,8 @@ class DistillModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         vocab_size: int | None = None,
+        generation: Generation | None = None,
+        student_tokenizer: Any = None,
     ) -> None:
         super().__init__()
         self.teacher = teacher
@@ -76,8 +83,12 @@ class DistillModule(pl.LightningModule):
         self.objective = objective
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.vocab_size = vocab_size or min(teacher.vocab_size, student.get_output_embeddings().weight.shape[0])
+        self.tokenizer = student_tokenizer if student_tokenizer is not None else teacher.tokenizer
+        student_rows = student.get_output_embeddings().weight.shape[0]
+        # Across tokenizers the student's logits are compared with nothing position by position: all of them count.
+        self.vocab_size = vocab_size or (student_rows if objective.cross else min(teacher.vocab_size, student_rows))
         self.structure: list[dict[str, Any]] = []
+        self.generation = generation if generation is not None and generation.enabled else None
         # Decided once: chunking changes how the loss is computed, never its value.
         self.chunked = objective.use_chunked(self.vocab_size, student)
         self._last_step_end: float | None = None
@@ -108,6 +119,8 @@ class DistillModule(pl.LightningModule):
         The config as built is what the structure log replays onto (``evaluate.py`` rebuilds a student from
         a checkpoint that way); the current one says what the student has become.
         """
+        if self.generation is not None:  # the teacher continuations so far, so a resumed run reads what this one had
+            self.generation.flush(self.global_step)
         checkpoint["student_structure"] = copy.deepcopy(self.structure)
         checkpoint["student_config"] = self.student.config.to_dict()
         checkpoint["student_config_initial"] = copy.deepcopy(self.initial_student_config)
@@ -128,7 +141,19 @@ class DistillModule(pl.LightningModule):
         self.teacher.train(False)
         return self
 
+    def _cross_step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The step across tokenizers: the teacher reads each row's text in its own tokens (cross_batch.py)."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        pairs = self.objective.cross.align(ids, batch.get("kd_labels", batch["labels"]))
+        t_logits = self.teacher(pairs.teacher_ids, attention_mask=pairs.teacher_mask).logits
+        s_logits = self.student(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        s_rows = s_logits.reshape(-1, s_logits.shape[-1])[pairs.student_rows]
+        t_rows = t_logits.reshape(-1, t_logits.shape[-1])[pairs.teacher_rows]
+        return self.objective.forward_cross(s_logits, batch["labels"], s_rows, t_rows)
+
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.objective.cross is not None:
+            return self._cross_step(batch)
         hidden = self.objective.needs_hidden_states
         ids, mask, v = batch["input_ids"], batch.get("attention_mask"), self.vocab_size
         # A cached teacher serves its top-k and tail buckets at the KD temperature (teacher_cache.py).
@@ -151,6 +176,7 @@ class DistillModule(pl.LightningModule):
                     student_hidden=s_out.hidden_states if hidden else None,
                     teacher_hidden=t_hidden if hidden else None,
                     attention_mask=mask,
+                    kd_labels=batch.get("kd_labels"),
                 )
         if cached:
             if hidden:
@@ -167,10 +193,42 @@ class DistillModule(pl.LightningModule):
             student_hidden=s_out.hidden_states if hidden else None,
             teacher_hidden=t_states,
             attention_mask=mask,
+            kd_labels=batch.get("kd_labels"),
         )
 
+    def on_fit_start(self) -> None:
+        """With ``distill.generation.teacher_cache``: read the teacher continuations earlier runs (or this one) kept."""
+        gen = self.generation
+        if gen is not None and gen.teacher_cache and gen.teacher_fraction > 0:
+            folder = gen.cache_folder(self.teacher.identity, self.trainer.datamodule.data_key())
+            gen.load_cache(folder)
+            log.info("teacher continuations: %d kept in %s", len(gen.cached or {}), folder)
+
+    def on_train_end(self) -> None:
+        """Publish the last teacher continuations; log this rank's peak host memory (``bench/fsdp_memory.py``)."""
+        if self.generation is not None:
+            self.generation.flush(self.global_step)
+        log.info("rank %d peak host memory %.0f MiB", self.global_rank, peak_host_mib())
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _generate(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Replace a share of the batch with generated sequences; log their token share and the time it took."""
+        started = time.perf_counter()
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        step, rank = self.global_step, self.global_rank
+        batch, generated = self.generation.apply(batch, self.student, self.teacher, step, micro, rank, self._pad_id())
+        real = float(batch["kd_labels"].ne(IGNORE_INDEX).sum()) if "kd_labels" in batch else batch["input_ids"].numel()
+        self.log("train/generated_share", generated / max(real, 1.0))
+        self.log("train/generation_s", time.perf_counter() - started)
+        return batch
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """One distillation step; logs the total, CE, KD (and hidden) losses."""
+        """One distillation step (on partly generated rows with ``distill.generation``); logs the loss terms."""
+        if self.generation is not None:
+            batch = self._generate(batch, batch_idx)
         out = self._step(batch)
         self.log("train/loss", out["loss"], prog_bar=True)
         self.log_dict({f"train/{k}_loss": out[k] for k in ("ce", "kd", "hidden") if k in out})
@@ -184,10 +242,6 @@ class DistillModule(pl.LightningModule):
             tokens = batch["input_ids"].numel() * self.trainer.world_size
             self.log("train/tokens_per_s", tokens / (now - self._last_step_end), prog_bar=True)
         self._last_step_end = now
-
-    def on_train_end(self) -> None:
-        """Log this rank's peak host memory (every rank; ``bench/fsdp_memory.py`` reads the lines)."""
-        log.info("rank %d peak host memory %.0f MiB", self.global_rank, peak_host_mib())
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         """Validation losses, kept per term weighted by the batch's real tokens (padding batches weigh 0)."""

@@ -1,4 +1,4 @@
-"""A pretrained student loaded from a hub id or local folder (it must share the teacher's tokenizer)."""
+"""A pretrained student loaded from a hub id or local folder (with the teacher's tokenizer, or cross_tokenizer set)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from transformers import PreTrainedModel
 
 from distill.models.loading import load_causal_lm, resolve_source
 from distill.models.teacher import Teacher
-from distill.models.tokenizer import load_tokenizer, shared_vocab_size
+from distill.models.tokenizer import load_tokenizer
+from students.config import attach_tokenizer
 
 
 def load(
@@ -17,8 +18,9 @@ def load(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    cross_tokenizer: str | None = None,
 ) -> PreTrainedModel:
-    """Load the student and stop at once if its tokenizer differs from the teacher's."""
+    """Load the student; stop at once if its tokenizer differs from the teacher's and ``cross_tokenizer`` is unset."""
     source = resolve_source(path, None, gguf_file, "student")
     tokenizer = load_tokenizer(
         source, gguf_file=gguf_file, trust_remote_code=trust_remote_code, revision=revision, field="student"
@@ -31,5 +33,4 @@ def load(
         revision=revision,
         field="student",
     )
-    shared_vocab_size(teacher.tokenizer, tokenizer, teacher.vocab_size, model.get_output_embeddings().weight.shape[0])
-    return model
+    return attach_tokenizer(model, teacher, tokenizer, cross_tokenizer)

@@ -37,6 +37,7 @@ def test_bench_scripts_are_the_expected_ones():
         "cliff",
         "deploy_speed",
         "fsdp_memory",
+        "generation",
         "headline",
         "kd_vs_ce",
         "prune_heal",

@@ -48,6 +48,17 @@ PRUNE = (
 )
 CASES = {
     "distill_only": Case((), at_crash=()),
+    # On-policy rows (GKD, λ = 0.5) and teacher-cached sequence-level rows: the resumed run samples the same
+    # continuations (seeded by step and rank) and reads the teacher continuations the checkpoint published.
+    "generation_on_policy": Case(
+        (
+            "distill.generation.student_fraction=0.5",
+            "distill.generation.teacher_fraction=0.25",
+            "distill.generation.max_new_tokens=12",
+            "distill.generation.teacher_cache=${paths.output_dir}/seqkd",
+        ),
+        at_crash=(),
+    ),
     # Tied mid-run (step 3), relaxed by LoRA: the checkpoint holds the ties, and resume rebuilds them.
     "share_lora": Case(
         ("student.num_layers=4", "callbacks=share", "callbacks.share.start_step=3", "callbacks.share.lora_rank=2"),

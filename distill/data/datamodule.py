@@ -1,4 +1,4 @@
-"""The LightningDataModule: tokenises the corpus with the teacher's tokenizer, packs, caches and batches it."""
+"""The LightningDataModule: tokenises the corpus (with the student's tokenizer), packs, caches and batches it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from distill.config import ConfigError, config_error
 from distill.data.corpus import heldout_documents, load_raw, pack
-from distill.data.sampler import EvalBatchSampler, PaddedEvalSet, StepBatchSampler
+from distill.data.sampler import EvalBatchSampler, IndexedSet, PaddedEvalSet, StepBatchSampler
 from distill.models.tokenizer import tokenizer_fingerprint
 from distill.runtime.files import atomic_directory
 
@@ -222,7 +222,10 @@ class DistillDataModule(pl.LightningDataModule):
         ids = torch.stack([r["input_ids"] for r in rows])
         labels = ids.clone()
         labels[torch.tensor([bool(r.get("padding", False)) for r in rows])] = -100
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        out = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        if "index" in rows[0]:  # training rows: which block each is (a cached teacher continuation is found by it)
+            out["index"] = torch.tensor([int(r["index"]) for r in rows])
+        return out
 
     def train_dataloader(self) -> DataLoader:
         """Batches for ``max_steps`` optimizer steps, resuming where the restored global step left off."""
@@ -243,7 +246,7 @@ class DistillDataModule(pl.LightningDataModule):
             start=trainer.global_step * accumulate,
         )
         return DataLoader(
-            self.train_set,
+            IndexedSet(self.train_set),
             batch_sampler=sampler,
             collate_fn=self.collate,
             num_workers=self.num_workers,

@@ -93,3 +93,16 @@ class PaddedEvalSet(torch.utils.data.Dataset):
         if index < n:
             return self.rows[index]
         return {**self.rows[index - n], "padding": torch.tensor(True)}
+
+
+class IndexedSet(torch.utils.data.Dataset):
+    """Training rows that carry their own index (``distill.generation.teacher_cache`` looks continuations up by it)."""
+
+    def __init__(self, rows: torch.utils.data.Dataset) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {**self.rows[index], "index": torch.tensor(index)}

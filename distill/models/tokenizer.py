@@ -53,21 +53,27 @@ def tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def shared_vocab_size(
-    teacher_tok: PreTrainedTokenizerBase, student_tok: PreTrainedTokenizerBase, teacher_vocab: int, student_vocab: int
+    teacher_tok: PreTrainedTokenizerBase,
+    student_tok: PreTrainedTokenizerBase,
+    teacher_vocab: int,
+    student_vocab: int,
+    training: bool = True,
 ) -> int:
     """Check that teacher and student share a tokenizer and return the vocabulary size to compare over.
 
     Models often pad their embedding matrix past the tokenizer (to a multiple of 64, say). When the
     tokenizers are identical and only the sizes differ, the distributions are compared over the
-    shared prefix, which holds every real token. Anything else stops the run.
+    shared prefix, which holds every real token. Anything else stops the run; ``training`` adds that a
+    training run can distil across tokenizers (``distill.objective.cross_tokenizer``).
     """
     t_fp, s_fp = tokenizer_fingerprint(teacher_tok), tokenizer_fingerprint(student_tok)
     if t_fp != s_fp:
+        cross = ", or distil across tokenizers with distill.objective.cross_tokenizer=align (or uld)"
         raise ConfigError(
             f"student tokenizer {tokenizer_name(student_tok)!r} (fingerprint {s_fp}) differs from teacher tokenizer "
             f"{tokenizer_name(teacher_tok)!r} (fingerprint {t_fp}): distillation compares next-token distributions, "
             "so both must use the same tokenizer; pick a student built from the teacher (student=tiny or "
-            "student=from_teacher) or a pretrained student of the same family"
+            "student=from_teacher) or a pretrained student of the same family" + (cross if training else "")
         )
     shared = min(teacher_vocab, student_vocab)
     if len(teacher_tok) > shared:

@@ -25,8 +25,8 @@ from distill.objective.divergences import IGNORE_INDEX
 
 # rows → teacher logits (or log-probabilities) for the token rows [start, stop), over the shared vocabulary
 TeacherRows = Callable[[int, int], Tensor]
-# (student logits, teacher logits, labels) of one chunk → (CE sum, KD sum) over its real tokens
-ChunkTerms = Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+# (student logits, teacher logits, labels, KD mask or None) of one chunk → (CE sum, KD sum) over its real tokens
+ChunkTerms = Callable[[Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]]
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -37,15 +37,16 @@ class _ChunkedLoss(torch.autograd.Function):
         hidden: Tensor,
         *params: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        head, labels, teacher_rows, terms, (w_ce, w_kd), vocab, chunk_size, compute_grad = settings
-        n_real = (labels != IGNORE_INDEX).sum().clamp_min(1).to(torch.float32)
+        head, labels, kd_mask, teacher_rows, terms, (w_ce, w_kd), vocab, chunk_size, compute_grad = settings
+        n_ce = (labels != IGNORE_INDEX).sum().clamp_min(1).to(torch.float32)
+        n_kd = n_ce if kd_mask is None else kd_mask.sum().clamp_min(1).to(torch.float32)
         ce_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if compute_grad else None
         grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params] if compute_grad else []
         for start in range(0, hidden.shape[0], chunk_size):
             stop = min(start + chunk_size, hidden.shape[0])
-            y = labels[start:stop]
+            y, m = labels[start:stop], None if kd_mask is None else kd_mask[start:stop]
             t_logits = teacher_rows(start, stop)
             if compute_grad and type(head) is nn.Linear:
                 # Plain Linear head: differentiate only w.r.t. the chunk's logits and accumulate the weight
@@ -53,8 +54,8 @@ class _ChunkedLoss(torch.autograd.Function):
                 h = hidden[start:stop]
                 with torch.enable_grad():
                     z = head(h.detach())[:, :vocab].detach().requires_grad_(True)
-                    ce, kd = terms(z, t_logits, y)
-                    (dz,) = torch.autograd.grad((w_ce * ce + w_kd * kd) / n_real, z)
+                    ce, kd = terms(z, t_logits, y, m)
+                    (dz,) = torch.autograd.grad(w_ce * ce / n_ce + w_kd * kd / n_kd, z)
                 dz = dz.to(h.dtype)
                 weight, bias = head.weight, head.bias
                 torch.matmul(dz, weight[:vocab], out=grad_hidden[start:stop])
@@ -66,10 +67,10 @@ class _ChunkedLoss(torch.autograd.Function):
                 with torch.enable_grad():
                     h = hidden[start:stop].detach().requires_grad_(compute_grad)
                     z = head(h)[:, :vocab]
-                    ce, kd = terms(z, t_logits, y)
+                    ce, kd = terms(z, t_logits, y, m)
                     if compute_grad:
                         wrt = [h, *(p for p in params if p.requires_grad)]
-                        grads = iter(torch.autograd.grad((w_ce * ce + w_kd * kd) / n_real, wrt, allow_unused=True))
+                        grads = iter(torch.autograd.grad(w_ce * ce / n_ce + w_kd * kd / n_kd, wrt, allow_unused=True))
                         grad_hidden[start:stop] = next(grads)
                         for acc in grad_params:
                             if acc is not None:
@@ -81,7 +82,7 @@ class _ChunkedLoss(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, *[g for g in grad_params if g is not None])
         ctx.param_has_grad = [g is not None for g in grad_params] if compute_grad else [False] * len(params)
         ctx.compute_grad = compute_grad
-        ce_mean, kd_mean = ce_sum / n_real, kd_sum / n_real
+        ce_mean, kd_mean = ce_sum / n_ce, kd_sum / n_kd
         ctx.mark_non_differentiable(ce_mean, kd_mean)
         return w_ce * ce_mean + w_kd * kd_mean, ce_mean, kd_mean
 
@@ -108,6 +109,7 @@ def chunked_distill_loss(
     weights: tuple[float, float],
     vocab: int,
     chunk_size: int = 1024,
+    kd_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``w_ce·mean CE + w_kd·mean KD`` over real tokens, without materialising B·T·V logits.
 
@@ -120,6 +122,8 @@ def chunked_distill_loss(
         weights: (w_ce, w_kd), e.g. ``(1-α, α·T²)`` (``α·T`` for TVD).
         vocab: the shared vocabulary compared.
         chunk_size: token rows per chunk; the extra memory is a few ``chunk_size × V`` float tensors.
+        kd_mask: ``(N,)`` rows the KD term averages over; None = the rows with a label. It differs when the CE
+            term skips tokens the KD term keeps (a student's own generated tokens, :mod:`distill.data.generation`).
 
     Returns:
         ``(loss, ce, kd)``; only ``loss`` carries gradients (to ``hidden`` and the head's parameters).
@@ -129,7 +133,7 @@ def chunked_distill_loss(
         raise ValueError("chunk_size must be at least 1")
     params = list(head.parameters())
     compute_grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in params))
-    settings = (head, labels, teacher_rows, terms, weights, vocab, chunk_size, compute_grad)
+    settings = (head, labels, kd_mask, teacher_rows, terms, weights, vocab, chunk_size, compute_grad)
     return _ChunkedLoss.apply(settings, hidden, *params)
 
 

@@ -11,6 +11,8 @@ from torch import Tensor, nn
 from distill.config import config_error
 from distill.objective.buckets import TopKBuckets, bucket_logprobs
 from distill.objective.chunked import TeacherRows, chunkable, chunked_distill_loss
+from distill.objective.cross_batch import METHODS, CrossTokenizer
+from distill.objective.cross_tokenizer import align_kd, uld_loss
 from distill.objective.divergences import (
     IGNORE_INDEX,
     HiddenStateLoss,
@@ -41,6 +43,9 @@ class DistillationObjective(nn.Module):
             the vocabulary has at least ``chunked_min_vocab`` entries and both models support it).
         chunk_size: token rows per chunk.
         chunked_min_vocab: the vocabulary size from which ``auto`` turns chunking on.
+        cross_tokenizer: for a teacher whose tokenizer differs from the student's: ``uld`` (sorted probability
+            vectors) or ``align`` (shared tokens plus a rest bucket), both at byte-aligned positions
+            (:mod:`distill.objective.cross_batch`); null = the tokenizers must be the same.
 
     """
 
@@ -55,6 +60,7 @@ class DistillationObjective(nn.Module):
         chunked: bool | str = "auto",
         chunk_size: int = 128,
         chunked_min_vocab: int = 32768,
+        cross_tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         self.divergence = get_divergence(loss)
@@ -85,6 +91,20 @@ class DistillationObjective(nn.Module):
         if chunk_size < 1:
             raise config_error("distill.objective.chunk_size", chunk_size, "must be at least 1 token row")
         self.chunked, self.chunk_size, self.chunked_min_vocab = chunked, int(chunk_size), int(chunked_min_vocab)
+        if cross_tokenizer not in (None, *METHODS):
+            raise config_error("distill.objective.cross_tokenizer", cross_tokenizer, "choose uld, align or null")
+        if cross_tokenizer and chunked is True:
+            raise config_error(
+                "distill.objective.chunked", True, "the cross-tokenizer loss needs whole logits; use false or auto"
+            )
+        if cross_tokenizer and self.hidden_weight > 0:
+            raise config_error(
+                "distill.objective.hidden.weight",
+                self.hidden_weight,
+                "teacher and student positions differ across tokenizers; set it to 0 with cross_tokenizer",
+            )
+        self.cross_tokenizer = cross_tokenizer
+        self.cross: CrossTokenizer | None = None  # built by attach_tokenizers once both tokenizers exist
 
     def use_chunked(self, vocab_size: int, *models: Any) -> bool:
         """Whether to take the chunked path for this vocabulary and these models.
@@ -92,7 +112,7 @@ class DistillationObjective(nn.Module):
         Models whose logits are not a plain linear map of the final hidden state (soft-capped or scaled
         logits) cannot be chunked this way; asking for it explicitly is an error.
         """
-        if self.chunked is False:
+        if self.chunked is False or self.cross_tokenizer:
             return False
         unsupported = [type(m).__name__ for m in models if not chunkable(m)]
         if self.chunked is True and unsupported:
@@ -106,13 +126,15 @@ class DistillationObjective(nn.Module):
             return False
         return self.chunked is True or vocab_size >= self.chunked_min_vocab
 
-    def chunk_terms(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """(CE sum, KD sum) over the real tokens of one chunk of aligned rows."""
+    def chunk_terms(
+        self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, kd_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(CE sum, KD sum) of one chunk of aligned rows: CE over the labelled rows, KD over ``kd_mask`` (or those)."""
         mask = labels != IGNORE_INDEX
         (rows,) = real_rows(mask, student_logits)  # ignored rows never enter the softmax (NaN-safe)
         ce = F.cross_entropy(rows.float(), labels[mask], reduction="sum")
-        kd = self.kd(student_logits, teacher_logits, mask)
-        return ce, kd * mask.sum()
+        kd_rows = mask if kd_mask is None else kd_mask
+        return ce, self.kd(student_logits, teacher_logits, kd_rows) * kd_rows.sum()
 
     def kd(self, student_logits: Tensor, teacher: Tensor | TopKBuckets, mask: Tensor) -> Tensor:
         """The divergence at the objective's temperature, averaged over the real positions of ``mask``.
@@ -137,6 +159,7 @@ class DistillationObjective(nn.Module):
         student_hidden: tuple[Tensor, ...] | None = None,
         teacher_hidden: tuple[Tensor, ...] | None = None,
         attention_mask: Tensor | None = None,
+        kd_labels: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The same loss as :meth:`forward`, from the student's final hidden states and output layer ``head``.
 
@@ -153,6 +176,7 @@ class DistillationObjective(nn.Module):
             (1.0 - self.alpha, self.kd_weight),
             vocab,
             self.chunk_size,
+            kd_mask=None if kd_labels is None else kd_labels[:, 1:].reshape(-1) != IGNORE_INDEX,
         )
         return self._with_hidden({"loss": loss, "ce": ce, "kd": kd}, student_hidden, teacher_hidden, attention_mask)
 
@@ -182,6 +206,25 @@ class DistillationObjective(nn.Module):
             )
         return self
 
+    def attach_tokenizers(self, teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+        """With ``cross_tokenizer``: build the position pairing (and, for ``align``, the shared vocabulary)."""
+        if self.cross_tokenizer:
+            self.cross = CrossTokenizer(self.cross_tokenizer, teacher_tokenizer, student_tokenizer)
+
+    def forward_cross(
+        self, student_logits: Tensor, labels: Tensor, student_rows: Tensor, teacher_rows: Tensor
+    ) -> dict[str, Tensor]:
+        """The loss across tokenizers: CE on the student's labels, KD on the paired rows (``(N, Vs)``, ``(N, Vt)``)."""
+        assert self.cross is not None, "attach_tokenizers first"
+        ce = next_token_ce(student_logits[:, :-1], labels[:, 1:])
+        if self.cross.method == "uld":
+            kd = uld_loss(student_rows, teacher_rows, self.temperature)
+        else:
+            shared = self.cross.shared.to(student_rows.device)
+            kd = align_kd(student_rows, teacher_rows, shared, self.divergence, self.temperature, **self.kwargs)
+        loss = (1.0 - self.alpha) * ce + self.kd_weight * kd
+        return {"loss": loss, "ce": ce.detach(), "kd": kd.detach()}
+
     @property
     def needs_hidden_states(self) -> bool:
         """Whether forward passes must return hidden states."""
@@ -195,15 +238,18 @@ class DistillationObjective(nn.Module):
         student_hidden: tuple[Tensor, ...] | None = None,
         teacher_hidden: tuple[Tensor, ...] | None = None,
         attention_mask: Tensor | None = None,
+        kd_labels: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Compute the loss terms for one batch.
 
         Logits are unshifted ``(B, T, V)`` over the shared vocabulary (a cached teacher gives its
         :class:`TopKBuckets` at this temperature instead); ``labels`` are the input ids
-        with ``-100`` at positions that must not be predicted. Position t predicts label t+1.
+        with ``-100`` at positions that must not be predicted. Position t predicts label t+1. ``kd_labels``, when
+        given, marks the positions the KD term averages over instead (CE skips a student's own generated
+        tokens, KD does not: :mod:`distill.data.generation`).
         """
         s, t, y = student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:]
-        mask = y != IGNORE_INDEX
+        mask = (y if kd_labels is None else kd_labels[:, 1:]) != IGNORE_INDEX
         ce = next_token_ce(s, y)
         kd = self.kd(s, t, mask)
         loss = (1.0 - self.alpha) * ce + self.kd_weight * kd

@@ -148,6 +148,21 @@ SHARDED_STAGE_REASONS = {
 }
 
 
+def check_sharded_generation(trainer: Mapping[str, Any], generation: Mapping[str, Any] | None) -> None:
+    """Refuse generated rows under FSDP and ZeRO-3, whose sharded student cannot run ``generate`` outside a forward."""
+    strategy = trainer.get("strategy")
+    if not (is_fsdp(strategy) or is_zero3(strategy)) or not generation:
+        return
+    for key in ("student_fraction", "teacher_fraction"):
+        if generation.get(key):
+            raise config_error(
+                f"distill.generation.{key}",
+                generation[key],
+                f"the {strategy_name(strategy)} strategy shards the models, and sampling with them (generate, "
+                "token by token outside the wrapped forward) is not supported; use trainer=ddp, or set it to 0",
+            )
+
+
 def check_sharded_callbacks(
     trainer: Mapping[str, Any], callbacks: Mapping[str, Any] | None, leaves_training: bool = False
 ) -> None:

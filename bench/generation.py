@@ -1,0 +1,116 @@
+"""Off-policy, on-policy (GKD) and sequence-level KD on the embedded default, at equal wall-clock time.
+
+    python bench/generation.py run=true     # train every variant that has no kept report, then tabulate
+    python bench/generation.py              # tabulate from the kept reports
+
+Every variant is ``python train.py experiment=<recipe> trainer.max_time=<max_time>`` with its
+``distill.generation`` overrides, so sampling continuations costs training steps: the comparison is at equal
+time, not equal steps. Each run's end-of-run evaluation scores the student against the teacher (held-out top-1
+agreement and KL with 95 % intervals, perplexity, task accuracy with intervals). Settings: Hydra overrides of
+``conf/bench/generation.yaml``. Writes ``bench/results/generation.md`` and ``generation.json``; the reports
+are kept in ``bench/results/generation_runs/<variant>/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from bench.headline import run_recipe  # noqa: E402
+from distill.config import exit_on_config_error  # noqa: E402
+
+
+def _ci(metrics: dict[str, Any], key: str) -> str:
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    value = metrics.get(key)
+    if value is None:
+        return "–"
+    return f"{value:.3f}" + (f" ({low:.3f}–{high:.3f})" if low is not None and high is not None else "")
+
+
+def _generated(folder: Path) -> tuple[float | None, float | None]:
+    """Mean generated-token share and total seconds spent generating, from the run's metrics.csv."""
+    files = sorted(folder.glob("csv/version_*/metrics.csv"))
+    if not files:
+        return None, None
+    share, seconds = [], []
+    with files[-1].open() as handle:
+        for row in csv.DictReader(handle):
+            if row.get("train/generated_share"):
+                share.append(float(row["train/generated_share"]))
+            if row.get("train/generation_s"):
+                seconds.append(float(row["train/generation_s"]))
+    return (sum(share) / len(share) if share else None), (sum(seconds) if seconds else None)
+
+
+def _row(name: str, folder: Path) -> dict[str, Any]:
+    report = json.loads((folder / "report.json").read_text())
+    student = report["metrics"]["student"]
+    tasks = {k.split("/", 1)[1]: _ci(student, k) for k in student if k.startswith("task/") and "_ci_" not in k}
+    share, seconds = _generated(folder)
+    return {
+        "variant": name,
+        "steps": report.get("run", {}).get("steps"),
+        "train_seconds": report.get("run", {}).get("train_seconds"),
+        "generated_share_logged_steps": share,
+        "generation_seconds_logged_steps": seconds,
+        "top1": _ci(student, "heldout/top1_agreement"),
+        "kl": student.get("heldout/kl_to_teacher"),
+        "ppl": student.get("heldout/ppl"),
+        "tasks": tasks,
+    }
+
+
+def run(cfg: DictConfig) -> None:
+    """Run the variants first when ``cfg.run`` is set, then tabulate them."""
+    reports, runs_root = Path(cfg.reports), Path(cfg.runs_root)
+    for name, extra in cfg.variants.items():
+        if cfg.run and (cfg.force or not (reports / name / "report.json").exists()):
+            overrides = [f"trainer.max_time={cfg.max_time}", *cfg.common, *extra]
+            run_recipe(cfg.recipe, runs_root, cfg.force, overrides, name=f"generation_{name}")
+            (reports / name).mkdir(parents=True, exist_ok=True)
+            src = runs_root / f"generation_{name}"
+            for kept in ("report.json", "report.md"):
+                shutil.copy(src / kept, reports / name / kept)
+            for found in src.glob("csv/version_*/metrics.csv"):
+                (reports / name / "csv" / found.parent.name).mkdir(parents=True, exist_ok=True)
+                shutil.copy(found, reports / name / "csv" / found.parent.name / "metrics.csv")
+    rows = [_row(n, reports / n) for n in cfg.variants if (reports / n / "report.json").exists()]
+    task_names = sorted({t for r in rows for t in r["tasks"]})
+    head = "| variant | steps | generated share | generating (s) | top-1 agreement (95 % CI) | KL | ppl |"
+    lines = [head + "".join(f" {t} |" for t in task_names), "|" + " --- |" * (7 + len(task_names))]
+    for r in rows:
+        share, secs = r["generated_share_logged_steps"], r["generation_seconds_logged_steps"]
+        share, secs = f"{share or 0:.2f}", f"{secs or 0:.0f}"
+        cells = [r["variant"], str(r["steps"]), share, secs, r["top1"], f"{r['kl']:.3f}", f"{r['ppl']:.2f}"]
+        cells += [r["tasks"].get(t, "–") for t in task_names]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    results = Path(cfg.results_dir)
+    title = f"# Off-policy, on-policy and sequence-level KD, {cfg.max_time} of training each (bench/generation.py)\n\n"
+    (results / "generation.md").write_text(title + table + "\n")
+    (results / "generation.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench/generation")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
+    with exit_on_config_error():
+        run(cfg)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DISTILL_ROOT", str(ROOT))  # Hydra's record goes to the repository's logs/
+    main()

@@ -1,0 +1,121 @@
+"""A training batch seen through two tokenizers: the teacher's tokens for the student's text, and the pairs.
+
+The data is tokenised with the student's tokenizer (the student is what trains, is exported and generates). Each
+step, every row's student tokens are turned back into the text's bytes, the teacher's tokenizer reads the same
+text, and the positions where both models have read the same bytes are paired
+(:func:`~distill.objective.cross_tokenizer.aligned_positions`). The KD term compares the two models there only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from distill.config import config_error
+from distill.objective.cross_tokenizer import SharedVocab, aligned_positions, token_byte_ends, token_bytes
+from distill.objective.divergences import IGNORE_INDEX
+
+METHODS = ("uld", "align")
+
+
+@dataclass
+class AlignedBatch:
+    """The teacher's view of a student batch, and where the two line up.
+
+    Attributes:
+        teacher_ids: ``(B, Tt)`` the teacher's tokens of each row's text, right-padded.
+        teacher_mask: ``(B, Tt)`` 1 on real tokens.
+        student_rows: ``(N,)`` flat indices into the student's ``(B·Ts)`` positions.
+        teacher_rows: ``(N,)`` the paired flat indices into the teacher's ``(B·Tt)`` positions.
+
+    """
+
+    teacher_ids: Tensor
+    teacher_mask: Tensor
+    student_rows: Tensor
+    teacher_rows: Tensor
+
+
+def _utf8_window(raw: bytes, ends: list[int]) -> tuple[int, int]:
+    """The widest span between token boundaries that is valid UTF-8 text.
+
+    A packed row may start or stop inside a character that a byte-level token split; those few bytes have no
+    text, so no teacher token can cover them.
+    """
+    bounds = [0, *ends]
+    start = next((b for b in bounds if b < len(raw) and (raw[b] & 0xC0) != 0x80), len(raw))
+    for stop in sorted({b for b in bounds if b > start}, reverse=True):
+        try:
+            raw[start:stop].decode("utf-8")
+            return start, stop
+        except UnicodeDecodeError:
+            continue
+    return start, start
+
+
+class CrossTokenizer:
+    """Pairs positions of a student batch with the teacher's tokenisation of the same text.
+
+    Args:
+        method: ``uld`` (sorted probability vectors, no vocabulary mapping) or ``align`` (the shared tokens plus
+            one bucket for the rest).
+        teacher_tokenizer: the teacher's tokenizer.
+        student_tokenizer: the student's (and the data's) tokenizer.
+
+    """
+
+    def __init__(
+        self, method: str, teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase
+    ) -> None:
+        if method not in METHODS:
+            raise config_error("distill.objective.cross_tokenizer", method, f"choose one of {', '.join(METHODS)}")
+        self.method, self.teacher_tok, self.student_tok = method, teacher_tokenizer, student_tokenizer
+        self.shared = SharedVocab.build(teacher_tokenizer, student_tokenizer) if method == "align" else None
+        pad = teacher_tokenizer.pad_token_id
+        self.teacher_pad = pad if pad is not None else teacher_tokenizer.eos_token_id
+
+    def _row(self, ids: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """(teacher ids, student positions, teacher positions) for one row's real student tokens."""
+        s_ends = token_byte_ends(self.student_tok, ids)
+        raw = b"".join(token_bytes(self.student_tok, i) or b"" for i in ids)
+        raw = raw[len(raw) - s_ends[-1] :] if s_ends else b""  # a SentencePiece decoder drops one leading space
+        start, stop = _utf8_window(raw, s_ends)
+        if stop <= start:
+            return [], [], []
+        text = raw[start:stop].decode("utf-8")
+        t_ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"]
+        t_ends = [start + e for e in token_byte_ends(self.teacher_tok, t_ids)]
+        if t_ends and t_ends[-1] != stop:
+            raise ValueError(
+                f"teacher tokenizer {self.teacher_tok.name_or_path!r} changes the text it reads (a normaliser), so "
+                "its tokens cannot be placed on the student's bytes; distill.objective.cross_tokenizer needs a "
+                "teacher tokenizer without normalisation"
+            )
+        s_pos, t_pos = aligned_positions(s_ends, t_ends)
+        return t_ids, s_pos, t_pos
+
+    def align(self, input_ids: Tensor, kd_labels: Tensor) -> AlignedBatch:
+        """The teacher batch and the position pairs; only student positions whose next token is a KD target pair."""
+        rows = []
+        for b in range(input_ids.shape[0]):
+            real = int((kd_labels[b] != IGNORE_INDEX).sum())  # real tokens are a prefix (right padding)
+            rows.append(self._row(input_ids[b, :real].tolist()) if real > 1 else ([], [], []))
+        width = max(2, max(len(t) for t, _, _ in rows))
+        t_ids = torch.full((len(rows), width), self.teacher_pad, dtype=torch.long)
+        t_mask = torch.zeros_like(t_ids)
+        s_flat, t_flat = [], []
+        for b, (ids, s_pos, t_pos) in enumerate(rows):
+            t_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            t_mask[b, : len(ids)] = 1
+            s_flat += [b * input_ids.shape[1] + i for i in s_pos]
+            t_flat += [b * width + j for j in t_pos]
+        device = input_ids.device
+        return AlignedBatch(
+            t_ids.to(device),
+            t_mask.to(device),
+            torch.tensor(s_flat, dtype=torch.long, device=device),
+            torch.tensor(t_flat, dtype=torch.long, device=device),
+        )
