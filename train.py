@@ -11,7 +11,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from distill.compress.stages import CompressionStage, check_schedule, compression_stages
 from distill.config import (
@@ -23,7 +23,7 @@ from distill.config import (
     named_callbacks,
 )
 from distill.data.generation import Generation
-from distill.eval.assess import Comparison, Provenance, assess, heldout_pass
+from distill.eval.assess import Comparison, Provenance, assess, assess_cross, heldout_pass
 from distill.eval.cost import disk_bytes
 from distill.eval.sweep import versus_ptq
 from distill.eval.tasks import validate_task_names
@@ -93,12 +93,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         }
         facts |= _gguf_facts(objects.get("gguf"))
         report = _assess(cfg, objects, callbacks, facts, held)
-        # One line against the cheapest alternative: the teacher quantized post-training to this size.
-        log.info(
-            versus_ptq(
-                Path(cfg.paths.output_dir) / "report.json", cfg.eval.get("baselines"), facts["recipe"] or "student"
-            )
-        )
         flat = {_side_key(k, side): v for side, values in report["metrics"].items() for k, v in values.items()}
         metrics.update(flat)
         _log_report(report, flat, loggers, trainer.global_step)
@@ -214,7 +208,7 @@ def _student_tokenizer(cfg: DictConfig, teacher: Any, student: Any, objective: D
     """The student's tokenizer: the teacher's, or its own with ``distill.objective.cross_tokenizer``.
 
     Across tokenizers the data is tokenised with the student's, the export carries it, and the end-of-run report
-    (which compares the two models token by token) is skipped: it is not defined across vocabularies.
+    scores what is defined across vocabularies (bits per byte, agreement in bytes: ``assess_cross``).
     """
     own = getattr(student, "distill_tokenizer", None)
     method = objective.cross_tokenizer
@@ -239,10 +233,6 @@ def _student_tokenizer(cfg: DictConfig, teacher: Any, student: Any, objective: D
     objective.attach_tokenizers(teacher.tokenizer, own)
     if objective.cross is not None and objective.cross.shared is not None:
         log.info("cross-tokenizer align: %d shared tokens", objective.cross.shared.size)
-    if cfg.eval.enabled:
-        log.warning("eval.enabled: the teacher-vs-student report compares tokens, so it is skipped across tokenizers")
-        with open_dict(cfg):
-            cfg.eval.enabled = False
     return own
 
 
@@ -380,7 +370,14 @@ def _assess(
         names=(objects["teacher"].name, "student"),
         run=facts,
     )
-    return assess(_comparison(objects), cfg.eval, cfg.paths.output_dir, about, heldout=held)
+    cross = objects["module"].objective.cross
+    if cross is not None:  # bits per byte and byte-level agreement (distill/eval/cross_heldout.py)
+        return assess_cross(_comparison(objects), cross, cfg.eval, cfg.paths.output_dir, about)
+    report = assess(_comparison(objects), cfg.eval, cfg.paths.output_dir, about, heldout=held)
+    # One line against the cheapest alternative: the teacher quantized post-training to this size.
+    label = facts["recipe"] or "student"
+    log.info(versus_ptq(Path(cfg.paths.output_dir) / "report.json", cfg.eval.get("baselines"), label))
+    return report
 
 
 def _comparison(objects: dict[str, Any]) -> Comparison:
@@ -392,7 +389,7 @@ def _comparison(objects: dict[str, Any]) -> Comparison:
     return Comparison(
         student,
         teacher,
-        teacher.tokenizer,
+        objects["module"].tokenizer,  # the student's (the teacher's unless cross_tokenizer)
         datamodule.heldout_dataloader(),
         objects["module"].vocab_size,
         token_counts=counts,
@@ -406,6 +403,8 @@ def _split_heldout(cfg: DictConfig, objects: dict[str, Any], trainer: pl.Trainer
     one process, or under FSDP, whose whole student exists on rank 0 only: rank 0 then scores them all).
     """
     if not cfg.eval.enabled or trainer.world_size < 2 or is_sharded(trainer.strategy.model):
+        return None
+    if objects["module"].objective.cross is not None:  # rank 0 scores it across tokenizers (assess_cross)
         return None
     models = _comparison(objects)
     device = next(models.student.parameters()).device

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from distill.config import ConfigError
 from distill.eval.cost import cost_metrics
+from distill.eval.cross_heldout import cross_heldout
 from distill.eval.heldout import (
     Heldout,
     format_table,
@@ -141,6 +142,30 @@ def assess(
     return _write(sides, notes, settings, run_dir, about, documents, rows)
 
 
+def assess_cross(
+    models: Comparison, cross: Any, settings: Mapping[str, Any], run_dir: str | Path, about: Provenance | None = None
+) -> dict[str, Any]:
+    """:func:`assess` for a teacher and a student with different tokenizers (``distill.objective.cross_tokenizer``).
+
+    The held-out scores are the ones defined across vocabularies (:mod:`distill.eval.cross_heldout`): bits per
+    byte of both models and top-1 agreement in bytes. Tasks run for each model through its own tokenizer. The
+    teacher's speed is not timed (the probe prompts are student tokens) and greedy-generation fidelity is left
+    out (it compares token ids).
+    """
+    about = about or Provenance()
+    device = next(models.student.parameters()).device
+    sides = cross_heldout(models.student, models.base_lm, cross, models.val_loader, settings.get("max_batches"), device)
+    notes = _score_tasks(models, settings, Path(run_dir), sides)
+    notes.append(
+        "teacher and student use different tokenizers: held-out scores are bits per byte and top-1 agreement in "
+        "bytes at byte-aligned positions; no generation fidelity, no teacher speed (docs/generation.md)"
+    )
+    first = next(iter(models.val_loader))["input_ids"]
+    prompts = first[:1, : settings.get("prompt_tokens", 32)].to(device)
+    _score_cost(models, settings, sides, prompts, about, teacher_speed=False)
+    return _write(sides, notes, settings, run_dir, about)
+
+
 def heldout_pass(
     models: Comparison, settings: Mapping[str, Any], device: torch.device, shard: tuple[int, int] | None = None
 ) -> Heldout | None:
@@ -221,6 +246,11 @@ def _score_tasks(
     manager = task_manager(task_dir, tasks)
     batch_size = settings.get("task_batch_size", 8)
     sided = {"student": models.student, **({"teacher": models.base_lm} if models.can_generate else {})}
+    # Each side reads the tasks through its own tokenizer (they differ across tokenizers: docs/generation.md).
+    tokenizers = {
+        "student": models.tokenizer,
+        "teacher": getattr(models.baseline, "tokenizer", None) or models.tokenizer,
+    }
     for side, model in sided.items():
         # The frozen teacher scores the same on the same tasks in every run: its results are kept on disk.
         cache = (
@@ -231,7 +261,7 @@ def _score_tasks(
             else None
         )
         scores = run_tasks(
-            hf_lm(model, models.tokenizer, batch_size),
+            hf_lm(model, tokenizers[side], batch_size),
             tasks,
             manager,
             limit=settings.get("task_limit"),
@@ -262,6 +292,7 @@ def _score_cost(
     sides: dict[str, dict[str, float]],
     prompts: Tensor,
     about: Provenance,
+    teacher_speed: bool = True,
 ) -> None:
     """Size and speed of each side, and the student's compression ratios.
 
@@ -280,7 +311,7 @@ def _score_cost(
         cost = cost_metrics(
             model,
             folder,
-            speed_probe if models.can_generate or side == "student" else None,
+            speed_probe if side == "student" or (models.can_generate and teacher_speed) else None,
             new_tokens=settings.get("new_tokens", 16) or 16,
             runs=settings.get("speed_runs", 3),
         )

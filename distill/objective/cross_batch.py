@@ -30,6 +30,7 @@ class AlignedBatch:
         teacher_mask: ``(B, Tt)`` 1 on real tokens.
         student_rows: ``(N,)`` flat indices into the student's ``(B·Ts)`` positions.
         teacher_rows: ``(N,)`` the paired flat indices into the teacher's ``(B·Tt)`` positions.
+        pair_bytes: ``(N,)`` how many bytes of its row's text both models have read at each pair.
 
     """
 
@@ -37,6 +38,7 @@ class AlignedBatch:
     teacher_mask: Tensor
     student_rows: Tensor
     teacher_rows: Tensor
+    pair_bytes: Tensor
 
 
 def _utf8_window(raw: bytes, ends: list[int]) -> tuple[int, int]:
@@ -77,14 +79,14 @@ class CrossTokenizer:
         pad = teacher_tokenizer.pad_token_id
         self.teacher_pad = pad if pad is not None else teacher_tokenizer.eos_token_id
 
-    def _row(self, ids: list[int]) -> tuple[list[int], list[int], list[int]]:
-        """(teacher ids, student positions, teacher positions) for one row's real student tokens."""
+    def _row(self, ids: list[int]) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(teacher ids, student positions, teacher positions, their byte offsets) for one row's real tokens."""
         s_ends = token_byte_ends(self.student_tok, ids)
         raw = b"".join(token_bytes(self.student_tok, i) or b"" for i in ids)
         raw = raw[len(raw) - s_ends[-1] :] if s_ends else b""  # a SentencePiece decoder drops one leading space
         start, stop = _utf8_window(raw, s_ends)
         if stop <= start:
-            return [], [], []
+            return [], [], [], []
         text = raw[start:stop].decode("utf-8")
         t_ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"]
         t_ends = [start + e for e in token_byte_ends(self.teacher_tok, t_ids)]
@@ -95,27 +97,29 @@ class CrossTokenizer:
                 "teacher tokenizer without normalisation"
             )
         s_pos, t_pos = aligned_positions(s_ends, t_ends)
-        return t_ids, s_pos, t_pos
+        return t_ids, s_pos, t_pos, [s_ends[i] for i in s_pos]
 
     def align(self, input_ids: Tensor, kd_labels: Tensor) -> AlignedBatch:
         """The teacher batch and the position pairs; only student positions whose next token is a KD target pair."""
         rows = []
         for b in range(input_ids.shape[0]):
             real = int((kd_labels[b] != IGNORE_INDEX).sum())  # real tokens are a prefix (right padding)
-            rows.append(self._row(input_ids[b, :real].tolist()) if real > 1 else ([], [], []))
-        width = max(2, max(len(t) for t, _, _ in rows))
+            rows.append(self._row(input_ids[b, :real].tolist()) if real > 1 else ([], [], [], []))
+        width = max(2, max(len(r[0]) for r in rows))
         t_ids = torch.full((len(rows), width), self.teacher_pad, dtype=torch.long)
         t_mask = torch.zeros_like(t_ids)
-        s_flat, t_flat = [], []
-        for b, (ids, s_pos, t_pos) in enumerate(rows):
+        s_flat, t_flat, offsets = [], [], []
+        for b, (ids, s_pos, t_pos, at) in enumerate(rows):
             t_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             t_mask[b, : len(ids)] = 1
             s_flat += [b * input_ids.shape[1] + i for i in s_pos]
             t_flat += [b * width + j for j in t_pos]
+            offsets += at
         device = input_ids.device
         return AlignedBatch(
             t_ids.to(device),
             t_mask.to(device),
             torch.tensor(s_flat, dtype=torch.long, device=device),
             torch.tensor(t_flat, dtype=torch.long, device=device),
+            torch.tensor(offsets, dtype=torch.long, device=device),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,16 @@ def test_smollm2_tokenizer_student_distils_from_tiny_random(tiny_cfg, tmp_path, 
     assert len(tok) == 49152  # the export carries the student's own tokenizer, not the teacher's
     model = AutoModelForCausalLM.from_pretrained(export)
     assert model.config.vocab_size == 49152
-    assert "report" not in objects  # the token-by-token report is skipped across tokenizers
+    student = objects["report"]["metrics"]["student"]
+    teacher = objects["report"]["metrics"]["teacher"]
+    # Scored across vocabularies: bits per byte on the same bytes, agreement in bytes at aligned positions.
+    assert student["heldout/bytes"] == teacher["heldout/bytes"] > 0
+    assert student["heldout/bits_per_byte"] > 0 and teacher["heldout/bits_per_byte"] > 0
+    low, high = student["heldout/bits_per_byte_ci_low"], student["heldout/bits_per_byte_ci_high"]
+    assert low <= student["heldout/bits_per_byte"] <= high
+    assert 0 <= student["heldout/top1_byte_agreement"] <= 1
+    assert "heldout/top1_agreement" not in student  # token-level scores are not defined across tokenizers
+    assert (tmp_path / "report.md").is_file()
 
 
 def test_tiny_tokenizer_student_distils_from_smollm2(tmp_path, cache_dir, tiny_tokenizer_dir):
@@ -110,6 +120,25 @@ def test_tiny_tokenizer_student_distils_from_smollm2(tmp_path, cache_dir, tiny_t
     assert len(kd) == 3 and all(v > 0 for v in kd)
     assert [v for _, v in series(rows, "val/loss")]  # validation runs across tokenizers too
     assert objects["module"].objective.cross.shared.size > 200
+
+
+def test_cross_heldout_of_a_model_against_itself(tiny_teacher):
+    from distill.data.datamodule import DistillDataModule
+    from distill.eval.cross_heldout import cross_heldout
+
+    tok, model = tiny_teacher.tokenizer, tiny_teacher.model
+    text = "The module defines a class. Its methods return the value and raise an error otherwise. " * 3
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:40]] * 2)
+    batch = DistillDataModule.collate([{"input_ids": row} for row in ids])
+    sides = cross_heldout(model, model, CrossTokenizer("uld", tok, tok), [batch], None, torch.device("cpu"))
+    s, t = sides["student"], sides["teacher"]
+    assert s["heldout/bits_per_byte"] == pytest.approx(t["heldout/bits_per_byte"], rel=1e-6)
+    assert s["heldout/top1_byte_agreement"] == 1.0
+    # Every token boundary pairs with itself, so the bytes are those of tokens 1..n-2 and the NLL is the CE.
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[:, :-2].float(), -1).gather(-1, ids[:, 1:-1, None])
+    nbytes = len(tok.decode(ids[0, 1:-1]).encode()) * 2
+    assert s["heldout/bits_per_byte"] == pytest.approx(-logp.sum().item() / nbytes / math.log(2), rel=1e-5)
 
 
 def test_a_different_tokenizer_needs_the_option(tiny_cfg, smol_tokenizer_dir):
