@@ -48,7 +48,6 @@ def build(
     own, specials = _own_tokenizer(tokenizer)
     config = student_config(
         teacher.config,
-        **specials,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
@@ -58,20 +57,26 @@ def build(
         tie_word_embeddings=tie_word_embeddings,
         dtype=torch.float32,
     )
+    for key, value in specials.items():  # student_config skips None; these must be the tokenizer's, None or not
+        setattr(config, key, value)
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = config.layer_types[:num_layers]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return attach_tokenizer(model, teacher, own, cross_tokenizer) if own is not None else model
 
 
-def _own_tokenizer(source: str | None) -> tuple[Any, dict[str, int]]:
-    """The student's own tokenizer (or None) and the config fields it decides: vocabulary size and special ids."""
+def _own_tokenizer(source: str | None) -> tuple[Any, dict[str, int | None]]:
+    """The student's own tokenizer (or None) and the config fields it decides: vocabulary size and special ids.
+
+    Every special id is set, None included: an id left unset would be the teacher's, which names another token
+    in this vocabulary (or none). A tokenizer without a pad token pads with its EOS, as :func:`load_tokenizer` does.
+    """
     if not source:
         return None, {}
     own = load_tokenizer(source, field="student.tokenizer")
-    ids = (own.bos_token_id, own.eos_token_id, own.pad_token_id)
-    specials = dict(zip(("bos_token_id", "eos_token_id", "pad_token_id"), ids, strict=True))
-    return own, {**specials, "vocab_size": len(own)}
+    pad = own.pad_token_id if own.pad_token_id is not None else own.eos_token_id
+    ids = {"bos_token_id": own.bos_token_id, "eos_token_id": own.eos_token_id, "pad_token_id": pad}
+    return own, {**ids, "vocab_size": len(own)}
 
 
 def _heads(**sizes: int | None) -> tuple[int, int]:

@@ -22,6 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +32,12 @@ from typing import Any
 import datasets
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from distill.config import config_error
 from distill.objective.divergences import IGNORE_INDEX
 from distill.runtime.files import atomic_directory
+from distill.runtime.sampling import sampling as sampling_forwards
 
 
 @dataclass
@@ -73,7 +77,11 @@ def sample_continuations(
     was_training = model.training
     model.eval()  # no dropout while sampling; gradient checkpointing would also switch the KV cache off in train
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with (
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+            sampling_forwards(),
+            clean_generation(model),
+        ):
             torch.manual_seed(seed)
             out = model.generate(
                 input_ids=ids,
@@ -92,6 +100,28 @@ def sample_continuations(
         ends = [i for i, t in enumerate(row.tolist()) if t in eos]
         conts.append(row[: ends[0] + 1] if ends else row)
     return [c.cpu() for c in conts]
+
+
+@contextmanager
+def clean_generation(model: nn.Module) -> Iterator[None]:
+    """Sample with only the settings given here: the model's own generation config is set aside meanwhile.
+
+    ``generate`` fills every setting not passed from ``model.generation_config``, so a checkpoint's
+    ``repetition_penalty``, ``min_p``, ``no_repeat_ngram_size``, ``suppress_tokens``... would change the
+    distribution the student is trained on. Only the special-token ids are kept.
+    """
+    own = getattr(model, "generation_config", None)
+    if own is None:
+        yield
+        return
+    keep = {
+        k: getattr(own, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    }
+    model.generation_config = GenerationConfig(**{k: v for k, v in keep.items() if v is not None})
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 def _eos_ids(model: nn.Module) -> set[int]:
@@ -277,6 +307,8 @@ class Generation:
     def cache_folder(self, teacher_identity: dict[str, str], data_key: str) -> Path:
         """Where this teacher's continuations of these prompts live, keyed by everything that decides them."""
         sampling = {k: v for k, v in self.settings().items() if k not in ("student_fraction", "teacher_fraction")}
+        if self.prompt_file:  # the prompts themselves, so an edited file never reuses another prompt's continuations
+            sampling["prompts"] = hashlib.sha256(Path(self.prompt_file).read_bytes()).hexdigest()
         key = json.dumps({"teacher": teacher_identity, "data": data_key, **sampling}, sort_keys=True)
         return Path(self.teacher_cache) / hashlib.sha256(key.encode()).hexdigest()[:20]
 
@@ -311,7 +343,9 @@ class Generation:
         self.fresh = {}
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if merged and rank == 0:
-            with atomic_directory(self.folder / f"shard-{step:09d}", replace=True) as tmp:
+            # Never replaced: a run resumed from an older checkpoint, or a second run on the same folder, adds its
+            # own shard next to the others, so no continuation a run has used is ever lost.
+            with atomic_directory(self.folder / f"shard-{step:09d}-{uuid.uuid4().hex[:8]}", replace=False) as tmp:
                 keys = sorted(merged)
                 datasets.Dataset.from_dict({"key": keys, "continuation": [merged[k] for k in keys]}).save_to_disk(
                     str(tmp)

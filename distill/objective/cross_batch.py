@@ -87,9 +87,9 @@ class CrossTokenizer:
         start, stop = _utf8_window(raw, s_ends)
         if stop <= start:
             return [], [], [], []
-        text = raw[start:stop].decode("utf-8")
-        t_ids = self.teacher_tok(text, add_special_tokens=False)["input_ids"]
-        t_ends = [start + e for e in token_byte_ends(self.teacher_tok, t_ids)]
+        eos = self.student_tok.eos_token_id
+        cuts = [s_ends[i] for i, t in enumerate(ids) if t == eos and start <= s_ends[i] <= stop]
+        t_ids, t_ends = self._teacher_tokens(raw, start, stop, cuts)
         if t_ends and t_ends[-1] != stop:
             raise ValueError(
                 f"teacher tokenizer {self.teacher_tok.name_or_path!r} changes the text it reads (a normaliser), so "
@@ -98,6 +98,34 @@ class CrossTokenizer:
             )
         s_pos, t_pos = aligned_positions(s_ends, t_ends)
         return t_ids, s_pos, t_pos, [s_ends[i] for i in s_pos]
+
+    def _teacher_tokens(self, raw: bytes, start: int, stop: int, cuts: list[int]) -> tuple[list[int], list[int]]:
+        """The teacher's tokens of ``raw[start:stop]`` and their byte ends, its EOS wherever the student has one.
+
+        ``cuts`` are the byte offsets of the student's EOS tokens. Packed rows join documents with EOS, which
+        spells no bytes: read as plain text, the two documents would run together on the teacher's side, and the
+        student would be taught to continue the previous document right after its EOS. Each document is read
+        separately instead, and the EOS positions pair with each other. Text that looks like a special token
+        (``<|endoftext|>`` in prose) is read as text (``split_special_tokens``), so it keeps its bytes. Each
+        document's byte ends are found on their own, since a SentencePiece tokenizer puts a dummy space before
+        each text it reads.
+        """
+        t_eos = self.teacher_tok.eos_token_id
+        ids: list[int] = []
+        ends: list[int] = []
+        pos = start
+        for cut in [*cuts, None]:
+            end = stop if cut is None else cut
+            if end > pos:
+                text = raw[pos:end].decode("utf-8")
+                part = self.teacher_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                ids += part
+                ends += [pos + e for e in token_byte_ends(self.teacher_tok, part)]
+                pos = end
+            if cut is not None and t_eos is not None:
+                ids.append(t_eos)
+                ends.append(pos)
+        return ids, ends
 
     def align(self, input_ids: Tensor, kd_labels: Tensor) -> AlignedBatch:
         """The teacher batch and the position pairs; only student positions whose next token is a KD target pair."""

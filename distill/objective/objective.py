@@ -104,6 +104,10 @@ class DistillationObjective(nn.Module):
                 "teacher and student positions differ across tokenizers; set it to 0 with cross_tokenizer",
             )
         self.cross_tokenizer = cross_tokenizer
+        if cross_tokenizer == "uld":
+            # ULD is an L1 distance between (sorted) probability vectors, like total variation: its gradient shrinks
+            # as 1/T, so it is scaled by T as tvd is, whatever distill.objective.loss names.
+            self.kd_weight = self.alpha * temperature_scale("tvd", self.temperature)
         self.cross: CrossTokenizer | None = None  # built by attach_tokenizers once both tokenizers exist
 
     def use_chunked(self, vocab_size: int, *models: Any) -> bool:

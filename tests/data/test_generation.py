@@ -298,3 +298,26 @@ def test_cli_refuses_another_tokenizer_without_the_option_with_exit_code_2(tmp_p
     )
     assert proc.returncode == 2
     assert "differs from teacher tokenizer" in proc.stderr and "cross_tokenizer=align" in proc.stderr
+
+
+def test_sampling_ignores_the_models_own_generation_settings_and_calibration_hooks():
+    from distill.compress.prune.importance import ImportanceAccumulator
+
+    model = tiny_llama(vocab_size=100)
+    prompts = [torch.arange(3, 12)]
+    greedy = Sampling(max_new_tokens=8, temperature=0.0, top_p=1.0)
+    plain = sample_continuations(model, prompts, greedy, pad_id=0, seed=0)
+    # A checkpoint's own sampling settings (here an extreme repetition penalty) must not reach the samples.
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    assert torch.equal(sample_continuations(model, prompts, greedy, pad_id=0, seed=0)[0], plain[0])
+    assert model.generation_config.repetition_penalty == 50.0  # restored afterwards
+    # Pruning importance collecting in the same training step counts none of the sampling forwards.
+    acc = ImportanceAccumulator("activation", layers=True, hidden=True)
+    acc.attach(model)
+    acc.collecting = True
+    sample_continuations(model, prompts, greedy, pad_id=0, seed=0)
+    assert not acc.sums
+    model(torch.arange(3, 12)[None])
+    assert acc.sums  # an ordinary forward still counts
+    acc.detach()

@@ -52,6 +52,19 @@ def test_pairs_put_both_models_at_the_same_text(smol_tokenizer_dir, cache_dir):
     # A row cut inside a multi-byte character: the split bytes are left out, the rest still pairs.
     cut = torch.tensor([tiny("日本語 text and more words", add_special_tokens=False)["input_ids"][1:]])
     assert len(cross.align(cut, cut.clone()).student_rows) > 0
+    # Documents joined by EOS: the teacher gets its own EOS there (not the two texts run together), the two EOS
+    # positions pair, and a special-token string inside the prose is read as text.
+    docs = [tiny("First document ends here.", add_special_tokens=False)["input_ids"] + [tiny.eos_token_id]]
+    docs += [tiny("Second one says <|endoftext|> as text.", add_special_tokens=False)["input_ids"]]
+    row = torch.tensor([docs[0] + docs[1]])
+    joined = cross.align(row, row.clone())
+    t_row = joined.teacher_ids[0][joined.teacher_mask[0].bool()].tolist()
+    assert t_row.count(smol.eos_token_id) == 1
+    eos_at = len(docs[0]) - 1
+    assert eos_at in joined.student_rows.tolist()
+    paired = joined.teacher_rows[joined.student_rows.tolist().index(eos_at)].item()
+    assert t_row[paired] == smol.eos_token_id
+    assert smol.decode(t_row[paired + 1 :]) == "Second one says <|endoftext|> as text."
     # Positions whose next token is no KD target never pair.
     kd = ids.clone()
     kd[0, 10:] = IGNORE_INDEX
@@ -73,6 +86,8 @@ def test_smollm2_tokenizer_student_distils_from_tiny_random(tiny_cfg, tmp_path, 
     export = Path(objects["export_dir"])
     tok = AutoTokenizer.from_pretrained(export)
     assert len(tok) == 49152  # the export carries the student's own tokenizer, not the teacher's
+    config = objects["student"].config  # special ids are the student tokenizer's, not the teacher's
+    assert (config.eos_token_id, config.pad_token_id) == (tok.eos_token_id, tok.pad_token_id or tok.eos_token_id)
     model = AutoModelForCausalLM.from_pretrained(export)
     assert model.config.vocab_size == 49152
     student = objects["report"]["metrics"]["student"]

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from distill.compress.prune.surgery import decoder_layers, hidden_norms, hidden_params
+from distill.runtime.sampling import generating
 
 METHODS = ("activation", "taylor", "magnitude")
 
@@ -117,9 +118,17 @@ class ImportanceAccumulator:
             h.remove()
         self._handles = []
 
+    def _counts(self) -> bool:
+        """Whether this forward is scored: while collecting, except the forwards that sample continuations.
+
+        Sampling with the student (``distill.generation``) runs inside the training step, but its prompt
+        prefills and one-token decode steps are not the training distribution the scores describe.
+        """
+        return self.collecting and not generating()
+
     def _channel_hook(self, i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            if self.collecting:
+            if self._counts():
                 x = args[0].detach()
                 self._add(f"channel.{i}", x.abs().flatten(0, -2).sum(0), x[..., 0].numel())
 
@@ -129,7 +138,7 @@ class ImportanceAccumulator:
         attn = layer.self_attn
 
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            if not self.collecting:
+            if not self._counts():
                 return
             with torch.no_grad():
                 x = args[0].detach().flatten(0, -2)  # tokens × (heads · head_dim)
@@ -141,14 +150,14 @@ class ImportanceAccumulator:
         return hook
 
     def _hidden_hook(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
-        if self.collecting:
+        if self._counts():
             y = output.detach()
             # One count per token and norm: the mean over norms and tokens ranks like the sum over norms.
             self._add("hidden", y.abs().flatten(0, -2).sum(0), y[..., 0].numel())
 
     def _mean_hook(self, key: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            if self.collecting:
+            if self._counts():
                 x = args[0].detach().flatten(0, -2)
                 self._add(key, x.sum(0), x.shape[0])
 
@@ -160,7 +169,7 @@ class ImportanceAccumulator:
 
     def _layer_hook(self, i: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            if not self.collecting:
+            if not self._counts():
                 return
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
