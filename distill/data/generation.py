@@ -81,6 +81,7 @@ def sample_continuations(
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
             sampling_forwards(),
             clean_generation(model),
+            weights_quantized_once(model),
         ):
             torch.manual_seed(seed)
             out = model.generate(
@@ -122,6 +123,36 @@ def clean_generation(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.generation_config = own
+
+
+@contextmanager
+def weights_quantized_once(model: nn.Module) -> Iterator[None]:
+    """Fake-quantize each QAT weight once for the whole ``generate`` call, not once per decoded token.
+
+    A QAT student (torchao's ``FakeQuantizedLinear``/``Embedding``, the GGUF grids) rounds its whole weight in every
+    forward. Training runs one forward per step, but sampling runs one per new token, and re-rounding 135M
+    weights for each of 64 tokens cost ~2 minutes per step on a CPU. The weights cannot change inside the call
+    (no gradients), so the first result is exact for the rest.
+    """
+    patched = []
+    for module in model.modules():
+        fq = getattr(module, "weight_fake_quantizer", None)
+        if isinstance(fq, nn.Module) and "forward" not in vars(fq):
+            cache: dict[int, Tensor] = {}
+
+            def once(weight: Tensor, _fq: nn.Module = fq, _cache: dict[int, Tensor] = cache) -> Tensor:
+                key = id(weight)
+                if key not in _cache:
+                    _cache[key] = type(_fq).forward(_fq, weight)
+                return _cache[key]
+
+            fq.forward = once
+            patched.append(fq)
+    try:
+        yield
+    finally:
+        for fq in patched:
+            del fq.forward
 
 
 def _eos_ids(model: nn.Module) -> set[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -321,3 +323,35 @@ def test_sampling_ignores_the_models_own_generation_settings_and_calibration_hoo
     model(torch.arange(3, 12)[None])
     assert acc.sums  # an ordinary forward still counts
     acc.detach()
+
+
+@pytest.mark.parametrize("scheme", ["gguf_q4_0", "int4_weight_only"])
+def test_a_qat_student_rounds_its_weights_once_per_sampling_call(scheme):
+    from distill.compress.quant import schemes as quantization
+    from distill.compress.quant.qat import fake_quantized, prepare
+
+    model = tiny_llama(vocab_size=128)
+    group = None if scheme.startswith("gguf") else 32
+    prepare(model, quantization.make_spec(scheme, group, ["*norm*"], modules=["linear", "embedding"]))
+    modules = fake_quantized(model)
+    assert modules
+    calls = {"n": 0}
+    (kind,) = {type(m.weight_fake_quantizer) for m in modules.values()}
+    rounding = kind.forward
+
+    def counted(self: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return rounding(self, weight)
+
+    prompts = [torch.arange(3, 12), torch.arange(5, 9)]
+    greedy = Sampling(max_new_tokens=6, temperature=0.0, top_p=1.0)
+    with mock.patch.object(kind, "forward", counted):
+        fast = sample_continuations(model, prompts, greedy, pad_id=0, seed=0)
+    assert calls["n"] == len(modules)  # one rounding per quantized module for the six tokens
+    # The same tokens as re-rounding in every forward (what a plain generate does).
+    model.eval()
+    with torch.no_grad():
+        ids = torch.tensor([[0, 0, 0, 0, 0, 5, 6, 7, 8]])
+        slow = model.generate(ids, attention_mask=(ids != 0).long(), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert slow[0, 9 : 9 + len(fast[1])].tolist() == fast[1].tolist()
+    assert all("forward" not in vars(m.weight_fake_quantizer) for m in modules.values())  # unpatched after
