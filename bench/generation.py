@@ -40,7 +40,7 @@ def _ci(metrics: dict[str, Any], key: str) -> str:
 
 
 def _generated(folder: Path) -> tuple[float | None, float | None]:
-    """Mean generated-token share and total seconds spent generating, from the run's metrics.csv."""
+    """Mean generated-token share and mean seconds spent generating per step, over the steps metrics.csv logged."""
     files = sorted(folder.glob("csv/version_*/metrics.csv"))
     if not files:
         return None, None
@@ -51,23 +51,33 @@ def _generated(folder: Path) -> tuple[float | None, float | None]:
                 share.append(float(row["train/generated_share"]))
             if row.get("train/generation_s"):
                 seconds.append(float(row["train/generation_s"]))
-    return (sum(share) / len(share) if share else None), (sum(seconds) if seconds else None)
+    return (sum(share) / len(share) if share else None), (sum(seconds) / len(seconds) if seconds else None)
 
 
 def _row(name: str, folder: Path) -> dict[str, Any]:
     report = json.loads((folder / "report.json").read_text())
     student = report["metrics"]["student"]
-    tasks = {k.split("/", 1)[1]: _ci(student, k) for k in student if k.startswith("task/") and "_ci_" not in k}
-    share, seconds = _generated(folder)
+    tasks = {
+        k.split("/", 1)[1]: _ci(student, k)
+        for k in student
+        if k.startswith("task/") and "_ci_" not in k and not k.endswith("/n")
+    }
+    share, per_step = _generated(folder)
+    steps, seconds = report.get("run", {}).get("steps"), report.get("run", {}).get("train_seconds")
     return {
         "variant": name,
-        "steps": report.get("run", {}).get("steps"),
-        "train_seconds": report.get("run", {}).get("train_seconds"),
+        "steps": steps,
+        "train_seconds": seconds,
         "generated_share_logged_steps": share,
-        "generation_seconds_logged_steps": seconds,
+        "generation_seconds_per_step": per_step,
+        # Estimated from the logged steps' mean: metrics.csv holds every log_every_n_steps-th step only.
+        "generation_share_of_train_time": per_step * steps / seconds if per_step and steps and seconds else 0.0,
         "top1": _ci(student, "heldout/top1_agreement"),
         "kl": student.get("heldout/kl_to_teacher"),
         "ppl": student.get("heldout/ppl"),
+        # Greedy continuations of a few held-out prompts against the teacher's: the one score that reads the
+        # student's own text, but coarse (8 prompts x 16 tokens by default) and without an interval.
+        "greedy_token_agreement": student.get("fidelity/token_agreement"),
         "tasks": tasks,
     }
 
@@ -88,12 +98,17 @@ def run(cfg: DictConfig) -> None:
                 shutil.copy(found, reports / name / "csv" / found.parent.name / "metrics.csv")
     rows = [_row(n, reports / n) for n in cfg.variants if (reports / n / "report.json").exists()]
     task_names = sorted({t for r in rows for t in r["tasks"]})
-    head = "| variant | steps | generated share | generating (s) | top-1 agreement (95 % CI) | KL | ppl |"
-    lines = [head + "".join(f" {t} |" for t in task_names), "|" + " --- |" * (7 + len(task_names))]
+    head = (
+        "| variant | steps | generated share | generating, s/step | share of train time |"
+        " top-1 agreement (95 % CI) | KL | ppl | greedy agreement |"
+    )
+    lines = [head + "".join(f" {t} |" for t in task_names), "|" + " --- |" * (9 + len(task_names))]
     for r in rows:
-        share, secs = r["generated_share_logged_steps"], r["generation_seconds_logged_steps"]
-        share, secs = f"{share or 0:.2f}", f"{secs or 0:.0f}"
-        cells = [r["variant"], str(r["steps"]), share, secs, r["top1"], f"{r['kl']:.3f}", f"{r['ppl']:.2f}"]
+        share, per_step = r["generated_share_logged_steps"] or 0.0, r["generation_seconds_per_step"] or 0.0
+        cells = [r["variant"], str(r["steps"]), f"{share:.2f}", f"{per_step:.1f}"]
+        cells += [f"{r['generation_share_of_train_time']:.0%}", r["top1"], f"{r['kl']:.3f}", f"{r['ppl']:.2f}"]
+        greedy = r["greedy_token_agreement"]
+        cells.append("–" if greedy is None else f"{greedy:.3f}")
         cells += [r["tasks"].get(t, "–") for t in task_names]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
