@@ -362,7 +362,8 @@ class Generation:
         fresh = {k: v.tolist() for k, v in self.fresh.items()}
         parts = [fresh]
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed and dist.get_world_size() > 1:
             parts = [None] * dist.get_world_size()
             dist.all_gather_object(parts, fresh)
         merged: dict[int, list[int]] = {}
@@ -372,8 +373,7 @@ class Generation:
         for key, cont in merged.items():
             self.cached[key] = torch.tensor(cont, dtype=torch.long)
         self.fresh = {}
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if merged and rank == 0:
+        if merged and (not distributed or dist.get_rank() == 0):
             # Never replaced: a run resumed from an older checkpoint, or a second run on the same folder, adds its
             # own shard next to the others, so no continuation a run has used is ever lost.
             with atomic_directory(self.folder / f"shard-{step:09d}-{uuid.uuid4().hex[:8]}", replace=False) as tmp:
