@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ class QuantizationAwareTraining(OneShotCompression):
         group_size: int | None = None,
         skip: list[str] | None = None,
         modules: list[str] | None = None,
+        gguf_types: dict[str, str] | None = None,
         start_step: int = 0,
         freeze_ranges_step: int | None = None,
         export_dir: str = "student_quantized",
@@ -72,6 +74,7 @@ class QuantizationAwareTraining(OneShotCompression):
             list(skip) if skip is not None else None,
             FIELD,
             list(modules) if modules is not None else None,
+            dict(gguf_types) if gguf_types else None,
         )
         if not isinstance(start_step, int) or start_step < 0:
             raise config_error(FIELD + "start_step", start_step, "give a global step >= 0")
@@ -121,7 +124,7 @@ class QuantizationAwareTraining(OneShotCompression):
             )
         others = [cb for cb in compression_stages(trainer.callbacks) if cb is not self]
         if not others:  # earlier stages may still reshape the linears; then the check waits for prepare
-            schemes.check_targets(pl_module.student, self.spec.skip, self.spec.group_size, FIELD, self.spec.modules)
+            schemes.check_spec(pl_module.student, self.spec, FIELD)
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rebuild: bool) -> None:
         """Insert fake-quant; the Parameters stay the same objects, so the optimizer needs no rebuild."""
@@ -149,9 +152,9 @@ class QuantizationAwareTraining(OneShotCompression):
         self.converted = True
         if self.gguf_types:
             rank_zero_info(
-                f"QAT convert ({self.spec.scheme}): {len(self.gguf_types)} weights rounded to llama.cpp's "
-                f"{self.spec.scheme.removeprefix('gguf_')} grid; export.formats=[hf,gguf] writes them without "
-                "a second rounding"
+                f"QAT convert ({self.spec.scheme}): {len(self.gguf_types)} weights rounded to llama.cpp's grids "
+                f"({', '.join(f'{n} {k}' for k, n in sorted(Counter(self.gguf_types.values()).items()))}); "
+                "export.formats=[hf,gguf] writes them without a second rounding"
             )
             return
         report = quantized.size_report(pl_module.student)

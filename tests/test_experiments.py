@@ -55,6 +55,9 @@ def recipe_cfg(recipe: str, out: Path, cache_dir: Path, *extra: str) -> DictConf
                 node.heads = 3  # the recipes remove one query head per KV group; so does this
             if node._target_ == "callbacks.qat.QuantizationAwareTraining" and node.get("group_size") is not None:
                 node.group_size = 32  # the QAD recipes' 192 fits SmolLM2's widths, not the tiny student's
+            if node.get("gguf_types"):  # SmolLM2's layers are not the tiny student's; its down rows take K-quants
+                cfg.student.intermediate_size = 256
+                node.gguf_types = {"*.mlp.down_proj": "q4_k", "*.layers.1.mlp.down_proj": "q3_k"}
             for key in STEP_KEYS:
                 if node.get(key) is not None:
                     scaled = int(node[key] * TINY_STEPS / full)
@@ -77,6 +80,7 @@ def test_every_recipe_is_tested():
         "qad_int4_ce",
         "qad_int3",
         "qad_q4_0",
+        "qad_q4_mix",
         "distill_sparse",
         "llama3_8b_to_1b_slurm",
     }
@@ -90,7 +94,8 @@ def test_recipe_header_gives_the_command(recipe):
 
 
 # The CE control and the int3 and Q4_0 variants share qad_int4's code path: run with -m slow (about 40 s each,
-# loaded). tests/export/test_gguf.py trains on the Q4_0 grid and exports the file in the default suite.
+# loaded). tests/export/test_gguf.py trains on the Q4_0 grid and exports the file in the default suite, and
+# qad_q4_mix runs here by default: it trains on a mix with K-quants and exports and measures that file.
 _SLOW_RECIPES = {"qad_int4_ce", "qad_int3", "qad_q4_0", "distill_sparse"}  # sparsity: tests/compress
 
 

@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,11 @@ BNB = ("bnb_int8", "bnb_nf4")
 # label → GGUF type: the teacher written by this project's GGUF export (llama.cpp's block formats, every
 # matrix in that type, norms F32) and measured as the file reloads. The PTQ rows of the gguf_* QAT schemes.
 PTQ_GGUF: dict[str, str] = {"ptq_gguf_q4_0": "q4_0", "ptq_gguf_q8_0": "q8_0"}
-LABELS = ("teacher_fp32", "teacher_bf16", "teacher_gguf", *PTQ, *PTQ_GGUF, *BNB, "prune_noheal")
+# label → a QAT config of conf/callbacks/qat/ that gives llama.cpp types per tensor: the teacher written in
+# that recipe's mix of types with no training (the PTQ row of qad_q4_mix).
+PTQ_GGUF_MIX: dict[str, str] = {"ptq_gguf_q4_mix": "gguf_q4_mix"}
+QAT_CONF = Path(__file__).resolve().parents[2] / "conf" / "callbacks" / "qat"
+LABELS = ("teacher_fp32", "teacher_bf16", "teacher_gguf", *PTQ, *PTQ_GGUF, *PTQ_GGUF_MIX, *BNB, "prune_noheal")
 
 
 @dataclass
@@ -221,21 +226,43 @@ def ptq(bench: Bench, artifact: Path, spec: schemes.QuantSpec) -> Candidate:
     return Candidate(model, artifact, [{"kind": "ptq", "config": spec.to_dict()}], facts, notes)
 
 
-def ptq_gguf(bench: Bench, artifact: Path, gguf_type: str) -> Candidate:
-    """The teacher written as a GGUF file of ``gguf_type`` (post-training) and measured as transformers reloads it."""
+def mix_types(model: nn.Module, qat_config: str) -> tuple[str, dict[str, str]]:
+    """The scheme's llama.cpp type, and ``{weight name: type}`` on ``model``, of ``conf/callbacks/qat/<name>.yaml``."""
+    node = OmegaConf.load(QAT_CONF / f"{qat_config}.yaml")
+    spec = schemes.make_spec(node.scheme, node.group_size, list(node.skip), "", list(node.modules), node.gguf_types)
+    schemes.check_gguf_types(model, spec)
+    names = schemes.targets(model, spec.skip, spec.modules)
+    return schemes.get_scheme(spec.scheme).gguf, {f"{n}.weight": spec.gguf_kind(n) for n in names}
+
+
+def ptq_gguf(bench: Bench, artifact: Path, gguf_type: str, mix: str | None = None) -> Candidate:
+    """The teacher written as a GGUF file of ``gguf_type`` (post-training) and measured as transformers reloads it.
+
+    With ``mix`` (a QAT config name, :data:`PTQ_GGUF_MIX`), each weight takes the type that config gives it.
+    """
     from distill.export.gguf import export_gguf, teacher_pre
 
     model, tokenizer = bench.teacher.model, bench.teacher.tokenizer
     pre = teacher_pre(bench.cfg.teacher)
-    check = export_gguf(model, tokenizer, artifact, gguf_type, pre=pre, name=bench.teacher.name)
+    trained = None
+    if mix is not None:
+        gguf_type, trained = mix_types(model, mix)
+    check = export_gguf(model, tokenizer, artifact, gguf_type, trained, pre=pre, name=bench.teacher.name)
     file = check.file
     reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
     reloaded = reloaded.to(bench.device).eval()
     facts = {"gguf_type": gguf_type, "gguf_bytes": check.bytes, "tokenizer_matches": check.tokenizer_matches}
+    if trained:
+        facts["gguf_types"] = dict(sorted(Counter(trained.values()).items()))
+    counts = ", ".join(f"{n} {k.upper()}" for k, n in facts.get("gguf_types", {}).items())
+    what = (
+        f"in conf/callbacks/qat/{mix}.yaml's mix of types ({counts} matrices)"
+        if trained
+        else f"as {gguf_type.upper()} (llama.cpp's blocks of 32, every matrix including the tied embedding)"
+    )
     notes = [
-        f"The teacher written by distill.export.gguf as {gguf_type.upper()} (llama.cpp's blocks of 32, every "
-        "matrix including the tied embedding; norms F32) and measured as transformers' GGUF loader reloads it. "
-        "In memory it runs dequantized (fp32); the size on disk is the file's.",
+        f"The teacher written by distill.export.gguf {what}, norms F32, and measured as transformers' GGUF "
+        "loader reloads it. In memory it runs dequantized (fp32); the size on disk is the file's.",
     ]
     return Candidate(reloaded, artifact, [{"kind": "ptq_gguf", "config": {"type": gguf_type}}], facts, notes)
 
@@ -528,6 +555,7 @@ def run_baseline(bench: Bench, label: str, layout: Layout) -> dict[str, Any]:
         "prune_noheal": lambda: prune_noheal(bench, artifact),
         **{k: (lambda k=k: ptq(bench, artifact, ptq_spec(k))) for k in PTQ},
         **{k: (lambda k=k: ptq_gguf(bench, artifact, PTQ_GGUF[k])) for k in PTQ_GGUF},
+        **{k: (lambda k=k: ptq_gguf(bench, artifact, "q4_0", PTQ_GGUF_MIX[k])) for k in PTQ_GGUF_MIX},
         **{k: (lambda k=k: bnb(bench, artifact, k, _fp32_source(bench, layout))) for k in BNB},
     }
     if label in BNB:

@@ -12,8 +12,11 @@ What is written (llama.cpp's ``llama`` architecture, as its ``convert_hf_to_gguf
 - the byte-level BPE tokenizer (tokens, types, merges, special ids, chat template) from the student's
   Hugging Face tokenizer, so the file runs on its own.
 
-Types are those gguf-py can quantize: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1. It has no K-quant
-encoder, so K-quants are refused with the llama.cpp command that makes them from an F16 file.
+Types are those gguf-py can quantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1) and the two K-quants
+this project encodes itself (Q4_K and Q3_K, :func:`distill.compress.quant.gguf_grid.encode`; gguf-py only
+decodes them), which need rows 256k wide. A file may mix them per tensor (``trained``: the types a QAT
+student trained in). The K-quant mixes (Q4_K_M and the like) are refused with the llama.cpp command that
+makes them from an F16 file.
 
 :func:`verify_gguf` reloads the file with ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)``:
 its logits must equal those of the student with each tensor rounded by gguf-py itself (the function the
@@ -38,6 +41,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.compress.quant.gguf_grid import BLOCKS as GRID_BLOCKS
+from distill.compress.quant.gguf_grid import K_KINDS
+from distill.compress.quant.gguf_grid import encode as encode_k
 from distill.config import config_error, exit_on_config_error
 from distill.export.hf import compare_logits
 from distill.runtime.files import atomic_directory
@@ -45,12 +51,14 @@ from distill.runtime.paths import export_root
 
 log = logging.getLogger("distill")
 
-BLOCK = 32  # the quantized types here all quantize blocks of 32 along a row
 FLOAT_TYPES = ("f32", "f16", "bf16")
-QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", *K_KINDS)
 TYPES = FLOAT_TYPES + QUANT_TYPES
-K_QUANTS = ("q2_k", "q3_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k", "q4_k_s", "q4_k_m", "q5_k", "q5_k_s", "q5_k_m")
-K_QUANTS += ("q6_k",)
+# Blocks along a row: 32 for the legacy types, 256 (QK_K) for the K-quants.
+BLOCKS = {"q5_0": 32, "q5_1": 32, **GRID_BLOCKS}
+K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k", "q5_k_s", "q5_k_m", "q6_k")
+# general.file_type of a file whose matrices are mostly one K-quant (llama.cpp's names for those mixes).
+K_FILE_TYPES = {"q4_k": "MOSTLY_Q4_K_S", "q3_k": "MOSTLY_Q3_K_S"}
 # Largest |Δlogit| between the reloaded file and the student rounded by gguf-py: both compute the same
 # weights in fp32, so only summation order differs.
 RELOAD_ATOL = 1e-4
@@ -66,7 +74,18 @@ def _qtype(name: str) -> Any:
 def _file_type(name: str) -> Any:
     import gguf
 
-    return gguf.LlamaFileType.ALL_F32 if name == "f32" else gguf.LlamaFileType[f"MOSTLY_{name.upper()}"]
+    if name == "f32":
+        return gguf.LlamaFileType.ALL_F32
+    return gguf.LlamaFileType[K_FILE_TYPES.get(name, f"MOSTLY_{name.upper()}")]
+
+
+def encode(data: np.ndarray, gguf_type: str) -> np.ndarray:
+    """``data`` as the GGUF file stores it in ``gguf_type``: gguf-py's encoders, and this project's for K-quants."""
+    import gguf
+
+    if gguf_type in K_KINDS:
+        return encode_k(data, gguf_type)
+    return gguf.quants.quantize(data, _qtype(gguf_type))
 
 
 def check_type(gguf_type: str, field: str = "export.gguf_type") -> str:
@@ -198,11 +217,14 @@ def tensor_types(model: PreTrainedModel, gguf_type: str, trained: Mapping[str, s
             out[name] = "f32"
         else:
             out[name] = trained.get(name, gguf_type)
-        if out[name] in QUANT_TYPES and tensor.shape[-1] % BLOCK:
+        block = BLOCKS.get(out[name])
+        if block is not None and tensor.shape[-1] % block:
+            other = "q4_0, q8_0, f16 or f32" if block > 32 else "f16, bf16 or f32"
             raise config_error(
                 "export.gguf_type",
                 out[name],
-                f"{name} has rows {tensor.shape[-1]} wide, not a multiple of {BLOCK}; use f16, bf16 or f32",
+                f"{name} has rows {tensor.shape[-1]} wide, not a multiple of {out[name]}'s blocks of {block}; "
+                f"use {other}",
             )
     return out
 
@@ -272,7 +294,7 @@ def _add_tensors(writer: Any, model: PreTrainedModel, types: Mapping[str, str]) 
             data = _permute_rows(data, config.num_key_value_heads)
         qtype = _qtype(types[key])
         raw = None if types[key] in ("f32", "f16") else qtype  # the writer infers those two from the array
-        writer.add_tensor(target, gguf.quants.quantize(data, qtype), raw_dtype=raw)
+        writer.add_tensor(target, encode(data, types[key]), raw_dtype=raw)
 
 
 def write_gguf(
@@ -345,7 +367,8 @@ def rounded_copy(model: PreTrainedModel, types: Mapping[str, str]) -> PreTrained
     """A copy of ``model`` whose tensors are rounded through gguf-py to their GGUF types: what the file holds."""
     import gguf
 
-    out = copy.deepcopy(model).float()  # the file is read back in fp32, whatever the student trained in
+    # .to, not .float: transformers refuses .float() on a model loaded from GGUF (it counts as quantized).
+    out = copy.deepcopy(model).to(torch.float32)  # the file is read back in fp32, whatever the student trained in
     state = out.state_dict(keep_vars=True)
     done: set[int] = set()
     for key, param in state.items():
@@ -354,7 +377,7 @@ def rounded_copy(model: PreTrainedModel, types: Mapping[str, str]) -> PreTrained
         done.add(id(param))
         qtype = _qtype(types[key])
         data = param.detach().to(torch.float32).cpu().numpy()
-        values = gguf.quants.dequantize(gguf.quants.quantize(data, qtype), qtype)
+        values = gguf.quants.dequantize(encode(data, types[key]), qtype)  # gguf-py's decoder reads every type
         param.copy_(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(param.shape))
     return out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -153,6 +154,24 @@ def test_gguf_ptq_rows_measure_the_file_as_it_reloads(tmp_path, cache_dir):
     assert s["ptq_gguf_q8_0"]["heldout/kl_to_teacher"] < s["ptq_gguf_q4_0"]["heldout/kl_to_teacher"]
     assert s["ptq_gguf_q8_0"]["cost/bytes_disk"] > s["ptq_gguf_q4_0"]["cost/bytes_disk"]
     assert s["ptq_gguf_q4_0"]["heldout/kl_to_teacher"] > 0
+
+
+def test_a_mixed_gguf_ptq_row_writes_each_tensor_in_its_recipes_type(tmp_path, cache_dir, monkeypatch):
+    # The real mix names SmolLM2's layers; the tiny teacher gets a mix of the same shape under the same name.
+    conf = tmp_path / "qat"
+    conf.mkdir()
+    real = OmegaConf.load(baselines.QAT_CONF / "gguf_q4_mix.yaml")
+    real.gguf_types = {"*.mlp.down_proj": "q8_0", "*.layers.1.mlp.down_proj": "q4_1"}
+    OmegaConf.save(real, conf / "gguf_q4_mix.yaml")
+    monkeypatch.setattr(baselines, "QAT_CONF", conf)
+    report = baselines.run(bench_cfg(tmp_path, cache_dir, "baselines=[ptq_gguf_q4_mix]"))["ptq_gguf_q4_mix"]
+    file = tmp_path / "runs" / "baseline_ptq_gguf_q4_mix" / "artifact" / "student-q4_0.gguf"
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(file).tensors}
+    assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == ("Q8_0", "Q4_1")
+    assert types["blk.1.ffn_up.weight"] == types["token_embd.weight"] == "Q4_0"
+    assert report["run"]["gguf_types"] == {"q4_0": sum(t == "Q4_0" for t in types.values()), "q4_1": 1, "q8_0": 1}
+    assert "gguf_q4_mix.yaml's mix of types" in report["notes"][0]
+    assert report["metrics"]["student"]["cost/bytes_disk"] == file.stat().st_size
 
 
 def test_unknown_baseline_is_refused_before_loading(tmp_path, cache_dir):

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from distill.compress.quant import schemes
 from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer, fake_quantize
+from distill.compress.quant.gguf_grid import encode as encode_k
 from distill.compress.quant.qat import convert, fake_quantized, prepare
 from distill.config import ConfigError
 from distill.export.formats import check_formats
@@ -240,7 +241,7 @@ def test_a_file_that_fails_its_check_is_not_published(tiny_teacher, tmp_path, mo
 
 
 def test_students_a_gguf_file_cannot_hold_are_refused_before_training(tiny_cfg, tmp_path):
-    with pytest.raises(ConfigError, match=r"has rows 48 wide, not a multiple of 32; use f16"):
+    with pytest.raises(ConfigError, match=r"has rows 48 wide, not a multiple of q4_0's blocks of 32; use f16"):
         train(tiny_cfg("export.formats=[hf,gguf]", "export.gguf_type=q4_0", "student.intermediate_size=48"))
     assert not (tmp_path / "checkpoints").exists()  # refused at start-up, not after the run
     with pytest.raises(ConfigError, match=r"export.formats='gguf': give a list with hf"):
@@ -264,3 +265,95 @@ def test_biased_and_bf16_students_are_refused_with_the_fix(tiny_teacher, tmp_pat
     # A bf16 student still exports (the file is checked against its rounding in fp32).
     file = write_gguf(half, tiny_teacher.tokenizer, tmp_path / "h", "bf16")
     assert verify_gguf(half, tiny_teacher.tokenizer, file, "bf16").reload_max_abs_diff <= 1e-4
+
+
+# --- K-quants (Q4_K, Q3_K): this project's encoder, read back by gguf-py's decoder ----------------------------
+
+
+@pytest.mark.parametrize(("kind", "row_bytes"), [("q4_k", 144), ("q3_k", 110)])
+def test_k_quant_bytes_decode_in_gguf_py_to_the_fake_quant_values(kind, row_bytes):
+    torch.manual_seed(0)
+    w = torch.randn(8, 512) * 0.05
+    w[0, :256] = 0  # an all-zero super-block
+    w[1, :32] = 0  # one all-zero sub-block among others
+    w[2, :256] = 0.01  # constant and positive: no minimum below 0
+    w[3, :256] = -torch.rand(256)  # negative only
+    w[4, :16] = 1000.0  # one sub-block far larger than the rest: the others get 6-bit scales near 0
+    ours = fake_quantize(w, kind)
+    blocks = encode_k(w.numpy(), kind)
+    assert blocks.shape == (8, 2 * row_bytes) and blocks.dtype == np.uint8
+    decoded = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind.upper()])
+    assert np.array_equal(decoded, ours.numpy())  # bit for bit, in ggml's block layout
+    assert torch.equal(fake_quantize(ours, kind), ours)  # a fixed point: written again, nothing moves
+    assert np.array_equal(encode_k(ours.numpy(), kind), blocks)
+    assert torch.equal(ours[0, :256], torch.zeros(256)) and not torch.equal(ours, w)
+    levels = 16 if kind == "q4_k" else 8
+    assert all(len(torch.unique(ours[5, i : i + 16])) <= levels for i in range(0, 512, 16))
+    with pytest.raises(ValueError, match=r"multiple of 256 wide; got shape \(2, 576\)"):
+        fake_quantize(torch.randn(2, 576), kind)
+
+
+def test_q4_k_holds_an_asymmetric_q4_1_grid_that_q4_0_cannot():
+    # The embedded teacher's weights sit on Q4_1's grid (a scale and a minimum per 32); Q4_K has a minimum
+    # per 32 too, and at the same 4.5 bits per weight it keeps them far closer than symmetric Q4_0 does.
+    torch.manual_seed(1)
+    w = fake_quantize(torch.randn(64, 256) * 0.05 + 0.02, "q4_1")
+    err = {k: (fake_quantize(w, k) - w).pow(2).mean().item() for k in ("q4_0", "q4_k")}
+    assert err["q4_k"] < 0.5 * err["q4_0"]
+
+
+def test_a_student_trained_on_a_mix_of_types_reloads_with_its_fake_quant_logits(tiny_teacher, tmp_path):
+    model = tiny_llama(vocab_size=512, intermediate_size=256).eval()  # down_proj rows 256 wide
+    mix = {"*.mlp.down_proj": "q4_k", "*.layers.1.mlp.down_proj": "q3_k"}  # the later glob wins
+    spec = schemes.make_spec("gguf_q4_0", None, ["*norm*"], modules=["linear", "embedding"], gguf_types=mix)
+    assert schemes.QuantSpec.from_dict(spec.to_dict()) == spec  # what checkpoints and the structure log keep
+    prepare(model, spec)
+    assert model.model.layers[0].mlp.down_proj.weight_fake_quantizer.kind == "q4_k"
+    probe = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fake = model(input_ids=probe).logits
+    trained = convert(model, spec)
+    assert trained["model.layers.0.mlp.down_proj.weight"] == "q4_k"
+    assert trained["model.layers.1.mlp.down_proj.weight"] == "q3_k"
+    assert trained["model.layers.1.mlp.up_proj.weight"] == trained["lm_head.weight"] == "q4_0"
+    file = write_gguf(model, tiny_teacher.tokenizer, tmp_path / "g", "q4_0", trained)
+    types = _types(file)
+    assert (types["blk.0.ffn_down.weight"], types["blk.1.ffn_down.weight"]) == ("Q4_K", "Q3_K")
+    assert types["blk.1.ffn_up.weight"] == types["token_embd.weight"] == "Q4_0"
+    reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, fake, rtol=0, atol=1e-4)
+    check = verify_gguf(model, tiny_teacher.tokenizer, file, "q4_0", trained)
+    assert check.drift_max_abs_logit <= 1e-4 and check.drift_top1_agreement == 1.0
+
+
+def test_k_quants_that_do_not_fit_are_refused_with_the_fix(tiny_teacher, tmp_path):
+    model = tiny_llama(vocab_size=512)  # every row 64 or 128 wide: no super-block of 256 fits
+    with pytest.raises(
+        ConfigError, match=r"export.gguf_type='q4_k': .* not a multiple of q4_k's blocks of 256; use q4_0"
+    ):
+        write_gguf(model, tiny_teacher.tokenizer, tmp_path / "k", "q4_k")
+    assert not (tmp_path / "k").exists()
+    field = "callbacks.qat.gguf_types"
+    with pytest.raises(ConfigError, match=rf"{field}=.*q4_k.*: model.layers.0.mlp.up_proj has rows 64 wide"):
+        prepare(model, schemes.make_spec("gguf_q4_0", None, None, "callbacks.qat.", gguf_types={"*up_proj": "q4_k"}))
+    with pytest.raises(ConfigError, match=rf"{field}=.*'\*.mlp.dwn_proj'.*: the glob matches no quantized module"):
+        prepare(
+            model, schemes.make_spec("gguf_q4_0", None, None, "callbacks.qat.", gguf_types={"*.mlp.dwn_proj": "q8_0"})
+        )
+    with pytest.raises(ConfigError, match=rf"{field}=.*: unknown llama.cpp type; choose from q8_0"):
+        schemes.make_spec("gguf_q4_0", None, None, "callbacks.qat.", gguf_types={"*": "q2_k"})
+    with pytest.raises(ConfigError, match=rf"{field}=.*: per-module llama.cpp types need a gguf_\* scheme"):
+        schemes.make_spec("int4_weight_only", 32, None, "callbacks.qat.", gguf_types={"*": "q4_k"})
+    with pytest.raises(ConfigError, match=r"callbacks.qat.scheme='q4_k': .* rows 64 wide"):
+        prepare(model, schemes.make_spec("gguf_q4_k", None, None, "callbacks.qat."))
+
+
+def test_a_model_loaded_from_gguf_exports_again(tiny_teacher, tmp_path):
+    # transformers marks a model read from a GGUF file as quantized and refuses .float() on it; the export's
+    # rounded copy must not need it (the PTQ baselines write the GGUF-loaded teacher).
+    file = write_gguf(tiny_llama(vocab_size=512), tiny_teacher.tokenizer, tmp_path / "a", "f32")
+    loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name).eval()
+    assert loaded.is_quantized
+    again = write_gguf(loaded, tiny_teacher.tokenizer, tmp_path / "b", "q4_0")
+    assert verify_gguf(loaded, tiny_teacher.tokenizer, again, "q4_0").reload_max_abs_diff <= 1e-4

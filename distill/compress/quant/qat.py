@@ -33,10 +33,9 @@ Ranges = dict[str, dict[str, torch.Tensor]]
 
 def prepare(student: nn.Module, spec: QuantSpec) -> None:
     """Insert torchao fake-quant modules into ``student`` (in place) for ``spec``."""
-    schemes.check_targets(student, spec.skip, spec.group_size, FIELD, spec.modules)
-    kind = schemes.get_scheme(spec.scheme).gguf
-    if kind is not None:
-        _prepare_gguf(student, spec, kind)
+    schemes.check_spec(student, spec, FIELD)
+    if schemes.get_scheme(spec.scheme).gguf is not None:
+        _prepare_gguf(student, spec)
         return
     quantize_(student, QATConfig(spec.base_config(), step="prepare"), filter_fn=spec.filter())
 
@@ -46,7 +45,7 @@ def _swap(student: nn.Module, name: str, new: nn.Module) -> None:
     setattr(student.get_submodule(parent) if parent else student, child, new)
 
 
-def _prepare_gguf(student: nn.Module, spec: QuantSpec, kind: str) -> None:
+def _prepare_gguf(student: nn.Module, spec: QuantSpec) -> None:
     """Swap targets for torchao's fake-quant modules, with a llama.cpp block quantizer in place of torchao's own.
 
     ``from_linear``/``from_embedding`` keep the module's Parameters, so checkpoint keys, the optimizer and
@@ -68,7 +67,7 @@ def _prepare_gguf(student: nn.Module, spec: QuantSpec, kind: str) -> None:
             new = FakeQuantizedEmbedding.from_embedding(module)
         else:
             new = FakeQuantizedLinear.from_linear(module)
-        new.weight_fake_quantizer = GGUFBlockFakeQuantizer(kind)
+        new.weight_fake_quantizer = GGUFBlockFakeQuantizer(spec.gguf_kind(name))
         _swap(student, name, new)
 
 

@@ -25,7 +25,7 @@ The compact export of a quantized model (``save_quantized`` / ``load_quantized``
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,8 @@ from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeig
 from torchao.quantization.granularity import PerAxis, PerGroup
 from torchao.utils import TorchAOBaseTensor
 
-from distill.compress.quant.gguf_grid import BLOCK as GGUF_BLOCK
+from distill.compress.quant.gguf_grid import BLOCKS as GGUF_BLOCKS
+from distill.compress.quant.gguf_grid import KINDS as GGUF_KINDS
 from distill.config import config_error
 
 GROUP_SIZES = (32, 64, 128)  # the usual choices; any multiple of GROUP_MULTIPLE up to MAX_GROUP_SIZE is accepted
@@ -98,6 +99,11 @@ SCHEMES: dict[str, Scheme] = {
         Scheme(
             "gguf_q4_1", torch.int4, 4, None, True, "llama.cpp Q4_1: 4-bit codes, fp16 scale and min per 32", "q4_1"
         ),
+        # The K-quants hold rows 256k wide only; on narrower rows give them to some modules (gguf_types).
+        Scheme(
+            "gguf_q4_k", torch.int4, 4, None, True, "llama.cpp Q4_K: 4-bit codes, 6-bit scale and min per 32", "q4_k"
+        ),
+        Scheme("gguf_q3_k", torch.int3, 3, None, True, "llama.cpp Q3_K: 3-bit codes, 6-bit scale per 16", "q3_k"),
     )
 }
 
@@ -112,11 +118,12 @@ def get_scheme(name: str, field: str = "scheme") -> Scheme:
 def resolve_group_size(scheme: Scheme, group_size: int | None, field: str = "group_size") -> int | None:
     """Validate ``group_size`` for ``scheme``: a multiple of 32 (up to 1024) for grouped schemes, unset otherwise."""
     if scheme.gguf is not None:
-        if group_size not in (None, GGUF_BLOCK):
+        block = GGUF_BLOCKS[scheme.gguf]
+        if group_size not in (None, block):
             raise config_error(
-                field, group_size, f"{scheme.name} is llama.cpp's grid of blocks of {GGUF_BLOCK}; leave it null"
+                field, group_size, f"{scheme.name} is llama.cpp's grid of blocks of {block}; leave it null"
             )
-        return GGUF_BLOCK
+        return block
     if not scheme.grouped:
         if group_size is not None:
             raise config_error(
@@ -234,11 +241,23 @@ class QuantSpec:
     group_size: int | None
     skip: tuple[str, ...]
     modules: tuple[str, ...] = DEFAULT_MODULES
+    # (glob, llama.cpp type) pairs for gguf_* schemes: a target whose name matches takes that type instead of
+    # the scheme's; the last matching pair wins (a mixed file, as llama.cpp's Q4_K_M mixes types).
+    gguf_types: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
         """Inverse of :meth:`to_dict`; records written before ``modules`` existed mean Linear layers only."""
-        return cls(d["scheme"], d["group_size"], tuple(d["skip"]), tuple(d.get("modules", DEFAULT_MODULES)))
+        types = tuple((str(g), str(k)) for g, k in d.get("gguf_types", []))
+        return cls(d["scheme"], d["group_size"], tuple(d["skip"]), tuple(d.get("modules", DEFAULT_MODULES)), types)
+
+    def gguf_kind(self, name: str) -> str | None:
+        """The llama.cpp type of the target called ``name`` (None for torchao schemes)."""
+        kind = get_scheme(self.scheme).gguf
+        for glob, override in self.gguf_types:
+            if fnmatch.fnmatchcase(name, glob):
+                kind = override
+        return kind
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able form (stored in checkpoints' structure log and ``quantization.json``).
@@ -249,6 +268,8 @@ class QuantSpec:
         d: dict[str, Any] = {"scheme": self.scheme, "group_size": self.group_size, "skip": list(self.skip)}
         if self.modules != DEFAULT_MODULES:
             d["modules"] = list(self.modules)
+        if self.gguf_types:
+            d["gguf_types"] = [list(pair) for pair in self.gguf_types]
         return d
 
     def base_config(self) -> AOBaseConfig:
@@ -266,12 +287,56 @@ def make_spec(
     skip: Sequence[str] | None,
     prefix: str = "",
     modules: Sequence[str] | None = None,
+    gguf_types: Mapping[str, str] | None = None,
 ) -> QuantSpec:
     """Validate user settings into a :class:`QuantSpec`; ``prefix`` names the config node in errors."""
     s = get_scheme(scheme, f"{prefix}scheme")
     gs = resolve_group_size(s, group_size, f"{prefix}group_size")
     kinds = resolve_modules(s, modules, f"{prefix}modules")
-    return QuantSpec(s.name, gs, tuple(DEFAULT_SKIP if skip is None else skip), kinds)
+    types = resolve_gguf_types(s, gguf_types, f"{prefix}gguf_types")
+    return QuantSpec(s.name, gs, tuple(DEFAULT_SKIP if skip is None else skip), kinds, types)
+
+
+def resolve_gguf_types(scheme: Scheme, gguf_types: Mapping[str, str] | None, field: str) -> tuple[tuple[str, str], ...]:
+    """Validate per-module llama.cpp types: a gguf_* scheme and known types only."""
+    if not gguf_types:
+        return ()
+    if scheme.gguf is None:
+        raise config_error(
+            field, dict(gguf_types), f"per-module llama.cpp types need a gguf_* scheme; {scheme.name} is torchao's"
+        )
+    bad = {g: k for g, k in gguf_types.items() if str(k).lower() not in GGUF_KINDS}
+    if bad:
+        raise config_error(field, bad, f"unknown llama.cpp type; choose from {', '.join(GGUF_KINDS)}")
+    return tuple((str(g), str(k).lower()) for g, k in gguf_types.items())
+
+
+def check_spec(model: nn.Module, spec: QuantSpec, prefix: str = "") -> None:
+    """:func:`check_targets` for torchao's grids; for llama.cpp's, the skip list and each target's type."""
+    if get_scheme(spec.scheme).gguf is None:
+        check_targets(model, spec.skip, spec.group_size, prefix, spec.modules)
+        return
+    check_targets(model, spec.skip, None, prefix, spec.modules)  # the blocks are the types', checked next
+    check_gguf_types(model, spec, prefix)
+
+
+def check_gguf_types(model: nn.Module, spec: QuantSpec, prefix: str = "") -> None:
+    """Refuse a ``gguf_types`` glob that matches no target, and a type whose blocks do not fit a row."""
+    field = f"{prefix}gguf_types"
+    names = targets(model, spec.skip, spec.modules)
+    for glob, kind in spec.gguf_types:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            raise config_error(field, {glob: kind}, "the glob matches no quantized module; check the module names")
+    for name in names:
+        kind = spec.gguf_kind(name)
+        width = _group_axis_width(model.get_submodule(name))
+        if kind is not None and width % GGUF_BLOCKS[kind]:
+            raise config_error(
+                field if kind != get_scheme(spec.scheme).gguf else f"{prefix}scheme",
+                kind,
+                f"{name} has rows {width} wide, not a multiple of {kind}'s blocks of {GGUF_BLOCKS[kind]}; "
+                "give it a type of blocks of 32 (q4_0, q4_1, q8_0)",
+            )
 
 
 def shared_parameters(model: nn.Module) -> list[list[str]]:

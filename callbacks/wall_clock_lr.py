@@ -1,0 +1,70 @@
+"""Cosine decay of the learning rate over the run's budget, whichever of wall clock or steps runs out first.
+
+A run budgeted by ``trainer.max_time`` stops at a step nobody knows in advance (machines differ by 3x), so a
+schedule sized by ``max_steps`` either stops at a high rate or decays too early. Quantization-aware training
+needs the decay: at a constant rate the latent weights keep crossing rounding boundaries and the grid values
+oscillate. This callback scales the optimizer's scheduled rate (warm-up included) by
+``min_ratio + (1 - min_ratio) · (1 + cos(π·p)) / 2``, where ``p`` is the larger of the fraction of
+``max_time`` spent (Lightning's Timer, which checkpoints save and restore) and of ``max_steps`` done.
+
+Lightning's own schedulers step by count only, and no maintained library schedules by wall clock, so this is
+written here. A resumed run continues the schedule from the restored elapsed time, but wall-clock progress is
+not bit-reproducible: two runs (or a run and its resumption) see different timings, hence slightly different
+rates. Give ``trainer.max_time=null`` for a step-only schedule that is.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, Timer
+
+from distill.config import config_error
+
+
+class WallClockCosine(Callback):
+    """Scale the scheduled learning rate by a cosine of the run's progress (wall clock or steps)."""
+
+    def __init__(self, min_ratio: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(min_ratio, int | float) or isinstance(min_ratio, bool) or not 0 <= min_ratio <= 1:
+            raise config_error("callbacks.wall_clock_lr.min_ratio", min_ratio, "give a fraction in [0, 1]")
+        self.min_ratio = float(min_ratio)
+
+    @staticmethod
+    def progress(trainer: pl.Trainer) -> float:
+        """How much of the budget is spent, in [0, 1]: the larger of the time and the step fractions."""
+        done = 0.0
+        if trainer.max_steps and trainer.max_steps > 0:
+            done = trainer.global_step / trainer.max_steps
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+        if timer is not None:
+            elapsed, left = timer.time_elapsed("train"), timer.time_remaining("train")
+            if left is not None and elapsed + left > 0:
+                done = max(done, elapsed / (elapsed + left))
+        return min(max(done, 0.0), 1.0)
+
+    def factor(self, progress: float) -> float:
+        """The multiplier at ``progress``: 1 at the start, ``min_ratio`` at the end."""
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Set each group's rate to the scheduler's rate times the cosine factor (idempotent within a step)."""
+        if not trainer.optimizers:
+            return
+        scale = self.factor(self.progress(trainer))
+        schedulers = {id(c.scheduler.optimizer): c.scheduler for c in trainer.lr_scheduler_configs}
+        for optimizer in trainer.optimizers:
+            scheduler = schedulers.get(id(optimizer))
+            for i, group in enumerate(optimizer.param_groups):
+                # The scheduler's own last rate (warm-up included), else the rate the group started at:
+                # never the current value, which this callback already scaled on an earlier micro-batch.
+                base = (
+                    scheduler.get_last_lr()[i] if scheduler is not None else group.setdefault("initial_lr", group["lr"])
+                )
+                group["lr"] = base * scale
+        # LearningRateMonitor may read the groups before this hook runs; these are the rates the step uses.
+        pl_module.log("train/lr_factor", scale, on_step=True, on_epoch=False, rank_zero_only=True)
+        pl_module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
