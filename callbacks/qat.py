@@ -36,8 +36,9 @@ class QuantizationAwareTraining(OneShotCompression):
     Args:
         scheme: one of :data:`distill.compress.quant.schemes.SCHEMES` (``int8_weight_only``, ``int4_weight_only``,
             ``int8_dynact_int4_weight``, ``int8_dynact_int8_weight``), or llama.cpp's own block grids
-            ``gguf_q8_0``, ``gguf_q4_0``, ``gguf_q4_1`` (blocks of 32 with fp16 scales; the GGUF export then
-            writes the trained weights as they are, see docs/deploy.md).
+            ``gguf_q8_0``, ``gguf_q4_0``, ``gguf_q4_1`` (blocks of 32 with fp16 scales), ``gguf_q4_k``,
+            ``gguf_q3_k`` (super-blocks of 256); the GGUF export then writes the trained weights as they are
+            (docs/deploy.md).
         group_size: 32, 64 or 128 for the grouped int4 schemes (default 32); must divide the in-features of
             every quantized linear. Leave null for per-row schemes.
         skip: glob patterns (``fnmatch``) on the student's dotted module names that stay in full precision;
@@ -45,6 +46,8 @@ class QuantizationAwareTraining(OneShotCompression):
         modules: module kinds to fake-quantize: ``[linear]`` (default) or ``[linear, embedding]`` (weight-only
             schemes). The embedding also needs a ``skip`` list without ``*embed*``; a tied output head
             (``lm_head``, a Linear) shares its Parameter, gets the same codes and stays tied in the export.
+        gguf_types: for ``gguf_*`` schemes, ``{module-name glob: llama.cpp type}`` overriding the scheme's
+            type per module (the last matching glob wins), for a mixed file; null keeps one type.
         start_step: global step at which fake-quant is inserted; before it the student trains in full
             precision. 0 inserts it in ``setup``, before the strategy wraps the model (needed for FSDP).
         freeze_ranges_step: global step from which the weight scales/zero points stop following the weights

@@ -229,7 +229,8 @@ def ptq(bench: Bench, artifact: Path, spec: schemes.QuantSpec) -> Candidate:
 def mix_types(model: nn.Module, qat_config: str) -> tuple[str, dict[str, str]]:
     """The scheme's llama.cpp type, and ``{weight name: type}`` on ``model``, of ``conf/callbacks/qat/<name>.yaml``."""
     node = OmegaConf.load(QAT_CONF / f"{qat_config}.yaml")
-    spec = schemes.make_spec(node.scheme, node.group_size, list(node.skip), "", list(node.modules), node.gguf_types)
+    # Every matrix, as the recipe quantizes them (its modules and skip list are the experiment's, not the file's).
+    spec = schemes.make_spec(node.scheme, node.group_size, ["*norm*"], "", ["linear", "embedding"], node.gguf_types)
     schemes.check_gguf_types(model, spec)
     names = schemes.targets(model, spec.skip, spec.modules)
     return schemes.get_scheme(spec.scheme).gguf, {f"{n}.weight": spec.gguf_kind(n) for n in names}
