@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from distill.compress.quant.schemes import get_scheme
 from distill.compress.stages import CompressionStage, check_schedule, compression_stages
 from distill.config import (
     build,
@@ -329,10 +330,11 @@ def _export_gguf(
     cfg: DictConfig, plain: Any, tokenizer: Any, stages: list[CompressionStage]
 ) -> gguf_export.GGUFCheck | None:
     """Write the GGUF file (``export.formats`` has ``gguf``); returns what its verification measured."""
-    trained = next((s.gguf_types for s in stages if getattr(s, "gguf_types", None)), {})
+    qat = next((s for s in stages if getattr(s, "gguf_types", None)), None)
+    trained = qat.gguf_types if qat is not None else {}
     gguf_type = cfg.export.get("gguf_type", "auto")
-    if gguf_type == "auto":
-        gguf_type = next(iter(trained.values()), "f16")
+    if gguf_type == "auto":  # the scheme's type (a mix of types names its file after the scheme's)
+        gguf_type = get_scheme(qat.spec.scheme).gguf if qat is not None else "f16"
     pre = cfg.export.get("gguf_pre", "auto")
     if pre == "auto":
         pre = gguf_export.teacher_pre(cfg.teacher)

@@ -5,7 +5,10 @@ schedule sized by ``max_steps`` either stops at a high rate or decays too early.
 needs the decay: at a constant rate the latent weights keep crossing rounding boundaries and the grid values
 oscillate. This callback scales the optimizer's scheduled rate (warm-up included) by
 ``min_ratio + (1 - min_ratio) · (1 + cos(π·p)) / 2``, where ``p`` is the larger of the fraction of
-``max_time`` spent (Lightning's Timer, which checkpoints save and restore) and of ``max_steps`` done.
+``max_time`` spent (Lightning's Timer, which checkpoints save and restore) and of ``max_steps`` done; a run
+with neither budget never decays. Rank 0's progress is broadcast, so every DDP replica takes the same step.
+The scaled rate is set before each micro-batch and the scheduled one put back after it, so schedulers that
+compute the next rate from the current one (StepLR, ReduceLROnPlateau) never see the factor.
 
 Lightning's own schedulers step by count only, and no maintained library schedules by wall clock, so this is
 written here. A resumed run continues the schedule from the restored elapsed time, but wall-clock progress is
@@ -32,6 +35,7 @@ class WallClockCosine(Callback):
         if not isinstance(min_ratio, int | float) or isinstance(min_ratio, bool) or not 0 <= min_ratio <= 1:
             raise config_error("callbacks.wall_clock_lr.min_ratio", min_ratio, "give a fraction in [0, 1]")
         self.min_ratio = float(min_ratio)
+        self._scheduled: list[list[float]] = []  # the rates before scaling, put back after the batch
 
     @staticmethod
     def progress(trainer: pl.Trainer) -> float:
@@ -51,20 +55,22 @@ class WallClockCosine(Callback):
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        """Set each group's rate to the scheduler's rate times the cosine factor (idempotent within a step)."""
+        """Set each group's rate to its scheduled rate times the cosine factor."""
         if not trainer.optimizers:
             return
-        scale = self.factor(self.progress(trainer))
-        schedulers = {id(c.scheduler.optimizer): c.scheduler for c in trainer.lr_scheduler_configs}
+        # Each rank's clock differs a little; DDP replicas must take the same step, so rank 0's progress rules.
+        scale = self.factor(float(trainer.strategy.broadcast(self.progress(trainer), src=0)))
+        self._scheduled = [[group["lr"] for group in opt.param_groups] for opt in trainer.optimizers]
         for optimizer in trainer.optimizers:
-            scheduler = schedulers.get(id(optimizer))
-            for i, group in enumerate(optimizer.param_groups):
-                # The scheduler's own last rate (warm-up included), else the rate the group started at:
-                # never the current value, which this callback already scaled on an earlier micro-batch.
-                base = (
-                    scheduler.get_last_lr()[i] if scheduler is not None else group.setdefault("initial_lr", group["lr"])
-                )
-                group["lr"] = base * scale
+            for group in optimizer.param_groups:
+                group["lr"] *= scale
         # LearningRateMonitor may read the groups before this hook runs; these are the rates the step uses.
         pl_module.log("train/lr_factor", scale, on_step=True, on_epoch=False, rank_zero_only=True)
         pl_module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        """Put the scheduled rates back before the scheduler steps (and before a checkpoint saves them)."""
+        for optimizer, rates in zip(trainer.optimizers, self._scheduled, strict=False):
+            for group, rate in zip(optimizer.param_groups, rates, strict=False):
+                group["lr"] = rate
+        self._scheduled = []

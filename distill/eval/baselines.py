@@ -265,7 +265,10 @@ def ptq_gguf(bench: Bench, artifact: Path, gguf_type: str, mix: str | None = Non
         f"The teacher written by distill.export.gguf {what}, norms F32, and measured as transformers' GGUF "
         "loader reloads it. In memory it runs dequantized (fp32); the size on disk is the file's.",
     ]
-    return Candidate(reloaded, artifact, [{"kind": "ptq_gguf", "config": {"type": gguf_type}}], facts, notes)
+    config: dict[str, Any] = {"type": gguf_type}
+    if trained:
+        config["gguf_types"] = dict(trained)
+    return Candidate(reloaded, artifact, [{"kind": "ptq_gguf", "config": config}], facts, notes)
 
 
 def _tied_head(model: PreTrainedModel) -> bool:

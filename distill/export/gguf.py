@@ -219,7 +219,8 @@ def tensor_types(model: PreTrainedModel, gguf_type: str, trained: Mapping[str, s
             out[name] = trained.get(name, gguf_type)
         block = BLOCKS.get(out[name])
         if block is not None and tensor.shape[-1] % block:
-            other = "q4_0, q8_0, f16 or f32" if block > 32 else "f16, bf16 or f32"
+            fits = [t for t in QUANT_TYPES if tensor.shape[-1] % BLOCKS[t] == 0] + list(FLOAT_TYPES)
+            other = ", ".join(fits[:-1]) + f" or {fits[-1]}"
             raise config_error(
                 "export.gguf_type",
                 out[name],

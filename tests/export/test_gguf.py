@@ -241,7 +241,9 @@ def test_a_file_that_fails_its_check_is_not_published(tiny_teacher, tmp_path, mo
 
 
 def test_students_a_gguf_file_cannot_hold_are_refused_before_training(tiny_cfg, tmp_path):
-    with pytest.raises(ConfigError, match=r"has rows 48 wide, not a multiple of q4_0's blocks of 32; use f16"):
+    with pytest.raises(
+        ConfigError, match=r"has rows 48 wide, not a multiple of q4_0's blocks of 32; use f32, f16 or bf16"
+    ):
         train(tiny_cfg("export.formats=[hf,gguf]", "export.gguf_type=q4_0", "student.intermediate_size=48"))
     assert not (tmp_path / "checkpoints").exists()  # refused at start-up, not after the run
     with pytest.raises(ConfigError, match=r"export.formats='gguf': give a list with hf"):
@@ -330,7 +332,7 @@ def test_a_student_trained_on_a_mix_of_types_reloads_with_its_fake_quant_logits(
 def test_k_quants_that_do_not_fit_are_refused_with_the_fix(tiny_teacher, tmp_path):
     model = tiny_llama(vocab_size=512)  # every row 64 or 128 wide: no super-block of 256 fits
     with pytest.raises(
-        ConfigError, match=r"export.gguf_type='q4_k': .* not a multiple of q4_k's blocks of 256; use q4_0"
+        ConfigError, match=r"export.gguf_type='q4_k': .* not a multiple of q4_k's blocks of 256; use q8_0, q4_0"
     ):
         write_gguf(model, tiny_teacher.tokenizer, tmp_path / "k", "q4_k")
     assert not (tmp_path / "k").exists()
@@ -345,8 +347,19 @@ def test_k_quants_that_do_not_fit_are_refused_with_the_fix(tiny_teacher, tmp_pat
         schemes.make_spec("gguf_q4_0", None, None, "callbacks.qat.", gguf_types={"*": "q2_k"})
     with pytest.raises(ConfigError, match=rf"{field}=.*: per-module llama.cpp types need a gguf_\* scheme"):
         schemes.make_spec("int4_weight_only", 32, None, "callbacks.qat.", gguf_types={"*": "q4_k"})
-    with pytest.raises(ConfigError, match=r"callbacks.qat.scheme='q4_k': .* rows 64 wide"):
+    with pytest.raises(
+        ConfigError, match=r"callbacks.qat.scheme='gguf_q4_k': .* rows 64 wide.*give it one of q8_0, q4_0, q4_1"
+    ):
         prepare(model, schemes.make_spec("gguf_q4_k", None, None, "callbacks.qat."))
+
+
+def test_a_tied_embedding_and_head_cannot_take_two_types():
+    model = tiny_llama(vocab_size=512)
+    spec = schemes.make_spec(
+        "gguf_q4_0", None, ["*norm*"], "callbacks.qat.", ["linear", "embedding"], gguf_types={"lm_head": "q8_0"}
+    )
+    with pytest.raises(ConfigError, match=r"gguf_types=.*: lm_head and model.embed_tokens share one weight but get"):
+        prepare(model, spec)
 
 
 def test_a_model_loaded_from_gguf_exports_again(tiny_teacher, tmp_path):

@@ -26,6 +26,7 @@ def _trainer(step: int, max_steps: int, elapsed: float | None = None, left: floa
         timer.time_remaining = lambda stage="train": left
         callbacks.append(timer)
     return SimpleNamespace(
+        strategy=SimpleNamespace(broadcast=lambda value, src=0: value),
         global_step=step,
         max_steps=max_steps,
         callbacks=callbacks,
@@ -51,9 +52,30 @@ def test_the_rate_follows_a_cosine_from_the_scheduled_rate_to_the_floor():
     assert cb.factor(0.5) == pytest.approx(0.1 + 0.9 * 0.5)
     trainer = _trainer(0, 1000, elapsed=150.0, left=450.0)  # a quarter of the time spent
     want = 0.05 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    group = trainer.optimizers[0].param_groups[0]
     for _ in range(3):  # micro-batches of one optimizer step: the same rate, not compounded
         cb.on_train_batch_start(trainer, _module(), None, 0)
-        assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(want)
+        assert group["lr"] == pytest.approx(want)
+        cb.on_train_batch_end(trainer, _module(), None, None, 0)
+        assert group["lr"] == pytest.approx(0.05)  # the scheduled rate is back before the scheduler steps
+
+
+def test_a_scheduler_that_chains_on_the_current_rate_never_sees_the_factor():
+    cb = WallClockCosine()
+    trainer = _trainer(0, 4)
+    optimizer = trainer.optimizers[0]
+    step_lr = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)  # next = current · 0.5
+    trainer.lr_scheduler_configs = [SimpleNamespace(scheduler=step_lr)]
+    used = []
+    for step in range(4):
+        trainer.global_step = step
+        cb.on_train_batch_start(trainer, _module(), None, step)
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        cb.on_train_batch_end(trainer, _module(), None, None, step)
+        step_lr.step()
+    want = [0.05 * 0.5**s * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]  # from _trainer's 0.05
+    assert used == pytest.approx(want)
 
 
 def test_a_bad_floor_is_refused():

@@ -327,15 +327,29 @@ def check_gguf_types(model: nn.Module, spec: QuantSpec, prefix: str = "") -> Non
     for glob, kind in spec.gguf_types:
         if not any(fnmatch.fnmatchcase(n, glob) for n in names):
             raise config_error(field, {glob: kind}, "the glob matches no quantized module; check the module names")
+    scheme_kind = get_scheme(spec.scheme).gguf
     for name in names:
         kind = spec.gguf_kind(name)
         width = _group_axis_width(model.get_submodule(name))
         if kind is not None and width % GGUF_BLOCKS[kind]:
+            fits = [k for k, block in GGUF_BLOCKS.items() if width % block == 0]
+            fix = f"give it one of {', '.join(fits)} in {field}" if fits else "add it to the skip list"
+            overridden = kind != scheme_kind
             raise config_error(
-                field if kind != get_scheme(spec.scheme).gguf else f"{prefix}scheme",
-                kind,
-                f"{name} has rows {width} wide, not a multiple of {kind}'s blocks of {GGUF_BLOCKS[kind]}; "
-                "give it a type of blocks of 32 (q4_0, q4_1, q8_0)",
+                field if overridden else f"{prefix}scheme",
+                {n: k for n, k in spec.gguf_types if fnmatch.fnmatchcase(name, n)} if overridden else spec.scheme,
+                f"{name} has rows {width} wide, not a multiple of {kind}'s blocks of {GGUF_BLOCKS[kind]}; {fix}",
+            )
+    # A tied embedding and head are one Parameter: it can be rounded to one grid only.
+    for group in shared_parameters(model):
+        owners = {n.removesuffix(".weight") for n in group if n.endswith(".weight")} & set(names)
+        kinds = {spec.gguf_kind(n) for n in owners}
+        if len(kinds) > 1:
+            raise config_error(
+                field,
+                dict(spec.gguf_types),
+                f"{' and '.join(sorted(owners))} share one weight but get types {', '.join(sorted(kinds))}; "
+                "give them one type",
             )
 
 
