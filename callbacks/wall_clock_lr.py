@@ -7,8 +7,9 @@ oscillate. This callback scales the optimizer's scheduled rate (warm-up included
 ``min_ratio + (1 - min_ratio) · (1 + cos(π·p)) / 2``, where ``p`` is the larger of the fraction of
 ``max_time`` spent (Lightning's Timer, which checkpoints save and restore) and of ``max_steps`` done; a run
 with neither budget never decays. Rank 0's progress is broadcast, so every DDP replica takes the same step.
-The scaled rate is set before each micro-batch and the scheduled one put back after it, so schedulers that
-compute the next rate from the current one (StepLR, ReduceLROnPlateau) never see the factor.
+The scaled rate is set before each micro-batch and the scheduled one put back right after the optimizer
+steps (a torch step post-hook, since Lightning steps the scheduler before any later callback hook), so
+schedulers that compute the next rate from the current one (StepLR, ReduceLROnPlateau) never see the factor.
 
 Lightning's own schedulers step by count only, and no maintained library schedules by wall clock, so this is
 written here. A resumed run continues the schedule from the restored elapsed time, but wall-clock progress is
@@ -22,6 +23,7 @@ import math
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, Timer
 
 from distill.config import config_error
@@ -35,7 +37,10 @@ class WallClockCosine(Callback):
         if not isinstance(min_ratio, int | float) or isinstance(min_ratio, bool) or not 0 <= min_ratio <= 1:
             raise config_error("callbacks.wall_clock_lr.min_ratio", min_ratio, "give a fraction in [0, 1]")
         self.min_ratio = float(min_ratio)
-        self._scheduled: list[list[float]] = []  # the rates before scaling, put back after the batch
+        # Per optimizer, the scheduled rates before scaling; a step post-hook puts them back after each step,
+        # before Lightning steps the scheduler (which may build the next rate from the current one).
+        self._scheduled: dict[int, list[float]] = {}
+        self._hooked: set[int] = set()
 
     @staticmethod
     def progress(trainer: pl.Trainer) -> float:
@@ -55,22 +60,26 @@ class WallClockCosine(Callback):
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        """Set each group's rate to its scheduled rate times the cosine factor."""
+        """Scale each group's scheduled rate by the cosine factor until the optimizer has stepped."""
         if not trainer.optimizers:
             return
         # Each rank's clock differs a little; DDP replicas must take the same step, so rank 0's progress rules.
         scale = self.factor(float(trainer.strategy.broadcast(self.progress(trainer), src=0)))
-        self._scheduled = [[group["lr"] for group in opt.param_groups] for opt in trainer.optimizers]
         for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] *= scale
+            if id(optimizer) not in self._hooked:  # a rebuilt optimizer (pruning) gets its own hook
+                optimizer.register_step_post_hook(self._restore)
+                self._hooked.add(id(optimizer))
+            # Micro-batches of one accumulated step scale the same scheduled rate, never an already scaled one.
+            rates = self._scheduled.setdefault(id(optimizer), [group["lr"] for group in optimizer.param_groups])
+            for group, rate in zip(optimizer.param_groups, rates, strict=False):
+                group["lr"] = rate * scale
         # LearningRateMonitor may read the groups before this hook runs; these are the rates the step uses.
         pl_module.log("train/lr_factor", scale, on_step=True, on_epoch=False, rank_zero_only=True)
         pl_module.log("train/lr", trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        """Put the scheduled rates back before the scheduler steps (and before a checkpoint saves them)."""
-        for optimizer, rates in zip(trainer.optimizers, self._scheduled, strict=False):
+    def _restore(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        """Right after ``optimizer.step()``, before the scheduler steps: put the scheduled rates back."""
+        rates = self._scheduled.pop(id(optimizer), None)
+        if rates is not None:
             for group, rate in zip(optimizer.param_groups, rates, strict=False):
                 group["lr"] = rate
-        self._scheduled = []

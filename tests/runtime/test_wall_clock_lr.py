@@ -53,11 +53,11 @@ def test_the_rate_follows_a_cosine_from_the_scheduled_rate_to_the_floor():
     trainer = _trainer(0, 1000, elapsed=150.0, left=450.0)  # a quarter of the time spent
     want = 0.05 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
     group = trainer.optimizers[0].param_groups[0]
-    for _ in range(3):  # micro-batches of one optimizer step: the same rate, not compounded
+    for _ in range(3):  # micro-batches of one accumulated step: the same rate, not compounded
         cb.on_train_batch_start(trainer, _module(), None, 0)
         assert group["lr"] == pytest.approx(want)
-        cb.on_train_batch_end(trainer, _module(), None, None, 0)
-        assert group["lr"] == pytest.approx(0.05)  # the scheduled rate is back before the scheduler steps
+    trainer.optimizers[0].step()  # the step of the accumulated micro-batches
+    assert group["lr"] == pytest.approx(0.05)  # the scheduled rate is back before the scheduler steps
 
 
 def test_a_scheduler_that_chains_on_the_current_rate_never_sees_the_factor():
@@ -72,7 +72,6 @@ def test_a_scheduler_that_chains_on_the_current_rate_never_sees_the_factor():
         cb.on_train_batch_start(trainer, _module(), None, step)
         used.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
-        cb.on_train_batch_end(trainer, _module(), None, None, step)
         step_lr.step()
     want = [0.05 * 0.5**s * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]  # from _trainer's 0.05
     assert used == pytest.approx(want)
