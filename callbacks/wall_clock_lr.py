@@ -20,6 +20,7 @@ rates. Give ``trainer.max_time=null`` for a step-only schedule that is.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,8 +40,9 @@ class WallClockCosine(Callback):
         self.min_ratio = float(min_ratio)
         # Per optimizer, the scheduled rates before scaling; a step post-hook puts them back after each step,
         # before Lightning steps the scheduler (which may build the next rate from the current one).
-        self._scheduled: dict[int, list[float]] = {}
-        self._hooked: set[int] = set()
+        # Keyed by the optimizer itself, weakly: a rebuilt optimizer (pruning) may reuse a freed one's id.
+        self._scheduled: weakref.WeakKeyDictionary[torch.optim.Optimizer, list[float]] = weakref.WeakKeyDictionary()
+        self._hooked: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
     @staticmethod
     def progress(trainer: pl.Trainer) -> float:
@@ -66,11 +68,11 @@ class WallClockCosine(Callback):
         # Each rank's clock differs a little; DDP replicas must take the same step, so rank 0's progress rules.
         scale = self.factor(float(trainer.strategy.broadcast(self.progress(trainer), src=0)))
         for optimizer in trainer.optimizers:
-            if id(optimizer) not in self._hooked:  # a rebuilt optimizer (pruning) gets its own hook
+            if optimizer not in self._hooked:  # a rebuilt optimizer (pruning) gets its own hook
                 optimizer.register_step_post_hook(self._restore)
-                self._hooked.add(id(optimizer))
+                self._hooked.add(optimizer)
             # Micro-batches of one accumulated step scale the same scheduled rate, never an already scaled one.
-            rates = self._scheduled.setdefault(id(optimizer), [group["lr"] for group in optimizer.param_groups])
+            rates = self._scheduled.setdefault(optimizer, [group["lr"] for group in optimizer.param_groups])
             for group, rate in zip(optimizer.param_groups, rates, strict=False):
                 group["lr"] = rate * scale
         # LearningRateMonitor may read the groups before this hook runs; these are the rates the step uses.
@@ -79,7 +81,7 @@ class WallClockCosine(Callback):
 
     def _restore(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         """Right after ``optimizer.step()``, before the scheduler steps: put the scheduled rates back."""
-        rates = self._scheduled.pop(id(optimizer), None)
+        rates = self._scheduled.pop(optimizer, None)
         if rates is not None:
             for group, rate in zip(optimizer.param_groups, rates, strict=False):
                 group["lr"] = rate
