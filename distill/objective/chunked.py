@@ -44,25 +44,29 @@ class _ChunkedLoss(torch.autograd.Function):
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if compute_grad else None
         grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params] if compute_grad else []
+        linear = _linear_weight(head)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = min(start + chunk_size, hidden.shape[0])
             y, m = labels[start:stop], None if kd_mask is None else kd_mask[start:stop]
             t_logits = teacher_rows(start, stop)
-            if compute_grad and type(head) is nn.Linear:
-                # Plain Linear head: differentiate only w.r.t. the chunk's logits and accumulate the weight
-                # gradient in place, so no V×d temporary is allocated per chunk.
+            if linear is not None:
+                # A Linear head (plain, or fake-quantized with an identity gradient): differentiate only w.r.t.
+                # the chunk's logits and accumulate the weight gradient in place, so no V×d temporary is
+                # allocated per chunk, and a fake-quantized weight is rounded once per step, not per chunk.
                 h = hidden[start:stop]
+                weight, bias = linear, head.bias
                 with torch.enable_grad():
-                    z = head(h.detach())[:, :vocab].detach().requires_grad_(True)
-                    ce, kd = terms(z, t_logits, y, m)
-                    (dz,) = torch.autograd.grad(w_ce * ce / n_ce + w_kd * kd / n_kd, z)
-                dz = dz.to(h.dtype)
-                weight, bias = head.weight, head.bias
-                torch.matmul(dz, weight[:vocab], out=grad_hidden[start:stop])
-                if grad_params[0] is not None:
-                    grad_params[0][:vocab].addmm_(dz.T, h)
-                if bias is not None and grad_params[1] is not None:
-                    grad_params[1][:vocab] += dz.sum(0)
+                    z = nn.functional.linear(h.detach(), weight, bias)[:, :vocab].detach()
+                    ce, kd = terms(z.requires_grad_(compute_grad), t_logits, y, m)
+                    if compute_grad:
+                        (dz,) = torch.autograd.grad(w_ce * ce / n_ce + w_kd * kd / n_kd, z)
+                if compute_grad:
+                    dz = dz.to(h.dtype)
+                    torch.matmul(dz, weight[:vocab], out=grad_hidden[start:stop])
+                    if grad_params[0] is not None:
+                        grad_params[0][:vocab].addmm_(dz.T, h)
+                    if bias is not None and grad_params[1] is not None:
+                        grad_params[1][:vocab] += dz.sum(0)
             else:
                 with torch.enable_grad():
                     h = hidden[start:stop].detach().requires_grad_(compute_grad)
@@ -98,6 +102,28 @@ class _ChunkedLoss(torch.autograd.Function):
         saved_iter = iter(saved)
         grads = [next(saved_iter) if has else None for has in ctx.param_has_grad]
         return (None, grad_hidden, *grads)
+
+
+def _linear_weight(head: nn.Module) -> Tensor | None:
+    """The weight a Linear head multiplies by, when its gradient w.r.t. ``head.weight`` is ``dz.T @ h``; else None.
+
+    That holds for a plain ``nn.Linear`` and for a fake-quantized one whose weight quantizer passes the gradient
+    through unchanged (declares ``identity_gradient``, as the GGUF grids' straight-through quantizer does) and
+    which rounds no activations. Other heads (LoRA, torchao's clamped estimators) take autograd's path.
+    """
+    if type(head) is nn.Linear:
+        return head.weight
+    if not isinstance(head, nn.Linear) or getattr(head, "activation_fake_quantizer", None) is not None:
+        return None
+    if [id(p) for p in head.parameters()] != [id(p) for p in (head.weight, head.bias) if p is not None]:
+        return None  # parameters of its own beyond weight and bias (a learned quantizer range): autograd's path
+    quantizer = getattr(head, "weight_fake_quantizer", None)
+    if not getattr(quantizer, "identity_gradient", False):
+        return None
+    # The rounded values, once: the head of a tied embedding is the largest matrix in a small model, and
+    # rounding it for each chunk cost more than the rest of the step on CPU.
+    with torch.no_grad():
+        return quantizer(head.weight)
 
 
 def chunked_distill_loss(

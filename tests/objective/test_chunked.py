@@ -75,6 +75,48 @@ def test_tied_output_layer_gets_both_gradients():
     torch.testing.assert_close(emb.weight.grad, want, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_gguf_fake_quantized_head_is_rounded_once_and_matches_autograd(bias):
+    """A head on a GGUF grid (identity gradient) takes the in-place path: same loss and gradients as the naive
+    path through the fake-quantized module, with the weight rounded once per loss, not once per chunk."""
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer
+
+    width = 64  # two of Q4_0's blocks of 32 per row
+
+    def fq_head(seed: int) -> tuple:
+        _, _, t_hidden, t_head, labels = _setup(seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        hidden = torch.randn(B, T, width, generator=g, requires_grad=True)
+        head = FakeQuantizedLinear(width, V, bias=bias)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(V, width, generator=g) * 0.5)
+            if bias:
+                head.bias.copy_(torch.randn(V, generator=g))
+        head.weight_fake_quantizer = GGUFBlockFakeQuantizer("q4_0")
+        return hidden, head, t_hidden, t_head, labels
+
+    obj = DistillationObjective(loss="forward_kl", alpha=0.5, temperature=1.0, chunk_size=4)
+    hidden, head, t_hidden, t_head, labels = fq_head(3)
+    naive = obj(head(hidden), t_head(t_hidden).detach(), labels)
+    naive["loss"].backward()
+    want = [hidden.grad.clone(), head.weight.grad.clone()] + ([head.bias.grad.clone()] if bias else [])
+
+    hidden, head, t_hidden, t_head, labels = fq_head(3)
+    calls = []
+    head.weight_fake_quantizer.register_forward_hook(lambda *_: calls.append(1))
+    got = obj.forward_chunked(hidden, head, _teacher_rows(t_hidden, t_head, V), labels, V)
+    got["loss"].backward()
+    assert len(calls) == 1  # B·(T-1) = 30 rows in chunks of 4: 8 chunks, one rounding
+    assert got["loss"].item() == pytest.approx(naive["loss"].item(), rel=1e-5)
+    for g, w in zip([hidden.grad, head.weight.grad] + ([head.bias.grad] if bias else []), want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # validation: also one rounding
+        obj.forward_chunked(hidden, head, _teacher_rows(t_hidden, t_head, V), labels, V)
+    assert len(calls) == 2
+
+
 def test_no_grad_forward_skips_gradients():
     hidden, head, t_hidden, t_head, labels = _setup()
     obj = DistillationObjective(chunk_size=8)

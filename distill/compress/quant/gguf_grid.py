@@ -53,10 +53,14 @@ MAX_PASSES = 8
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """C's ``roundf`` (half away from zero), written as gguf-py's ``np_roundf`` computes it."""
-    a = x.abs()
-    whole = torch.floor(a)
-    return torch.sign(x) * (whole + torch.floor(2 * (a - whole)))
+    """C's ``roundf`` (half away from zero), written as gguf-py's ``np_roundf`` computes it; **overwrites** ``x``.
+
+    In place because it runs on weight-sized temporaries at every training step, where each further temporary
+    costs about as much as the arithmetic; every step is exact (integers and halves), so the result is the same.
+    """
+    sign = torch.sign(x)
+    whole = torch.floor(x.abs_())
+    return x.sub_(whole).mul_(2).floor_().add_(whole).mul_(sign)
 
 
 def _inverse(d: torch.Tensor) -> torch.Tensor:
@@ -89,8 +93,10 @@ def fake_quantize(weight: torch.Tensor, kind: str) -> torch.Tensor:
         elif kind == "q4_0":
             index = blocks.abs().argmax(dim=-1, keepdim=True)  # the first of equal magnitudes, as numpy's argmax
             d = torch.gather(blocks, -1, index) / -8
-            codes = torch.trunc(blocks * _inverse(d) + 8.5).clamp(0, 15)
-            values = _fp16(d) * (codes - 8)
+            # In place on one temporary: this runs on every weight at every step, and on CPU each extra
+            # weight-sized temporary (fresh pages) costs about as much as the arithmetic. Same roundings.
+            values = blocks * _inverse(d)
+            values.add_(8.5).trunc_().clamp_(0, 15).sub_(8).mul_(_fp16(d))
         else:  # q4_1
             low = blocks.amin(dim=-1, keepdim=True)
             d = (blocks.amax(dim=-1, keepdim=True) - low) / 15
@@ -108,7 +114,7 @@ def _q4_k_parts(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     dmin = _fp16(floor.amax(1, keepdim=True) / 63)
     sc = _roundf(scale * _inverse(d)).clamp(0, 63)
     m = _roundf(floor * _inverse(dmin)).clamp(0, 63)
-    codes = _roundf((x + dmin * m) * _inverse(d * sc)).clamp(0, 15)
+    codes = _roundf((x + dmin * m).mul_(_inverse(d * sc))).clamp_(0, 15)
     return d, dmin, sc, m, codes
 
 
@@ -118,7 +124,7 @@ def _q3_k_parts(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     sub = torch.gather(x, -1, x.abs().argmax(-1, keepdim=True)) / -4
     d = _fp16(torch.gather(sub, 1, sub.abs().argmax(1, keepdim=True)) / -32)
     level = _roundf(sub * _inverse(d)).clamp(-32, 31)
-    codes = _roundf(x * _inverse(d * level)).clamp(-4, 3)
+    codes = _roundf(x * _inverse(d * level)).clamp_(-4, 3)
     return d, level, codes
 
 
@@ -126,9 +132,9 @@ def _k_values(x: torch.Tensor, kind: str) -> torch.Tensor:
     """One rounding of ``x`` (rows a multiple of 256 wide) to ``kind``; the arithmetic of gguf-py's decoder."""
     if kind == "q4_k":
         d, dmin, sc, m, codes = _q4_k_parts(x.reshape(-1, 8, 32))
-        return ((d * sc) * codes - dmin * m).reshape(x.shape)
+        return codes.mul_(d * sc).sub_(dmin * m).reshape(x.shape)
     d, level, codes = _q3_k_parts(x.reshape(-1, 16, 16))
-    return ((d * level) * codes).reshape(x.shape)
+    return codes.mul_(d * level).reshape(x.shape)
 
 
 def _k_fixed_point(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -200,6 +206,10 @@ class GGUFBlockFakeQuantizer(nn.Module):
     estimator. It has no parameters or buffers, so the module's state dict keys do not change.
     """
 
+    # The gradient w.r.t. the latent weight is the gradient w.r.t. the grid values: the chunked loss uses this
+    # to round a fake-quantized output head once per step (distill/objective/chunked.py).
+    identity_gradient = True
+
     def __init__(self, kind: str) -> None:
         super().__init__()
         if kind not in KINDS:
@@ -208,7 +218,7 @@ class GGUFBlockFakeQuantizer(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Grid values forward, identity backward."""
-        return weight + (fake_quantize(weight, self.kind) - weight).detach()
+        return weight + fake_quantize(weight, self.kind).sub_(weight.detach())
 
     def extra_repr(self) -> str:
         """Shown in the module's repr."""
