@@ -29,7 +29,7 @@ def compose_cfg(overrides: list[str], output_dir: Path, cache_dir: Path) -> Dict
     """Compose ``conf/train.yaml`` as ``python train.py <overrides>`` would, with paths under tmp.
 
     Overrides that name no recipe compose the bare defaults (``~experiment``), not the default run's
-    recipe (``experiment=qad_q4_0``): those tests are about one config group at a time.
+    recipe (``experiment=qad_q4_mix``): those tests are about one config group at a time.
     """
     if not any(o.lstrip("+~").startswith("experiment") for o in overrides):
         overrides = ["~experiment", *overrides]

@@ -10,7 +10,8 @@ size of the parameter's own gradient). Backward then only scales them.
 This is the idea of Liger's fused-linear losses, written in plain PyTorch so that it runs on the CPU,
 for every divergence in :mod:`distill.objective.divergences`, and for any output layer (a plain Linear, a fake-quantized
 one, one with LoRA): the per-chunk gradients come from autograd on the chunk, so nothing is
-hand-derived.
+hand-derived. A fake-quantized head's weight is rounded once per loss, not once per chunk, and the chunks'
+summed gradient goes once through the quantizer's backward.
 """
 
 from __future__ import annotations
@@ -44,17 +45,17 @@ class _ChunkedLoss(torch.autograd.Function):
         kd_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if compute_grad else None
         grad_params = [torch.zeros_like(p) if p.requires_grad else None for p in params] if compute_grad else []
-        linear = _linear_weight(head)
+        linear = _linear_weight(head, compute_grad)
         for start in range(0, hidden.shape[0], chunk_size):
             stop = min(start + chunk_size, hidden.shape[0])
             y, m = labels[start:stop], None if kd_mask is None else kd_mask[start:stop]
             t_logits = teacher_rows(start, stop)
             if linear is not None:
-                # A Linear head (plain, or fake-quantized with an identity gradient): differentiate only w.r.t.
-                # the chunk's logits and accumulate the weight gradient in place, so no V×d temporary is
-                # allocated per chunk, and a fake-quantized weight is rounded once per step, not per chunk.
+                # A Linear head (plain, or with a fake-quantized weight): differentiate only w.r.t. the chunk's
+                # logits and accumulate the weight gradient in place, so no V×d temporary is allocated per
+                # chunk, and a fake-quantized weight is rounded once per loss, not per chunk.
                 h = hidden[start:stop]
-                weight, bias = linear, head.bias
+                weight, bias = linear[0], head.bias
                 with torch.enable_grad():
                     z = nn.functional.linear(h.detach(), weight, bias)[:, :vocab].detach()
                     ce, kd = terms(z.requires_grad_(compute_grad), t_logits, y, m)
@@ -83,6 +84,10 @@ class _ChunkedLoss(torch.autograd.Function):
                                     acc += g
             ce_sum += ce.detach()
             kd_sum += kd.detach()
+        if linear is not None and linear[1] is not None and grad_params[0] is not None:
+            # The summed gradient w.r.t. the rounded weight, through the weight's fake quantizer.
+            with torch.enable_grad():
+                (grad_params[0],) = torch.autograd.grad(linear[1], head.weight, grad_params[0])
         ctx.save_for_backward(grad_hidden, *[g for g in grad_params if g is not None])
         ctx.param_has_grad = [g is not None for g in grad_params] if compute_grad else [False] * len(params)
         ctx.compute_grad = compute_grad
@@ -104,26 +109,34 @@ class _ChunkedLoss(torch.autograd.Function):
         return (None, grad_hidden, *grads)
 
 
-def _linear_weight(head: nn.Module) -> Tensor | None:
-    """The weight a Linear head multiplies by, when its gradient w.r.t. ``head.weight`` is ``dz.T @ h``; else None.
+def _linear_weight(head: nn.Module, compute_grad: bool) -> tuple[Tensor, Tensor | None] | None:
+    """The weight ``W'`` of a head whose logits are ``linear(h, W', bias)``, or None for any other head.
 
-    That holds for a plain ``nn.Linear`` and for a fake-quantized one whose weight quantizer passes the gradient
-    through unchanged (declares ``identity_gradient``, as the GGUF grids' straight-through quantizer does) and
-    which rounds no activations. Other heads (LoRA, torchao's clamped estimators) take autograd's path.
+    Returned as ``W'`` detached, and ``W'`` with its graph to ``head.weight`` when ``W'`` is computed from it
+    (a fake-quantized weight) and a gradient is wanted. That holds for a plain ``nn.Linear`` (``W' = weight``)
+    and for torchao's ``FakeQuantizedLinear`` rounding no activations (``W'`` = the weight fake quantizer's
+    output). Others (LoRA, activation quantizers) take autograd's path through the module, chunk by chunk.
     """
     if type(head) is nn.Linear:
-        return head.weight
-    if not isinstance(head, nn.Linear) or getattr(head, "activation_fake_quantizer", None) is not None:
+        return head.weight, None
+    from torchao.quantization.qat.linear import FakeQuantizedLinear  # lazily: only fake-quantized heads need it
+
+    if type(head) is not FakeQuantizedLinear or head.activation_fake_quantizer is not None:
         return None
+    if head.weight_fake_quantizer is None:
+        return head.weight, None
     if [id(p) for p in head.parameters()] != [id(p) for p in (head.weight, head.bias) if p is not None]:
         return None  # parameters of its own beyond weight and bias (a learned quantizer range): autograd's path
-    quantizer = getattr(head, "weight_fake_quantizer", None)
-    if not getattr(quantizer, "identity_gradient", False):
-        return None
-    # The rounded values, once: the head of a tied embedding is the largest matrix in a small model, and
-    # rounding it for each chunk cost more than the rest of the step on CPU.
-    with torch.no_grad():
-        return quantizer(head.weight)
+    # Round once per loss, not per chunk: the head of a tied embedding is the largest matrix of a small model,
+    # and rounding it for each chunk cost more than the rest of the step on CPU. The chunks' gradients w.r.t.
+    # the rounded weight are summed, then sent once through the quantizer's own backward (straight-through, or
+    # torchao's clamped estimator) to the latent weight.
+    wants_grad = compute_grad and head.weight.requires_grad
+    with torch.set_grad_enabled(wants_grad):
+        rounded = head.weight_fake_quantizer(head.weight)
+    if wants_grad and not rounded.requires_grad:
+        return None  # a quantizer that cuts the gradient: the weight gets none, as autograd's path gives
+    return rounded.detach(), (rounded if wants_grad else None)
 
 
 def chunked_distill_loss(

@@ -72,7 +72,7 @@ def test_from_teacher_student_of_the_real_teacher_distils(smollm2, tmp_path, cac
 
 @pytest.mark.slow
 def test_default_command_end_to_end(tmp_path):
-    """`python train.py` with no overrides: the documented default run, qad_q4_0 for 15 minutes of training.
+    """`python train.py` with no overrides: the documented default run, qad_q4_mix for 15 minutes of training.
 
     A first run also scores the teacher on 2 × 500 task examples (then cached), hence the long timeout.
     """
@@ -85,7 +85,7 @@ def test_default_command_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Held-out evaluation" in proc.stdout
-    assert "versus PTQ: qad_q4_0" in proc.stderr + proc.stdout  # the run's last word: the PTQ row of its size
+    assert "versus PTQ: qad_q4_mix" in proc.stderr + proc.stdout  # the run's last word: the PTQ row of its size
     assert (tmp_path / "student_gguf" / "student-q4_0.gguf").is_file()  # the deployable file, checked on write
     assert (tmp_path / "student" / "model.safetensors").is_file()
 

@@ -75,15 +75,34 @@ def test_tied_output_layer_gets_both_gradients():
     torch.testing.assert_close(emb.weight.grad, want, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_gguf_fake_quantized_head_is_rounded_once_and_matches_autograd(bias):
-    """A head on a GGUF grid (identity gradient) takes the in-place path: same loss and gradients as the naive
-    path through the fake-quantized module, with the weight rounded once per loss, not once per chunk."""
-    from torchao.quantization.qat.linear import FakeQuantizedLinear
-
+def _gguf_q4_0() -> nn.Module:
     from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer
 
-    width = 64  # two of Q4_0's blocks of 32 per row
+    return GGUFBlockFakeQuantizer("q4_0")
+
+
+def _torchao_int4() -> nn.Module:
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    return IntxFakeQuantizer(IntxFakeQuantizeConfig(torch.int4, group_size=32))
+
+
+class _Tanh(nn.Module):
+    """A weight transform whose gradient is not the identity: the chain rule to the latent weight is checked."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(weight)
+
+
+@pytest.mark.parametrize("quantizer", [_gguf_q4_0, _torchao_int4, _Tanh], ids=["gguf_q4_0", "torchao_int4", "tanh"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fake_quantized_head_is_rounded_once_and_matches_autograd(quantizer, bias):
+    """A fake-quantized head (a GGUF grid's straight-through estimator, or torchao's clamped one) is rounded once
+    per loss, not once per chunk, and gives the naive path's loss and gradients through the module."""
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    width = 64  # two blocks of 32 per row
 
     def fq_head(seed: int) -> tuple:
         _, _, t_hidden, t_head, labels = _setup(seed)
@@ -94,7 +113,7 @@ def test_gguf_fake_quantized_head_is_rounded_once_and_matches_autograd(bias):
             head.weight.copy_(torch.randn(V, width, generator=g) * 0.5)
             if bias:
                 head.bias.copy_(torch.randn(V, generator=g))
-        head.weight_fake_quantizer = GGUFBlockFakeQuantizer("q4_0")
+        head.weight_fake_quantizer = quantizer()
         return hidden, head, t_hidden, t_head, labels
 
     obj = DistillationObjective(loss="forward_kl", alpha=0.5, temperature=1.0, chunk_size=4)
@@ -115,6 +134,47 @@ def test_gguf_fake_quantized_head_is_rounded_once_and_matches_autograd(bias):
     with torch.no_grad():  # validation: also one rounding
         obj.forward_chunked(hidden, head, _teacher_rows(t_hidden, t_head, V), labels, V)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_fake_quantized_head_tied_to_a_fake_quantized_embedding_with_padded_rows(enabled):
+    """A head tied to a fake-quantized embedding, with 6 padded rows past the vocabulary, and a torchao quantizer
+    switched on or off (off, it returns the weight itself): the gradients add up as on autograd's path, and a
+    no-grad (validation) call works."""
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    width, rows = 64, V + 6
+
+    def build() -> tuple:
+        g = torch.Generator().manual_seed(7)
+        emb = FakeQuantizedEmbedding(rows, width)
+        head = FakeQuantizedLinear(width, rows, bias=False)
+        with torch.no_grad():
+            emb.weight.copy_(torch.randn(rows, width, generator=g) * 0.5)
+        head.weight = emb.weight
+        for module in (emb, head):
+            module.weight_fake_quantizer = _torchao_int4()
+            module.weight_fake_quantizer.enabled = enabled
+        ids = torch.randint(0, V, (B, T), generator=g)
+        t_hidden = torch.randn(B, T, 8, generator=g)
+        t_head = nn.Linear(8, rows, bias=False)
+        with torch.no_grad():
+            t_head.weight.copy_(torch.randn(rows, 8, generator=g))
+        return emb, head, ids, t_hidden, t_head
+
+    obj = DistillationObjective(loss="forward_kl", alpha=0.5, temperature=1.0, chunk_size=4)
+    emb, head, ids, t_hidden, t_head = build()
+    obj(head(emb(ids))[..., :V], t_head(t_hidden).detach()[..., :V], ids)["loss"].backward()
+    want = emb.weight.grad.clone()
+
+    emb, head, ids, t_hidden, t_head = build()
+    got = obj.forward_chunked(emb(ids), head, _teacher_rows(t_hidden, t_head, V), ids, V)
+    got["loss"].backward()
+    torch.testing.assert_close(emb.weight.grad, want, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        again = obj.forward_chunked(emb(ids), head, _teacher_rows(t_hidden, t_head, V), ids, V)
+    assert again["loss"].item() == pytest.approx(got["loss"].item(), rel=1e-6)
 
 
 def test_no_grad_forward_skips_gradients():

@@ -206,10 +206,6 @@ class GGUFBlockFakeQuantizer(nn.Module):
     estimator. It has no parameters or buffers, so the module's state dict keys do not change.
     """
 
-    # The gradient w.r.t. the latent weight is the gradient w.r.t. the grid values: the chunked loss uses this
-    # to round a fake-quantized output head once per step (distill/objective/chunked.py).
-    identity_gradient = True
-
     def __init__(self, kind: str) -> None:
         super().__init__()
         if kind not in KINDS:
