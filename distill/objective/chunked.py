@@ -62,7 +62,7 @@ class _ChunkedLoss(torch.autograd.Function):
                     if compute_grad:
                         (dz,) = torch.autograd.grad(w_ce * ce / n_ce + w_kd * kd / n_kd, z)
                 if compute_grad:
-                    _accumulate(dz.to(h.dtype), h, weight[:vocab], bias, grad_hidden[start:stop], grad_params, vocab)
+                    _accumulate(dz.to(h.dtype), h, weight, bias, grad_hidden[start:stop], grad_params, vocab)
             else:
                 with torch.enable_grad():
                     h = hidden[start:stop].detach().requires_grad_(compute_grad)
@@ -107,8 +107,8 @@ class _ChunkedLoss(torch.autograd.Function):
 def _accumulate(
     dz: Tensor, h: Tensor, weight: Tensor, bias: Tensor | None, grad_h: Tensor, grad_params: list, vocab: int
 ) -> None:
-    """Add one chunk's gradients of a Linear head, given those w.r.t. its logits ``dz``, in place."""
-    torch.matmul(dz, weight, out=grad_h)
+    """Add one chunk's gradients of a Linear head, given those w.r.t. its first ``vocab`` logits ``dz``, in place."""
+    torch.matmul(dz, weight[:vocab], out=grad_h)
     if grad_params[0] is not None:
         grad_params[0][:vocab].addmm_(dz.T, h)
     if bias is not None and grad_params[1] is not None:
