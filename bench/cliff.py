@@ -36,8 +36,12 @@ def task_retention(point: dict[str, Any]) -> float | None:
     return sum(ratios) / len(ratios) if ratios else None
 
 
-def report_points(folder: Path) -> list[dict[str, Any]]:
-    """One point per report under ``folder`` that measured something: label, kind, ratio, agreement, retention."""
+def report_points(folder: Path, by_folder: bool = False) -> list[dict[str, Any]]:
+    """One point per report under ``folder`` that measured something: label, kind, ratio, agreement, retention.
+
+    The label is the run's recipe, or with ``by_folder`` the run folder's name (a longer run of a recipe that is
+    already on the plot at equal steps keeps a label of its own).
+    """
     points = []
     for path in find_reports([folder]):
         p = load_point(path)
@@ -46,7 +50,7 @@ def report_points(folder: Path) -> list[dict[str, Any]]:
             continue
         points.append(
             {
-                "label": p["run"].get("recipe") or path.parent.name,
+                "label": path.parent.name if by_folder else p["run"].get("recipe") or path.parent.name,
                 "kind": "baseline" if p["run"].get("baseline") else "recipe",
                 "ratio": s["cost/ratio_vs_fp32_teacher"],
                 "top1_agreement": s["heldout/top1_agreement"],
@@ -70,6 +74,11 @@ def measure_curve(cfg: DictConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def curve_labels(curve: list[dict[str, Any]]) -> set[str]:
+    """The baseline labels that measure a curve width (``ptq_int4`` is the curve's int4; ``ptq_gguf_q4_0`` is not)."""
+    return {f"ptq_{row['width']}" for row in curve}
+
+
 def table(curve: list[dict[str, Any]], points: list[dict[str, Any]]) -> str:
     """Markdown: the PTQ curve (with task retention where a baseline report ran the tasks), then the reports."""
     by_label = {p["label"]: p for p in points}
@@ -88,9 +97,10 @@ def table(curve: list[dict[str, Any]], points: list[dict[str, Any]]) -> str:
             f"| {row['top1_agreement']:.3f} | {row['kl_to_teacher']:.3f} "
             f"| {'–' if retention is None else f'{retention:.2f}'} |"
         )
+    on_curve = curve_labels(curve)
     for p in sorted(points, key=lambda q: q["ratio"]):
-        if p["label"].startswith("ptq_"):
-            continue  # already a curve row
+        if p["label"] in on_curve:
+            continue  # already a curve row; other grids (GGUF, groups of 192) are rows of their own
         retention = "–" if p["task_retention"] is None else f"{p['task_retention']:.2f}"
         lines.append(
             f"| {p['kind']}: {p['label']} | {p['ratio']:.2f}× | – | {p['top1_agreement']:.3f} "
@@ -113,23 +123,23 @@ def plot(curve: list[dict[str, Any]], points: list[dict[str, Any]], path: Path) 
     for r in ptq:
         axes[0].annotate(r["width"], (r["ratio"], r["top1_agreement"]), textcoords="offset points", xytext=(4, 4))
     # The right panel's line: the PTQ baselines that ran the tasks (the fp32 teacher anchors it at 1.0).
-    measured = [p for p in points if p["label"].startswith("ptq_") and p["task_retention"] is not None]
+    on_curve = curve_labels(curve)
+    measured = [p for p in points if p["label"] in on_curve and p["task_retention"] is not None]
     measured.sort(key=lambda p: p["ratio"])
     axes[1].plot(
         [p["ratio"] for p in measured], [p["task_retention"] for p in measured], marker="o", label="PTQ of the teacher"
     )
-    others = [p for p in points if not p["label"].startswith("ptq_") and p["label"] != "teacher_fp32"]
+    rest = [p for p in points if p["label"] not in on_curve and p["label"] != "teacher_fp32"]
+    groups = (
+        ([p for p in rest if p["label"].startswith("ptq_")], "^", "tab:green", "PTQ, other grids"),
+        ([p for p in rest if not p["label"].startswith("ptq_")], "s", "tab:orange", "recipes, baselines"),
+    )
     for ax, key in ((axes[0], "top1_agreement"), (axes[1], "task_retention")):
-        shown = [p for p in others if p[key] is not None]
-        ax.scatter(
-            [p["ratio"] for p in shown],
-            [p[key] for p in shown],
-            marker="s",
-            color="tab:orange",
-            label="recipes, baselines",
-        )
-        for p in shown:
-            ax.annotate(p["label"], (p["ratio"], p[key]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        for group, marker, color, label in groups:
+            shown = [p for p in group if p[key] is not None]
+            ax.scatter([p["ratio"] for p in shown], [p[key] for p in shown], marker=marker, color=color, label=label)
+            for p in shown:
+                ax.annotate(p["label"], (p["ratio"], p[key]), textcoords="offset points", xytext=(4, -10), fontsize=7)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # only the 2×, 4×, 8×, 16× labels
         ax.set_xlim(1.5, 20)
@@ -160,6 +170,10 @@ def run(cfg: DictConfig) -> str:
         raise config_error("curve_file", str(curve_file), "no measured curve there; run with measure=true first")
     curve = json.loads(curve_file.read_text())["rows"]
     points = report_points(Path(cfg.reports))
+    for folder in cfg.get("longer_runs") or []:
+        if not (Path(folder) / "report.json").is_file():
+            raise config_error("longer_runs", str(folder), "each folder needs the report.json of a finished run")
+        points += report_points(Path(folder), by_folder=True)
     results = Path(cfg.results_dir)
     md = table(curve, points)
     plot(curve, points, results / "cliff.png")

@@ -159,3 +159,20 @@ def test_kd_vs_ce_pairs_the_held_out_sequences_and_names_a_winner_only_when_the_
         run(bench_cfg("kd_vs_ce", [*args[:2], "only=[nope]"]))
     with pytest.raises(ConfigError, match=r"^pairs='pruned': no report at .*pruned_kd/report.json"):
         run(bench_cfg("kd_vs_ce", [*args[:2], "only=[pruned]"]))
+
+
+def test_cliff_keeps_ptq_rows_off_the_curve_and_labels_longer_runs_by_folder(tmp_path):
+    """Only the curve's own widths are folded into its rows; GGUF and g192 PTQ rows and longer runs stay."""
+    from bench.cliff import run as cliff_run
+
+    cfg = bench_cfg("cliff", ["measure=false", f"results_dir={tmp_path}"])
+    md = cliff_run(cfg)
+    labels = [line.split(" | ")[0].removeprefix("| ") for line in md.splitlines()[2:]]
+    assert "baseline: ptq_gguf_q4_mix" in labels and "baseline: ptq_int3_g192" in labels
+    assert "baseline: ptq_int4" not in labels and "PTQ int4" in labels  # the curve's int4 is one row
+    assert {"recipe: qad_q4_mix_1h_fast", "recipe: qad_int3_1h"} <= set(labels)
+    assert (tmp_path / "cliff.png").stat().st_size > 10_000
+    with pytest.raises(ConfigError, match=r"longer_runs='.*nowhere': each folder needs the report.json"):
+        cliff_run(
+            bench_cfg("cliff", ["measure=false", f"results_dir={tmp_path}", f"longer_runs=['{tmp_path}/nowhere']"])
+        )

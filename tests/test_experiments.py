@@ -280,10 +280,14 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
         report["run"] = {"recipe": name, "train_seconds": 300.0, "steps": 100}
         (runs / f"headline_{name}").mkdir(parents=True)
         (runs / f"headline_{name}" / "report.json").write_text(json.dumps(report))
+    longer = tmp_path / "longer" / "stacked_max_1h"  # a longer run of a recipe: its own row, after the others
+    longer.mkdir(parents=True)
+    report["run"] = {"recipe": "stacked_max", "train_seconds": 3600.0, "steps": 400}
+    (longer / "report.json").write_text(json.dumps(report))
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{START}\nold table\n{END}\noutro\n")
     args = [f"reports={runs}", f"results_dir={tmp_path / 'results'}", f"readmes=[{readme}]"]
-    headline([*args, "recipes=[distill_only,stacked_max]"])
+    headline([*args, "recipes=[distill_only,stacked_max]", f"longer_runs=['{longer}']"])
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
@@ -293,7 +297,11 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
         rows[3].startswith("| distill_only | 198.5 | 2.71× | 0.49× | – | 198.5 | 222.50 |") and "| 5.0 min |" in rows[3]
     )
     assert rows[4].startswith("| stacked_max | 122.3 | 4.40× | 0.80× | – | 122.3 | 987.25 |")
+    assert rows[5].startswith("| stacked_max_1h | 122.3 |") and "| 60.0 min |" in rows[5] and len(rows) == 6
+    assert "stacked_max_1h 400" in text and f"read from `{longer}`" in text
     assert (tmp_path / "results" / "headline_quality_vs_size.png").stat().st_size > 10_000
     with pytest.raises(ConfigError, match=r"recipes=\['distill_share'\]: no report under .*; run with run=true"):
         headline([*args, "recipes=distill_share"])  # no report: refused, nothing rewritten
+    with pytest.raises(ConfigError, match=r"longer_runs=.*nowhere.*needs the report.json of a finished run"):
+        headline([*args, "recipes=[distill_only]", f"longer_runs=['{tmp_path / 'nowhere'}']"])
     assert readme.read_text() == text
