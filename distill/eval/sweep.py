@@ -216,7 +216,18 @@ def ptq_verdict(point: dict[str, Any], baselines: list[dict[str, Any]]) -> str |
     ptq = [b for b in baselines if str(b["run"].get("recipe", "")).startswith("ptq_") and b["student"]]
     rivals = [b for b in ptq if b["student"].get("cost/ratio_vs_fp32_teacher", 0) >= ratio * (1 - SAME_SIZE)]
     if not rivals:
-        return f"**{point['label']}** ({ratio:.2f}×, top-1 {agree:.3f}): no PTQ baseline is this small."
+        head = f"**{point['label']}** ({ratio:.2f}×, top-1 {agree:.3f}): no PTQ baseline is this small"
+        if not ptq:
+            return head + "."
+        # The smallest PTQ row is larger, so beating it is the stronger claim; not beating it says little.
+        smallest = max(ptq, key=lambda b: b["student"].get("cost/ratio_vs_fp32_teacher", 0))
+        near = smallest["student"]
+        verdict = "beats" if agree > near["heldout/top1_agreement"] else "does not beat"
+        return (
+            f"{head}; it {verdict} the smallest, {smallest['run']['recipe']} "
+            f"({near['cost/ratio_vs_fp32_teacher']:.2f}×, "
+            f"top-1 {near['heldout/top1_agreement']:.3f}), which is larger."
+        )
     best = max(rivals, key=lambda b: b["student"]["heldout/top1_agreement"])
     b = best["student"]
     verdict = "beats" if agree > b["heldout/top1_agreement"] else "does not beat"

@@ -145,7 +145,13 @@ def test_headline_verdict_compares_with_the_best_ptq_row_at_least_as_small():
     lines = ptq_verdicts([point("small", 8.0, 0.30), point("mid", 5.0, 0.60), point("tiny", 20.0, 0.1)], ptq)
     assert "**small** (8.00×, top-1 0.300) beats ptq_int3" in lines[0]
     assert "**mid** (5.00×, top-1 0.600) does not beat ptq_int4" in lines[1]
-    assert "no PTQ baseline is this small" in lines[2]
+    # Smaller than every PTQ row: set against the smallest one, which is larger.
+    assert lines[2].endswith(
+        "no PTQ baseline is this small; it does not beat the smallest, ptq_int3 (9.00×, top-1 0.180), which is larger."
+    )
+    lines = ptq_verdicts([point("tiny", 20.0, 0.5)], ptq)
+    assert "; it beats the smallest, ptq_int3 (9.00×" in lines[0]
+    assert ptq_verdicts([point("tiny", 20.0, 0.5)], [])[0].endswith("no PTQ baseline is this small.")
 
 
 def test_a_run_ends_with_one_line_against_the_ptq_baseline_of_its_size(tmp_path):
