@@ -45,6 +45,8 @@ class DistillDataModule(pl.LightningDataModule):
         eval_batch_size: sequences per validation batch (defaults to ``batch_size``).
         val_fraction: share of the tokens held out for validation, by whole documents.
         seed: seed of the split and of the batch order.
+        order_seed: seed of the batch order alone (None: ``seed``). Another value trains on another order of the
+            same training split and scores on the same held-out documents: a replicate run stays comparable.
         num_workers: DataLoader worker processes.
         cache_dir: where tokenised splits live (defaults to the ``datasets`` cache).
 
@@ -65,6 +67,7 @@ class DistillDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         val_fraction: float = 0.15,
         seed: int = 1234,
+        order_seed: int | None = None,
         num_workers: int = 0,
         cache_dir: str | None = None,
     ) -> None:
@@ -87,6 +90,7 @@ class DistillDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.val_fraction, self.seed, self.num_workers = val_fraction, seed, num_workers
+        self.order_seed = seed if order_seed is None else order_seed
         self.cache_dir = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "distill"
         self.train_set: datasets.Dataset | None = None
         self.val_set: datasets.Dataset | None = None
@@ -240,7 +244,7 @@ class DistillDataModule(pl.LightningDataModule):
             len(self.train_set),
             self.batch_size,
             trainer.max_steps * accumulate,
-            seed=self.seed,
+            seed=self.order_seed,
             world_size=trainer.world_size,
             rank=trainer.global_rank,
             start=trainer.global_step * accumulate,

@@ -86,3 +86,21 @@ def test_data_key_names_the_cache_without_tokenising(tiny_teacher, tmp_path, mon
     assert b.data_key() == a.cache_path.name and b.cache_path is None and calls == []
     assert _dm(tiny_teacher, tmp_path, seed=7).data_key() != a.data_key()
     assert _dm(tiny_teacher, tmp_path, block_size=16).data_key() != a.data_key()
+
+
+def test_order_seed_reorders_the_batches_over_the_same_split(tiny_teacher, tmp_path):
+    from types import SimpleNamespace
+
+    def first_batches(**kw) -> tuple[torch.Tensor, torch.Tensor, str]:
+        dm = _dm(tiny_teacher, tmp_path, **kw)
+        dm.setup()
+        dm.trainer = SimpleNamespace(max_steps=3, accumulate_grad_batches=1, world_size=1, global_rank=0, global_step=0)
+        ids = torch.cat([b["input_ids"] for b in dm.train_dataloader()])
+        return ids, dm.val_set[:]["input_ids"], dm.data_key()
+
+    base, val, key = first_batches()
+    same, _, _ = first_batches(order_seed=1234)  # order_seed equal to seed: the default order
+    other, other_val, other_key = first_batches(order_seed=5)
+    assert torch.equal(base, same)
+    assert not torch.equal(base, other) and base.shape == other.shape
+    assert torch.equal(val, other_val) and key == other_key  # the same held-out documents and the same cache
