@@ -103,7 +103,10 @@ def run(cfg: DictConfig) -> None:
     if missing:
         raise config_error("recipes", missing, f"no report under {reports}; run with run=true")
     folders = cfg.get("longer_runs") or []
-    longer = {Path(f).name: Path(f) for f in ([folders] if isinstance(folders, str) else folders)}
+    folders = [Path(f) for f in ([folders] if isinstance(folders, str) else folders)]
+    longer = {f.name: f for f in folders}
+    if len(longer) < len(folders):  # rows are labelled by folder name, so two alike would share a row
+        raise config_error("longer_runs", [str(f) for f in folders], "give each run folder a different name")
     absent = [str(folder) for folder in longer.values() if not (folder / "report.json").exists()]
     if absent:
         raise config_error("longer_runs", absent, "each folder needs the report.json of a finished run")

@@ -304,4 +304,7 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
         headline([*args, "recipes=distill_share"])  # no report: refused, nothing rewritten
     with pytest.raises(ConfigError, match=r"longer_runs=.*nowhere.*needs the report.json of a finished run"):
         headline([*args, "recipes=[distill_only]", f"longer_runs=['{tmp_path / 'nowhere'}']"])
+    twins = [f"'{tmp_path / d / 'stacked_max_1h'}'" for d in ("a", "b")]
+    with pytest.raises(ConfigError, match=r"longer_runs=.*give each run folder a different name"):
+        headline([*args, "recipes=[distill_only]", f"longer_runs=[{','.join(twins)}]"])
     assert readme.read_text() == text
