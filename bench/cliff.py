@@ -26,7 +26,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from distill.config import config_error, exit_on_config_error  # noqa: E402
-from distill.eval.sweep import find_reports, load_point  # noqa: E402
+from distill.eval.sweep import find_reports, load_point, named_run_folders  # noqa: E402
 
 
 def task_retention(point: dict[str, Any]) -> float | None:
@@ -170,10 +170,8 @@ def run(cfg: DictConfig) -> str:
         raise config_error("curve_file", str(curve_file), "no measured curve there; run with measure=true first")
     curve = json.loads(curve_file.read_text())["rows"]
     points = report_points(Path(cfg.reports))
-    for folder in cfg.get("longer_runs") or []:
-        if not (Path(folder) / "report.json").is_file():
-            raise config_error("longer_runs", str(folder), "each folder needs the report.json of a finished run")
-        points += report_points(Path(folder), by_folder=True)
+    for folder in named_run_folders(cfg.get("longer_runs"), "longer_runs").values():
+        points += report_points(folder, by_folder=True)
     results = Path(cfg.results_dir)
     md = table(curve, points)
     plot(curve, points, results / "cliff.png")

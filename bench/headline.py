@@ -35,6 +35,7 @@ from distill.config import config_error, exit_on_config_error  # noqa: E402
 from distill.eval.sweep import (  # noqa: E402
     baseline_points,
     load_point,
+    named_run_folders,
     plot_quality_vs_size,
     ptq_verdict,
     summary_table,
@@ -102,14 +103,7 @@ def run(cfg: DictConfig) -> None:
     missing = [r for r in recipes if not (run_dir(reports, r) / "report.json").exists()]
     if missing:
         raise config_error("recipes", missing, f"no report under {reports}; run with run=true")
-    folders = cfg.get("longer_runs") or []
-    folders = [Path(f) for f in ([folders] if isinstance(folders, str) else folders)]
-    longer = {f.name: f for f in folders}
-    if len(longer) < len(folders):  # rows are labelled by folder name, so two alike would share a row
-        raise config_error("longer_runs", [str(f) for f in folders], "give each run folder a different name")
-    absent = [str(folder) for folder in longer.values() if not (folder / "report.json").exists()]
-    if absent:
-        raise config_error("longer_runs", absent, "each folder needs the report.json of a finished run")
+    longer = named_run_folders(cfg.get("longer_runs"), "longer_runs")
     readmes = [cfg.readmes] if isinstance(cfg.readmes, str) else list(cfg.readmes)
     print(tabulate(recipes, reports, Path(cfg.results_dir), [Path(r) for r in readmes], longer))
 

@@ -172,7 +172,7 @@ def test_cliff_keeps_ptq_rows_off_the_curve_and_labels_longer_runs_by_folder(tmp
     assert "baseline: ptq_int4" not in labels and "PTQ int4" in labels  # the curve's int4 is one row
     assert {"recipe: qad_q4_mix_1h_fast", "recipe: qad_int3_1h"} <= set(labels)
     assert (tmp_path / "cliff.png").stat().st_size > 10_000
-    with pytest.raises(ConfigError, match=r"longer_runs='.*nowhere': each folder needs the report.json"):
+    with pytest.raises(ConfigError, match=r"longer_runs=\['.*nowhere'\]: each folder needs the report.json"):
         cliff_run(
             bench_cfg("cliff", ["measure=false", f"results_dir={tmp_path}", f"longer_runs=['{tmp_path}/nowhere']"])
         )

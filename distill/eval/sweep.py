@@ -49,6 +49,18 @@ def find_reports(roots: Sequence[str | Path]) -> list[Path]:
     return found
 
 
+def named_run_folders(folders: str | Sequence[str | Path] | None, field: str) -> dict[str, Path]:
+    """Finished run folders keyed by their names (the labels of their rows), or a ConfigError naming ``field``."""
+    paths = [Path(f) for f in ([folders] if isinstance(folders, str) else folders or [])]
+    named = {p.name: p for p in paths}
+    if len(named) < len(paths):  # rows are labelled by folder name, so two alike would share a row
+        raise config_error(field, [str(p) for p in paths], "give each run folder a different name")
+    absent = [str(p) for p in paths if not (p / "report.json").is_file()]
+    if absent:
+        raise config_error(field, absent, "each folder needs the report.json of a finished run")
+    return named
+
+
 def load_point(path: Path) -> dict[str, Any]:
     """One run's report, with the Hydra overrides it was launched with (``.hydra/overrides.yaml``)."""
     report = json.loads(path.read_text())
