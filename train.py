@@ -34,7 +34,7 @@ from distill.export.hf import export_compact_forms, export_student, plain_model
 from distill.export.torchao_hf import save_transformers_torchao
 from distill.module import DistillModule
 from distill.objective.objective import DistillationObjective
-from distill.runtime.gather import gather_student, is_sharded
+from distill.runtime.gather import gather_student, is_sharded, local_bytes
 from distill.runtime.paths import export_root
 from distill.runtime.rank_zero_load import empty_weights, launch_rank, tie_again
 from distill.runtime.resume import resolve_resume
@@ -115,7 +115,7 @@ def _gguf_facts(check: gguf_export.GGUFCheck | None) -> dict[str, Any]:
 
 def _gather(cfg: DictConfig, objects: dict[str, Any], trainer: pl.Trainer) -> None:
     """Replace the sharded student (and teacher) in ``objects`` with whole ones on rank 0 (docs/scale_out.md)."""
-    held = sum(p.numel() * p.element_size() for p in objects["teacher"].parameters())
+    held = local_bytes(objects["teacher"])
     log.info("rank %d holds %d bytes of the teacher's parameters", trainer.global_rank, held)
     if not (cfg.export.enabled or cfg.eval.enabled):
         return
@@ -135,7 +135,7 @@ def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]
 
     """
     check_trainer_config(cfg.trainer, objective=cfg.distill.objective)  # e.g. FSDP on CPU, before any load
-    check_sharded_callbacks(cfg.trainer, cfg.get("callbacks"), cfg.export.enabled or cfg.eval.enabled)
+    check_sharded_callbacks(cfg.trainer, cfg.get("callbacks"))
     check_sharded_generation(cfg.trainer, cfg.distill.get("generation"))
     if not isinstance(cfg.get("seed"), int):
         raise config_error("seed", cfg.get("seed"), "give an integer seed, e.g. seed=1234")

@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -131,6 +132,80 @@ def assert_same_losses(full_dir: Path, cut_dir: Path, steps: int | None = None) 
         assert len(full_loss) == steps
     for step in full_loss:
         assert cut_loss[step] == pytest.approx(full_loss[step], rel=1e-5), step
+
+
+# A 4-step run with a checkpoint every 2 steps and 2 validations: the multi-process sims (fsdp_sim,
+# deepspeed_sim) are compared with one process on it.
+SIM_RUN = [
+    "experiment=smoke",
+    "distill.scheduler.num_warmup_steps=0",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.log_every_n_steps=1",
+    "callbacks.model_checkpoint.every_n_train_steps=2",
+    "callbacks.progress_bar=null",
+    "eval.enabled=false",
+]
+
+
+def assert_sharded_run_matches(run: Path, single_dir: Path, single: dict, log: str) -> None:
+    """A 2-rank sharded run (``run``) against one process with twice the batch (``single_dir``, ``single``).
+
+    Equal ``val/loss`` at each validation and the same logged ``student/params``; the export holds every
+    tensor whole and equal to the one-process student's; each rank held about half the teacher's bytes.
+    """
+    import re
+
+    import pytest
+    from safetensors.torch import load_file
+
+    sharded_val, single_val = (dict(series(read_metrics(d), "val/loss")) for d in (run, single_dir))
+    assert len(sharded_val) == 2 and set(sharded_val) == set(single_val)
+    for step, value in single_val.items():
+        assert sharded_val[step] == pytest.approx(value, rel=1e-5), step
+    # The student's size is the whole student's, not rank 0's shard or partition.
+    params = [dict(series(read_metrics(d), "student/params")) for d in (run, single_dir)]
+    assert params[0] == params[1] and params[1]
+    own = single["student"].state_dict()
+    exported = load_file(run / "student" / "model.safetensors")
+    assert {k for k in own if k != "lm_head.weight"} <= set(exported)
+    for k, v in exported.items():
+        assert v.shape == own[k].shape, k  # whole tensors, not flat shards or partitions
+        torch.testing.assert_close(v, own[k], rtol=1e-4, atol=1e-4)
+    held = {int(r): int(n) for r, n in re.findall(r"rank (\d) holds (\d+) bytes of the teacher", log)}
+    whole = sum(p.numel() * p.element_size() for p in single["teacher"].parameters())
+    assert set(held) == {0, 1}, log[-2000:]
+    for n in held.values():
+        assert 0.45 * whole <= n <= 0.55 * whole, (held, whole)
+
+
+def assert_killed_run_resumes(run_args: Callable[..., list[str]], tmp_path: Path, cache_dir: Path) -> Path:
+    """Train ``run_args(dir)`` whole, and again killed at step 3 then rerun; both end with the same weights.
+
+    ``run_args(dir, *extra)`` gives the overrides of a run in ``dir``. Returns the killed run's checkpoint folder.
+    """
+    from safetensors.torch import load_file
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_train_cli(run_args(full), tmp_path, cache_dir)
+    crash = ["+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=3"]
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "train.py"), *run_args(cut, *crash)]
+    args += [f"paths.cache_dir={cache_dir}", f"data.cache_dir={cache_dir}/data"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    died = subprocess.run(args, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
+    assert died.returncode != 0 and "simulated crash at step 3" in died.stdout + died.stderr
+    assert not (cut / "student").exists()
+    resumed = run_train_cli(run_args(cut), tmp_path, cache_dir)  # resume=auto: the step-2 checkpoint
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    assert_same_losses(full, cut, steps=4)
+    a, b = load_file(full / "student" / "model.safetensors"), load_file(cut / "student" / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    return cut / "checkpoints"
 
 
 def run_train_cli(args: list[str], cwd: Path, cache_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -25,12 +25,15 @@ def unique_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 def parameter_count(model: nn.Module) -> int:
-    """Parameters with each shared tensor counted once (ALBERT-style sharing and tied embeddings)."""
+    """Parameters with each shared tensor counted once (ALBERT-style sharing and tied embeddings).
+
+    A DeepSpeed ZeRO-3 placeholder counts as the whole parameter it stands for (``ds_numel``).
+    """
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            total += p.numel()
+            total += getattr(p, "ds_numel", p.numel())
     return total
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +17,8 @@ from distill.compress.stages import STAGES, CompressionStage
 from distill.export.loaders import load_pruned as load_pruned_module
 from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY, is_pruned_export, load_pruned
 from distill.runtime.files import atomic_directory
+
+log = logging.getLogger(__name__)
 
 
 def export_student(
@@ -40,7 +43,8 @@ def export_student(
         if metadata is not None:
             (tmp / "distill.json").write_text(json.dumps(metadata, indent=2, default=str))
         if verify:
-            check_reload(student, tmp)
+            diff = check_reload(student, tmp)
+            log.info("verified the export: plain transformers reloads it with max |Δlogit| %.3g on the probe", diff)
     return Path(out_dir)
 
 

@@ -3,8 +3,13 @@
 Under FSDP every rank holds a shard of each student parameter, and the student's decoder layers are FSDP
 units wrapped in place, so neither ``save_pretrained`` nor an evaluation on rank 0 alone can read it. All
 ranks join one full-state-dict gather (a collective: a rank that skips it hangs the others); rank 0 then
-loads the gathered weights into a fresh, unwrapped copy of the student's architecture. DDP needs none of
-this: every rank holds the whole student.
+loads the gathered weights into a fresh, unwrapped copy of the student's architecture.
+
+Under DeepSpeed ZeRO-3 each parameter is an empty placeholder whose 1/N partition sits in ``ds_tensor``; the
+fp32 master copy of each trainable one lives in the optimizer's partitions. Every rank joins one gather per
+parameter: DeepSpeed's ``safe_get_full_fp32_param`` for the trainable ones (the fp32 masters, as FSDP's full
+state dict holds them, not the bf16 copies the forward used), ``deepspeed.zero.GatheredParameters`` for the
+rest. DDP and ZeRO-2 need none of this: every rank holds the whole student.
 """
 
 from __future__ import annotations
@@ -37,20 +42,67 @@ def full_state_dict_context(model: nn.Module) -> Any:
     )
 
 
+def is_partitioned(model: nn.Module | None) -> bool:
+    """Whether ``model`` holds DeepSpeed ZeRO-3 placeholders (parameters partitioned across ranks)."""
+    return model is not None and any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def is_sharded(model: nn.Module | None) -> bool:
-    """Whether ``model`` (the strategy's wrapped model) holds FSDP shards."""
+    """Whether ``model`` (the strategy's wrapped model) holds FSDP shards or ZeRO-3 partitions."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    return model is not None and any(isinstance(m, FSDP) for m in model.modules())
+    return model is not None and (any(isinstance(m, FSDP) for m in model.modules()) or is_partitioned(model))
+
+
+def local_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters this rank holds: its shard under FSDP, its partition under ZeRO-3."""
+    return sum((t := getattr(p, "ds_tensor", p)).numel() * t.element_size() for p in model.parameters())
+
+
+def zero3_state_dict(student: nn.Module) -> dict[str, Any] | None:
+    """The ZeRO-3-partitioned ``student``'s full state dict in host memory on rank 0 (None elsewhere).
+
+    A collective: every rank must call it, and each parameter is gathered in turn, so no more than one whole
+    parameter is held on the device at a time. Trainable parameters come back as their fp32 master copies.
+    """
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank0 = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    # Lightning's teardown moved the module to the CPU after fit, which moves only the empty placeholders; the
+    # partitions stayed where DeepSpeed put them, and its all-gather allocates on the placeholder's device.
+    partition = next((p.ds_tensor for p in student.parameters() if hasattr(p, "ds_tensor")), None)
+    if partition is not None:
+        student.to(partition.device)
+    state: dict[str, Any] = {}
+    for name, param in student.named_parameters():
+        full = None
+        if param.requires_grad and hasattr(param, "_z3_optimizer"):
+            full = safe_get_full_fp32_param(param)  # every rank gets the whole fp32 tensor
+            full = full.view(param.ds_shape) if full is not None else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                full = param.data.detach().clone() if rank0 else None
+        if rank0:
+            state[name] = full.detach().to("cpu", copy=True)
+    if not rank0:
+        return None
+    for prefix, module in student.named_modules():  # ZeRO-3 leaves buffers whole; only persistent ones are saved
+        for key, buf in module.named_buffers(recurse=False):
+            if buf is not None and key not in module._non_persistent_buffers_set:
+                state[f"{prefix}.{key}" if prefix else key] = buf.detach().cpu()
+    return state
 
 
 def gather_student(wrapped: nn.Module, student: nn.Module, prefix: str = "student.") -> nn.Module | None:
     """The trained student as one plain model on rank 0 (``None`` on the other ranks); every rank must call it.
 
     Args:
-        wrapped: the strategy's FSDP-wrapped LightningModule (``trainer.strategy.model``).
-        student: the student as the module holds it (its config and dtype are read; its shards are not).
-        prefix: the student's key prefix in the module's state dict.
+        wrapped: the strategy's wrapped LightningModule (``trainer.strategy.model``: FSDP, or DeepSpeed's engine).
+        student: the student as the module holds it (its config is read; under ZeRO-3 its partitions are
+            gathered, under FSDP the wrapped module's full state dict is).
+        prefix: the student's key prefix in the module's state dict (FSDP).
 
     Raises:
         RuntimeError: the gathered weights do not fit the student's architecture, e.g. after a structural
@@ -60,15 +112,20 @@ def gather_student(wrapped: nn.Module, student: nn.Module, prefix: str = "studen
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    with full_state_dict_context(wrapped):
-        state = wrapped.state_dict()  # the collective: every rank gathers, rank 0 keeps the result
+    if is_partitioned(student):
+        weights = zero3_state_dict(student)
+    else:
+        with full_state_dict_context(wrapped):
+            state = wrapped.state_dict()  # the collective: every rank gathers, rank 0 keeps the result
+        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    assert weights is not None  # rank 0 holds the gathered weights
     dtype = next(iter(weights.values())).dtype
     plain = AutoModelForCausalLM.from_config(student.config, dtype=dtype)
     missing, unexpected = plain.load_state_dict(weights, strict=False)
-    # FSDP names a parameter shared by two modules once: the tied output layer comes back with the embedding.
+    # FSDP and named_parameters name a parameter shared by two modules once: the tied output layer comes back
+    # with the embedding.
     tied = {"lm_head.weight"} if getattr(student.config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
         raise RuntimeError(
@@ -78,7 +135,7 @@ def gather_student(wrapped: nn.Module, student: nn.Module, prefix: str = "studen
     if tied:
         plain.tie_weights()
     plain.generation_config = student.generation_config
-    log.info("gathered the sharded student on rank 0 (%d tensors)", len(weights))
+    log.info("gathered the sharded student on rank 0 (%d tensors, %s)", len(weights), dtype)
     return plain.eval().requires_grad_(False)
 
 

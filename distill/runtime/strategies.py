@@ -41,8 +41,9 @@ def strategy_name(strategy: Any) -> str:
         target = str(strategy.get("_target_", "")).rsplit(".", 1)[-1].lower()
     else:
         target = type(strategy).__name__.lower()
-    if "fsdp_sim" in target:
-        return "fsdp_sim"
+    for sim in ("fsdp_sim", "deepspeed_sim"):
+        if sim in target:
+            return sim
     for name in GPU_ONLY + ("ddp",):
         if name in target:
             return name
@@ -50,9 +51,9 @@ def strategy_name(strategy: Any) -> str:
 
 
 def is_gpu_only(strategy: Any) -> bool:
-    """Whether Lightning requires a GPU accelerator for ``strategy`` (``fsdp_sim`` is FSDP made to run on CPU)."""
+    """Whether Lightning requires a GPU accelerator for ``strategy`` (the ``*_sim`` ones are made to run on CPU)."""
     name = strategy_name(strategy)
-    return name.startswith(GPU_ONLY) and name != "fsdp_sim"
+    return name.startswith(GPU_ONLY) and name not in ("fsdp_sim", "deepspeed_sim")
 
 
 def is_fsdp(strategy: Any) -> bool:
@@ -163,16 +164,14 @@ def check_sharded_generation(trainer: Mapping[str, Any], generation: Mapping[str
             )
 
 
-def check_sharded_callbacks(
-    trainer: Mapping[str, Any], callbacks: Mapping[str, Any] | None, leaves_training: bool = False
-) -> None:
-    """Refuse what a sharding strategy (FSDP, DeepSpeed ZeRO-3) cannot do yet, before any model loads.
+def check_sharded_callbacks(trainer: Mapping[str, Any], callbacks: Mapping[str, Any] | None) -> None:
+    """Refuse compression stages under a sharding strategy (FSDP, DeepSpeed ZeRO-3), before any model loads.
+
+    Export and evaluation run under both: the student is gathered first (:mod:`distill.runtime.gather`).
 
     Args:
         trainer: the ``trainer`` config node.
         callbacks: the ``callbacks`` node: compression stages are refused under either strategy.
-        leaves_training: whether the student is exported or evaluated after training; refused under ZeRO-3,
-            whose partitioned student nothing here gathers yet (FSDP's is gathered: distill.runtime.gather).
 
     Raises:
         ConfigError: naming the first such setting, the strategy, why, and what runs instead.
@@ -180,16 +179,7 @@ def check_sharded_callbacks(
     """
     strategy = trainer.get("strategy")
     name = strategy_name(strategy)
-    zero3 = is_zero3(strategy)
-    if zero3 and leaves_training:
-        raise config_error(
-            "export.enabled",
-            True,
-            "the deepspeed ZeRO-3 strategy leaves the student partitioned and nothing gathers it yet; train with "
-            "trainer=fsdp (gathered before export), or set export.enabled=false eval.enabled=false and convert "
-            "the checkpoint with Lightning's convert_zero_checkpoint_to_fp32_state_dict",
-        )
-    if not (is_fsdp(strategy) or zero3):
+    if not (is_fsdp(strategy) or is_zero3(strategy)):
         return
     for key in SHARDED_STAGE_REASONS:
         if (callbacks or {}).get(key):
@@ -318,6 +308,65 @@ def fsdp_sim_strategy(**kwargs: Any) -> Any:
 
     kwargs.setdefault("process_group_backend", "gloo")
     return fsdp_strategy(strategy_class=CPUFSDPStrategy, **kwargs)
+
+
+def deepspeed_sim_strategy(**kwargs: Any) -> Any:
+    """Lightning's ``DeepSpeedStrategy`` on CPU processes over gloo: ``trainer=deepspeed_sim`` (ZeRO on a laptop).
+
+    ``param_persistence_threshold`` (DeepSpeed's ``stage3_param_persistence_threshold``) sets the size under
+    which ZeRO-3 keeps a parameter whole on every rank; the other arguments are ``DeepSpeedStrategy``'s.
+
+    Lightning refuses DeepSpeed without CUDA in ``setup_environment`` only; DeepSpeed itself partitions and
+    trains on CPU tensors (its CPU accelerator). The subclass skips that one check and keeps the rest of
+    Lightning's path: ``deepspeed.initialize``, the engine's backward and step, its checkpoint folders.
+    """
+    import importlib
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+
+    # DeepSpeed's CPU all-reduce kernel is a C++ extension compiled on first use (a minute on a fresh machine)
+    # whose threads abort the process when the process group is destroyed; gloo's own all-reduce sums the same.
+    # (deepspeed.comm re-exports torch under the submodule's name, hence import_module.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        """Lightning's DeepSpeedStrategy without its CUDA-only check (see :func:`deepspeed_sim_strategy`)."""
+
+        def setup_environment(self) -> None:
+            DDPStrategy.setup_environment(self)  # what DeepSpeedStrategy runs after its CUDA check
+
+        def setup_distributed(self) -> None:
+            # Lightning's own, less its check that GPU indices match local ranks (CPU devices have none).
+            from lightning.fabric.utilities.seed import reset_seed
+
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
+            # Lightning's own, with the local rank as device_rank where Lightning passes root_device.index, None
+            # on CPU (DeepSpeed's CPU accelerator maps every index to "cpu"; -1 would make it a 1-rank engine).
+            from types import SimpleNamespace
+
+            import deepspeed
+
+            engine, ds_optimizer, _, _ = deepspeed.initialize(
+                args=SimpleNamespace(device_rank=self.local_rank),
+                config=self.config,
+                model=model,
+                model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+                optimizer=optimizer,
+                lr_scheduler=lr_scheduler,
+                dist_init_required=False,
+            )
+            return engine, ds_optimizer
+
+    persistence = kwargs.pop("param_persistence_threshold", None)
+    kwargs.setdefault("process_group_backend", "gloo")
+    strategy = CPUDeepSpeedStrategy(**kwargs)
+    if persistence is not None:  # not one of Lightning's arguments; its config dict takes DeepSpeed's key
+        strategy.config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = persistence
+    return strategy
 
 
 def apply_student_switches(student: nn.Module, switches: Mapping[str, Any] | None) -> list[str]:

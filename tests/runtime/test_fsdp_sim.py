@@ -7,34 +7,16 @@ and a run killed mid-way resumes from its full-state-dict checkpoint to the same
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from distill.config import ConfigError
 from distill.runtime.strategies import check_sharded_callbacks
-from tests.helpers import SGD, assert_same_losses, read_metrics, run_train_cli, series
+from tests.helpers import SGD, SIM_RUN, assert_killed_run_resumes, assert_sharded_run_matches, run_train_cli
 from train import train
 
-ROOT = Path(__file__).resolve().parents[2]
-COMMON = [
-    "experiment=smoke",
-    "distill.scheduler.num_warmup_steps=0",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=2",
-    "trainer.limit_val_batches=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.log_every_n_steps=1",
-    "callbacks.model_checkpoint.every_n_train_steps=2",
-    "callbacks.progress_bar=null",
-    "eval.enabled=false",
-]
+COMMON = SIM_RUN
 
 
 def _fsdp(run: Path, *extra: str) -> list[str]:
@@ -58,31 +40,9 @@ def test_two_fsdp_ranks_export_the_gathered_student_of_one_process_with_twice_th
     # Only rank 0 read the teacher; rank 1 built both models empty and was filled unit by unit from rank 0, so
     # the equal weights below also check that fill (rank_zero_load.py).
     assert "rank 1 builds the teacher and student empty" in out and "rank 0 builds" not in out
-    # limit_val_batches=1: rank 0 validates the batch, rank 1 a padding batch (no hang, weighs nothing).
-    fsdp_val = dict(series(read_metrics(run), "val/loss"))
-    single_val = dict(series(read_metrics(tmp_path / "single"), "val/loss"))
-    assert len(fsdp_val) == 2 and set(fsdp_val) == set(single_val)
-    for step, value in single_val.items():
-        assert fsdp_val[step] == pytest.approx(value, rel=1e-5), step
-    # The student's size is the sum of its shards, not rank 0's shard.
-    params = {
-        k: dict(series(read_metrics(d), "student/params")) for k, d in (("fsdp", run), ("one", tmp_path / "single"))
-    }
-    assert params["fsdp"] == params["one"] and params["one"]
-    own = single["student"].state_dict()
-    exported = load_file(run / "student" / "model.safetensors")
-    # The gathered model: every tensor whole (a shard would be a flat fraction), none missing.
-    assert {k for k in own if k != "lm_head.weight"} <= set(exported)
-    for k, v in exported.items():
-        assert v.shape == own[k].shape, k
-        torch.testing.assert_close(v, own[k], rtol=1e-4, atol=1e-4)
-
-    # Each rank holds about half the teacher's parameter bytes (FSDP pads each unit to a multiple of 2).
-    held = {int(r): int(n) for r, n in re.findall(r"rank (\d) holds (\d+) bytes of the teacher", out)}
-    whole = sum(p.numel() * p.element_size() for p in single["teacher"].parameters())
-    assert set(held) == {0, 1}, out[-2000:]
-    for n in held.values():
-        assert 0.45 * whole <= n <= 0.55 * whole, (held, whole)
+    # limit_val_batches=1: rank 0 validates the batch, rank 1 a padding batch (no hang, weighs nothing). The
+    # student's size is the sum of its shards; FSDP pads each unit to a multiple of 2 (the teacher's half).
+    assert_sharded_run_matches(run, tmp_path / "single", single, out)
 
 
 @pytest.mark.ddp
@@ -90,21 +50,8 @@ def test_two_fsdp_ranks_export_the_gathered_student_of_one_process_with_twice_th
 def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(tmp_path, cache_dir):
     # The recipe's AdamW: its moments are in the checkpoint. (Lightning's FSDP loader cannot read the empty
     # optimizer state of plain SGD without momentum; no recipe uses it.)
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    run_train_cli(_fsdp(full), tmp_path, cache_dir)
-    crash = ["+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=3"]
-    args = [sys.executable, str(ROOT / "train.py"), *_fsdp(cut, *crash)]
-    args += [f"paths.cache_dir={cache_dir}", f"data.cache_dir={cache_dir}/data"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    died = subprocess.run(args, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
-    assert died.returncode != 0 and "simulated crash at step 3" in died.stdout + died.stderr
-    assert (cut / "checkpoints" / "last.ckpt").is_file() and not (cut / "student").exists()
-    run_train_cli(_fsdp(cut), tmp_path, cache_dir)  # resume=auto picks up the step-2 checkpoint
-    assert_same_losses(full, cut, steps=4)
-    a, b = load_file(full / "student" / "model.safetensors"), load_file(cut / "student" / "model.safetensors")
-    assert set(a) == set(b)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    checkpoints = assert_killed_run_resumes(_fsdp, tmp_path, cache_dir)
+    assert (checkpoints / "last.ckpt").is_file()  # FSDP's full state dict: one plain file
 
 
 @pytest.mark.parametrize("stage", ["prune", "share", "lowrank", "sparsity", "qat"])
@@ -121,15 +68,14 @@ def test_compression_under_sharding_is_refused_at_start_up_naming_the_strategy(s
     check_sharded_callbacks(cfg.trainer, cfg.callbacks)  # every DDP rank holds the whole student: allowed
 
 
-def test_zero3_refuses_an_export_it_cannot_gather():
+def test_sharded_strategies_export_and_evaluate_without_compression_stages():
     from tests.conftest import compose_cfg
 
-    cfg = compose_cfg(["trainer=deepspeed_stage_3"], Path("/tmp/unused"), Path("/tmp/unused"))
-    with pytest.raises(ConfigError, match=r"export\.enabled.*ZeRO-3.*trainer=fsdp"):
-        check_sharded_callbacks(cfg.trainer, cfg.callbacks, leaves_training=True)
-    check_sharded_callbacks(cfg.trainer, cfg.callbacks, leaves_training=False)
-    cfg = compose_cfg(["trainer=fsdp_sim"], Path("/tmp/unused"), Path("/tmp/unused"))
-    check_sharded_callbacks(cfg.trainer, cfg.callbacks, leaves_training=True)  # FSDP's student is gathered
+    # The student is gathered before export and evaluation under both (test_zero3_gather, the fsdp_sim runs).
+    for strategy in ("fsdp_sim", "deepspeed_stage_3"):
+        cfg = compose_cfg([f"trainer={strategy}", "~experiment"], Path("/tmp/unused"), Path("/tmp/unused"))
+        assert cfg.export.enabled and cfg.eval.enabled
+        check_sharded_callbacks(cfg.trainer, cfg.callbacks)
 
 
 def test_models_built_empty_keep_their_tied_embeddings():

@@ -39,6 +39,22 @@ def test_deepspeed_configs_build_the_strategy(option, stage, offload, tmp_path, 
     assert strategy_name(cfg.trainer.strategy) == "deepspeed"
 
 
+def test_deepspeed_sim_config_builds_zero3_on_cpu_with_every_parameter_partitioned(tmp_path, cache_dir):
+    pytest.importorskip("deepspeed")
+    from distill.runtime.strategies import is_gpu_only, is_zero3
+
+    cfg = compose_cfg(["trainer=deepspeed_sim"], tmp_path, cache_dir)
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    zero = strategy.config["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_param_persistence_threshold"] == 0
+    assert strategy_name(cfg.trainer.strategy) == "deepspeed_sim" and is_zero3(cfg.trainer.strategy)
+    assert not is_gpu_only(cfg.trainer.strategy)
+    check_trainer_config(cfg.trainer, environ={}, objective={"chunked": "auto"})
+    with pytest.raises(ConfigError, match=r"distill.objective.chunked=True: .*ZeRO-3"):
+        check_trainer_config(cfg.trainer, environ={}, objective={"chunked": True})
+
+
 def test_fsdp_config_builds_the_strategy_with_the_teacher_policy(tmp_path, cache_dir):
     cfg = compose_cfg(["trainer=fsdp", "trainer.strategy.sharding_strategy=SHARD_GRAD_OP"], tmp_path, cache_dir)
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
