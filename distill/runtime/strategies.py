@@ -179,6 +179,13 @@ def check_sharded_callbacks(trainer: Mapping[str, Any], callbacks: Mapping[str, 
     """
     strategy = trainer.get("strategy")
     name = strategy_name(strategy)
+    if name.startswith("deepspeed") and not is_zero3(strategy) and (callbacks or {}).get("prune"):
+        raise config_error(
+            "callbacks.prune",
+            "set",
+            f"not supported under the {name} strategy: pruning rebuilds the optimizer mid-run, and DeepSpeed's "
+            "engine owns it (with its state partitioned); train with trainer=ddp (trainer=ddp_sim on CPU)",
+        )
     if not (is_fsdp(strategy) or is_zero3(strategy)):
         return
     for key in SHARDED_STAGE_REASONS:

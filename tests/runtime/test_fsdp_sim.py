@@ -68,6 +68,22 @@ def test_compression_under_sharding_is_refused_at_start_up_naming_the_strategy(s
     check_sharded_callbacks(cfg.trainer, cfg.callbacks)  # every DDP rank holds the whole student: allowed
 
 
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_sim"])
+def test_zero2_takes_compression_except_pruning(strategy):
+    from tests.conftest import compose_cfg
+
+    for stage in ("share", "lowrank", "sparsity", "qat"):  # ZeRO-2 keeps every parameter whole on every rank
+        cfg = compose_cfg(
+            [f"trainer={strategy}", "trainer.strategy.stage=2", f"callbacks={stage}"], Path("/tmp/u"), Path("/tmp/u")
+        )
+        check_sharded_callbacks(cfg.trainer, cfg.callbacks)
+    cfg = compose_cfg(
+        [f"trainer={strategy}", "trainer.strategy.stage=2", "callbacks=prune"], Path("/tmp/u"), Path("/tmp/u")
+    )
+    with pytest.raises(ConfigError, match=r"callbacks\.prune.*deepspeed.*rebuilds the optimizer"):
+        check_sharded_callbacks(cfg.trainer, cfg.callbacks)
+
+
 def test_sharded_strategies_export_and_evaluate_without_compression_stages():
     from tests.conftest import compose_cfg
 
