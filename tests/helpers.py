@@ -51,6 +51,14 @@ class CrashAtStep(pl.Callback):
             raise SystemExit(f"simulated crash at step {self.step}")
 
 
+class DtypeProbe(pl.Callback):
+    """Print the dtype the student's parameters train in (under ZeRO-3 bf16: the engine's bf16 copies)."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dtypes = sorted({str(p.dtype) for p in pl_module.student.parameters()})
+        print(f"rank {trainer.global_rank} student trains in {','.join(dtypes)}", flush=True)
+
+
 def read_metrics(output_dir: Path) -> list[dict[str, str]]:
     """All rows of every CSVLogger metrics.csv under ``output_dir``, in version order."""
     rows: list[dict[str, str]] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.helpers import (
@@ -46,6 +47,20 @@ def test_two_zero_ranks_export_the_student_of_one_process_with_twice_the_batch(s
     _, single = train(single_cfg)
     # A ZeRO-3 placeholder counts as its whole parameter in student/params (not 0, not a partition).
     assert_sharded_run_matches(run, tmp_path / "single", single, out, half_teacher=stage == 3)
+
+
+@pytest.mark.ddp
+def test_zero3_in_bf16_exports_the_fp32_master_weights(tmp_path, cache_dir):
+    # The engine trains bf16 copies and keeps fp32 masters in the optimizer; the gather must return the masters.
+    run = tmp_path / "bf16"
+    probe = "+callbacks.probe._target_=tests.helpers.DtypeProbe"
+    proc = run_train_cli(_zero3(run, "trainer.precision=bf16-mixed", probe), tmp_path, cache_dir)
+    assert "rank 0 student trains in torch.bfloat16" in proc.stdout + proc.stderr
+    weights = load_file(run / "student" / "model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    total = sum(v.numel() for v in weights.values())
+    off_grid = sum(int((v != v.to(torch.bfloat16).float()).sum()) for v in weights.values())
+    assert off_grid > 0.9 * total  # fp32 values, not bf16 ones widened (measured: 99.9 %)
 
 
 @pytest.mark.ddp
