@@ -34,7 +34,7 @@ def _zero3(run: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("stage", [3, 2])
+@pytest.mark.parametrize("stage", [3, pytest.param(2, marks=pytest.mark.slow)])
 def test_two_zero_ranks_export_the_student_of_one_process_with_twice_the_batch(stage, tiny_cfg, tmp_path, cache_dir):
     run = tmp_path / f"zero{stage}"
     tied = "student.tie_word_embeddings=true"
