@@ -22,7 +22,7 @@ from distill.eval.cost import parameter_count
 from distill.models.teacher import Teacher
 from distill.objective.divergences import IGNORE_INDEX
 from distill.objective.objective import DistillationObjective
-from distill.runtime.gather import is_partitioned, is_sharded, own_params_gathered
+from distill.runtime.gather import is_fsdp_wrapped, own_params_gathered
 from distill.runtime.rank_zero_load import peak_host_mib
 
 TEACHER_PREFIX = "teacher."
@@ -271,8 +271,7 @@ class DistillModule(pl.LightningModule):
             metric.reset()
         # Under FSDP each rank holds a shard of every parameter, so the shards' counts add up to the student's;
         # a ZeRO-3 placeholder counts as its whole parameter on every rank (parameter_count).
-        model = self.trainer.strategy.model if self._trainer is not None else None
-        sharded = is_sharded(model) and not is_partitioned(model)
+        sharded = self._trainer is not None and is_fsdp_wrapped(self.trainer.strategy.model)
         count = float(parameter_count(self.student))
         self.log("student/params", count, sync_dist=True, reduce_fx="sum" if sharded else "mean")
 

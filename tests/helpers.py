@@ -202,11 +202,7 @@ def assert_killed_run_resumes(run_args: Callable[..., list[str]], tmp_path: Path
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_train_cli(run_args(full), tmp_path, cache_dir)
     crash = ["+callbacks.crash._target_=tests.helpers.CrashAtStep", "+callbacks.crash.step=3"]
-    root = Path(__file__).resolve().parents[1]
-    args = [sys.executable, str(root / "train.py"), *run_args(cut, *crash)]
-    args += [f"paths.cache_dir={cache_dir}", f"data.cache_dir={cache_dir}/data"]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    died = subprocess.run(args, cwd=tmp_path, env=env, text=True, capture_output=True, timeout=600)
+    died = run_train_cli(run_args(cut, *crash), tmp_path, cache_dir, check=False)
     assert died.returncode != 0 and "simulated crash at step 3" in died.stdout + died.stderr
     assert not (cut / "student").exists()
     resumed = run_train_cli(run_args(cut), tmp_path, cache_dir)  # resume=auto: the step-2 checkpoint
@@ -219,8 +215,19 @@ def assert_killed_run_resumes(run_args: Callable[..., list[str]], tmp_path: Path
     return cut / "checkpoints"
 
 
-def run_train_cli(args: list[str], cwd: Path, cache_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``python train.py <args>`` in a fresh interpreter with the session's caches; assert it exits 0."""
+def free_port() -> int:
+    """A TCP port free on this host now, for a test's torch.distributed rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train_cli(
+    args: list[str], cwd: Path, cache_dir: Path, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Run ``python train.py <args>`` in a fresh interpreter with the session's caches; ``check``: assert exit 0."""
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
         [
@@ -236,7 +243,8 @@ def run_train_cli(args: list[str], cwd: Path, cache_dir: Path, timeout: int = 60
         capture_output=True,
         timeout=timeout,
     )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    if check:
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return proc
 
 

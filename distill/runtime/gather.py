@@ -47,11 +47,16 @@ def is_partitioned(model: nn.Module | None) -> bool:
     return model is not None and any(hasattr(p, "ds_id") for p in model.parameters())
 
 
-def is_sharded(model: nn.Module | None) -> bool:
-    """Whether ``model`` (the strategy's wrapped model) holds FSDP shards or ZeRO-3 partitions."""
+def is_fsdp_wrapped(model: nn.Module | None) -> bool:
+    """Whether ``model`` (the strategy's wrapped model) holds FSDP units."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    return model is not None and (any(isinstance(m, FSDP) for m in model.modules()) or is_partitioned(model))
+    return model is not None and any(isinstance(m, FSDP) for m in model.modules())
+
+
+def is_sharded(model: nn.Module | None) -> bool:
+    """Whether ``model`` (the strategy's wrapped model) holds FSDP shards or ZeRO-3 partitions."""
+    return is_fsdp_wrapped(model) or is_partitioned(model)
 
 
 def local_bytes(model: nn.Module) -> int:

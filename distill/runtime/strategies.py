@@ -317,24 +317,32 @@ def fsdp_sim_strategy(**kwargs: Any) -> Any:
     return fsdp_strategy(strategy_class=CPUFSDPStrategy, **kwargs)
 
 
+def without_deepspeed_shm_allreduce() -> None:
+    """Keep DeepSpeed on CPU from building its shared-memory all-reduce kernel; gloo's all-reduce sums the same.
+
+    The kernel is a C++ extension compiled on first use (a minute on a fresh machine), and its threads abort
+    the process when the process group is destroyed. (``deepspeed.comm`` re-exports torch under the
+    submodule's name, hence ``import_module``.)
+    """
+    import importlib
+
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def deepspeed_sim_strategy(**kwargs: Any) -> Any:
     """Lightning's ``DeepSpeedStrategy`` on CPU processes over gloo: ``trainer=deepspeed_sim`` (ZeRO on a laptop).
 
     ``param_persistence_threshold`` (DeepSpeed's ``stage3_param_persistence_threshold``) sets the size under
     which ZeRO-3 keeps a parameter whole on every rank; the other arguments are ``DeepSpeedStrategy``'s.
 
-    Lightning refuses DeepSpeed without CUDA in ``setup_environment`` only; DeepSpeed itself partitions and
-    trains on CPU tensors (its CPU accelerator). The subclass skips that one check and keeps the rest of
-    Lightning's path: ``deepspeed.initialize``, the engine's backward and step, its checkpoint folders.
+    Lightning refuses DeepSpeed without CUDA (``setup_environment``) and checks GPU indices against local
+    ranks (``setup_distributed``); DeepSpeed itself partitions and trains on CPU tensors (its CPU accelerator).
+    The subclass skips those two checks and hands DeepSpeed a device rank, and keeps the rest of Lightning's
+    path: ``deepspeed.initialize``, the engine's backward and step, its checkpoint folders.
     """
-    import importlib
-
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
-    # DeepSpeed's CPU all-reduce kernel is a C++ extension compiled on first use (a minute on a fresh machine)
-    # whose threads abort the process when the process group is destroyed; gloo's own all-reduce sums the same.
-    # (deepspeed.comm re-exports torch under the submodule's name, hence import_module.)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    without_deepspeed_shm_allreduce()
 
     class CPUDeepSpeedStrategy(DeepSpeedStrategy):
         """Lightning's DeepSpeedStrategy without its CUDA-only check (see :func:`deepspeed_sim_strategy`)."""

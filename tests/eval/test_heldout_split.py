@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.multiprocessing as mp
 from transformers import LlamaForCausalLM
 
 from distill.eval.heldout import heldout_analysis
-from tests.helpers import tiny_llama
+from tests.helpers import free_port, tiny_llama
 
 EOS = 3
 
@@ -61,11 +60,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.ddp
 def test_two_ranks_merge_to_the_one_process_result(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "split.pt"
-    mp.spawn(_rank, args=(port, str(out)), nprocs=2)
+    mp.spawn(_rank, args=(free_port(), str(out)), nprocs=2)
     split, whole = torch.load(out, weights_only=False), _analysis(None)
     assert split.metrics.keys() == whole.metrics.keys()
     for name in whole.metrics:

@@ -6,16 +6,15 @@ gather is tested here on ``deepspeed.initialize`` directly; ``bench/gpu_check.sh
 
 from __future__ import annotations
 
-import importlib
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.helpers import tiny_llama
+from distill.runtime.strategies import without_deepspeed_shm_allreduce
+from tests.helpers import free_port, tiny_llama
 
 deepspeed = pytest.importorskip("deepspeed")  # a dev dependency: installed by `make test`
 
@@ -40,10 +39,7 @@ def _rank(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     os.environ.update(LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    # DeepSpeed's CPU all-reduce kernel is a C++ extension compiled on first use (a minute on a fresh machine),
-    # and its threads abort the process when the group is destroyed; gloo's all-reduce does the same sum.
-    # (deepspeed.comm re-exports torch under the submodule's name, hence import_module.)
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    without_deepspeed_shm_allreduce()
     try:
         from distill.runtime.gather import gather_student, is_sharded, local_bytes
 
@@ -85,11 +81,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 @pytest.mark.ddp
 def test_zero3_student_is_gathered_whole_with_its_fp32_masters(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "gathered.pt"
-    mp.spawn(_rank, args=(port, str(out)), nprocs=2)
+    mp.spawn(_rank, args=(free_port(), str(out)), nprocs=2)
     got = torch.load(out, weights_only=False)
     assert got["tied"]  # the tied head is tied again, not a second copy
     assert abs(got["held"] / got["whole"] - 0.5) < 0.02  # each rank held half of every parameter
