@@ -16,12 +16,12 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from distill.compress.replay import replay
-from distill.config import build, config_error, exit_on_config_error, require
-from distill.eval.assess import Comparison, Provenance, assess
+from distill.config import ConfigOrigin, build, config_error, exit_on_config_error, require
+from distill.eval.assess import Comparison, Provenance, assess, build_heldout
 from distill.export.gguf import same_tokenization
 from distill.models.loading import load_causal_lm
 from distill.models.teacher import FrozenTeacher
@@ -50,6 +50,74 @@ def read_checkpoint(p: Path, field_value: str) -> dict[str, Any]:
             f"the checkpoint holds objects beyond tensors and plain containers ({first}); distill loads "
             "checkpoints with weights_only=True, so give the run's export folder (…/student) instead",
         ) from None
+
+
+def split_record(path: str) -> dict[str, Any] | None:
+    """The data splits a model was trained with, as train.py recorded them; None for a model it did not write.
+
+    An export folder holds them in ``distill.json``; a GGUF file of a run is read with the run's ``student/``
+    export next to its folder; a checkpoint holds them in the datamodule's state.
+    """
+    p = Path(path)
+    meta_file = p / "distill.json" if p.is_dir() else p.parent.parent / "student" / "distill.json"
+    if p.suffix == ".ckpt" and p.is_file():
+        ckpt = read_checkpoint(p, path)
+        return next((v["split"] for v in ckpt.values() if isinstance(v, dict) and "split" in v), None)
+    if meta_file.is_file():
+        return json.loads(meta_file.read_text()).get("data")
+    return None
+
+
+def use_recorded_split(cfg: DictConfig, record: dict[str, Any] | None, origin: ConfigOrigin | None) -> None:
+    """Score on the splits the model trained with: its test split, never text it trained on.
+
+    A data setting the user typed that differs from the record is refused (it would score the model on text it
+    may have trained on); an untyped one takes the recorded value.
+    """
+    if not record:
+        return
+    settings = {f"data.{k}": record[k] for k in _RECORDED if k in record}
+    settings["seed"] = record.get("seed", cfg.seed)
+    for field, value in settings.items():
+        now = OmegaConf.select(cfg, field)
+        if now == value:
+            continue
+        if origin is not None and origin.typed(field):
+            raise config_error(
+                field,
+                now,
+                f"model={cfg.model} was trained with {field}={value!r}: its held-out documents differ from these, "
+                "so the score would include text it trained on; leave it unset to rebuild the model's own split",
+            )
+        log.info("using the model's recorded %s=%r (the configured one was %r)", field, value, now)
+        OmegaConf.update(cfg, field, value, force_add=True)
+    with open_dict(cfg):
+        cfg.data.seed = settings["seed"]
+
+
+_RECORDED = (
+    "source",
+    "files",
+    "name",
+    "config_name",
+    "split",
+    "text_field",
+    "block_size",
+    "val_fraction",
+    "test_fraction",
+)
+
+
+def check_split(datamodule: Any, record: dict[str, Any] | None, model: str) -> None:
+    """Refuse when the rebuilt splits are not the recorded ones (another corpus, tokenizer or packing)."""
+    here = datamodule.split_facts()["data_key"]
+    if record and record.get("data_key") and here != record["data_key"]:
+        raise config_error(
+            "model",
+            model,
+            f"it was trained on data key {record['data_key']} but the data here gives {here} (the corpus files, "
+            "the tokenizer or a data setting differ); evaluate with the data and tokenizer of the run",
+        )
 
 
 def load_model(path: str, fallback_tokenizer: Any) -> tuple[PreTrainedModel, Any, list[dict[str, Any]]]:
@@ -102,9 +170,11 @@ def load_model(path: str, fallback_tokenizer: Any) -> tuple[PreTrainedModel, Any
     )
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Load model and baseline, check they share a tokenizer, and write the report."""
+def evaluate(cfg: DictConfig, origin: ConfigOrigin | None = None) -> dict[str, Any]:
+    """Load model and baseline, check they share a tokenizer, and write the report on the model's own test split."""
     require(cfg, "model")  # before the baseline loads, which takes a while
+    record = split_record(cfg.model)
+    use_recorded_split(cfg, record, origin)
     torch.manual_seed(cfg.seed)
     if cfg.baseline:
         if not (Path(cfg.baseline) / "config.json").is_file():
@@ -121,6 +191,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     vocab = shared_vocab_size(baseline.tokenizer, tokenizer, baseline.vocab_size, rows, training=False)
     datamodule = build(cfg.data, tokenizer=baseline.tokenizer)
     datamodule.setup()
+    check_split(datamodule, record, cfg.model)
     about = Provenance(
         export_dir=cfg.model if Path(cfg.model).is_dir() or Path(cfg.model).suffix == ".gguf" else None,
         baseline_dir=cfg.baseline,
@@ -132,7 +203,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         model,
         baseline,
         baseline.tokenizer,
-        datamodule.val_dataloader(),
+        build_heldout(cfg.eval, datamodule, baseline.tokenizer, cfg.paths.cache_dir),
         vocab,
         token_counts=datamodule.train_token_counts(),  # the same data config, so the same training split
     )
@@ -142,8 +213,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point."""
-    with exit_on_config_error():
-        report = evaluate(cfg)
+    origin = ConfigOrigin.from_hydra()
+    with exit_on_config_error(origin=origin.explain):
+        report = evaluate(cfg, origin)
     print(f"report: {Path(cfg.paths.output_dir) / 'report.md'}")
     if cfg.fail_on_degradation and report["degradation"]["degraded"]:
         print("degradation guard: " + "; ".join(f["message"] for f in report["degradation"]["flags"]), file=sys.stderr)

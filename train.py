@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -11,11 +10,14 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill.compress.quant.schemes import get_scheme
+from distill.compress.replay import rebuilt_student
 from distill.compress.stages import CompressionStage, check_schedule, compression_stages
 from distill.config import (
+    ConfigError,
+    ConfigOrigin,
     build,
     check_optimization,
     config_error,
@@ -24,7 +26,8 @@ from distill.config import (
     named_callbacks,
 )
 from distill.data.generation import Generation
-from distill.eval.assess import Comparison, Provenance, assess, assess_cross, heldout_pass
+from distill.data.named_sets import check_sets
+from distill.eval.assess import Comparison, Provenance, assess, assess_cross, build_heldout, heldout_pass
 from distill.eval.cost import disk_bytes
 from distill.eval.sweep import versus_ptq
 from distill.eval.tasks import validate_task_names
@@ -34,7 +37,9 @@ from distill.export.hf import export_compact_forms, export_student, plain_model
 from distill.export.torchao_hf import save_transformers_torchao
 from distill.module import DistillModule
 from distill.objective.objective import DistillationObjective
-from distill.runtime.gather import gather_student, is_sharded, local_bytes
+from distill.runtime.clock import TrainClock
+from distill.runtime.gather import finish_gathered, gather_student, is_sharded, local_bytes
+from distill.runtime.lock import run_lock
 from distill.runtime.paths import export_root
 from distill.runtime.rank_zero_load import empty_weights, launch_rank, tie_again
 from distill.runtime.resume import resolve_resume
@@ -51,8 +56,14 @@ from distill.runtime.tracking import LogConfig, publish_student
 log = logging.getLogger("distill")
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def train(cfg: DictConfig, origin: ConfigOrigin | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Run one distillation: build everything from ``cfg``, fit, export the student, evaluate.
+
+    Args:
+        cfg: the composed config.
+        origin: which settings the user typed (``main`` passes it). A GGUF export the user did not ask for (the
+            default run's) that this student cannot be written as is dropped with a warning instead of refused.
+            None: every setting counts as asked for.
 
     Returns:
         ``(metrics, objects)``: the final logged and held-out metrics, and the objects built
@@ -62,22 +73,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objective, ckpt_path = _check_settings(cfg)
     objects = _build_models(cfg, objective)
     if cfg.export.enabled and "gguf" in check_formats(cfg.export):
-        # What the GGUF file cannot hold is known from the built student: refuse now, not after training.
-        gguf_type = cfg.export.get("gguf_type", "auto")
-        gguf_export.check_student(objects["student"], objects["module"].tokenizer, gguf_type)
+        _check_gguf(cfg, objects, origin)
     trainer, loggers, callbacks, stages = _build_trainer(cfg)
     objects["trainer"] = trainer
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    started = time.perf_counter()
+    clock = TrainClock.attach(trainer)  # training seconds across a resumed run's segments, kept in checkpoints
     trainer.fit(objects["module"], datamodule=objects["datamodule"], ckpt_path=ckpt_path)
-    train_seconds = time.perf_counter() - started  # this process only: a resumed run counts its own part
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.fast_dev_run:
         return metrics, objects
     if is_sharded(trainer.strategy.model):
-        _gather(cfg, objects, trainer)  # every rank joins the gather; rank 0 goes on with the whole student
+        _gather(cfg, objects, trainer, stages)  # every rank joins the gather; rank 0 goes on with the whole student
     held = _split_heldout(cfg, objects, trainer)  # under DDP every rank scores its share of the held-out batches
     if not trainer.is_global_zero:
         return metrics, objects
@@ -86,7 +94,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.eval.enabled:
         facts = {
             "recipe": cfg.get("recipe"),
-            "train_seconds": train_seconds,
+            "train_seconds": clock.total,  # every segment of a resumed run
+            "train_seconds_segment": clock.segment,  # this process's part
             "steps": trainer.global_step,
             "resumed_from": str(ckpt_path) if ckpt_path else None,
             "run_dir": str(cfg.paths.output_dir),
@@ -101,6 +110,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, objects
 
 
+def _check_gguf(cfg: DictConfig, objects: dict[str, Any], origin: ConfigOrigin | None) -> None:
+    """What the GGUF file cannot hold, known from the built student: refused now, not after training.
+
+    When the GGUF export came with the default run rather than from the user, the run exports hf only instead.
+    """
+    try:
+        gguf_export.check_student(objects["student"], objects["module"].tokenizer, cfg.export.get("gguf_type", "auto"))
+    except ConfigError as err:
+        if origin is None or origin.typed("export.formats") or origin.experiment_typed:
+            raise
+        log.warning("%s (export.formats has gguf from the default run, not from you): exporting hf only", err)
+        with open_dict(cfg):
+            cfg.export.formats = [f for f in check_formats(cfg.export) if f != "gguf"]
+
+
 def _gguf_facts(check: gguf_export.GGUFCheck | None) -> dict[str, Any]:
     """What the GGUF file's reload measured (docs/deploy.md), for the report's run facts; empty without one."""
     if check is None:
@@ -113,14 +137,19 @@ def _gguf_facts(check: gguf_export.GGUFCheck | None) -> dict[str, Any]:
     }
 
 
-def _gather(cfg: DictConfig, objects: dict[str, Any], trainer: pl.Trainer) -> None:
+def _gather(cfg: DictConfig, objects: dict[str, Any], trainer: pl.Trainer, stages: list[CompressionStage]) -> None:
     """Replace the sharded student (and teacher) in ``objects`` with whole ones on rank 0 (docs/scale_out.md)."""
     held = local_bytes(objects["teacher"])
     log.info("rank %d holds %d bytes of the teacher's parameters", trainer.global_rank, held)
     if not (cfg.export.enabled or cfg.eval.enabled):
         return
-    student = gather_student(trainer.strategy.model, objects["student"])
+    module = objects["module"]  # its structure log rebuilds the trained student's modules (scale_out.md)
+    config = type(objects["student"].config).from_dict(module.initial_student_config)
+    student = gather_student(
+        trainer.strategy.model, objects["student"], lambda dtype: rebuilt_student(config, module.structure, dtype)
+    )
     if student is not None:
+        finish_gathered(student, stages)  # QAT converts the whole student here, not its shards (scale_out.md)
         objects["student"] = student
         # The teacher's shards are frozen copies of its source, so rank 0 loads it again rather than gathering
         # it: the evaluation compares the student with the teacher as the user named it.
@@ -146,6 +175,7 @@ def _check_settings(cfg: DictConfig) -> tuple[DistillationObjective, str | None]
         check_formats(cfg.export, cfg.get("callbacks"))  # before the teacher loads
     if cfg.eval.enabled:
         validate_task_names(cfg.eval.tasks or [])
+        check_sets(cfg.eval.get("heldout"), cfg.eval.get("max_batches"))
     if is_zero3(cfg.trainer.get("strategy")) and objective.chunked == "auto":
         # ZeRO-3 partitions the output layer's weight outside its forward, which the chunked path reads.
         log.info("distill.objective.chunked=auto: off under deepspeed ZeRO-3 (docs/scale_out.md)")
@@ -296,6 +326,8 @@ def _export(
             "teacher": teacher.identity,
             "structure": module.structure,
             "global_step": objects["trainer"].global_step,
+            # The splits it trained and was validated on: evaluate.py rebuilds exactly these (or refuses).
+            "data": objects["datamodule"].split_facts() if hasattr(objects["datamodule"], "split_facts") else None,
         },
     )
     publish_student(loggers, out)  # W&B: the export as a model artifact
@@ -374,25 +406,32 @@ def _assess(
     )
     cross = objects["module"].objective.cross
     if cross is not None:  # bits per byte and byte-level agreement (distill/eval/cross_heldout.py)
-        return assess_cross(_comparison(objects), cross, cfg.eval, cfg.paths.output_dir, about)
-    report = assess(_comparison(objects), cfg.eval, cfg.paths.output_dir, about, heldout=held)
+        return assess_cross(_comparison(cfg, objects), cross, cfg.eval, cfg.paths.output_dir, about)
+    report = assess(_comparison(cfg, objects), cfg.eval, cfg.paths.output_dir, about, heldout=held)
     # One line against the cheapest alternative: the teacher quantized post-training to this size.
     label = facts["recipe"] or "student"
     log.info(versus_ptq(Path(cfg.paths.output_dir) / "report.json", cfg.eval.get("baselines"), label))
     return report
 
 
-def _comparison(objects: dict[str, Any]) -> Comparison:
-    """The trained student and the teacher, on the student's device, with the held-out batches."""
+def _comparison(cfg: DictConfig, objects: dict[str, Any]) -> Comparison:
+    """The trained student and the teacher, on the student's device, with the held-out sets (``eval.heldout``)."""
     teacher, student, datamodule = objects["teacher"], objects["student"], objects["datamodule"]
     teacher.to(next(student.parameters()).device)
     # Long-tail buckets come from the training split's token counts; a datamodule without them skips the buckets.
     counts = datamodule.train_token_counts() if hasattr(datamodule, "train_token_counts") else None
+    tokenizer = objects["module"].tokenizer  # the student's (the teacher's unless cross_tokenizer)
+    settings = cfg.eval
+    if hasattr(teacher, "holds") and len(settings.get("heldout") or {}) > 1:
+        # A cached teacher holds its corpus's blocks only: the other held-out sets have no teacher to compare with.
+        log.warning("teacher=cached: eval.heldout scores the run's test split only (the cache holds no other text)")
+        settings = OmegaConf.merge(settings, {"heldout": None})
+        settings.heldout = {next(iter(cfg.eval.heldout)): "split"}
     return Comparison(
         student,
         teacher,
-        objects["module"].tokenizer,  # the student's (the teacher's unless cross_tokenizer)
-        datamodule.heldout_dataloader(),
+        tokenizer,
+        build_heldout(settings, datamodule, tokenizer, cfg.paths.cache_dir),
         objects["module"].vocab_size,
         token_counts=counts,
     )
@@ -408,7 +447,7 @@ def _split_heldout(cfg: DictConfig, objects: dict[str, Any], trainer: pl.Trainer
         return None
     if objects["module"].objective.cross is not None:  # rank 0 scores it across tokenizers (assess_cross)
         return None
-    models = _comparison(objects)
+    models = _comparison(cfg, objects)
     device = next(models.student.parameters()).device
     log.info("rank %d scores its share of the held-out batches (%d ranks)", trainer.global_rank, trainer.world_size)
     return heldout_pass(models, cfg.eval, device, shard=(trainer.global_rank, trainer.world_size))
@@ -459,7 +498,7 @@ def _log_report(report: dict[str, Any], flat: dict[str, float], loggers: list, s
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the metric that sweeps optimise."""
-    with exit_on_config_error(discard=cfg.paths.output_dir):
+    with exit_on_config_error(discard=cfg.paths.output_dir), run_lock(cfg.paths.output_dir):
         metrics, _ = train(cfg)
     return metrics.get(cfg.get("optimized_metric"))
 

@@ -34,6 +34,7 @@ from omegaconf import DictConfig  # noqa: E402
 from distill.config import config_error, exit_on_config_error  # noqa: E402
 from distill.eval.sweep import (  # noqa: E402
     baseline_points,
+    evaluation_note,
     load_point,
     named_run_folders,
     plot_quality_vs_size,
@@ -152,11 +153,18 @@ def tabulate(
             "config and tokenizer, or a GGUF file that reloads as the student; the GGUF file for the teacher as "
             "shipped); the ratios divide the fp32 teacher "
             "(4 bytes per parameter) and the shipped GGUF by it. Bits per weight count the weight files over the "
-            "parameters. Memory is the model as it runs. Task accuracies carry bootstrap 95 % intervals. Tokens/s "
+            "parameters. Held-out scores: " + evaluation_note(points[0]) + "; brackets are 95 % intervals that "
+            "resample documents. Task accuracies carry bootstrap 95 % intervals. Tokens/s "
             "is batch-1 greedy generation (median of the run's probes). Train time is `trainer.fit` wall-clock. "
             "Plot: [{link}]({link}).",
             *(
-                ["", "Against PTQ at equal or smaller size (top-1 agreement on the held-out split):", "", *verdicts]
+                [
+                    "",
+                    "Against the best PTQ row at equal or smaller size: top-1 agreement, the difference paired over "
+                    'the documents both scored, with its 95 % interval ("ties" when it holds 0):',
+                    "",
+                    *verdicts,
+                ]
                 if verdicts
                 else []
             ),

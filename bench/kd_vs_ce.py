@@ -5,7 +5,7 @@
 
 A pair is two ``train.py`` runs that differ only in the objective: the recipe (KD) and the same recipe with
 ``distill.objective.alpha=0`` (hard labels only). Both are scored by the end-of-run evaluation on the same
-held-out sequences, so the comparison is paired: every bootstrap resample draws the same held-out sequences
+test documents, so the comparison is paired: every bootstrap resample draws the same test documents
 for both sides, and the interval is that of the difference KD − CE (top-1 agreement and KL to the teacher,
 and perplexity on the held-out labels, which is CE's own objective). Task accuracies, where the pair ran
 tasks, are compared by their separate intervals. Settings: Hydra overrides of ``conf/bench/kd_vs_ce.yaml``.
@@ -45,7 +45,9 @@ HELDOUT: dict[str, tuple[str, Callable[[float], float], bool]] = {
 
 
 def _rows(report: dict[str, Any], side: str, where: Path) -> dict[str, np.ndarray]:
-    rows = (report.get("heldout_rows") or {}).get(side)
+    """One side's per-document held-out sums on the report's test split (its first held-out set)."""
+    sets = report.get("heldout_rows") or {}
+    rows = next(iter(sets.values()), {}).get(side)
     if not rows or not rows.get("tokens"):
         raise config_error(
             "pairs", str(where), "the report has no per-sequence held-out sums (heldout_rows); rerun the side"

@@ -132,7 +132,13 @@ def untrained(base: Path, out: Path, calib: int) -> list[dict]:
     vocab = min(teacher.vocab_size, student.get_output_embeddings().weight.shape[0])
 
     def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        res = heldout_metrics({"student": model}, teacher, data.val_dataloader(), vocab, cfg.eval.max_batches)
+        res = heldout_metrics(
+            {"student": model},
+            teacher,
+            data.heldout_dataloader("test", cfg.eval.max_batches),
+            vocab,
+            eos_token_id=teacher.tokenizer.eos_token_id,
+        )
         return res["student"]
 
     rows = [row("base (unpruned)", copy.deepcopy(student), evaluate(student), time.perf_counter() - start)]

@@ -104,9 +104,9 @@ def run(cfg: DictConfig) -> dict:
     ptq_eval = heldout_metrics(
         {"ptq": ptq_model},
         fp["teacher"],
-        fp["datamodule"].val_dataloader(),
+        fp["datamodule"].heldout_dataloader("test", cfg.eval_batches),
         vocab,
-        max_batches=cfg.eval_batches,
+        eos_token_id=fp["teacher"].tokenizer.eos_token_id,
     )["ptq"]
     ptq_s = time.perf_counter() - start
     del fp["trainer"], fp["module"]

@@ -96,7 +96,9 @@ def at_conversion(names: list[str], max_batches: int) -> list[dict]:
                 cb.compress(student, dm)
         models[name] = student
     vocab = min(teacher.vocab_size, next(iter(models.values())).get_output_embeddings().weight.shape[0])
-    results = heldout_metrics(models, teacher, dm.val_dataloader(), vocab, max_batches=max_batches)
+    results = heldout_metrics(
+        models, teacher, dm.heldout_dataloader("test", max_batches), vocab, eos_token_id=teacher.tokenizer.eos_token_id
+    )
     return [
         {
             "config": name,

@@ -13,6 +13,8 @@ from distill.compress import lowrank
 from distill.compress.lowrank import DEFAULT_TARGETS, FIELD, factorize, target_linears
 from distill.config import config_error
 from distill.eval.cost import parameter_count
+from distill.runtime.rank_zero_load import has_meta_tensors
+from distill.runtime.ranks import computed_on_rank_zero
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,24 @@ class LowRankFactorization(CompactCompression):
         return lowrank.plan(model, self.targets, self.rank, self.energy, self.param_budget, batches, self.damping)
 
     def compress(self, student: nn.Module, datamodule: Any = None) -> dict[str, int]:
-        """Factorise ``student`` in place as configured (calibrating on ``datamodule``); returns the ranks."""
-        ranks, factors = self.plan(student, lowrank.calibration_batches(datamodule, self.calibration_batches))
-        factorize(student, ranks, factors)
+        """Factorise ``student`` in place as configured (calibrating on ``datamodule``); returns the ranks.
+
+        Several processes factorise to rank 0's ranks. A rank that holds the weights computes the same factors
+        (the calibration batches are the same on every rank); one whose student was built empty (FSDP ranks
+        > 0, distill/runtime/rank_zero_load.py) takes the shapes only, and rank 0's values when FSDP wraps it.
+        """
+        plans: list[tuple[dict[str, int], dict[str, tuple[Tensor, Tensor]]]] = []
+
+        def planned() -> dict[str, int]:
+            plans.append(self.plan(student, lowrank.calibration_batches(datamodule, self.calibration_batches)))
+            return plans[0][0]
+
+        ranks = computed_on_rank_zero(planned)
+        if not plans and not has_meta_tensors(student):
+            planned()
+            if plans[0][0] != ranks:
+                raise RuntimeError("low-rank factorisation chose other ranks on this process than on rank 0")
+        factorize(student, ranks, plans[0][1] if plans else None)
         return ranks
 
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -6,10 +6,12 @@ targets are met; afterwards the structure is fixed and distillation heals it (Mi
 
 Units are removed physically at each pruning step (no masks): the linears are sliced, the config is
 updated, the optimizer is rebuilt with its Adam moments sliced to the surviving rows and columns, and
-under DDP the DDP wrapper is rebuilt around the new parameters. Every step is recorded with
-``record_structure_change("prune", spec)`` (the kept indices), and :mod:`distill.compress.replay`
-rebuilds the same shapes on a fresh student before a checkpoint's weights load. Only the Lightning hooks
-live here; the maths (``schedule``, ``selection``, ``importance``, ``surgery``) is in :mod:`distill.compress.prune`.
+under DDP the DDP wrapper is rebuilt around the new parameters. Under FSDP the student is gathered on rank 0,
+cut there (and alike on the other ranks' empty copies) and wrapped again (:mod:`distill.runtime.rewrap`).
+Every step is recorded with ``record_structure_change("prune", spec)`` (the kept indices), and
+:mod:`distill.compress.replay` rebuilds the same shapes on a fresh student before a checkpoint's weights load.
+Only the Lightning hooks live here; the maths (``schedule``, ``selection``, ``importance``, ``surgery``) is in
+:mod:`distill.compress.prune`.
 """
 
 from __future__ import annotations
@@ -19,15 +21,23 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
 from callbacks.base import CompressionCallback
 from distill.compress.prune.importance import ImportanceAccumulator
-from distill.compress.prune.schedule import FIELD, PruneSchedule, check_calibration
-from distill.compress.prune.selection import add_compensation, compensation, is_llama_like, select, select_per_layer
+from distill.compress.prune.schedule import PruneSchedule, check_calibration
+from distill.compress.prune.selection import (
+    add_compensation,
+    compensation,
+    require_llama_like,
+    select,
+    select_per_layer,
+)
 from distill.compress.prune.surgery import apply_spec, layer_shapes, shapes
 from distill.compress.stages import compression_stages
-from distill.config import config_error
+from distill.runtime.gather import params_whole
+from distill.runtime.ranks import computed_on_rank_zero
+from distill.runtime.rewrap import reshape
+from distill.runtime.strategies import check_prune_strategy
 
 log = logging.getLogger("distill.prune")
 
@@ -114,6 +124,7 @@ class ProgressiveStructuredPruning(CompressionCallback):
         self.done: list[int] = []
         self.original: dict[str, int] | None = None
         self.final: dict[str, int] | None = None
+        self._after: dict[str, int] = {}  # the shapes after the last cut, for its log
 
     def sizes_at(self, step: int) -> dict[str, int]:
         """Layers, query heads, KV heads and channels the student has after the pruning step at ``step``."""
@@ -125,36 +136,13 @@ class ProgressiveStructuredPruning(CompressionCallback):
         if stage != "fit":
             return
         student = pl_module.student
-        if not is_llama_like(student):
-            raise config_error(
-                "callbacks",
-                "prune",
-                f"{type(student).__name__} is not a Llama-style decoder (model.layers with "
-                "self_attn.q_proj/k_proj/v_proj/o_proj and mlp.gate_proj/up_proj/down_proj); drop callbacks=prune",
-            )
-        self._check_run(trainer, pl_module)
+        require_llama_like(student)
+        check_prune_strategy(trainer.strategy, self.end_step, trainer.max_steps)
         if self.original is None:
             self.original = shapes(student)
         self.final = self.plan.final_sizes(self.original)
         stages = compression_stages(trainer.callbacks)
         self.plan.check_stack(student, self.final, pl_module.objective.needs_hidden_states, stages)
-
-    def _check_run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Refuse strategies and step budgets that pruning mid-run cannot work with (the rest: ``check_stack``)."""
-        strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or "DeepSpeed" in type(strategy).__name__:
-            raise config_error(
-                "trainer.strategy",
-                type(strategy).__name__,
-                "pruning mid-run is supported on one device or under DDP only (FSDP/DeepSpeed shard the weights "
-                "it slices); use trainer=cpu, gpu, ddp or ddp_sim",
-            )
-        if trainer.max_steps > 0 and self.end_step >= trainer.max_steps:
-            raise config_error(
-                f"{FIELD}.end_step",
-                self.end_step,
-                f"the schedule must finish before trainer.max_steps={trainer.max_steps}; lower end_step",
-            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach the scoring hooks; here, after a resumed run has rebuilt the pruned structure."""
@@ -175,8 +163,21 @@ class ProgressiveStructuredPruning(CompressionCallback):
         self.scores.collecting = self.scores.needs_data and bool(upcoming) and upcoming[0] - step <= self.calib_batches
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """Taylor scores read the gradients of the calibration batches."""
-        self.scores.accumulate_grads(pl_module.student)
+        """Taylor scores read the gradients (under FSDP gathered whole); the step's statistics are summed over ranks.
+
+        Summed at each calibration step, not at the cut: a checkpoint (written by rank 0 alone) then holds every
+        rank's statistics, and a run resumed between two calibration steps cuts the units it would have cut.
+        """
+        if not self.scores.collecting:
+            return
+        if self.scores.method == "taylor":
+            with params_whole(trainer.strategy.model, pl_module.student, with_grads=True):
+                self.scores.accumulate_grads(pl_module.student)
+        self._reduce_scores(trainer, pl_module)
+
+    def _reduce_scores(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        device = pl_module.device
+        self.scores.reduce(lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Stop collecting outside the training step (validation forwards must not count)."""
@@ -192,9 +193,27 @@ class ProgressiveStructuredPruning(CompressionCallback):
         if all(now[k] == v for k, v in wanted.items()):
             return
         if self.scores.needs_data:
-            # Every rank must remove the same units: sum the statistics over ranks first.
-            device = pl_module.device
-            self.scores.reduce(lambda t: trainer.strategy.reduce(t.to(device), reduce_op="sum").cpu())
+            # Every rank must remove the same units: statistics not yet summed over ranks are summed now.
+            self._reduce_scores(trainer, pl_module)
+        # FSDP holds flat shards: the student is gathered on rank 0, cut there and alike on the other ranks' empty
+        # copies, and wrapped again. Every strategy keeps the optimizer state of the surviving rows and columns.
+        reshape(trainer, pl_module, lambda: self._cut(pl_module, target))
+        self.scores.reset()
+        self.scores.attach(student)
+        self._log_shapes(trainer, pl_module, step)
+
+    def _cut(self, pl_module: pl.LightningModule, target: dict[str, int]) -> dict[torch.nn.Parameter, Any]:
+        """Choose the units to remove (on rank 0, every rank takes its choice) and remove them; returns the carry."""
+        student = pl_module.student
+        spec, terms = computed_on_rank_zero(lambda: self._choose(student, target))
+        carry = apply_spec(student, spec)
+        add_compensation(student, terms)
+        pl_module.record_structure_change("prune", spec)
+        self._after = shapes(student)  # the whole student's, also when FSDP then shards it
+        return carry
+
+    def _choose(self, student: torch.nn.Module, target: dict[str, int]) -> tuple[dict[str, Any], list[Any]]:
+        """The pruning spec and its bias-compensation terms, from the scores and (magnitude) the weights."""
         if self.uniform:
             spec = select(self.scores, student, target)
         else:
@@ -202,17 +221,10 @@ class ProgressiveStructuredPruning(CompressionCallback):
         terms = compensation(self.scores, student, spec) if self.bias_compensation else []
         if terms:
             spec["biases"] = sorted({kind for _, kind, _ in terms})
-        carry = apply_spec(student, spec)
-        add_compensation(student, terms)
-        pl_module.record_structure_change("prune", spec)
-        _rewrap_ddp(trainer)
-        pl_module.rebuild_optimizers(carry)
-        self.scores.reset()
-        self.scores.attach(student)
-        self._log_shapes(trainer, pl_module, step)
+        return spec, [(j, kind, vec.cpu()) for j, kind, vec in terms]
 
     def _log_shapes(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        after = shapes(pl_module.student)
+        after = self._after
         if trainer.is_global_zero:
             log.info("pruned at step %d: %s", step, after)
         logged = {f"prune/{k}": float(v) for k, v in after.items()}
@@ -232,16 +244,3 @@ class ProgressiveStructuredPruning(CompressionCallback):
         if self.original is not None:
             self.final = self.plan.final_sizes(self.original)
         self.scores.load_state_dict(state_dict["scores"])
-
-
-def _rewrap_ddp(trainer: pl.Trainer) -> None:
-    """Wrap the LightningModule in a fresh DistributedDataParallel after its parameters changed.
-
-    DDP's reducer holds the old parameters and their gradient buckets, so it cannot sync the sliced ones.
-    Lightning 2.6's ``DDPStrategy.configure_ddp`` wraps ``strategy.model``; point that back at the bare
-    module and call it again (it broadcasts rank 0's weights, identical here since all ranks pruned alike).
-    """
-    strategy = trainer.strategy
-    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
-        strategy.model = strategy.lightning_module
-        strategy.configure_ddp()

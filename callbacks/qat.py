@@ -9,9 +9,7 @@ an earlier stage's ``end_step``.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from callbacks.base import OneShotCompression
 from distill.compress.quant import schemes
-from distill.compress.quant.qat import FIELD, convert, current_ranges, fake_quantized, freeze_ranges, prepare
+from distill.compress.quant.qat import (
+    FIELD,
+    check_steps,
+    convert,
+    converted_summary,
+    current_ranges,
+    fake_quantized,
+    freeze_ranges,
+    prepare,
+)
+from distill.compress.quant.type_map import TypeMap, check_target_ratio, spec_on_budget
 from distill.compress.stages import compression_stages
 from distill.config import config_error
 from distill.export import quantized
+from distill.runtime.gather import is_sharded, params_whole
+from distill.runtime.ranks import computed_on_rank_zero
 
 log = logging.getLogger("distill")
 
@@ -34,13 +44,9 @@ class QuantizationAwareTraining(OneShotCompression):
     """Fake-quantize the student's linears during distillation (torchao QAT), convert them at fit end.
 
     Args:
-        scheme: one of :data:`distill.compress.quant.schemes.SCHEMES` (``int8_weight_only``, ``int4_weight_only``,
-            ``int8_dynact_int4_weight``, ``int8_dynact_int8_weight``), or llama.cpp's own block grids
-            ``gguf_q8_0``, ``gguf_q4_0``, ``gguf_q4_1`` (blocks of 32 with fp16 scales), ``gguf_q4_k``,
-            ``gguf_q3_k`` (super-blocks of 256); the GGUF export then writes the trained weights as they are
-            (docs/deploy.md).
-        group_size: 32, 64 or 128 for the grouped int4 schemes (default 32); must divide the in-features of
-            every quantized linear. Leave null for per-row schemes.
+        scheme: a name in :data:`distill.compress.quant.schemes.SCHEMES`: torchao's (``int4_weight_only`` ...) or
+            llama.cpp's block grids (``gguf_q4_0`` ...), whose trained weights the GGUF export writes as they are.
+        group_size: for grouped schemes (default 32); must divide every quantized linear's in-features.
         skip: glob patterns (``fnmatch``) on the student's dotted module names that stay in full precision;
             null means :data:`distill.compress.quant.schemes.DEFAULT_SKIP` (embeddings, ``lm_head``, norms).
         modules: module kinds to fake-quantize: ``[linear]`` (default) or ``[linear, embedding]`` (weight-only
@@ -48,11 +54,13 @@ class QuantizationAwareTraining(OneShotCompression):
             (``lm_head``, a Linear) shares its Parameter, gets the same codes and stays tied in the export.
         gguf_types: for ``gguf_*`` schemes, ``{module-name glob: llama.cpp type}`` overriding the scheme's
             type per module (the last matching glob wins), for a mixed file; null keeps one type.
+        target_ratio: for ``gguf_*`` schemes instead of ``gguf_types``: a type per module so the GGUF file is at
+            most 1/``target_ratio`` of the student's fp32 bytes (:mod:`distill.compress.quant.type_map`).
+        calibration_batches: with ``target_ratio``: batches of 4 training rows that weigh the rounding errors.
         start_step: global step at which fake-quant is inserted; before it the student trains in full
             precision. 0 inserts it in ``setup``, before the strategy wraps the model (needed for FSDP).
-        freeze_ranges_step: global step from which the weight scales/zero points stop following the weights
-            (they are computed once from the weights at that step); null keeps them dynamic. Per-token
-            activation ranges are always dynamic.
+        freeze_ranges_step: global step from which the weight scales/zero points stay as computed then; null
+            keeps them following the weights. Per-token activation ranges are always dynamic.
         export_dir: folder name under the run directory for the compact quantized export.
 
     """
@@ -66,6 +74,8 @@ class QuantizationAwareTraining(OneShotCompression):
         skip: list[str] | None = None,
         modules: list[str] | None = None,
         gguf_types: dict[str, str] | None = None,
+        target_ratio: float | None = None,
+        calibration_batches: int = 8,
         start_step: int = 0,
         freeze_ranges_step: int | None = None,
         export_dir: str = "student_quantized",
@@ -79,23 +89,10 @@ class QuantizationAwareTraining(OneShotCompression):
             list(modules) if modules is not None else None,
             dict(gguf_types) if gguf_types else None,
         )
-        if not isinstance(start_step, int) or start_step < 0:
-            raise config_error(FIELD + "start_step", start_step, "give a global step >= 0")
-        if freeze_ranges_step is not None and (
-            not isinstance(freeze_ranges_step, int) or freeze_ranges_step < start_step
-        ):
-            raise config_error(
-                FIELD + "freeze_ranges_step",
-                freeze_ranges_step,
-                f"give a global step >= start_step ({start_step}), or null to keep ranges dynamic",
-            )
-        if freeze_ranges_step is not None and schemes.get_scheme(self.spec.scheme).gguf is not None:
-            raise config_error(
-                FIELD + "freeze_ranges_step",
-                freeze_ranges_step,
-                f"{self.spec.scheme} computes each block's scale from its weights, as llama.cpp does when it "
-                "writes the file; leave it null",
-            )
+        check_steps(self.spec, start_step, freeze_ranges_step, calibration_batches)
+        self.target_ratio = check_target_ratio(self.spec, target_ratio, gguf_types)
+        self.calibration_batches = calibration_batches
+        self.type_map: TypeMap | None = None
         self.start_step = start_step
         self.end_step = start_step  # the structure is final once fake-quant is in (see check_schedule)
         self.freeze_ranges_step = freeze_ranges_step
@@ -105,6 +102,7 @@ class QuantizationAwareTraining(OneShotCompression):
         self.gguf_types: dict[str, str] = {}
         self._frozen: dict[str, dict[str, torch.Tensor]] = {}
         self._pending_frozen: dict[str, dict[str, torch.Tensor]] | None = None
+        self._convert_gathered = False  # FSDP / ZeRO-3: convert waits for the gathered student (finish_gathered)
 
     @property
     def state_key(self) -> str:
@@ -126,11 +124,17 @@ class QuantizationAwareTraining(OneShotCompression):
                 f"QAT would never run: trainer.max_steps={trainer.max_steps}; give a start_step below it",
             )
         others = [cb for cb in compression_stages(trainer.callbacks) if cb is not self]
-        if not others:  # earlier stages may still reshape the linears; then the check waits for prepare
+        if others:  # earlier stages may still reshape the linears; then the check waits for prepare
+            return
+        if self.target_ratio is not None:  # the map only gives a module a type its rows take
+            schemes.check_targets(pl_module.student, self.spec.skip, None, FIELD, self.spec.modules)
+        else:
             schemes.check_spec(pl_module.student, self.spec, FIELD)
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rebuild: bool) -> None:
         """Insert fake-quant; the Parameters stay the same objects, so the optimizer needs no rebuild."""
+        if self.target_ratio is not None:
+            self._choose_types(trainer, pl_module)
         prepare(pl_module.student, self.spec)
         pl_module.record_structure_change(self.stage, self.spec.to_dict())
         rank_zero_info(
@@ -145,27 +149,51 @@ class QuantizationAwareTraining(OneShotCompression):
             self._apply_frozen(pl_module, self._pending_frozen)
             self._pending_frozen = None
         if self.freeze_ranges_step is not None and trainer.global_step >= self.freeze_ranges_step and not self._frozen:
-            self._freeze(pl_module)
+            self._freeze(pl_module, trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run torchao's convert: the student now holds real low-bit weights."""
         if not self.is_applied(pl_module.structure) or not fake_quantized(pl_module.student):
             return  # never reached start_step (e.g. fast_dev_run); export_compact says so if asked
-        self.gguf_types = convert(pl_module.student, self.spec)
-        self.converted = True
-        if self.gguf_types:
-            rank_zero_info(
-                f"QAT convert ({self.spec.scheme}): {len(self.gguf_types)} weights rounded to llama.cpp's grids "
-                f"({', '.join(f'{n} {k}' for k, n in sorted(Counter(self.gguf_types.values()).items()))}); "
-                "export.formats=[hf,gguf] writes them without a second rounding"
-            )
+        # FSDP / ZeRO-3 (scale_out.md): each rank holds flat shards, which convert cannot round by rows; train.py
+        # converts the gathered student instead (finish_gathered).
+        self._convert_gathered = is_sharded(trainer.strategy.model)
+        if not self._convert_gathered:
+            self._convert(pl_module.student)
+
+    def finish_gathered(self, student: torch.nn.Module) -> None:
+        """Convert the gathered plain student on rank 0 (FSDP / ZeRO-3): the fake-quant again, then convert."""
+        if not self._convert_gathered:
             return
-        report = quantized.size_report(pl_module.student)
-        rank_zero_info(
-            f"QAT convert ({self.spec.scheme}, group_size={self.spec.group_size}): "
-            f"{int(report['quantized_weights'])} weights at {report['bits_per_weight']:.2f} stored bits each; "
-            f"student {report['memory_bytes'] / 2**20:.2f} MiB in memory"
+        if not fake_quantized(student):  # gather_student replays the structure log, fake-quant included
+            prepare(student, self.spec)  # the spec as trained (with target_ratio: the map every rank trained on)
+        if self._frozen:
+            freeze_ranges(student, self._frozen)
+        self._convert(student)
+
+    def _convert(self, student: torch.nn.Module) -> None:
+        self.gguf_types = convert(student, self.spec)
+        self.converted = True
+        rank_zero_info(converted_summary(student, self.spec, self.gguf_types))
+
+    def _choose_types(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The byte-budgeted type map of the student as it is now, made the spec's ``gguf_types``."""
+        dm = trainer.datamodule
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        # FSDP (scale_out.md): ranks > 0 may hold the student empty before wrapping, and every rank must train on
+        # one map, so rank 0 computes it and sends it to the others (one process: computed here).
+        self.spec, self.type_map = computed_on_rank_zero(
+            lambda: spec_on_budget(
+                pl_module.student,
+                self.spec,
+                dm.train_set,
+                dm.block_size,
+                self.target_ratio,
+                tokenizer,
+                self.calibration_batches,
+            )
         )
+        rank_zero_info(f"QAT type map for 1/{self.target_ratio}: {self.type_map.summary()}")
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -187,19 +215,13 @@ class QuantizationAwareTraining(OneShotCompression):
         """
         if not self.converted or self.gguf_types:  # a llama.cpp grid leaves plain modules holding the grid values
             return model
-        if schemes.get_scheme(self.spec.scheme).act_bits is not None:
-            log.warning(
-                "the plain export of a %s student has its quantized weights but full-precision activations; "
-                "load the compact export with distill.export.quantized.load_quantized for the exact model",
-                self.spec.scheme,
-            )
-        return quantized.dequantized_copy(model)
+        return quantized.dequantized_copy(model, self.spec)
 
     def export_compact(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path | None:
         """Write the quantized student (torchao tensors in safetensors + ``quantization.json``) under ``run_dir``.
 
         Reload it with :func:`distill.export.quantized.load_quantized`; the write is checked to reload with
-        identical logits.
+        identical logits. A llama.cpp grid's compact form is the GGUF file instead (None).
         """
         if not self.converted:
             raise RuntimeError(
@@ -212,24 +234,14 @@ class QuantizationAwareTraining(OneShotCompression):
                 "export.formats=[hf,gguf] writes; no torchao folder is written"
             )
             return None
-        if not quantized.plain_architecture(model):
-            # load_quantized rebuilds the architecture from config.json; factorised layers are not in it.
-            log.warning(
-                "QuantizationAwareTraining: the student's layers differ from its config's architecture (low-rank "
-                "factors), so no quantized export is written; the plain export holds the dequantized model"
-            )
-            return None
-        out = quantized.save_quantized(model, tokenizer, Path(run_dir) / self.export_dir, self.spec)
-        size = json.loads((out / quantized.META_FILE).read_text())["size"]
-        rank_zero_info(
-            f"quantized export {out}: weights file {size['disk_bytes'] / 2**20:.2f} MiB, "
-            f"{size['disk_bits_per_weight']:.2f} bits per quantized weight on disk"
-        )
-        return out
+        return quantized.save_checked(model, tokenizer, Path(run_dir) / self.export_dir, self.spec)
 
     # -- range freezing -----------------------------------------------------------------------
-    def _freeze(self, pl_module: pl.LightningModule) -> None:
-        self._apply_frozen(pl_module, current_ranges(pl_module.student))
+    def _freeze(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
+        # FSDP / ZeRO-3: the ranges are read from whole weights, gathered for the moment (params_whole).
+        with params_whole(trainer.strategy.model if trainer is not None else None, pl_module.student):
+            ranges = current_ranges(pl_module.student)
+        self._apply_frozen(pl_module, ranges)
 
     def _apply_frozen(self, pl_module: pl.LightningModule, frozen: dict[str, dict[str, torch.Tensor]]) -> None:
         freeze_ranges(pl_module.student, frozen)

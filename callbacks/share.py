@@ -13,6 +13,7 @@ from distill.compress.layers import decoder_layers
 from distill.compress.share import DEFAULT_LORA_TARGETS, FIELD, apply_sharing, check_init, check_pattern, sharing_spec
 from distill.config import config_error
 from distill.eval.cost import parameter_count
+from distill.runtime.rank_zero_load import has_meta_tensors
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ class CrossLayerSharing(CompactCompression):
     def compress(self, student: nn.Module) -> tuple[dict[str, Any], dict[nn.Parameter, nn.Parameter]]:
         """Tie ``student`` in place as configured; returns the recorded spec and the tie sources."""
         spec = self.spec_for(student)
-        return spec, apply_sharing(student, spec, self.init, self.lora_init)
+        # A student built empty (FSDP ranks > 0, distill/runtime/rank_zero_load.py) receives rank 0's values when
+        # FSDP wraps it, so it needs only the shapes: an SVD of its empty weights cannot run.
+        lora_init = "zeros" if has_meta_tensors(student) else self.lora_init
+        return spec, apply_sharing(student, spec, self.init, lora_init)
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rebuild: bool) -> None:
         """Tie the student and record it; mid-run, each shared Parameter keeps its source's Adam moments."""

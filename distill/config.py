@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,17 @@ _HYDRA_RECORDS = {".hydra", "train.log", "evaluate.log", "main.log"}
 
 
 @contextmanager
-def exit_on_config_error(discard: str | Path | None = None) -> Iterator[None]:
+def exit_on_config_error(
+    discard: str | Path | None = None, origin: Callable[[str], str | None] | None = None
+) -> Iterator[None]:
     """Entry points: a ConfigError anywhere inside (even wrapped by Hydra) becomes one line and exit code 2.
 
     Args:
         discard: the run folder Hydra made for this call. When the error comes before the run wrote
             anything of its own, the folder (Hydra's records and an empty log) is removed, so a refused
             setting leaves no run behind. A folder with anything else in it (a run being resumed) is kept.
+        origin: for an error about a setting the user did not type, where it came from (e.g.
+            :meth:`ConfigOrigin.explain`), appended to the line.
 
     """
     try:
@@ -84,8 +89,82 @@ def exit_on_config_error(discard: str | Path | None = None) -> Iterator[None]:
         folder = Path(discard) if discard is not None else None
         if folder is not None and folder.is_dir() and {p.name for p in folder.iterdir()} <= _HYDRA_RECORDS:
             shutil.rmtree(folder, ignore_errors=True)
-        print(f"error: {config_err}", file=sys.stderr)
+        message = str(config_err)
+        where = origin(error_field(message)) if origin is not None else None
+        print(f"error: {message}" + (f" ({where})" if where else ""), file=sys.stderr)
         sys.exit(2)
+
+
+def error_field(message: str) -> str:
+    """The config field a ConfigError's message starts with (``field=value: fix`` or ``field: message``)."""
+    return message.split("=", 1)[0].split(":", 1)[0].split(" ", 1)[0]
+
+
+_EXPERIMENT_KEYS = ("experiment", "+experiment", "++experiment", "~experiment")
+
+
+@dataclass(frozen=True)
+class ConfigOrigin:
+    """Which settings the user typed, so a message about one they did not type can say where it came from.
+
+    Attributes:
+        overrides: the command line's overrides (Hydra's ``overrides.task``).
+        experiment: the ``experiment`` group's choice in the composed config (None: none).
+        config_dir: the folder of the root config, to compose the same call without the experiment.
+        config_name: the root config's name.
+
+    """
+
+    overrides: tuple[str, ...] = ()
+    experiment: str | None = None
+    config_dir: str | None = None
+    config_name: str = "train"
+
+    @classmethod
+    def from_hydra(cls) -> ConfigOrigin:
+        """The origin of the running Hydra app's config (call inside ``@hydra.main``)."""
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        conf_dir = next((s.path for s in hc.runtime.config_sources if s.provider == "main"), None)
+        return cls(tuple(hc.overrides.task), hc.runtime.choices.get("experiment"), conf_dir, hc.job.config_name)
+
+    def _keys(self) -> list[str]:
+        return [o.split("=", 1)[0].lstrip("+~") for o in self.overrides]
+
+    def typed(self, field: str) -> bool:
+        """Whether the user typed ``field``, one of its parents or one of its children."""
+        return any(k == field or field.startswith(f"{k}.") or k.startswith(f"{field}.") for k in self._keys())
+
+    @property
+    def experiment_typed(self) -> bool:
+        """Whether the user chose the experiment (or removed it) on the command line."""
+        return any(o.split("=", 1)[0] in _EXPERIMENT_KEYS for o in self.overrides)
+
+    def set_by_experiment(self, field: str) -> bool:
+        """Whether the experiment, not the user or the defaults, gave ``field`` its value."""
+        if self.experiment is None or self.typed(field) or self.config_dir is None:
+            return False
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        rest = [o for o in self.overrides if o.split("=", 1)[0] not in _EXPERIMENT_KEYS]
+        with_it = [*rest, f"experiment={self.experiment}"]
+        values = []
+        for overrides in (with_it, [*rest, "~experiment"]):
+            GlobalHydra.instance().clear()
+            with initialize_config_dir(config_dir=self.config_dir, version_base="1.3"):
+                cfg = compose(config_name=self.config_name, overrides=overrides)
+            node = OmegaConf.select(cfg, field, default="<unset>", throw_on_resolution_failure=False)
+            values.append(OmegaConf.to_container(node) if OmegaConf.is_config(node) else node)
+        return values[0] != values[1]
+
+    def explain(self, field: str) -> str | None:
+        """For a setting the user did not type: the experiment that set it and the way out; else None."""
+        if not self.set_by_experiment(field):
+            return None
+        chosen = f"experiment={self.experiment}" + ("" if self.experiment_typed else ", the default run")
+        return f"set by {chosen}; give {field}=... on the command line, or run without the recipe: '~experiment'"
 
 
 def root_message(err: BaseException) -> str:

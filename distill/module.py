@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
@@ -200,7 +201,7 @@ class DistillModule(pl.LightningModule):
         """With ``distill.generation.teacher_cache``: read the teacher continuations earlier runs (or this one) kept."""
         gen = self.generation
         if gen is not None and gen.teacher_cache and gen.teacher_fraction > 0:
-            folder = gen.cache_folder(self.teacher.identity, self.trainer.datamodule.data_key())
+            folder = gen.cache_folder(self.teacher, self.trainer.datamodule.data_key())
             gen.load_cache(folder)
             log.info("teacher continuations: %d kept in %s", len(gen.cached or {}), folder)
 
@@ -288,22 +289,29 @@ class DistillModule(pl.LightningModule):
         Optimizer state (Adam moments, step counts) moves to the new optimizer for every parameter that
         survived as the same object, and for each new parameter that ``carry`` maps to an old one, through
         an optional function that slices or reshapes the old state tensors. The scheduler continues from
-        the same step with the same learning rate.
+        the same step, and each group starts at the *scheduled* rate: the scheduler's last rate, or the
+        configured one when nothing schedules it. The old groups' rates are not copied: during a step they may
+        hold a factor meant for that step only (``callbacks/wall_clock_lr.py`` scales them from the batch start
+        to the optimizer step), which would then stay for the rest of the run wherever no scheduler recomputes
+        the rate from scratch (no scheduler, or one that chains on the current rate such as StepLR).
 
         Args:
             carry: new parameter → (old parameter, function applied to each non-scalar state tensor).
 
         """
         trainer = self.trainer
-        old_opts = list(trainer.optimizers)
-        old_state = {p: st for opt in old_opts for p, st in opt.state.items()}
-        old_lrs = [[g["lr"] for g in opt.param_groups] for opt in old_opts]
+        old_state = {p: st for opt in trainer.optimizers for p, st in opt.state.items()}
         old_scheds = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
         trainer.strategy.setup_optimizers(trainer)
+        for config, state in zip(trainer.lr_scheduler_configs, old_scheds, strict=False):
+            config.scheduler.load_state_dict(state)
+            if isinstance(config.scheduler, LRScheduler | ReduceLROnPlateau):
+                rates = config.scheduler.get_last_lr()
+                for group, lr in zip(config.scheduler.optimizer.param_groups, rates, strict=False):
+                    group["lr"] = lr
         carry = carry or {}
-        for opt, lrs in zip(trainer.optimizers, old_lrs, strict=False):
-            for group, lr in zip(opt.param_groups, lrs, strict=False):
-                group["lr"] = lr
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
                 for p in group["params"]:
                     src, fn = carry.get(p, (p, None))
                     if src in old_state:
@@ -311,8 +319,6 @@ class DistillModule(pl.LightningModule):
                             k: (fn(v) if fn is not None and torch.is_tensor(v) and v.dim() > 0 else v)
                             for k, v in old_state[src].items()
                         }
-        for config, state in zip(trainer.lr_scheduler_configs, old_scheds, strict=False):
-            config.scheduler.load_state_dict(state)
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None

@@ -1,11 +1,13 @@
 """A depth-reduced copy of the teacher: its embeddings, head and a subset of its layers.
 
 The layers are evenly spaced (as DistilBERT), given explicitly, or the most important ones measured on
-training text (ShortGPT-style, :mod:`distill.compress.depth`).
+training text (ShortGPT-style, :mod:`distill.compress.depth`). With a cached teacher (``teacher=cached``) the
+teacher the cache was built from is loaded once to copy from, then let go: the cache still trains the student.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -18,6 +20,7 @@ from distill.compress.depth import SCORERS, calibration_batches
 from distill.compress.depth import choose_layers as choose_by_score
 from distill.config import config_error
 from distill.models.teacher import FrozenTeacher, Teacher
+from distill.models.teacher_cache import CachedTeacher
 from students.config import student_config
 
 log = logging.getLogger("distill")
@@ -122,8 +125,11 @@ def _copy_layers(teacher: FrozenTeacher, layers: list[int]) -> PreTrainedModel:
     return student
 
 
-def _depth(teacher: FrozenTeacher, num_layers: int | None, hidden_size: int | None) -> int:
-    """The student depth (None = the teacher's), checked, and a ``hidden_size`` that must be the teacher's."""
+def _depth(teacher: Teacher, num_layers: int | float | None, hidden_size: int | None) -> int:
+    """The student depth, checked, and a ``hidden_size`` that must be the teacher's.
+
+    ``num_layers`` None is the teacher's depth; a float in (0, 1) is that share of it (rounded, at least 1).
+    """
     t_layers, t_hidden = teacher.config.num_hidden_layers, teacher.config.hidden_size
     if hidden_size is not None and hidden_size != t_hidden:
         kind = "wider than" if hidden_size > t_hidden else "narrower than"
@@ -135,11 +141,15 @@ def _depth(teacher: FrozenTeacher, num_layers: int | None, hidden_size: int | No
         )
     if num_layers is None:
         num_layers = t_layers
-    if not isinstance(num_layers, int) or not 1 <= num_layers <= t_layers:
+    elif isinstance(num_layers, float) and 0 < num_layers < 1:
+        # A share of the teacher's depth, so one student config fits teachers of any depth.
+        num_layers = max(1, round(num_layers * t_layers))
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= t_layers:
         raise config_error(
             "student.num_layers",
             num_layers,
-            f"from_teacher can copy between 1 and {t_layers} layers (the teacher's depth)",
+            f"from_teacher can copy between 1 and {t_layers} layers (the teacher's depth), or give a share of "
+            "them in (0, 1)",
         )
     return num_layers
 
@@ -147,7 +157,7 @@ def _depth(teacher: FrozenTeacher, num_layers: int | None, hidden_size: int | No
 def build(
     teacher: Teacher,
     *,
-    num_layers: int | None,
+    num_layers: int | float | None,
     layers: list[int] | None = None,
     hidden_size: int | None = None,
     select: str = "even",
@@ -158,8 +168,11 @@ def build(
     """Copy the teacher's embeddings, final norm, output head and ``num_layers`` of its layers.
 
     Args:
-        teacher: the live teacher to copy from (a cached teacher has no weights and is refused).
-        num_layers: student depth, between 1 and the teacher's depth; None keeps every layer (a full-depth
+        teacher: the live teacher to copy from, or a cached one: the teacher its manifest records is loaded to
+            copy from (and to measure with), then freed, so a depth-reduced copy of a big teacher trains from
+            its cache without the teacher held during training.
+        num_layers: student depth, between 1 and the teacher's depth, or a share of the teacher's depth in (0, 1)
+            (rounded, at least 1: one setting for teachers of any depth); None keeps every layer (a full-depth
             copy, the starting point of quantization-aware distillation).
         layers: explicit teacher layer indices to copy (default: chosen by ``select``).
         hidden_size: must equal the teacher's (the copy keeps the full width); only checked.
@@ -176,21 +189,38 @@ def build(
 
     """
     _check_selection(select, layers, calibration, calibration_batches, calibration_tokens)
-    if not isinstance(teacher, FrozenTeacher):  # only a live teacher has weights to copy
+    settings = {"layers": layers, "hidden_size": hidden_size, "select": select}
+    measure = {"calibration": calibration, "batches": calibration_batches, "tokens": calibration_tokens}
+    if isinstance(teacher, FrozenTeacher):
+        return _build(teacher, num_layers, settings, measure)
+    if not isinstance(teacher, CachedTeacher):
         raise config_error(
-            "student",
-            "from_teacher",
-            "copies the teacher's weights, which a cached teacher does not "
-            "have; use student=tiny or student=pretrained with teacher=cached",
+            "student", "from_teacher", f"copies a live or cached teacher's weights, not a {type(teacher).__name__}'s"
         )
+    _depth(teacher, num_layers, hidden_size)  # the cache knows the architecture: refuse a bad depth before loading
+    source = teacher.source_teacher()  # only a live teacher has weights to copy: the one the cache was built from
+    try:
+        return _build(source, num_layers, settings, measure)
+    finally:
+        del source  # the student holds copies; the cache trains it
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _build(
+    teacher: FrozenTeacher, num_layers: int | float | None, settings: dict[str, Any], measure: dict[str, Any]
+) -> PreTrainedModel:
+    """:func:`build` for a live teacher: choose the layers, copy them, keep a measured choice on the student."""
+    layers, select = settings["layers"], settings["select"]
     t_layers = teacher.config.num_hidden_layers
-    num_layers = _depth(teacher, num_layers, hidden_size)
+    num_layers = _depth(teacher, num_layers, settings["hidden_size"])
     record = None
     if layers is not None:
         layers = list(layers)
     elif select != "even" and num_layers < t_layers:  # at full depth every layer is kept: nothing to measure
         layers, record = measure_layers(
-            teacher, select, num_layers, calibration, calibration_batches, calibration_tokens
+            teacher, select, num_layers, measure["calibration"], measure["batches"], measure["tokens"]
         )
     else:
         layers = pick_layers(t_layers, num_layers)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -49,6 +50,19 @@ class CrashAtStep(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             raise SystemExit(f"simulated crash at step {self.step}")
+
+
+from callbacks.progress import BudgetProgressBar  # noqa: E402 - after the helpers above, which need none of it
+
+
+class BudgetBarSpy(BudgetProgressBar):
+    """The budget bar, recording (bar position, bar total, global step) after every training batch."""
+
+    seen: ClassVar[list[tuple[int, int, int]]] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        super().on_train_batch_end(trainer, *args)
+        BudgetBarSpy.seen.append((self.train_progress_bar.n, self.train_progress_bar.total, trainer.global_step))
 
 
 class DtypeProbe(pl.Callback):

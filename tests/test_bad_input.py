@@ -57,6 +57,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("block_size_huge", ["data.block_size=100000000"], r"data.block_size=100000000: the corpus has \d+ tokens"),
     ("val_fraction_zero", ["data.val_fraction=0"], r"data.val_fraction=0: must lie strictly between 0 and 1"),
     ("val_fraction_above_one", ["data.val_fraction=1.5"], r"data.val_fraction=1.5: must lie strictly between 0 and 1"),
+    ("test_fraction_zero", ["data.test_fraction=0"], r"data.test_fraction=0: must lie strictly between 0 and 1"),
+    ("no_text_left_to_train", ["data.val_fraction=0.5", "data.test_fraction=0.5"], r"data.test_fraction=0.5: with data.val_fraction=0.5 it leaves no training text"),
     ("batch_size_zero", ["data.batch_size=0"], r"data.batch_size=0: must be at least 1"),
     ("eval_batch_size_zero", ["data.eval_batch_size=0"], r"data.eval_batch_size=0: must be at least 1, or null"),
     ("num_workers_negative", ["data.num_workers=-1"], r"data.num_workers=-1: must be 0 .* or more"),
@@ -95,6 +97,20 @@ CASES: list[tuple[str, list[str], str]] = [
     ("unknown_qat_scheme", ["callbacks=qat", "callbacks.qat.scheme=int7"], r"callbacks.qat.scheme='int7': unknown quantization scheme"),
     ("share_group_zero", ["callbacks=share", "callbacks.share.group_size=0"], r"callbacks.share.group_size=0: must be a positive divisor"),
     ("checkpoint_every_negative", ["callbacks.model_checkpoint.every_n_train_steps=-1"], r"callbacks.model_checkpoint: Invalid value for every_n_train_steps=-1"),
+    ("gguf_type_unknown", ["callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "+callbacks.qat.gguf_types={{*:q9_9}}"], r"callbacks.qat.gguf_types=\{'\*': 'q9_9'\}: unknown llama.cpp type"),
+    ("gguf_glob_matches_nothing", ["callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "+callbacks.qat.gguf_types={{*.layers.13.mlp.down_proj:q4_k}}"], r"callbacks.qat.gguf_types=.*: the glob matches no quantized module"),
+    ("target_ratio_below_one", ["callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "+callbacks.qat.target_ratio=0.5"], r"callbacks.qat.target_ratio=0.5: give how many times smaller"),
+    ("target_ratio_with_torchao", ["callbacks=qat", "+callbacks.qat.target_ratio=7"], r"callbacks.qat.target_ratio=7: chooses llama.cpp types and needs a gguf_\* scheme"),
+    ("target_ratio_and_types", ["callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "+callbacks.qat.target_ratio=7", "+callbacks.qat.gguf_types={{*:q8_0}}"], r"callbacks.qat.target_ratio=7: and callbacks.qat.gguf_types both choose"),
+    ("calibration_batches_zero", ["callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "+callbacks.qat.calibration_batches=0"], r"callbacks.qat.calibration_batches=0: give a number of batches"),
+    ("sparsity_pattern_unknown", ["callbacks=sparsity", "callbacks.sparsity.pattern=3:5"], r"callbacks.sparsity.pattern='3:5'"),
+    ("wall_clock_min_ratio", ["+callbacks.wall_clock_lr._target_=callbacks.wall_clock_lr.WallClockCosine", "+callbacks.wall_clock_lr.min_ratio=2"], r"callbacks.wall_clock_lr.min_ratio=2: give a fraction in \[0, 1\]"),
+    ("generation_fraction_above_one", ["distill.generation.student_fraction=1.5"], r"distill.generation.student_fraction=1.5"),
+    ("cross_tokenizer_unknown", ["distill.objective.cross_tokenizer=magic"], r"distill.objective.cross_tokenizer='magic'"),
+    ("heldout_set_first_not_split", ["eval.enabled=true", "~eval.heldout.test"], r"eval.heldout=\{'english': .*\}: name the run's test split first"),
+    ("heldout_set_missing_files", ["eval.enabled=true", "+eval.heldout.gone={d}/nomatch*.txt"], r"eval.heldout.gone='.*nomatch\*.txt': the pattern matches no file"),
+    ("heldout_set_bad_value", ["eval.enabled=true", "+eval.heldout.bad=3"], r"eval.heldout.bad=3: give 'split'"),
+    ("eval_max_batches_zero", ["eval.enabled=true", "eval.max_batches=0"], r"eval.max_batches=0: give a number of batches >= 1"),
 ]  # fmt: skip
 
 
@@ -116,7 +132,7 @@ def test_bad_input_gives_one_line_naming_field_value_and_fix_and_writes_nothing(
     overrides, message, tiny_cfg, tmp_path, data_dir
 ):
     run_dir = tmp_path / "run"
-    cfg = tiny_cfg(*(o.format(d=data_dir) for o in overrides), "eval.enabled=false", output_dir=run_dir)
+    cfg = tiny_cfg("eval.enabled=false", *(o.format(d=data_dir) for o in overrides), output_dir=run_dir)
     with pytest.raises(ConfigError) as caught:
         train(cfg)
     text = str(caught.value)

@@ -40,6 +40,8 @@ def test_bench_scripts_are_the_expected_ones():
         "generation",
         "headline",
         "kd_vs_ce",
+        "llama_cpp_fixtures",
+        "make_heldout_sets",
         "prune_heal",
         "qat_vs_ptq",
         "share_lowrank",
@@ -49,7 +51,12 @@ def test_bench_scripts_are_the_expected_ones():
     ]
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
+# Data preparation, not measurement: they read downloaded packages (llama.cpp's sources, text corpora) given on
+# the command line, so they take argparse arguments rather than a Hydra config.
+PREPARATION = {"llama_cpp_fixtures", "make_heldout_sets"}
+
+
+@pytest.mark.parametrize("name", [s for s in SCRIPTS if s not in PREPARATION])
 def test_bench_script_imports_and_composes_its_root_config(name):
     module = importlib.import_module(f"bench.{name}")  # every import resolves against the package layout
     assert "argparse" not in (ROOT / "bench" / f"{name}.py").read_text()
@@ -127,7 +134,7 @@ def _side_report(folder: Path, agree: list[float], teacher_nll: list[float], acc
     }
     student = {"task/distill_cloze/acc": acc, "task/distill_cloze/acc_ci_low": acc - 0.04}
     student["task/distill_cloze/acc_ci_high"] = acc + 0.04
-    report = {"metrics": {"teacher": {}, "student": student}, "heldout_rows": rows, "run": {"steps": 40}}
+    report = {"metrics": {"teacher": {}, "student": student}, "heldout_rows": {"test": rows}, "run": {"steps": 40}}
     folder.mkdir(parents=True)
     (folder / "report.json").write_text(json.dumps(report))
 
@@ -165,7 +172,13 @@ def test_cliff_keeps_ptq_rows_off_the_curve_and_labels_longer_runs_by_folder(tmp
     """Only the curve's own widths are folded into its rows; GGUF and g192 PTQ rows and longer runs stay."""
     from bench.cliff import run as cliff_run
 
-    cfg = bench_cfg("cliff", ["measure=false", f"results_dir={tmp_path}"])
+    old = ROOT / "tests" / "fixtures" / "old_eval"  # a curve, its reports and two longer runs, kept as a fixture
+    fixture = [
+        f"curve_file={old / 'cliff.json'}",
+        f"reports={old / 'headline_runs'}",
+        f"longer_runs=['{old / 'longer_runs' / 'qad_q4_mix_1h_fast'}','{old / 'longer_runs' / 'qad_int3_1h'}']",
+    ]
+    cfg = bench_cfg("cliff", ["measure=false", f"results_dir={tmp_path}", *fixture])
     md = cliff_run(cfg)
     labels = [line.split(" | ")[0].removeprefix("| ") for line in md.splitlines()[2:]]
     assert "baseline: ptq_gguf_q4_mix" in labels and "baseline: ptq_int3_g192" in labels
@@ -174,5 +187,8 @@ def test_cliff_keeps_ptq_rows_off_the_curve_and_labels_longer_runs_by_folder(tmp
     assert (tmp_path / "cliff.png").stat().st_size > 10_000
     with pytest.raises(ConfigError, match=r"longer_runs=\['.*nowhere'\]: each folder needs the report.json"):
         cliff_run(
-            bench_cfg("cliff", ["measure=false", f"results_dir={tmp_path}", f"longer_runs=['{tmp_path}/nowhere']"])
+            bench_cfg(
+                "cliff",
+                ["measure=false", f"results_dir={tmp_path}", *fixture[:2], f"longer_runs=['{tmp_path}/nowhere']"],
+            )
         )

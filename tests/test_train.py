@@ -174,7 +174,8 @@ def test_ddp_sim_two_processes_train_and_log_once(tmp_path, cache_dir):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "distributed_backend=gloo" in out and "All distributed processes registered" in out
-    assert out.count("Held-out evaluation") == 1
+    # Once per held-out set (the test split, the English set), from rank 0 only.
+    assert out.count("Held-out evaluation, test:") == 1 and out.count("Held-out evaluation, english:") == 1
     # Both ranks scored their share of the held-out batches; rank 0 printed the merged table.
     assert "rank 0 scores its share" in out and "rank 1 scores its share" in out
     run = tmp_path / "run"
@@ -184,3 +185,51 @@ def test_ddp_sim_two_processes_train_and_log_once(tmp_path, cache_dir):
     steps = [s for s, _ in series(rows, "train/loss")]
     assert steps and len(steps) == len(set(steps))  # each step logged once, not once per rank
     assert (run / "student" / "model.safetensors").is_file()
+
+
+def test_evaluate_scores_a_model_on_the_split_it_was_trained_with(tiny_cfg, tmp_path, cache_dir):
+    """A run trained with seed=42: evaluate.py (configured with seed 1234) rebuilds the run's split, or refuses."""
+    from hydra import compose, initialize_config_dir
+
+    from distill.config import ConfigError, ConfigOrigin
+    from evaluate import evaluate
+    from tests.conftest import CONF, ROOT
+    from train import train
+
+    run = tmp_path / "run"
+    _, objects = train(tiny_cfg("seed=42", "trainer.max_steps=2", "eval.enabled=false", output_dir=run))
+    trained = objects["datamodule"].split_facts()
+    assert trained["seed"] == 42
+
+    def cfg(*extra: str):
+        overrides = [f"model={run / 'student'}", "teacher=tiny_random", "data.block_size=32", *extra]
+        overrides += ["eval.tasks=[]", "eval.max_batches=2", "eval.fidelity_prompts=1", "eval.speed_runs=0"]
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            c = compose(config_name="evaluate", overrides=overrides)
+        c.paths.root_dir, c.paths.output_dir, c.paths.cache_dir = str(ROOT), str(tmp_path / "eval"), str(cache_dir)
+        c.data.cache_dir = str(cache_dir / "data")
+        return c
+
+    report = evaluate(cfg())  # evaluate.yaml says seed 1234: the model's recorded 42 is used instead
+    assert report["heldout_sets"]["test"]["split"]["data_key"] == trained["data_key"]
+    assert report["heldout_sets"]["test"]["split"]["seed"] == 42
+    typed = cfg("seed=7")
+    with pytest.raises(ConfigError, match=r"^seed=7: model=.* was trained with seed=42"):
+        evaluate(typed, ConfigOrigin(("seed=7",)))
+
+
+def test_a_time_budgeted_run_shows_its_budget_not_a_step_count_it_never_reaches(tiny_cfg, tmp_path):
+    from omegaconf import open_dict
+
+    from tests.helpers import BudgetBarSpy
+    from train import train
+
+    cfg = tiny_cfg("trainer.max_steps=1000", "+trainer.max_time=00:00:00:06", "eval.enabled=false")
+    with open_dict(cfg):
+        cfg.export.enabled = False
+        cfg.callbacks.progress_bar = {"_target_": "tests.helpers.BudgetBarSpy"}
+    _, objects = train(cfg)
+    seen = BudgetBarSpy.seen
+    assert seen and all(total == 6 for _, total, _ in seen)  # the budget in seconds, not max_steps=1000
+    assert objects["trainer"].global_step < 1000 and seen[-1][2] == objects["trainer"].global_step
+    assert seen[-1][0] >= 5  # it ran out of time, and the bar says so

@@ -44,3 +44,19 @@ def replay(student: nn.Module, changes: list[dict[str, Any]]) -> None:
                 f"use the distill version that wrote the checkpoint (known kinds: {sorted(REPLAYS)})"
             )
         REPLAYS[kind](student, change["spec"])
+
+
+def rebuilt_student(initial_config: Any, changes: list[dict[str, Any]], dtype: Any = None) -> nn.Module:
+    """An untrained student with a run's modules: built from its config as built, then ``changes`` replayed.
+
+    Args:
+        initial_config: the student's config before any stage changed it (a ``PretrainedConfig``).
+        changes: the run's structure log, in order.
+        dtype: the parameters' dtype (None: the config's default).
+
+    """
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_config(initial_config, dtype=dtype)
+    replay(plain, changes)
+    return plain

@@ -181,7 +181,7 @@ def load_raw(
         if None in builders or len(builders) != 1:
             raise config_error("data.files", files, f"use one kind of file among {', '.join(sorted(_FILE_BUILDERS))}")
         builder = builders.pop()
-        paths = _existing_files(file_list)
+        paths = existing_files(file_list)
         try:
             raw = datasets.load_dataset(builder, data_files=paths, split=split)
         except FileNotFoundError as err:
@@ -205,7 +205,7 @@ def load_raw(
     raise config_error("data.source", source, f"choose one of {', '.join(SOURCES)}")
 
 
-def _existing_files(entries: Sequence[str]) -> list[str]:
+def existing_files(entries: Sequence[str]) -> list[str]:
     """Every file the entries name (globs expanded, in order); refuses a glob that matches nothing and an empty file."""
     found: list[str] = []
     for entry in entries:
@@ -252,11 +252,71 @@ def pack(token_lists: Sequence[Sequence[int]], block_size: int) -> list[list[int
 
 def heldout_documents(lengths: Sequence[int], val_fraction: float, seed: int) -> list[int]:
     """Indices of whole documents to hold out, drawn in a seeded order until ``val_fraction`` of tokens is reached."""
+    return split_documents(lengths, (val_fraction,), seed)[0]
+
+
+def split_documents(lengths: Sequence[int], fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Disjoint sets of whole documents, one per fraction, drawn in one seeded shuffle of the documents.
+
+    The documents are taken in a seeded random order (never corpus order); the first set takes them until it
+    holds ``fractions[0]`` of all tokens, the next one continues from there, and so on. What no set took is
+    the training split. The same lengths, fractions and seed always give the same sets.
+
+    Returns:
+        One list of document indices per fraction, in the order they were drawn.
+
+    """
     order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
-    total, held, tokens = sum(lengths), [], 0
-    for i in order:
-        if tokens >= val_fraction * total:
-            break
-        held.append(i)
-        tokens += lengths[i]
-    return held
+    total = sum(lengths)
+    sets: list[list[int]] = []
+    at = 0
+    for fraction in fractions:
+        held, tokens = [], 0
+        while at < len(order) and tokens < fraction * total:
+            held.append(order[at])
+            tokens += lengths[order[at]]
+            at += 1
+        sets.append(held)
+    return sets
+
+
+def pack_documents(token_lists: Sequence[Sequence[int]], block_size: int) -> dict[str, list]:
+    """Held-out documents packed into blocks that keep every token: the last block is padded, not dropped.
+
+    Returns columns: ``input_ids`` (blocks of ``block_size``; the last padded with its own final token),
+    ``length`` (the real tokens in each block) and ``doc`` (the index, in ``token_lists``, of the document the
+    block's first token belongs to; a block's later documents follow from the end-of-document tokens in it).
+    """
+    ids, length, doc = [], [], []
+    stream = [t for d in token_lists for t in d]
+    owners = [i for i, d in enumerate(token_lists) for _ in d]
+    for start in range(0, len(stream), block_size):
+        block = stream[start : start + block_size]
+        length.append(len(block))
+        doc.append(owners[start])
+        ids.append(block + [block[-1]] * (block_size - len(block)))
+    return {"input_ids": ids, "length": length, "doc": doc}
+
+
+def spread_order(docs: Sequence[int], seed: int) -> list[int]:
+    """An order of held-out blocks whose first ``n`` spread over as many documents as ``n`` allows.
+
+    Documents are visited in a seeded random order, one block of each per round (a document's blocks in
+    stream order), so a capped evaluation or validation reads a sample of every document it can reach rather
+    than the first documents of the split.
+
+    Args:
+        docs: each block's document (``pack_documents``' ``doc`` column).
+        seed: the order's seed.
+
+    """
+    by_doc: dict[int, list[int]] = {}
+    for i, d in enumerate(docs):
+        by_doc.setdefault(int(d), []).append(i)
+    keys = list(by_doc)
+    perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    queues = [by_doc[keys[p]] for p in perm]
+    order: list[int] = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        order += [q[depth] for q in queues if depth < len(q)]
+    return order

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from distill.config import config_error
+from distill.models.fingerprint import weights_hash
 from distill.objective.divergences import IGNORE_INDEX
 from distill.runtime.files import atomic_directory
 from distill.runtime.sampling import sampling as sampling_forwards
@@ -335,12 +336,20 @@ class Generation:
         return {**batch, "input_ids": ids, "attention_mask": mask, "labels": labels, "kd_labels": kd_labels}, generated
 
     # -- the teacher cache ---------------------------------------------------------------------------------
-    def cache_folder(self, teacher_identity: dict[str, str], data_key: str) -> Path:
-        """Where this teacher's continuations of these prompts live, keyed by everything that decides them."""
+    def cache_folder(self, teacher: Any, data_key: str) -> Path:
+        """Where this teacher's continuations of these prompts live, keyed by everything that decides them.
+
+        The teacher is keyed by its identity (name and tokenizer) and by a hash of its weights' bytes and dtypes
+        (:func:`~distill.models.fingerprint.weights_hash`, the top-k teacher cache's key): a fine-tune saved over
+        the same path, another hub revision, or the same teacher in bf16 instead of fp32 writes other
+        continuations, so each gets its own folder. The hash reads bytes, not sums, so every rank and every later
+        run on any device or thread count finds the same folder.
+        """
+        teacher_key = {**teacher.identity, "weights": weights_hash(teacher.model)}
         sampling = {k: v for k, v in self.settings().items() if k not in ("student_fraction", "teacher_fraction")}
         if self.prompt_file:  # the prompts themselves, so an edited file never reuses another prompt's continuations
             sampling["prompts"] = hashlib.sha256(Path(self.prompt_file).read_bytes()).hexdigest()
-        key = json.dumps({"teacher": teacher_identity, "data": data_key, **sampling}, sort_keys=True)
+        key = json.dumps({"teacher": teacher_key, "data": data_key, **sampling}, sort_keys=True)
         return Path(self.teacher_cache) / hashlib.sha256(key.encode()).hexdigest()[:20]
 
     def load_cache(self, folder: Path) -> None:

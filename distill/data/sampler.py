@@ -53,7 +53,7 @@ class StepBatchSampler(Sampler[list[int]]):
 class EvalBatchSampler(Sampler[list[int]]):
     """Validation batches split across ranks so that together they are exactly one process's batches.
 
-    One process validates batches ``0..n-1`` of the set in order (``n`` capped by an integer
+    One process validates batches ``0..n-1`` of the set in order, or in ``order`` (``n`` capped by an integer
     ``limit_batches``); rank ``r`` of ``W`` takes batches ``r, r+W, ...``. Ranks left one batch short get a
     padding batch so that every rank runs the same number of forwards (under FSDP each forward is a
     collective: a rank that stops early hangs the others). A padding batch repeats batch 0's rows at indices
@@ -62,9 +62,18 @@ class EvalBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, num_samples: int, batch_size: int, *, limit_batches: int | None = None, world_size: int = 1, rank: int = 0
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        limit_batches: int | None = None,
+        world_size: int = 1,
+        rank: int = 0,
+        order: list[int] | None = None,
     ) -> None:
-        batches = [list(range(s, min(s + batch_size, num_samples))) for s in range(0, num_samples, batch_size)]
+        # ``order``: the rows in the order to read them (a spread over documents), else 0..n-1.
+        rows = list(range(num_samples)) if order is None else list(order)
+        batches = [rows[s : s + batch_size] for s in range(0, num_samples, batch_size)]
         if limit_batches is not None:
             batches = batches[:limit_batches]
         own = batches[rank::world_size]
@@ -91,8 +100,8 @@ class PaddedEvalSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         n = len(self.rows)
         if index < n:
-            return self.rows[index]
-        return {**self.rows[index - n], "padding": torch.tensor(True)}
+            return {**self.rows[index], "block": torch.tensor(index)}
+        return {**self.rows[index - n], "block": torch.tensor(index - n), "padding": torch.tensor(True)}
 
 
 class IndexedSet(torch.utils.data.Dataset):

@@ -27,6 +27,7 @@ from distill.eval.heldout import (
 )
 from distill.eval.report import build_report, plot_run, write_report
 from distill.eval.tasks import LOCAL_TASKS, TaskCache, build_local_tasks, hf_lm, run_tasks, task_manager
+from distill.models.teacher_cache import CachedTeacher
 
 log = logging.getLogger("distill")
 
@@ -57,6 +58,24 @@ def _texts(loader: Any, tokenizer: Any, max_tokens: int | None = 1_000_000) -> l
 
 
 @dataclass
+class Scored:
+    """One named held-out set as a report reads it.
+
+    Attributes:
+        name: ``test`` (the run's test split) or the set's name in ``eval.heldout``.
+        loader: the batches scored: every block, or a seeded spread over the documents.
+        stream: the same blocks in document order (the local tasks' text is decoded from it); None: ``loader``.
+        about: what the set is (``source``, ``documents`` and, for the run's own split, the split's settings).
+
+    """
+
+    name: str
+    loader: DataLoader
+    stream: DataLoader | None = None
+    about: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Comparison:
     """The two models a report compares, and the held-out data they are compared on.
 
@@ -64,7 +83,9 @@ class Comparison:
         student: the compressed model (a transformers causal LM).
         baseline: the reference (usually the teacher): a FrozenTeacher, a cached teacher or a causal LM.
         tokenizer: the shared tokenizer.
-        val_loader: held-out batches.
+        heldout: the held-out sets, the in-domain test split first (a single DataLoader counts as a set
+            named ``test``). The first set gives the report's ``heldout/*`` metrics, long tail, documents and the
+            local tasks' text; each other set its own ``heldout_<name>/*`` metrics.
         vocab_size: the shared vocabulary.
         token_counts: training count per token id (``DistillDataModule.train_token_counts``), for the
             long-tail buckets; None leaves them out.
@@ -74,9 +95,23 @@ class Comparison:
     student: nn.Module
     baseline: nn.Module
     tokenizer: Any
-    val_loader: DataLoader
+    heldout: DataLoader | list[Scored]
     vocab_size: int
     token_counts: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.heldout, list):
+            self.heldout = [Scored("test", self.heldout)]
+
+    @property
+    def sets(self) -> list[Scored]:
+        """The held-out sets, the primary one first."""
+        return self.heldout  # type: ignore[return-value]
+
+    @property
+    def val_loader(self) -> DataLoader:
+        """The primary set's batches (prompts for generation fidelity and the speed probe come from it)."""
+        return self.sets[0].loader
 
     @property
     def base_lm(self) -> nn.Module:
@@ -116,7 +151,7 @@ def assess(
     settings: Mapping[str, Any],
     run_dir: str | Path,
     about: Provenance | None = None,
-    heldout: Heldout | None = None,
+    heldout: dict[str, Heldout] | None = None,
 ) -> dict[str, Any]:
     """Score the student and the baseline on held-out data, tasks, generation and cost; write the report.
 
@@ -126,7 +161,8 @@ def assess(
             ``task_batch_size``, ``fidelity_prompts``, ``prompt_tokens``, ``new_tokens``, ``speed_runs``, ``guard``.
         run_dir: where the report and plots go.
         about: where the models come from (folders, modifications, config, names, run facts).
-        heldout: the held-out pass already done (split across ranks: :func:`heldout_pass`); run here if None.
+        heldout: the held-out pass already done, per set (split across ranks: :func:`heldout_pass`); run here if
+            None.
 
     Returns:
         The report dict (also written as report.json / report.md).
@@ -135,11 +171,13 @@ def assess(
     about = about or Provenance()
     device = next(models.student.parameters()).device
     sides: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
-    documents, rows = _score_heldout(models, sides, heldout or heldout_pass(models, settings, device))
+    documents, rows, sets = _score_heldout(models, sides, heldout or heldout_pass(models, settings, device))
     notes = _score_tasks(models, settings, Path(run_dir), sides)
+    if isinstance(models.baseline, CachedTeacher):  # its held-out numbers are of a top-k reconstruction
+        notes.append(models.baseline.report_note)
     prompts = _score_fidelity(models, settings, sides, device)
     _score_cost(models, settings, sides, prompts, about)
-    return _write(sides, notes, settings, run_dir, about, documents, rows)
+    return _write(sides, notes, settings, run_dir, about, documents, rows, sets)
 
 
 def assess_cross(
@@ -168,43 +206,67 @@ def assess_cross(
 
 def heldout_pass(
     models: Comparison, settings: Mapping[str, Any], device: torch.device, shard: tuple[int, int] | None = None
-) -> Heldout | None:
-    """The held-out pass of a report: both models over ``eval.max_batches`` held-out batches.
+) -> dict[str, Heldout] | None:
+    """The held-out pass of a report: both models over every held-out set (the batches each loader gives).
 
     With ``shard=(rank, world_size)`` every rank of the process group must call it; the batches are split
     across the ranks and rank 0 gets the one-process result (the others None; :func:`heldout_analysis`).
+    Only the primary set is bucketed by training-token frequency (the long tail of the training text).
     """
-    return heldout_analysis(
-        {"teacher": models.baseline, "student": models.student},
-        models.baseline,
-        models.val_loader,
-        models.vocab_size,
-        max_batches=settings.get("max_batches"),
-        device=device,
-        token_counts=models.token_counts,
-        eos_token_id=getattr(models.tokenizer, "eos_token_id", None),
-        shard=shard,
-    )
+    out = {}
+    for i, scored in enumerate(models.sets):
+        out[scored.name] = heldout_analysis(
+            {"teacher": models.baseline, "student": models.student},
+            models.baseline,
+            scored.loader,
+            models.vocab_size,
+            device=device,
+            token_counts=models.token_counts if i == 0 else None,
+            eos_token_id=getattr(models.tokenizer, "eos_token_id", None),
+            shard=shard,
+        )
+    return None if any(h is None for h in out.values()) else out
+
+
+def heldout_key(name: str, index: int) -> str:
+    """The report's metric group of a held-out set: ``heldout`` for the primary one, ``heldout_<name>`` else."""
+    return "heldout" if index == 0 else f"heldout_{name}"
 
 
 def _score_heldout(
-    models: Comparison, sides: dict[str, dict[str, float]], held: Heldout
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, list[float]]]]:
-    """Held-out perplexity, KL and agreement, the long-tail buckets and per-document scores, into ``sides``.
+    models: Comparison, sides: dict[str, dict[str, float]], held: dict[str, Heldout]
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Held-out perplexity, KL and agreement of every set, the long tail and per-document scores, into ``sides``.
 
     Returns:
-        The per-document scores for ``report.json``'s ``documents`` (worst first in report.md), and the
-        per-sequence sums for its ``heldout_rows`` (what paired comparisons of two runs resample).
+        The primary set's per-document scores for ``report.json``'s ``documents`` (worst first in report.md);
+        each set's per-document sums for its ``heldout_rows`` (what paired comparisons resample); and what each
+        set is, with its document and token counts, for ``heldout_sets``.
 
     """
-    print("\nHeld-out evaluation (validation split):\n" + format_table(held.metrics), flush=True)
+    rows, sets = {}, {}
+    for i, scored in enumerate(models.sets):
+        result = held[scored.name]
+        group = heldout_key(scored.name, i)
+        counts = result.metrics["teacher"]
+        sets[scored.name] = {
+            **scored.about,
+            "metrics": group,
+            "documents_scored": int(counts["documents"]),
+            "tokens_scored": int(counts["tokens"]),
+        }
+        head = f"{scored.name}: {int(counts['documents'])} documents, {int(counts['tokens'])} tokens"
+        print(f"\nHeld-out evaluation, {head}:\n" + format_table(result.metrics), flush=True)
+        for side in sides:
+            sides[side].update({f"{group}/{k}": v for k, v in result.metrics[side].items()})
+        rows[scored.name] = result.rows
+    primary = held[models.sets[0].name]
     for side in sides:
-        sides[side].update({f"heldout/{k}": v for k, v in held.metrics[side].items() if k != "tokens"})
-        for bucket, values in held.tail.get(side, {}).items():
+        for bucket, values in primary.tail.get(side, {}).items():
             sides[side].update({f"tail/{bucket}/{k}": v for k, v in values.items()})
-    sides["student"].update({f"docs/{k}": v for k, v in summarize_documents(held.documents).items()})
+    sides["student"].update({f"docs/{k}": v for k, v in summarize_documents(primary.documents).items()})
     documents = []
-    for d in held.documents:
+    for d in primary.documents:
         entry = {
             "index": d["index"],
             "tokens": d["tokens"],
@@ -216,7 +278,7 @@ def _score_heldout(
             # A preview to recognise the document by; whitespace folded so it fits a table cell.
             entry["text"] = " ".join(models.tokenizer.decode(d["head"]).split())[:60]
         documents.append(entry)
-    return documents, held.rows
+    return documents, rows, sets
 
 
 def _score_tasks(
@@ -233,8 +295,11 @@ def _score_tasks(
     task_dir = run_dir / "tasks"
     if any(t in LOCAL_TASKS for t in tasks):
         try:
+            primary = models.sets[0]
             build_local_tasks(
-                _texts(models.val_loader, models.tokenizer), task_dir, n_examples=settings.get("task_examples", 500)
+                _texts(primary.stream or primary.loader, models.tokenizer),
+                task_dir,
+                n_examples=settings.get("task_examples", 500),
             )
         except ConfigError as err:
             # Too little held-out prose: the run's other results still stand, so say so and go on.
@@ -276,10 +341,18 @@ def _score_tasks(
 def _score_fidelity(
     models: Comparison, settings: Mapping[str, Any], sides: dict[str, dict[str, float]], device: torch.device
 ) -> Tensor:
-    """Greedy-generation agreement with the baseline; returns the held-out prompts used."""
+    """Greedy-generation agreement with the baseline on ``fidelity_prompts`` held-out prompts (0: skipped).
+
+    Returns the held-out prompts, at least one (the speed probe times generation from the first).
+    """
+    count = settings.get("fidelity_prompts", 8)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ConfigError(
+            f"eval.fidelity_prompts={count!r}: give a number of held-out prompts, or 0 to skip generation fidelity"
+        )
     first = next(iter(models.val_loader))["input_ids"]
-    prompts = first[: settings.get("fidelity_prompts", 8), : settings.get("prompt_tokens", 32)].to(device)
-    if models.can_generate and settings.get("new_tokens", 16) > 0:
+    prompts = first[: max(count, 1), : settings.get("prompt_tokens", 32)].to(device)
+    if count > 0 and models.can_generate and settings.get("new_tokens", 16) > 0:
         fid = generation_fidelity(models.student, models.base_lm, prompts, settings.get("new_tokens", 16))
         sides["student"].update({f"fidelity/{k}": v for k, v in fid.items()})
         sides["teacher"].update({"fidelity/exact_match": 1.0, "fidelity/token_agreement": 1.0})
@@ -340,7 +413,8 @@ def _write(
     run_dir: str | Path,
     about: Provenance,
     documents: list[dict[str, Any]] | None = None,
-    rows: dict[str, dict[str, list[float]]] | None = None,
+    rows: dict[str, Any] | None = None,
+    sets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the report with its guard flags, write it and its plots into ``run_dir``."""
     guard = dict(settings.get("guard") or {})
@@ -349,6 +423,7 @@ def _write(
     )
     report["notes"] = notes
     report["run"] = dict(about.run or {})
+    report["heldout_sets"] = sets or {}
     report["documents"] = documents or []
     report["heldout_rows"] = rows or {}
     write_report(report, run_dir)
@@ -359,3 +434,32 @@ def _write(
     for flag in report["degradation"]["flags"]:
         log.warning("degradation guard: %s", flag["message"])
     return report
+
+
+def build_heldout(settings: Mapping[str, Any], datamodule: Any, tokenizer: Any, cache_dir: str | Path) -> list[Scored]:
+    """The report's held-out sets (``eval.heldout``), the run's test split first.
+
+    ``eval.max_batches`` caps every set to a seeded spread of that many batches over its documents; None (the
+    default) scores every block. The run's own split is read from ``datamodule``; the other sets are
+    tokenised with ``tokenizer`` and cached under ``cache_dir`` (:mod:`distill.data.named_sets`).
+    """
+    from distill.data.named_sets import SPLIT, check_sets, load_set
+
+    check_sets(settings.get("heldout"), settings.get("max_batches"))
+    wanted = dict(settings.get("heldout") or {SPLIT: SPLIT})
+    cap = settings.get("max_batches")
+    sets = []
+    for name, value in wanted.items():
+        if value == SPLIT:
+            facts = datamodule.split_facts() if hasattr(datamodule, "split_facts") else {}
+            documents = len(getattr(datamodule, "heldout_docs", {}).get("test", [])) or None
+            about = {"source": "this run's test split", "documents": documents, "split": facts}
+            loader = datamodule.heldout_dataloader("test", max_batches=cap)
+            sets.append(Scored(str(name), loader, datamodule.stream_dataloader("test"), about))
+            continue
+        held = load_set(str(name), value, tokenizer, datamodule.block_size, Path(cache_dir) / "heldout_sets")
+        about = {"source": held.source, "documents": held.documents}
+        batch = datamodule.eval_batch_size
+        loader = held.loader(batch, datamodule.collate, max_batches=cap, seed=datamodule.seed)
+        sets.append(Scored(str(name), loader, held.stream(batch, datamodule.collate), about))
+    return sets

@@ -42,10 +42,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distill.compress.prune.selection import select
 from distill.compress.prune.surgery import apply_spec, shapes
-from distill.compress.quant import schemes
+from distill.compress.quant import gguf_grid, schemes
+from distill.compress.quant.type_map import calibrated_type_map
 from distill.config import build, config_error
 from distill.data.sampler import StepBatchSampler
-from distill.eval.assess import Comparison, Provenance, assess
+from distill.eval.assess import Comparison, Provenance, assess, build_heldout
 from distill.eval.cost import disk_bytes, memory_bytes, parameter_count, weight_file_bytes
 from distill.eval.heldout import heldout_metrics
 from distill.eval.report import build_report, write_report
@@ -85,8 +86,28 @@ PTQ_GGUF: dict[str, str] = {"ptq_gguf_q4_0": "q4_0", "ptq_gguf_q8_0": "q8_0"}
 # label → a QAT config of conf/callbacks/qat/ that gives llama.cpp types per tensor: the teacher written in
 # that recipe's mix of types with no training (the PTQ row of qad_q4_mix).
 PTQ_GGUF_MIX: dict[str, str] = {"ptq_gguf_q4_mix": "gguf_q4_mix"}
+# label → (GGUF type, a QAT config's mix or {module glob: type}, or None): what a llama.cpp user makes with
+# llama-imatrix on the training split and llama-quantize --imatrix, rounded by the ported quantizers
+# (distill/compress/quant/llama_quants.py, byte for byte llama.cpp's). IQ4_NL is a 4.5-bit non-linear grid whose
+# 32-blocks fit SmolLM2's 576-wide rows; the smallest file puts Q2_K on the 1,536-wide down projections.
+PTQ_IMATRIX: dict[str, tuple[str, str | dict[str, str] | None]] = {
+    "ptq_imatrix_q4_0": ("q4_0", None),
+    "ptq_imatrix_iq4_nl": ("iq4_nl", None),
+    "ptq_imatrix_q4_mix": ("q4_0", "gguf_q4_mix"),
+    "ptq_imatrix_smallest": ("iq4_nl", {"*.mlp.down_proj": "q2_k"}),
+}
 QAT_CONF = Path(__file__).resolve().parents[2] / "conf" / "callbacks" / "qat"
-LABELS = ("teacher_fp32", "teacher_bf16", "teacher_gguf", *PTQ, *PTQ_GGUF, *PTQ_GGUF_MIX, *BNB, "prune_noheal")
+LABELS = (
+    "teacher_fp32",
+    "teacher_bf16",
+    "teacher_gguf",
+    *PTQ,
+    *PTQ_GGUF,
+    *PTQ_GGUF_MIX,
+    *PTQ_IMATRIX,
+    *BNB,
+    "prune_noheal",
+)
 
 
 @dataclass
@@ -105,6 +126,7 @@ class Bench:
     teacher: nn.Module
     datamodule: Any
     teacher_metrics: dict[str, float] | None = None
+    imatrix: Any = None  # the teacher's importance matrix, collected once for every imatrix row
 
     @property
     def vocab_size(self) -> int:
@@ -149,7 +171,7 @@ def compare(bench: Bench, model: nn.Module) -> Comparison:
         model,
         bench.teacher,
         bench.teacher.tokenizer,
-        bench.datamodule.val_dataloader(),
+        build_heldout(bench.cfg.eval, bench.datamodule, bench.teacher.tokenizer, bench.cfg.paths.cache_dir),
         bench.vocab_size,
         token_counts=bench.datamodule.train_token_counts(),  # the long-tail buckets, as train.py passes them
     )
@@ -226,29 +248,80 @@ def ptq(bench: Bench, artifact: Path, spec: schemes.QuantSpec) -> Candidate:
     return Candidate(model, artifact, [{"kind": "ptq", "config": spec.to_dict()}], facts, notes)
 
 
-def mix_types(model: nn.Module, qat_config: str) -> tuple[str, dict[str, str]]:
-    """The scheme's llama.cpp type, and ``{weight name: type}`` on ``model``, of ``conf/callbacks/qat/<name>.yaml``."""
+def mix_types(bench: Bench, model: nn.Module, qat_config: str) -> tuple[str, dict[str, str]]:
+    """The scheme's llama.cpp type, and ``{weight name: type}`` on ``model``, of ``conf/callbacks/qat/<name>.yaml``.
+
+    A config with ``target_ratio`` gets the map its QAT run would choose at step 0 (the same calibration text and
+    rule: :func:`~distill.compress.quant.type_map.calibrated_type_map`); one with ``gguf_types`` gets those.
+    """
     node = OmegaConf.load(QAT_CONF / f"{qat_config}.yaml")
     # Every matrix, as the recipe quantizes them (its modules and skip list are the experiment's, not the file's).
-    spec = schemes.make_spec(node.scheme, node.group_size, ["*norm*"], "", ["linear", "embedding"], node.gguf_types)
+    types = node.get("gguf_types")
+    if node.get("target_ratio"):
+        names = schemes.targets(model, ["*norm*"], ["linear", "embedding"])
+        dm = bench.datamodule
+        chosen = calibrated_type_map(
+            model,
+            names,
+            dm.train_set,
+            dm.block_size,
+            node.target_ratio,
+            gguf_grid.KINDS,
+            bench.teacher.tokenizer,
+            node.get("calibration_batches", 8),
+        )
+        types = chosen.types
+    spec = schemes.make_spec(node.scheme, node.group_size, ["*norm*"], "", ["linear", "embedding"], types)
     schemes.check_gguf_types(model, spec)
     names = schemes.targets(model, spec.skip, spec.modules)
     return schemes.get_scheme(spec.scheme).gguf, {f"{n}.weight": spec.gguf_kind(n) for n in names}
 
 
-def ptq_gguf(bench: Bench, artifact: Path, gguf_type: str, mix: str | None = None) -> Candidate:
+def teacher_imatrix(bench: Bench) -> Any:
+    """The teacher's importance matrix over ``cfg.imatrix_batches`` batches of the training split (collected once).
+
+    What ``llama-imatrix`` gathers on that text: the sum of each Linear input column's square over every token
+    (:func:`distill.compress.quant.imatrix.collect`).
+    """
+    if bench.imatrix is None:
+        from distill.compress.depth import calibration_batches
+        from distill.compress.quant import imatrix
+        from distill.export.gguf import imatrix_modules
+
+        dm, model = bench.datamodule, bench.teacher.model
+        rows = calibration_batches(
+            dm.train_set, batches=int(bench.cfg.get("imatrix_batches", 32)), rows=4, tokens=dm.block_size
+        )
+        source = f"training split: {sum(r.numel() for r in rows)} tokens"
+        bench.imatrix = imatrix.collect(model, list(imatrix_modules(model)), rows, source)
+    return bench.imatrix
+
+
+def ptq_gguf(
+    bench: Bench,
+    artifact: Path,
+    gguf_type: str,
+    mix: str | dict[str, str] | None = None,
+    weighted: bool = False,
+) -> Candidate:
     """The teacher written as a GGUF file of ``gguf_type`` (post-training) and measured as transformers reloads it.
 
-    With ``mix`` (a QAT config name, :data:`PTQ_GGUF_MIX`), each weight takes the type that config gives it.
+    With ``mix`` (a QAT config name, :data:`PTQ_GGUF_MIX`, or ``{module glob: type}``), each weight takes the
+    type it gives. ``weighted``: rounded as ``llama-quantize --imatrix`` rounds, by :func:`teacher_imatrix`.
     """
-    from distill.export.gguf import export_gguf, teacher_pre
+    from distill.export.gguf import export_gguf, glob_types, teacher_pre
 
     model, tokenizer = bench.teacher.model, bench.teacher.tokenizer
     pre = teacher_pre(bench.cfg.teacher)
     trained = None
-    if mix is not None:
-        gguf_type, trained = mix_types(model, mix)
-    check = export_gguf(model, tokenizer, artifact, gguf_type, trained, pre=pre, name=bench.teacher.name)
+    if isinstance(mix, str):
+        gguf_type, trained = mix_types(bench, model, mix)
+    elif mix is not None:
+        trained = glob_types(model, mix)
+    importance = teacher_imatrix(bench).by_weight() if weighted else None
+    check = export_gguf(
+        model, tokenizer, artifact, gguf_type, trained, pre=pre, name=bench.teacher.name, importance=importance
+    )
     file = check.file
     reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
     reloaded = reloaded.to(bench.device).eval()
@@ -256,16 +329,24 @@ def ptq_gguf(bench: Bench, artifact: Path, gguf_type: str, mix: str | None = Non
     if trained:
         facts["gguf_types"] = dict(sorted(Counter(trained.values()).items()))
     counts = ", ".join(f"{n} {k.upper()}" for k, n in facts.get("gguf_types", {}).items())
+    source = f"conf/callbacks/qat/{mix}.yaml's" if isinstance(mix, str) else f"{mix}'s"
     what = (
-        f"in conf/callbacks/qat/{mix}.yaml's mix of types ({counts} matrices)"
+        f"in {source} mix of types ({counts} matrices)"
         if trained
         else f"as {gguf_type.upper()} (llama.cpp's blocks of 32, every matrix including the tied embedding)"
     )
+    rounding = (
+        f"rounded as llama-quantize --imatrix rounds, weighted by the teacher's importance matrix "
+        f"({bench.imatrix.datasets[0]})"
+        if weighted
+        else "rounded to nearest"
+    )
     notes = [
-        f"The teacher written by distill.export.gguf {what}, norms F32, and measured as transformers' GGUF "
-        "loader reloads it. In memory it runs dequantized (fp32); the size on disk is the file's.",
+        f"The teacher written by distill.export.gguf {what}, {rounding}, norms F32, and measured as "
+        "transformers' GGUF loader reloads it. In memory it runs dequantized (fp32); the size on disk is the file's.",
     ]
-    config: dict[str, Any] = {"type": gguf_type}
+    facts["imatrix"] = weighted
+    config: dict[str, Any] = {"type": gguf_type, "imatrix": weighted}
     if trained:
         config["gguf_types"] = dict(trained)
     return Candidate(reloaded, artifact, [{"kind": "ptq_gguf", "config": config}], facts, notes)
@@ -490,10 +571,10 @@ def unavailable(bench: Bench, label: str, reason: str, run_dir: Path, facts: dic
         held = heldout_metrics(
             {"teacher": bench.teacher},
             bench.teacher,
-            bench.datamodule.val_dataloader(),
+            bench.datamodule.heldout_dataloader("test", bench.cfg.eval.get("max_batches")),
             bench.vocab_size,
-            max_batches=bench.cfg.eval.get("max_batches"),
             device=bench.device,
+            eos_token_id=bench.teacher.tokenizer.eos_token_id,
         )
         bench.teacher_metrics = {f"heldout/{k}": v for k, v in held["teacher"].items() if k != "tokens"}
     guard = dict(bench.cfg.eval.get("guard") or {})
@@ -560,6 +641,7 @@ def run_baseline(bench: Bench, label: str, layout: Layout) -> dict[str, Any]:
         **{k: (lambda k=k: ptq(bench, artifact, ptq_spec(k))) for k in PTQ},
         **{k: (lambda k=k: ptq_gguf(bench, artifact, PTQ_GGUF[k])) for k in PTQ_GGUF},
         **{k: (lambda k=k: ptq_gguf(bench, artifact, "q4_0", PTQ_GGUF_MIX[k])) for k in PTQ_GGUF_MIX},
+        **{k: (lambda k=k: ptq_gguf(bench, artifact, *PTQ_IMATRIX[k], weighted=True)) for k in PTQ_IMATRIX},
         **{k: (lambda k=k: bnb(bench, artifact, k, _fp32_source(bench, layout))) for k in BNB},
     }
     if label in BNB:
@@ -643,6 +725,21 @@ def _curve_models(
     return models, rows
 
 
+def _curve_sizes(
+    root: Path, width: str, model: nn.Module, params: int, group_size: int, scheme: str | None
+) -> dict[str, Any]:
+    """The sizes of one width's artifact (``root/<width>``) against the fp32 one (``root/fp32``)."""
+    weights = weight_file_bytes(root / width) or 0
+    return {
+        "group_size": group_size if scheme not in (None, "int8_weight_only") else None,
+        "disk_bytes": disk_bytes(root / width),
+        "weight_file_bytes": weights,
+        "memory_bytes": memory_bytes(model),
+        "bits_per_weight_disk": 8 * weights / params,
+        "ratio_vs_fp32_disk": (weight_file_bytes(root / "fp32") or 0) / max(weights, 1),
+    }
+
+
 def ptq_curve(
     bench: Bench,
     widths: Sequence[str] = tuple(CURVE),
@@ -673,29 +770,18 @@ def ptq_curve(
     root = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="ptq-curve-"))
     params = parameter_count(bench.teacher.model)
     try:
-        fp32 = root / "fp32"
         models, rows = _curve_models(bench, widths, group_size, root)
         for width, row in rows.items():
-            folder = root / width
-            weights = weight_file_bytes(folder) or 0
-            row.update(
-                {
-                    "group_size": group_size if row["scheme"] not in (None, "int8_weight_only") else None,
-                    "disk_bytes": disk_bytes(folder),
-                    "weight_file_bytes": weights,
-                    "memory_bytes": memory_bytes(models[width]),
-                    "bits_per_weight_disk": 8 * weights / params,
-                    "ratio_vs_fp32_disk": (weight_file_bytes(fp32) or 0) / max(weights, 1),
-                }
-            )
+            row.update(_curve_sizes(root, width, models[width], params, group_size, row["scheme"]))
         # One pass over the held-out batches: the teacher's logits are computed once for every width.
+        cap = max_batches if max_batches is not None else bench.cfg.eval.get("max_batches")
         held = heldout_metrics(
             models,
             bench.teacher,
-            bench.datamodule.val_dataloader(),
+            bench.datamodule.heldout_dataloader("test", cap),
             bench.vocab_size,
-            max_batches=max_batches if max_batches is not None else bench.cfg.eval.get("max_batches"),
             device=bench.device,
+            eos_token_id=bench.teacher.tokenizer.eos_token_id,
         )
         for width, row in rows.items():
             row.update({k: held[width][k] for k in ("ppl", "kl_to_teacher", "top1_agreement", "tokens")})

@@ -78,6 +78,11 @@ def cross_heldout(
         max_batches: how many batches to score (None: all).
         device: where the models run.
 
+    Raises:
+        ValueError: the teacher's tokenizer changes the text of a held-out document (a normaliser), so no
+            position can be paired by bytes (:meth:`~distill.objective.cross_batch.CrossTokenizer.align` checks
+            every document of every row).
+
     """
     rows = _Rows()
     s_bytes = [token_bytes(cross.student_tok, i) or b"" for i in range(len(cross.student_tok))]

@@ -6,7 +6,9 @@ token was in the training split (the long tail) and by held-out document.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,8 @@ from torch import Tensor, nn
 
 from distill.eval.intervals import ratio_interval
 from distill.objective.divergences import IGNORE_INDEX
+
+log = logging.getLogger("distill")
 
 TAIL_BUCKETS = ("rare", "middle", "common")
 MIN_DOC_TOKENS = 32  # documents shorter than this are listed but left out of the summary statistics
@@ -60,16 +64,17 @@ class Heldout:
     """Everything one held-out pass measures.
 
     Attributes:
-        metrics: name → {``ppl``, ``kl_to_teacher``, ``top1_agreement``, ``tokens``}.
-        tail: name → bucket (:data:`TAIL_BUCKETS`) → {``top1_agreement``, ``accuracy``, ``tokens``}; empty
-            without training token counts. A bucket with no scored token has only ``tokens`` (0).
-        documents: one entry per held-out document in stream order: ``index``, ``tokens`` (scored
-            positions), ``head`` (its first token ids) and name → {``top1_agreement``, ``accuracy``};
-            empty without an EOS id.
-        rows: name → {``nll``, ``kl``, ``agree``, ``tokens``}: per held-out sequence (batch row, in
-            order), the summed NLL, KL and agreements over its scored tokens. The metrics' intervals
-            resample these rows; two models scored on the same rows can be compared pairwise
-            (``bench/kd_vs_ce.py``).
+        metrics: name → {``ppl``, ``kl_to_teacher``, ``top1_agreement``, ``tokens``, ``documents``}, each rate
+            with its 95 % interval over documents (``<metric>_ci_low`` / ``_ci_high``).
+        tail: name → bucket (:data:`TAIL_BUCKETS`) → {``top1_agreement``, ``accuracy``, ``tokens``} with
+            intervals over documents; empty without training token counts. A bucket with no scored token has only
+            ``tokens`` (0).
+        documents: one entry per held-out document: ``index``, ``tokens`` (scored positions), ``head`` (its
+            first token ids) and name → {``top1_agreement``, ``accuracy``}; empty without an EOS id.
+        rows: name → {``doc``, ``nll``, ``kl``, ``agree``, ``correct``, ``tokens``}: per held-out document (per
+            batch row when the batches carry no documents), the summed scores over its scored tokens. The
+            intervals resample these units; two models scored on the same documents can be compared pairwise
+            (:func:`paired_difference`).
 
     """
 
@@ -87,24 +92,28 @@ def heldout_metrics(
     vocab_size: int,
     max_batches: int | None = None,
     device: torch.device | str = "cpu",
+    eos_token_id: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score each model against the held-out labels and against the teacher, token by token.
 
     Args:
         models: name → causal LM to score (the teacher itself may be among them).
         teacher: the reference model for KL and agreement.
-        batches: batches with ``input_ids``, ``labels`` and optionally ``attention_mask``.
+        batches: batches with ``input_ids``, ``labels`` and optionally ``attention_mask``, ``doc``.
         vocab_size: vocabulary compared (the shared prefix of both output layers).
         max_batches: stop after this many batches.
         device: where to run.
+        eos_token_id: the id that ends each packed document (the intervals then resample documents).
 
     Returns:
-        name → {``ppl``, ``kl_to_teacher`` (KL(teacher‖model), nats per token), ``top1_agreement``, ``tokens``},
-        each metric with its 95 % interval over held-out sequences (``<metric>_ci_low`` / ``_ci_high``; the
-        teacher's own agreement and KL, 1 and 0 by definition, have none).
+        name → {``ppl``, ``kl_to_teacher`` (KL(teacher‖model), nats per token), ``top1_agreement``, ``tokens``,
+        ``documents``}, each metric with its 95 % interval (``<metric>_ci_low`` / ``_ci_high``; the teacher's own
+        agreement and KL, 1 and 0 by definition, have none).
 
     """
-    return heldout_analysis(models, teacher, batches, vocab_size, max_batches=max_batches, device=device).metrics
+    return heldout_analysis(
+        models, teacher, batches, vocab_size, max_batches=max_batches, device=device, eos_token_id=eos_token_id
+    ).metrics
 
 
 @torch.no_grad()
@@ -125,20 +134,22 @@ def heldout_analysis(
     Args:
         models: name → causal LM to score (the teacher itself may be among them).
         teacher: the reference model for KL and agreement.
-        batches: batches with ``input_ids``, ``labels`` and optionally ``attention_mask``; for the
-            per-document scores, packed documents each ending in ``eos_token_id``, in stream order.
+        batches: batches with ``input_ids``, ``labels`` and optionally ``attention_mask``. Documents are found
+            from ``eos_token_id``: a batch with ``doc`` (each row's first document, as the datamodule's held-out
+            splits give) and ``block`` (each row's place in the split) may come in any order; a batch without
+            them is read as a stream, documents in order.
         vocab_size: vocabulary compared (the shared prefix of both output layers).
         max_batches: stop after this many batches.
         device: where to run.
         token_counts: training count per token id; buckets the label tokens (:func:`frequency_buckets`).
         eos_token_id: the id that ends each packed document; a label token belongs to the document it is
-            in (an EOS to the document it ends).
+            in (an EOS to the document it ends). Without it every batch row is its own unit.
         shard: ``(rank, world_size)`` to split the batches across the ranks of a process group: every rank
             must call this with the same batches and models; rank ``r`` scores batches ``r, r+W, ...``, and
             rank 0 merges the ranks' sums into the one-process result (the others get ``None``).
 
     Returns:
-        The scores; ``tail`` and ``documents`` stay empty without ``token_counts`` / ``eos_token_id``.
+        The scores; ``tail`` stays empty without ``token_counts``, ``documents`` without ``eos_token_id``.
 
     """
     buckets = None if token_counts is None else frequency_buckets(token_counts, vocab_size).to(device)
@@ -148,11 +159,7 @@ def heldout_analysis(
         m.eval()
     rank, world = shard or (0, 1)
     try:
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            # Every rank walks every batch for the document bookkeeping (cheap); only its own are scored.
-            _accumulate(tally, models, teacher, batch, vocab_size, device, score=i % world == rank)
+        _walk(tally, models, teacher, batches, vocab_size, device, max_batches, rank, world)
     finally:
         for name, m in models.items():
             m.train(was_training[name])
@@ -165,8 +172,31 @@ def heldout_analysis(
     return tally.result()
 
 
+def _walk(
+    tally: _Tally,
+    models: dict[str, nn.Module],
+    teacher: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    vocab_size: int,
+    device: torch.device | str,
+    max_batches: int | None,
+    rank: int,
+    world: int,
+) -> None:
+    """Score ``batches`` into ``tally``: every rank walks every batch, rank ``r`` scores ``r, r+W, ...``."""
+    total = len(batches) if hasattr(batches, "__len__") else None
+    started = time.perf_counter()
+    for i, batch in enumerate(batches):
+        if max_batches is not None and i >= max_batches:
+            break
+        if i and i % 10 == 0 and rank == 0:  # a whole split takes minutes on a CPU: say how far it is
+            log.info("held-out pass: batch %d/%s, %.0f s", i, total or "?", time.perf_counter() - started)
+        # Every rank walks every batch for the document bookkeeping (cheap); only its own are scored.
+        _accumulate(tally, models, teacher, batch, vocab_size, device, score=i % world == rank)
+
+
 def _merged_on_rank_zero(tally: _Tally, rank: int, world: int) -> _Tally | None:
-    """Rank 0's tally with every rank's sums added, rows in batch order (a collective; None on other ranks)."""
+    """Rank 0's tally with every rank's sums added (a collective; None on other ranks)."""
     import torch.distributed as dist
 
     parts: list[_Tally | None] = [None] * world if rank == 0 else []
@@ -176,133 +206,147 @@ def _merged_on_rank_zero(tally: _Tally, rank: int, world: int) -> _Tally | None:
     merged = parts[0]
     for part in parts[1:]:
         merged.count += part.count
-        for name in merged.names:
-            for key in merged.sums[name]:
-                merged.sums[name][key] += part.sums[name][key]
-            merged.tail[name] += part.tail[name]
-        for d, entry in part.docs.items():  # heads are the same on every rank (all batches were walked)
-            mine = merged.docs.setdefault(d, {"tokens": 0, "head": entry["head"]})
+        for unit, entry in part.units.items():
+            mine = merged.units.setdefault(unit, {"tokens": 0.0})
             mine["tokens"] += entry["tokens"]
             for name in merged.names:
                 if name in entry:
-                    side = mine.setdefault(name, {"agree": 0.0, "correct": 0.0})
-                    side["agree"] += entry[name]["agree"]
-                    side["correct"] += entry[name]["correct"]
-    # Rank r scored batches r, r+W, ...: put the per-sequence rows back in the one-process order.
-    for name in merged.names:
-        scored = sorted((b, i, p) for p in parts for i, b in enumerate(p.batches))
-        merged.rows[name] = [p.rows[name][i] for _, i, p in scored]
+                    mine[name] = mine[name] + entry[name] if name in mine else entry[name].clone()
+        for d, head in part.heads.items():  # heads are the same on every rank (all batches were walked)
+            merged.heads.setdefault(d, head)
     return merged
 
 
+# Per model and unit (document, or batch row), summed over its scored tokens: NLL, KL, agreements, correct
+# predictions, then agreements, correct predictions and tokens per long-tail bucket.
+_SUMS = ("nll", "kl", "agree", "correct")
+_N_SUMS = len(_SUMS) + 3 * len(TAIL_BUCKETS)
+
+
 class _Tally:
-    """Running sums over the held-out batches: totals, per-bucket and per-document counts per model."""
+    """Running sums over the held-out batches, per model and per unit (document, or batch row)."""
 
     def __init__(self, names: list[str], buckets: Tensor | None, eos: int | None, references: set[str]) -> None:
         self.names, self.buckets, self.eos, self.references = names, buckets, eos, references
         self.count = 0
-        self.sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in names}
-        # Per model, per held-out sequence: (nll, kl, agreements, tokens) summed over its scored positions.
-        self.rows: dict[str, list[Tensor]] = {name: [] for name in names}
-        n = len(TAIL_BUCKETS)
-        # Per model: (agreements, correct predictions, tokens) per bucket, kept as tensors until the end.
-        self.tail = {name: torch.zeros(3, n, dtype=torch.float64) for name in names}
-        self.docs: dict[int, dict[str, Any]] = {}
-        self.next_doc = 0  # document index of the next token in the held-out stream
-        self.batches: list[int] = []  # the index of each batch scored, in order (one rows entry each)
-        self.seen = 0  # batches walked, scored or not
+        # unit → {"tokens": scored tokens, name: float64 tensor of the _N_SUMS sums}
+        self.units: dict[int, dict[str, Any]] = {}
+        self.heads: dict[int, list[tuple[int, int]]] = {}  # unit → (stream position, token) of its first tokens
+        self.next_doc = 0  # stream reading: the document index of the next token
+        self.next_row = 0  # no EOS: the next batch row's unit
+        self.streamed = 0  # stream reading: tokens walked so far (positions for the heads)
 
-    def document_ids(self, ids: Tensor) -> Tensor:
-        """Each position's document index: EOS tokens seen before it in the stream (rows in order)."""
-        flat = ids.flatten()
-        ends = (flat == self.eos).long()
-        doc = self.next_doc + torch.cumsum(ends, 0) - ends  # an EOS still belongs to the document it ends
-        self.next_doc += int(ends.sum())
-        return doc.view_as(ids)
+    def units_of(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Each position's unit and stream position (a batch with ``doc``/``block`` may come in any order)."""
+        ids = batch["input_ids"]
+        rows, width = ids.shape
+        if self.eos is None:
+            unit = torch.arange(self.next_row, self.next_row + rows).unsqueeze(1).expand(rows, width)
+            self.next_row += rows
+            return unit, torch.arange(rows * width).view(rows, width)
+        ends = (ids == self.eos).long()
+        if "doc" in batch:
+            # An EOS still belongs to the document it ends; each row starts in its own ``doc``.
+            unit = batch["doc"].unsqueeze(1) + torch.cumsum(ends, 1) - ends
+            where = batch["block"].unsqueeze(1) * width + torch.arange(width)
+            return unit, where
+        flat = ends.flatten()
+        unit = self.next_doc + torch.cumsum(flat, 0) - flat
+        self.next_doc += int(flat.sum())
+        where = self.streamed + torch.arange(flat.numel())
+        self.streamed += flat.numel()
+        return unit.view_as(ids), where.view_as(ids)
 
-    def add_heads(self, ids: Tensor, doc: Tensor) -> None:
-        """Keep each document's first tokens (EOS excluded) for a text preview."""
-        flat_ids, flat_doc = ids.flatten().tolist(), doc.flatten().tolist()
-        for t, d in zip(flat_ids, flat_doc, strict=True):
-            head = self.docs.setdefault(d, {"tokens": 0, "head": []})["head"]
-            if len(head) < _HEAD_TOKENS and t != self.eos:
-                head.append(t)
+    def add_heads(self, ids: Tensor, unit: Tensor, where: Tensor) -> None:
+        """Keep each document's first tokens (EOS excluded), by stream position, for a text preview."""
+        keep = ids != self.eos if self.eos is not None else torch.ones_like(ids, dtype=torch.bool)
+        for u, w, t in zip(unit[keep].tolist(), where[keep].tolist(), ids[keep].tolist(), strict=True):
+            head = self.heads.setdefault(u, [])
+            if (len(head) < _HEAD_TOKENS or w < head[-1][0]) and all(w != p for p, _ in head):
+                head.append((w, t))
+                head.sort()
+                del head[_HEAD_TOKENS:]
 
-    def add_documents(self, name: str, doc: Tensor, agree: Tensor, correct: Tensor, first: bool) -> None:
-        """Add one batch's per-document agreements and correct predictions (of the real label positions)."""
-        if doc.numel() == 0:
+    def add(self, name: str, unit: Tensor, values: Tensor, first: bool) -> None:
+        """Add per-position ``values`` (positions × _N_SUMS) to their units; count the tokens once (``first``)."""
+        if unit.numel() == 0:
             return
-        base = int(doc.min())
-        local = (doc - base).cpu()
-        agree_sum = torch.bincount(local, weights=agree.double().cpu())
-        correct_sum = torch.bincount(local, weights=correct.double().cpu())
-        tokens = torch.bincount(local)
+        base = int(unit.min())
+        local = (unit - base).cpu()
+        n = int(local.max()) + 1
+        sums = torch.zeros(n, _N_SUMS, dtype=torch.float64).index_add_(0, local, values.double().cpu())
+        tokens = torch.bincount(local, minlength=n)
         for j in torch.nonzero(tokens).flatten().tolist():
-            entry = self.docs.setdefault(base + j, {"tokens": 0, "head": []})
-            if first:  # the scored positions are the same for every model: count them once
-                entry["tokens"] += int(tokens[j])
-            side = entry.setdefault(name, {"agree": 0.0, "correct": 0.0})
-            side["agree"] += float(agree_sum[j])
-            side["correct"] += float(correct_sum[j])
+            entry = self.units.setdefault(base + j, {"tokens": 0.0})
+            if first:  # the scored positions are the same for every model
+                entry["tokens"] += float(tokens[j])
+            entry[name] = entry[name] + sums[j] if name in entry else sums[j].clone()
 
     def result(self) -> Heldout:
-        """Means of the running sums."""
-        metrics = {
-            name: {
-                "ppl": math.exp(s["nll"] / self.count),
-                "kl_to_teacher": s["kl"] / self.count,
-                "top1_agreement": s["agree"] / self.count,
-                "tokens": float(self.count),
-            }
-            for name, s in self.sums.items()
-        }
-        rows = {}
+        """Totals, intervals over units, the long tail and the documents."""
+        order = sorted(u for u, e in self.units.items() if e["tokens"] > 0)
+        tokens = torch.tensor([self.units[u]["tokens"] for u in order], dtype=torch.float64)
+        metrics, tail, rows = {}, {}, {}
         for name in self.names:
-            nll, kl, agree, tokens = torch.cat(self.rows[name]).T.tolist() if self.rows[name] else ([],) * 4
-            rows[name] = {"nll": nll, "kl": kl, "agree": agree, "tokens": tokens}
-            metrics[name].update(_intervals(rows[name], reference=name in self.references))
-        tail = {}
-        if self.buckets is not None:
-            for name, (agree, correct, tokens) in self.tail.items():
-                tail[name] = {
-                    bucket: (
-                        {
-                            "top1_agreement": float(agree[b] / tokens[b]),
-                            "accuracy": float(correct[b] / tokens[b]),
-                            "tokens": float(tokens[b]),
-                        }
-                        if tokens[b] > 0
-                        else {"tokens": 0.0}
-                    )
-                    for b, bucket in enumerate(TAIL_BUCKETS)
-                }
-        documents = [
-            {
-                "index": d,
-                "tokens": e["tokens"],
-                "head": e["head"],
-                **{
-                    name: {
-                        "top1_agreement": e[name]["agree"] / e["tokens"],
-                        "accuracy": e[name]["correct"] / e["tokens"],
-                    }
-                    for name in self.names
-                },
+            table = torch.stack([self.units[u][name] for u in order])  # units × _N_SUMS
+            nll, kl, agree, correct = table[:, 0], table[:, 1], table[:, 2], table[:, 3]
+            total = float(tokens.sum())
+            metrics[name] = {
+                "ppl": math.exp(float(nll.sum()) / total),
+                "kl_to_teacher": float(kl.sum()) / total,
+                "top1_agreement": float(agree.sum()) / total,
+                "tokens": total,
+                "documents": float(len(order)),
             }
-            for d, e in sorted(self.docs.items())
-            if e["tokens"] > 0  # a document seen only as a block's unscored first token
-        ]
+            rows[name] = {
+                "doc": order,
+                "nll": nll.tolist(),
+                "kl": kl.tolist(),
+                "agree": agree.tolist(),
+                "correct": correct.tolist(),
+                "tokens": tokens.tolist(),
+            }
+            metrics[name].update(_intervals(rows[name], reference=name in self.references))
+            if self.buckets is not None:
+                tail[name] = _tail(table[:, len(_SUMS) :].view(-1, 3, len(TAIL_BUCKETS)))
+        documents = []
+        if self.eos is not None:
+            for u, t in zip(order, tokens.tolist(), strict=True):
+                entry: dict[str, Any] = {"index": u, "tokens": t, "head": [tok for _, tok in self.heads.get(u, [])]}
+                for name in self.names:
+                    s = self.units[u][name]
+                    entry[name] = {"top1_agreement": float(s[2]) / t, "accuracy": float(s[3]) / t}
+                documents.append(entry)
         return Heldout(metrics, tail, documents, rows)
 
 
-def _intervals(rows: dict[str, list[float]], reference: bool) -> dict[str, float]:
-    """95 % intervals of ppl, KL and agreement, resampling whole held-out sequences (a cluster bootstrap).
+def _tail(per_unit: Tensor) -> dict[str, dict[str, float]]:
+    """Each bucket's agreement and accuracy, with intervals resampling the units (``per_unit``: units × 3 × B)."""
+    out = {}
+    for b, bucket in enumerate(TAIL_BUCKETS):
+        agree, correct, tokens = per_unit[:, 0, b], per_unit[:, 1, b], per_unit[:, 2, b]
+        n = float(tokens.sum())
+        if n == 0:
+            out[bucket] = {"tokens": 0.0}
+            continue
+        entry = {"top1_agreement": float(agree.sum()) / n, "accuracy": float(correct.sum()) / n, "tokens": n}
+        if len(tokens) >= 2:
+            for key, values in (("top1_agreement", agree), ("accuracy", correct)):
+                low, high = ratio_interval(values.tolist(), tokens.tolist())
+                entry[f"{key}_ci_low"], entry[f"{key}_ci_high"] = low, high
+        out[bucket] = entry
+    return out
 
-    Tokens of one sequence share their context, so resampling tokens would make the interval too narrow.
+
+def _intervals(rows: dict[str, list[float]], reference: bool) -> dict[str, float]:
+    """95 % intervals of ppl, KL and agreement, resampling whole documents (a cluster bootstrap).
+
+    Tokens of one document share their subject, vocabulary and context, so resampling tokens or blocks would
+    make the interval too narrow; the document is the unit a user's own text varies by.
     A model's agreement with itself (the teacher) is 1 and its KL 0 with no uncertainty: no interval.
     """
     if len(rows["tokens"]) < 2:
-        return {}  # one sequence: nothing to resample
+        return {}  # one unit: nothing to resample
     out = {}
     pairs = [("ppl", "nll", math.exp)] + (
         [] if reference else [("kl_to_teacher", "kl", None), ("top1_agreement", "agree", None)]
@@ -311,6 +355,37 @@ def _intervals(rows: dict[str, list[float]], reference: bool) -> dict[str, float
         low, high = ratio_interval(rows[key], rows["tokens"], transform)
         out[f"{metric}_ci_low"], out[f"{metric}_ci_high"] = low, high
     return out
+
+
+def paired_difference(
+    a: dict[str, list[float]], b: dict[str, list[float]], key: str = "agree"
+) -> tuple[float, float, float, int]:
+    """``a − b`` of a rate (``key`` summed over tokens) on the documents both scored, with its 95 % interval.
+
+    Both models' per-document sums (:attr:`Heldout.rows`) are matched by document, and the documents are
+    resampled together (a paired cluster bootstrap), so what the two share (the same hard documents) cancels.
+
+    Returns:
+        ``(difference, low, high, documents)``.
+
+    """
+    import numpy as np
+
+    from distill.eval.intervals import resample_interval
+
+    index_b = {d: i for i, d in enumerate(b["doc"])}
+    shared = [(i, index_b[d]) for i, d in enumerate(a["doc"]) if d in index_b]
+    if not shared:
+        raise ValueError("the two models share no scored document; they were not scored on the same split")
+    ia, ib = (np.array(x) for x in zip(*shared, strict=True))
+    va, vb = np.asarray(a[key])[ia], np.asarray(b[key])[ib]
+    ta, tb = np.asarray(a["tokens"])[ia], np.asarray(b["tokens"])[ib]
+
+    def stat(idx: np.ndarray) -> float:
+        return float(va[idx].sum() / ta[idx].sum() - vb[idx].sum() / tb[idx].sum())
+
+    low, high = resample_interval(stat, len(shared))
+    return stat(np.arange(len(shared))), low, high, len(shared)
 
 
 def _accumulate(
@@ -322,7 +397,7 @@ def _accumulate(
     device: torch.device | str,
     score: bool = True,
 ) -> None:
-    """Add one batch's summed NLL, KL and agreement per model (and its buckets and documents) to ``tally``.
+    """Add one batch's per-unit NLL, KL, agreement, accuracy and buckets per model to ``tally``.
 
     With ``score=False`` only the document bookkeeping runs (another rank scores this batch).
     """
@@ -331,44 +406,32 @@ def _accumulate(
     mask = mask.to(device) if mask is not None else None
     labels = batch["labels"].to(device)[:, 1:]
     real = labels != IGNORE_INDEX
-    doc = None
+    unit, where = tally.units_of(batch)
     if tally.eos is not None:
-        positions = tally.document_ids(batch["input_ids"])
-        tally.add_heads(batch["input_ids"], positions)
-        doc = positions[:, 1:].to(device)[real]
-    tally.seen += 1
+        tally.add_heads(batch["input_ids"], unit, where)
     if not score:
         return
-    tally.batches.append(tally.seen - 1)
+    unit = unit[:, 1:].to(device)[real]
     bucket = None if tally.buckets is None else tally.buckets[labels.clamp(0, len(tally.buckets) - 1)][real]
     t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab_size].float()
     t_logp = F.log_softmax(t_logits, -1)
     t_top = t_logp.argmax(-1)
     for k, (name, model) in enumerate(models.items()):
-        logits = (
-            t_logits
-            if model is teacher
-            else model(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab_size].float()
-        )
+        same = model is teacher or model is getattr(teacher, "model", None)  # the teacher itself: no second forward
+        logits = t_logits if same else model(input_ids=ids, attention_mask=mask).logits[:, :-1, :vocab_size].float()
         logp = F.log_softmax(logits, -1)
-        nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        kl = (t_logp.exp() * (t_logp - logp)).sum(-1)
+        nll = -logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)[real]
+        kl = (t_logp.exp() * (t_logp - logp)).sum(-1)[real]
         top = logp.argmax(-1)
-        agree = (top == t_top)[real]
-        correct = (top == labels)[real]
-        s = tally.sums[name]
-        s["nll"] += float(nll[real].sum())
-        s["kl"] += float(kl[real].sum())
-        s["agree"] += float(agree.sum())
-        per_row = [(nll * real).sum(1), (kl * real).sum(1), ((top == t_top) & real).sum(1), real.sum(1)]
-        keep = real.any(1)  # a row of padding only has nothing to resample
-        tally.rows[name].append(torch.stack([r.double() for r in per_row], 1)[keep].cpu())
+        agree = (top == t_top)[real].double()
+        correct = (top == labels)[real].double()
+        values = torch.zeros(len(nll), _N_SUMS, dtype=torch.float64, device=nll.device)
+        values[:, 0], values[:, 1], values[:, 2], values[:, 3] = nll.double(), kl.double(), agree, correct
         if bucket is not None:
             n = len(TAIL_BUCKETS)
             for row, hits in enumerate((agree, correct, torch.ones_like(agree))):
-                tally.tail[name][row] += torch.bincount(bucket, weights=hits.double(), minlength=n).cpu()
-        if doc is not None:
-            tally.add_documents(name, doc, agree, correct, first=k == 0)
+                values[torch.arange(len(hits)), len(_SUMS) + row * n + bucket] = hits
+        tally.add(name, unit, values, first=k == 0)
     tally.count += int(real.sum())
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.eval.heldout import MIN_DOC_TOKENS, TAIL_BUCKETS
+from distill.runtime.files import atomic_file, atomic_write_text
 
 HIGHER_IS_BETTER = {
     "top1_agreement",
@@ -502,6 +503,35 @@ def _tail_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _sets_table(report: Mapping[str, Any]) -> list[str]:
+    """One row per held-out set: what it is, how much was scored, and the student against the teacher on it."""
+    sets = report.get("heldout_sets") or {}
+    if not sets:
+        return []
+    teacher, student = report["metrics"]["teacher"], report["metrics"]["student"]
+    lines = [
+        "",
+        "## Held-out sets",
+        "",
+        "Each set scored separately; brackets are 95 % intervals that resample whole documents.",
+        "",
+        "| set | source | documents | tokens | teacher ppl | student ppl | KL to teacher | top-1 agreement |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, about in sets.items():
+        g = about.get("metrics", "heldout")
+
+        def ci(side: Mapping[str, float], metric: str, g: str = g) -> str:
+            return _with_ci(side.get(f"{g}/{metric}"), interval(side, f"{g}/{metric}"))
+
+        lines.append(
+            f"| {name} | {_cell(str(about.get('source', '')))} | {_fmt(about.get('documents_scored'))} "
+            f"| {_fmt(about.get('tokens_scored'))} | {_fmt(teacher.get(f'{g}/ppl'))} | {ci(student, 'ppl')} "
+            f"| {ci(student, 'kl_to_teacher')} | {ci(student, 'top1_agreement')} |"
+        )
+    return lines
+
+
 def _documents_table(report: Mapping[str, Any], worst: int = 5) -> list[str]:
     docs = report.get("documents") or []
     if not docs:
@@ -552,6 +582,7 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         lines.append(f"| {r['metric']} | {teacher} | {student} | {_fmt(r['delta'])} | {_fmt(rel)} |")
     if any(r.get("teacher_ci") or r.get("student_ci") for r in report["comparison"]):
         lines += ["", "Brackets: 95 % bootstrap intervals."]
+    lines += _sets_table(report)
     lines += _tail_table(report)
     lines += _documents_table(report)
     lines += ["", "## Modifications, in the order applied", ""]
@@ -577,12 +608,13 @@ def to_markdown(report: Mapping[str, Any]) -> str:
 
 
 def write_report(report: Mapping[str, Any], run_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``report.json`` and ``report.md`` into ``run_dir``."""
+    """Write ``report.json`` and ``report.md`` into ``run_dir``, each whole or not at all (a full disk, a kill)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     js, md = run_dir / "report.json", run_dir / "report.md"
-    js.write_text(json.dumps(report, indent=2, default=str))
-    md.write_text(to_markdown(report))
+    texts = json.dumps(report, indent=2, default=str), to_markdown(report)  # both built before either is written
+    atomic_write_text(js, texts[0])
+    atomic_write_text(md, texts[1])
     return js, md
 
 
@@ -624,7 +656,8 @@ def plot_run(run_dir: str | Path, teacher: Mapping[str, float], student: Mapping
     ax.legend()
     ax.set_title("quality vs size")
     fig.tight_layout()
-    fig.savefig(run_dir / "quality_vs_size.png", dpi=100)
+    with atomic_file(run_dir / "quality_vs_size.png") as tmp:  # a killed run leaves the old plot or none, whole
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     written.append(run_dir / "quality_vs_size.png")
     return written
@@ -641,6 +674,7 @@ def _plot_curves(plt: Any, rows: list[dict[str, str]], path: Path) -> Path:
     ax.legend()
     ax.set_title("training curves")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path

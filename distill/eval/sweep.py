@@ -128,19 +128,41 @@ def _acc(metrics: dict[str, float], task: str) -> str:
     return f"{metrics[key]:.3f}" + ("" if low is None or high is None else f" ({low:.2f}–{high:.2f})")
 
 
-def _row(label: str, m: dict[str, float], run: dict[str, Any], flags: str, tasks: list[str]) -> str:
+def _ci(m: dict[str, float], key: str, fmt: str = ".3f") -> str:
+    """``0.853 [0.843, 0.863]``: a held-out rate with its 95 % interval over documents, when the report has one."""
+    if m.get(key) is None:
+        return "–"
+    low, high = m.get(f"{key}_ci_low"), m.get(f"{key}_ci_high")
+    return format(m[key], fmt) + ("" if low is None or high is None else f" [{low:{fmt}}, {high:{fmt}}]")
+
+
+def other_sets(points: list[dict[str, Any]]) -> list[str]:
+    """The held-out sets besides the test split that any point scored (their ``heldout_<name>`` groups)."""
+    names: dict[str, None] = {}
+    for p in points:
+        for key in p["student"]:
+            group = key.split("/", 1)[0]
+            if group.startswith("heldout_") and key.endswith("/top1_agreement"):
+                names[group.removeprefix("heldout_")] = None
+    return list(names)
+
+
+def _row(label: str, m: dict[str, float], run: dict[str, Any], flags: str, tasks: list[str], sets: list[str]) -> str:
     mb = lambda k: _num(None if m.get(k) is None else m[k] / 1e6, ".1f")  # noqa: E731 - a column formatter
     secs = run.get("train_seconds")
     cells = [
         label,
         mb("cost/bytes_disk"),
         _num(m.get("cost/ratio_vs_fp32_teacher"), ".2f") + "×",
-        _num(m.get("cost/ratio_vs_shipped_teacher"), ".2f") + "×",
         _num(m.get("cost/bits_per_weight_disk"), ".2f"),
-        mb("cost/bytes_memory"),
-        _num(m.get("heldout/ppl"), ".2f"),
-        _num(m.get("heldout/top1_agreement"), ".3f"),
+        _ci(m, "heldout/top1_agreement"),
         _num(m.get("heldout/kl_to_teacher"), ".3f"),
+        *(
+            cell
+            for name in sets
+            for cell in (_ci(m, f"heldout_{name}/top1_agreement"), _num(m.get(f"heldout_{name}/kl_to_teacher"), ".3f"))
+        ),
+        _num(m.get("heldout/ppl"), ".2f"),
         *(_acc(m, t) for t in tasks),
         _num(m.get("cost/tokens_per_s"), ".1f"),
         "–" if secs is None else f"{secs / 60:.1f} min",
@@ -152,48 +174,80 @@ def _row(label: str, m: dict[str, float], run: dict[str, Any], flags: str, tasks
 def summary_table(points: list[dict[str, Any]], teacher: bool | None = None) -> str:
     """A markdown table, one row per point; the size column is the deployable artifact's bytes on disk.
 
-    The teacher row (the teacher as the runs loaded it: quality of the dequantized model, size of the file
-    it came from) comes first unless ``teacher`` is False; by default it is left out when the points include
-    baseline rows, which measure the teacher's forms (fp32, bf16, as shipped) themselves.
+    Quality is top-1 agreement and KL to the teacher on the test split, then on every other held-out set, each
+    rate with its 95 % interval over documents. The teacher row (the teacher as the runs loaded it: quality of
+    the dequantized model, size of the file it came from) comes first unless ``teacher`` is False; by default it
+    is left out when the points include baseline rows, which measure the teacher's forms themselves.
     """
     tasks = task_names(points)
-    head = (
-        "| model | disk (MB) | ratio vs fp32 teacher | ratio vs shipped teacher | bits/weight (disk) | memory (MB) "
-        "| held-out ppl | top-1 agreement | KL to teacher | "
-        + "".join(f"{t} acc (95% CI) | " for t in tasks)
-        + "tokens/s (CPU) | train time | guard |\n"
-        + "| --- |"
-        + " ---: |" * (10 + len(tasks))
-        + " --- |"
-    )
+    sets = other_sets(points)
+    columns = [
+        "model",
+        "disk (MB)",
+        "ratio vs fp32 teacher",
+        "bits/weight (disk)",
+        "test top-1 agreement [95% CI]",
+        "test KL",
+        *(c for name in sets for c in (f"{name} top-1 agreement [95% CI]", f"{name} KL")),
+        "test ppl",
+        *(f"{t} acc (95% CI)" for t in tasks),
+        "tokens/s (CPU)",
+        "train time",
+        "guard",
+    ]
+    head = "| " + " | ".join(columns) + " |\n| --- |" + " ---: |" * (len(columns) - 2) + " --- |"
     if teacher is None:
         teacher = not any(p["run"].get("baseline") for p in points)
     rows = []
     if teacher:
         name = points[0]["report"]["models"]["baseline"]
-        rows.append(_row(f"teacher ({name})", teacher_row(points), {}, "–", tasks))
+        rows.append(_row(f"teacher ({name})", teacher_row(points), {}, "–", tasks, sets))
     for p in points:
         if p["run"].get("unavailable"):  # a baseline that cannot run here says why instead of numbers
-            rows.append(f"| {p['label']} | {p['run']['unavailable']} |" + " |" * (10 + len(tasks)))
+            rows.append(f"| {p['label']} | {p['run']['unavailable']} |" + " |" * (len(columns) - 2))
             continue
         flags = list(dict.fromkeys(f["flag"] for f in p["report"]["degradation"]["flags"]))  # once per kind
-        rows.append(_row(p["label"], p["student"], p["run"], ", ".join(flags) or "ok", tasks))
+        rows.append(_row(p["label"], p["student"], p["run"], ", ".join(flags) or "ok", tasks, sets))
     return "\n".join([head, *rows])
+
+
+def evaluation_note(point: dict[str, Any]) -> str:
+    """Which held-out sets a report scored, with their documents and tokens (for a table's footnote)."""
+    sets = point["report"].get("heldout_sets") or {}
+    from distill.data.named_sets import shown_source
+
+    parts = [
+        f"{name} ({shown_source(a.get('source'))}): {a.get('documents_scored')} documents, "
+        f"{a.get('tokens_scored')} tokens"
+        for name, a in sets.items()
+    ]
+    return "; ".join(parts) if parts else "the held-out split"
+
+
+def split_key(point: dict[str, Any]) -> str | None:
+    """The data key of the test split a report scored (None for reports without one)."""
+    sets = point["report"].get("heldout_sets") or {}
+    first = next(iter(sets.values()), {})
+    return (first.get("split") or {}).get("data_key")
 
 
 def same_evaluation(point: dict[str, Any], reference: dict[str, Any]) -> bool:
     """Whether two reports scored their models against the same teacher on the same held-out data.
 
-    The teacher's held-out perplexity is a fingerprint of both: a different corpus, split, block size or
-    teacher changes it by far more than 1e-4, so a baseline row is shown next to a run only when they agree to
-    1e-4 (relative). The same teacher on the same tokens moves by about 1e-5 between CPUs (BLAS kernels): the
-    g192 baseline and the qad_int4 run, scored on this machine, read 22.648401 where earlier runs read 22.648612.
+    Reports that record their test split compare its data key (the corpus, tokenizer and split settings). Older
+    reports fall back on the teacher's held-out perplexity as a fingerprint of both: a different corpus,
+    split, block size or teacher changes it by far more than 1e-4 (the same teacher on the same tokens moves by
+    about 1e-5 between CPUs' BLAS kernels).
     """
     same_teacher = point["report"]["models"]["baseline"] == reference["report"]["models"]["baseline"]
     if point["run"].get("unavailable"):  # measured nothing, so only the teacher can be matched
         return same_teacher
+    keys = split_key(point), split_key(reference)
     a, b = point["teacher"].get("heldout/ppl"), reference["teacher"].get("heldout/ppl")
-    return same_teacher and a is not None and b is not None and abs(a - b) <= 1e-4 * abs(b)
+    close = a is not None and b is not None and abs(a - b) <= 1e-4 * abs(b)
+    if keys[0] and keys[1]:
+        return same_teacher and keys[0] == keys[1] and close
+    return same_teacher and close
 
 
 def baseline_points(folder: str | Path | None, like: dict[str, Any]) -> list[dict[str, Any]]:
@@ -211,15 +265,48 @@ def baseline_points(folder: str | Path | None, like: dict[str, Any]) -> list[dic
 
 
 SAME_SIZE = 0.001  # relative difference in size below which two artifacts count as equally large
+NEAR_SIZE = 0.05  # a PTQ row up to this much larger is named when it scores higher (not hidden by the size cut)
+
+
+def paired(
+    point: dict[str, Any], other: dict[str, Any], held: str | None = None
+) -> tuple[float, float, float, int] | None:
+    """``point − other`` in top-1 agreement on the documents both scored in set ``held`` (the primary by default).
+
+    A paired bootstrap over documents (:func:`~distill.eval.heldout.paired_difference`); None when either report
+    lacks per-document sums for the set.
+    """
+    from distill.eval.heldout import paired_difference
+
+    rows_a, rows_b = point["report"].get("heldout_rows") or {}, other["report"].get("heldout_rows") or {}
+    held = held or next(iter(rows_a), None)
+    a, b = (rows_a.get(held) or {}).get("student"), (rows_b.get(held) or {}).get("student")
+    if not a or not b or "doc" not in a or "doc" not in b:
+        return None
+    try:
+        return paired_difference(a, b)
+    except ValueError:
+        return None
+
+
+def _diff_text(diff: tuple[float, float, float, int] | None) -> str:
+    """``ties`` or ``beats``/``loses to``, with the paired difference and its interval."""
+    if diff is None:
+        return ""
+    d, low, high, n = diff
+    word = "ties" if low <= 0 <= high else ("leads" if d > 0 else "trails")
+    return f"{word}: {d:+.3f} [{low:+.3f}, {high:+.3f}] over {n} documents"
 
 
 def ptq_verdict(point: dict[str, Any], baselines: list[dict[str, Any]]) -> str | None:
-    """One sentence saying whether ``point`` beats the best PTQ baseline that is at least as small on disk.
+    """One sentence: ``point`` against the best PTQ baseline that is at least as small on disk, paired by document.
 
     "At its size" means a PTQ row whose ratio against the fp32 teacher is at least the point's, within
-    :data:`SAME_SIZE` (the same grid differs by the bytes of its metadata: 45 of 74.6 MB); quality is
-    top-1 agreement with the teacher on the held-out split (the same tokens for every row, which
-    :func:`baseline_points` checks). None when the point has no size or agreement to compare.
+    :data:`SAME_SIZE` (the same grid differs by the bytes of its metadata). Quality is top-1 agreement with the
+    teacher on the test split; the difference is paired over the documents both scored, with its 95 % interval,
+    and "ties" when the interval holds 0. Every other held-out set both reports scored gets its own difference.
+    A PTQ row up to :data:`NEAR_SIZE` larger that scores higher is named too. None when the point has no size or
+    agreement to compare.
     """
     s = point["student"]
     ratio, agree = s.get("cost/ratio_vs_fp32_teacher"), s.get("heldout/top1_agreement")
@@ -227,26 +314,45 @@ def ptq_verdict(point: dict[str, Any], baselines: list[dict[str, Any]]) -> str |
         return None
     ptq = [b for b in baselines if str(b["run"].get("recipe", "")).startswith("ptq_") and b["student"]]
     rivals = [b for b in ptq if b["student"].get("cost/ratio_vs_fp32_teacher", 0) >= ratio * (1 - SAME_SIZE)]
+    head = f"**{point['label']}** ({ratio:.2f}×, top-1 {agree:.3f})"
     if not rivals:
-        head = f"**{point['label']}** ({ratio:.2f}×, top-1 {agree:.3f}): no PTQ baseline is this small"
+        head += ": no PTQ baseline is this small"
         if not ptq:
             return head + "."
         # The smallest PTQ row is larger, so beating it is the stronger claim; not beating it says little.
-        smallest = max(ptq, key=lambda b: b["student"].get("cost/ratio_vs_fp32_teacher", 0))
-        near = smallest["student"]
-        verdict = "beats" if agree > near["heldout/top1_agreement"] else "does not beat"
-        return (
-            f"{head}; it {verdict} the smallest, {smallest['run']['recipe']} "
-            f"({near['cost/ratio_vs_fp32_teacher']:.2f}×, "
-            f"top-1 {near['heldout/top1_agreement']:.3f}), which is larger."
-        )
+        best = max(ptq, key=lambda b: b["student"].get("cost/ratio_vs_fp32_teacher", 0))
+        return f"{head}; against the smallest, {_versus(point, best)}, which is larger."
     best = max(rivals, key=lambda b: b["student"]["heldout/top1_agreement"])
-    b = best["student"]
-    verdict = "beats" if agree > b["heldout/top1_agreement"] else "does not beat"
-    return (
-        f"**{point['label']}** ({ratio:.2f}×, top-1 {agree:.3f}) {verdict} {best['run']['recipe']} "
-        f"({b['cost/ratio_vs_fp32_teacher']:.2f}×, top-1 {b['heldout/top1_agreement']:.3f})."
-    )
+    line = f"{head} against {_versus(point, best)}."
+    near = [
+        b
+        for b in ptq
+        if b not in rivals
+        and b["student"].get("cost/ratio_vs_fp32_teacher", 0) >= ratio * (1 - NEAR_SIZE)
+        and b["student"]["heldout/top1_agreement"] > agree
+    ]
+    for b in near:
+        larger = 100 * (ratio / b["student"]["cost/ratio_vs_fp32_teacher"] - 1)
+        line += f" {b['run']['recipe']}, {larger:.1f} % larger, scores higher: {_versus(point, b)}."
+    return line
+
+
+def _versus(point: dict[str, Any], rival: dict[str, Any]) -> str:
+    """``rival (ratio, top-1)``: the paired difference on the test split and on every other set both scored."""
+    b = rival["student"]
+    text = f"{rival['run']['recipe']} ({b['cost/ratio_vs_fp32_teacher']:.2f}×, top-1 {b['heldout/top1_agreement']:.3f})"
+    sets = list((point["report"].get("heldout_rows") or {}).keys())
+    parts = []
+    for i, held in enumerate(sets):
+        diff = paired(point, rival, held)
+        if diff is not None:
+            parts.append(f"{'test split' if i == 0 else held} {_diff_text(diff)}")
+    if not parts:  # reports without per-document sums: the point estimates only
+        verdict = (
+            "beats" if point["student"]["heldout/top1_agreement"] > b["heldout/top1_agreement"] else "does not beat"
+        )
+        return f"{text} ({verdict} it; no per-document scores to pair)"
+    return f"{text}: " + "; ".join(parts)
 
 
 def versus_ptq(report: str | Path, baselines: str | Path | None, label: str) -> str:

@@ -31,11 +31,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from distill.config import ConfigError
 from distill.eval.intervals import bootstrap_interval
+from distill.models.fingerprint import weights_hash
 
 log = logging.getLogger("distill")
 
@@ -462,23 +462,19 @@ class TaskCache:
 
 
 def model_fingerprint(model: Any) -> dict[str, str] | None:
-    """A hash of a model's weights (per tensor: name, shape, dtype, sum and sum of squares), device and dtype.
+    """What identifies a model's weights for the task cache: their exact bytes' hash, its device and dtype.
 
-    Sums stand in for the bytes: hashing a large model's bytes would mean copying it to the CPU, while two
-    sums per tensor are computed where it lives and change with any training. None when a tensor cannot be
-    summed (meta or exotic tensors): such a model is not cached.
+    The hash is :func:`~distill.models.fingerprint.weights_hash`, the one every model-keyed cache uses: it does
+    not depend on the thread count or the device, so every later run finds the same results. The device and
+    dtype stay in the key (the scores were computed there). None when a tensor has no plain bytes (meta,
+    sharded or quantized tensor subclasses): such a model is not cached.
     """
     try:
-        digest = hashlib.sha256()
-        with torch.no_grad():
-            for name, tensor in model.state_dict().items():
-                values = tensor.detach().float()
-                sums = torch.stack([values.sum(), values.square().sum()]).tolist()
-                digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{sums!r};".encode())
+        weights = weights_hash(model)
         first = next(model.parameters())
     except (RuntimeError, TypeError, NotImplementedError, StopIteration, AttributeError):
         return None
-    return {"weights": digest.hexdigest(), "device": first.device.type, "dtype": str(first.dtype)}
+    return {"weights": weights, "device": first.device.type, "dtype": str(first.dtype)}
 
 
 # Loggers that report lm-eval's, datasets' and transformers' internals (requests built, cache misses, model

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.compress.quant.schemes import QuantSpec, apply, is_quantized
+from distill.compress.quant.schemes import QuantSpec, apply, get_scheme, is_quantized
 from distill.config import config_error
 from distill.eval.cost import memory_bytes, tensor_bytes, unique_tensors
 from distill.export.hf import compare_logits
@@ -217,12 +217,21 @@ def verify_reload(model: PreTrainedModel, folder: str | Path) -> float:
     return compare_logits(model, reloaded, f"quantized export at {folder}", atol=0.0)
 
 
-def dequantized_copy(model: PreTrainedModel) -> PreTrainedModel:
+def dequantized_copy(model: PreTrainedModel, spec: QuantSpec | None = None) -> PreTrainedModel:
     """A plain copy of ``model`` whose quantized weights are replaced by their dequantized float values.
 
     For weight-only schemes it computes exactly what the quantized model computes; for schemes that also
-    quantize activations it keeps the quantized weights but runs activations in full precision.
+    quantize activations it keeps the quantized weights but runs activations in full precision (with ``spec``,
+    a warning says so).
     """
+    if spec is not None and get_scheme(spec.scheme).act_bits is not None:
+        import logging
+
+        logging.getLogger("distill").warning(
+            "the plain export of a %s student has its quantized weights but full-precision activations; "
+            "load the compact export with distill.export.quantized.load_quantized for the exact model",
+            spec.scheme,
+        )
     plain = copy.deepcopy(model)
     done: dict[int, nn.Parameter] = {}  # one plain Parameter per quantized one, so tied weights stay tied
     for module in plain.modules():
@@ -242,3 +251,31 @@ def plain_architecture(model: PreTrainedModel) -> bool:
     with torch.device("meta"):
         reference = AutoModelForCausalLM.from_config(model.config)
     return set(reference.state_dict()) == set(model.state_dict())
+
+
+def save_checked(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, spec: QuantSpec
+) -> Path | None:
+    """:func:`save_quantized` for a converted QAT student, with its size logged.
+
+    None (and a warning) when the student's layers are not its config's architecture (low-rank factors), which
+    :func:`load_quantized` could not rebuild.
+    """
+    import logging
+
+    log = logging.getLogger("distill")
+    if not plain_architecture(model):
+        log.warning(
+            "QuantizationAwareTraining: the student's layers differ from its config's architecture (low-rank "
+            "factors), so no quantized export is written; the plain export holds the dequantized model"
+        )
+        return None
+    out = save_quantized(model, tokenizer, out_dir, spec)
+    size = json.loads((out / META_FILE).read_text())["size"]
+    log.info(
+        "quantized export %s: weights file %.2f MiB, %.2f bits per quantized weight on disk",
+        out,
+        size["disk_bytes"] / 2**20,
+        size["disk_bits_per_weight"],
+    )
+    return out

@@ -7,24 +7,25 @@ See :mod:`distill.models.teacher_cache` for the format and how the tail mass is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
 from distill.config import ConfigError, build, config_error, exit_on_config_error
 from distill.data.datamodule import DistillDataModule
+from distill.models.fingerprint import weights_hash
 from distill.models.teacher import FrozenTeacher
 from distill.models.teacher_cache import (
     DEFAULT_TEMPERATURES,
@@ -35,24 +36,10 @@ from distill.models.teacher_cache import (
     index_dtype,
 )
 from distill.models.tokenizer import tokenizer_fingerprint
-from distill.runtime.files import atomic_write_text
+from distill.runtime.files import atomic_file, atomic_write_text
 from distill.runtime.paths import export_root
 
 log = logging.getLogger("distill")
-
-
-def weights_hash(model: torch.nn.Module) -> str:
-    """A hash of a model's parameters and buffers: names, dtypes, shapes and bytes.
-
-    Two teachers with one name but different weights (a fine-tune saved over the original) get different
-    caches, and a build resumed with other weights is refused.
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
 
 
 def _identity(
@@ -88,6 +75,31 @@ def _check_settings(
     return temperatures
 
 
+def _split_blocks(datamodule: DistillDataModule, split: str) -> Any:
+    """The packed blocks of ``split`` exactly as the run's loaders hand them out (held-out: last block padded)."""
+    blocks = {"train": datamodule.train_set, "val": datamodule.val_set, "test": datamodule.test_set}
+    if split not in blocks:
+        raise config_error("cache.splits", split, f"name splits among {', '.join(blocks)}")
+    return blocks[split]
+
+
+def _recorded_source(source: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The teacher's config node as the manifest keeps it: plain values, a local ``path`` made absolute.
+
+    ``student=from_teacher`` with ``teacher=cached`` loads the teacher again from this record, possibly from
+    another working directory, so a relative folder is resolved now; a hub id is kept as given.
+    """
+    if source is None:
+        return None
+    record = dict(OmegaConf.to_container(source, resolve=True) if isinstance(source, DictConfig) else source)
+    if "_target_" not in record:
+        raise config_error("teacher._target_", None, "the teacher's config node must name what builds it")
+    path = record.get("path")
+    if isinstance(path, str) and Path(path).exists():
+        record["path"] = str(Path(path).resolve())
+    return record
+
+
 @torch.no_grad()
 def build_cache(
     teacher: FrozenTeacher,
@@ -96,10 +108,11 @@ def build_cache(
     top_k: int = 64,
     blocks_per_shard: int = 256,
     batch_size: int = 8,
-    splits: tuple[str, ...] = ("train", "val"),
+    splits: tuple[str, ...] = ("train", "val", "test"),
     max_blocks: int | None = None,
     progress: bool = True,
     temperatures: tuple[float, ...] = DEFAULT_TEMPERATURES,
+    source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the teacher over the packed splits and write the cache; resumes shard by shard.
 
@@ -110,34 +123,40 @@ def build_cache(
         top_k: log-probabilities kept per token.
         blocks_per_shard: packed blocks per safetensors file.
         batch_size: blocks per teacher forward pass.
-        splits: which splits to cache.
-        max_blocks: cap on blocks per split (for quick caches and benchmarks).
+        splits: which splits to cache: ``train`` and ``val`` are read while training, ``test`` by the end-of-run
+            report. Held-out blocks are stored as the datamodule packs them, the last one's padded tail included.
+        max_blocks: cap on blocks per split (quick caches; a capped ``test`` split cannot serve the report).
         progress: show a progress bar.
         temperatures: the KD temperatures training may use with this cache; each costs 8 bytes per token
             (its shift and tail mass).
+        source: the teacher's config node (``_target_`` and its arguments) the live teacher was built from.
+            Recorded in the manifest, so ``student=from_teacher`` can load the teacher again to copy its layers;
+            without it a cache trains only students that need no teacher weights.
 
     Returns:
         The manifest.
 
     """
     temperatures = _check_settings(top_k, teacher.vocab_size, blocks_per_shard, temperatures)
+    blocks_of = {split: _split_blocks(datamodule, split) for split in splits}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = _start_manifest(out, _identity(teacher, datamodule, top_k, temperatures))
+    layout = {"splits": sorted(splits), "max_blocks": max_blocks, "blocks_per_shard": blocks_per_shard}
+    identity = {**_identity(teacher, datamodule, top_k, temperatures), "teacher_source": _recorded_source(source)}
+    manifest = _start_manifest(out, identity, layout)
     teacher.tokenizer.save_pretrained(out / "tokenizer")
 
     totals, started = {"kl_sum": 0.0, "mass_sum": 0.0, "tokens": 0}, time.perf_counter()
-    for split in splits:
-        data = datamodule.train_set if split == "train" else datamodule.val_set
+    for split, data in blocks_of.items():
         n = len(data) if max_blocks is None else min(len(data), max_blocks)
         shards = []
         for shard_no, first in enumerate(range(0, n, blocks_per_shard)):
-            name = f"{split}-{shard_no:05d}.safetensors"
-            shards.append(name)
+            shards.append(f"{split}-{shard_no:05d}.safetensors")
             blocks = range(first, min(first + blocks_per_shard, n))
-            stats = _write_shard(teacher, data, out / name, split, blocks, (top_k, temperatures), batch_size, progress)
-            for key in totals:
-                totals[key] += stats[key]
+            stats = _write_shard(
+                teacher, data, out / shards[-1], split, blocks, (top_k, temperatures), batch_size, progress
+            )
+            totals = {key: totals[key] + stats[key] for key in totals}
         manifest["splits"][split] = {"blocks": n, "shards": shards}
     payload = bytes_per_token(top_k, teacher.vocab_size, len(temperatures))
     _finish_manifest(manifest, out, totals, payload, started)
@@ -166,8 +185,15 @@ def _finish_manifest(
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
 
 
-def _start_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
-    """Write an incomplete manifest; a folder holding another teacher's or data's cache is refused."""
+def _start_manifest(out: Path, identity: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any]:
+    """Write an incomplete manifest; a folder holding another teacher's or data's cache is refused.
+
+    ``layout`` (splits, max_blocks, blocks_per_shard) decides which blocks each shard holds. A build resumed on
+    shards written with another layout would keep them and mark the cache complete with gaps (or drop the splits
+    it was not asked for), so it is refused, naming the setting to give back. Adding splits is allowed: a cache
+    built for train and val gains the test split without recomputing the others. A build that records no
+    ``teacher_source`` keeps the one recorded before (the weights hash has shown it is the same teacher).
+    """
     manifest_file = out / MANIFEST
     if manifest_file.is_file():
         old = json.loads(manifest_file.read_text())
@@ -181,9 +207,34 @@ def _start_manifest(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
                 f"cache.dir={str(out)!r}: holds a cache for another {', '.join(diff)} "
                 f"({', '.join(f'{k}={old.get(k)!r}' for k in diff)}); choose another cache.dir or delete it"
             )
-    manifest = {**identity, "complete": False, "splits": {}}
+        _check_layout(out, old, layout)
+        if identity.get("teacher_source") is None:
+            identity = {**identity, "teacher_source": old.get("teacher_source")}
+    manifest = {**identity, "layout": layout, "complete": False, "splits": {}}
     atomic_write_text(manifest_file, json.dumps(manifest, indent=1))
     return manifest
+
+
+def _check_layout(out: Path, old: dict[str, Any], layout: dict[str, Any]) -> None:
+    """Refuse a build over shards written with fewer splits, other max_blocks or blocks_per_shard (see above)."""
+    before = old.get("layout")
+    if before is None:  # written before the layout was recorded: each kept shard's blocks are checked instead
+        return
+
+    def differs(key: str) -> bool:
+        if key == "splits":  # more splits keep every shard written so far
+            return not set(before.get(key) or []) <= set(layout[key])
+        return before.get(key) != layout[key]
+
+    key = next((k for k in layout if differs(k)), None)
+    if key is None:
+        return
+    state = "complete cache in {} was built" if old.get("complete") else "partial build in {} was started"
+    now, then = (json.dumps(v) for v in (layout[key], before.get(key)))  # as Hydra reads them back: null, ["train"]
+    raise ConfigError(
+        f"cache.{key}={now}: the {state.format(out)} with {then}; rerun with cache.{key}={then}, "
+        f"or remove {out} to build it with the new setting"
+    )
 
 
 def _write_shard(
@@ -206,6 +257,7 @@ def _write_shard(
     """
     stats_file = path.with_name(f"{path.name}.json")
     if path.is_file() and stats_file.is_file():  # done in an earlier, interrupted build
+        _check_kept_shard(path, blocks)
         return json.loads(stats_file.read_text())
     vocab, idx_dtype = teacher.vocab_size, index_dtype(teacher.vocab_size)
     device = next(teacher.parameters()).device
@@ -215,18 +267,12 @@ def _write_shard(
     last = blocks.stop
     bar = tqdm(range(blocks.start, last, batch_size), desc=f"teacher {path.name}", disable=not progress)
     for start in bar:
-        ids = data[start : min(start + batch_size, last)]["input_ids"].to(device)
+        rows = data[start : min(start + batch_size, last)]
+        ids = rows["input_ids"].to(device)
         logp = F.log_softmax(teacher(ids).logits[..., :vocab].float(), dim=-1)
         values, indices = logp.topk(top_k, dim=-1)
-        tail = (1.0 - values.exp().sum(-1)).clamp_min(1e-12)
-        # KL(p‖q) = Σ_tail p·(log p − log q_tail): the top-k terms vanish by construction.
-        q_tail = (tail / max(vocab - top_k, 1)).log()
-        kl = (logp.exp() * (logp - q_tail.unsqueeze(-1))).sum(-1) - (
-            values.exp() * (values - q_tail.unsqueeze(-1))
-        ).sum(-1)
-        stats["kl_sum"] += float(kl.sum())
-        stats["mass_sum"] += float((1.0 - tail).sum())
-        stats["tokens"] += ids.numel()
+        for key, value in _reconstruction_stats(logp, values, _real(rows, ids)).items():
+            stats[key] += value
         shift, tail_mass = tempered_statistics(logp, indices, temperatures)
         shifts.append(shift.cpu())
         tails.append(tail_mass.cpu())
@@ -240,11 +286,44 @@ def _write_shard(
         "shift": torch.cat(shifts),
         "tail_logmass": torch.cat(tails),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"split": split, "first_block": str(blocks.start)})
-    os.replace(tmp, path)  # atomic: a shard file is either whole or absent
+    with atomic_file(path) as tmp:  # a temporary name of this writer's own: a shard file is whole or absent
+        save_file(tensors, str(tmp), metadata={"split": split, "first_block": str(blocks.start)})
     atomic_write_text(stats_file, json.dumps(stats))
     return stats
+
+
+def _real(rows: dict[str, Tensor], ids: Tensor) -> Tensor:
+    """Which positions hold text: all of a training block, a held-out block's first ``length`` (the rest pad it)."""
+    if "length" not in rows:
+        return torch.ones_like(ids, dtype=torch.bool)
+    return torch.arange(ids.shape[1], device=ids.device) < rows["length"].to(ids.device).unsqueeze(1)
+
+
+def _reconstruction_stats(logp: Tensor, values: Tensor, real: Tensor) -> dict[str, float]:
+    """Summed KL(teacher ‖ top-k reconstruction), top-k mass and token count over the ``real`` positions.
+
+    A held-out block's padded tail is stored (lookups hash the whole block) but is no text, so the manifest's
+    per-token statistics leave it out.
+    """
+    vocab, top_k = logp.shape[-1], values.shape[-1]
+    tail = (1.0 - values.exp().sum(-1)).clamp_min(1e-12)
+    # KL(p‖q) = Σ_tail p·(log p − log q_tail): the top-k terms vanish by construction.
+    q_tail = (tail / max(vocab - top_k, 1)).log()
+    kl = (logp.exp() * (logp - q_tail.unsqueeze(-1))).sum(-1) - (values.exp() * (values - q_tail.unsqueeze(-1))).sum(-1)
+    return {"kl_sum": float(kl[real].sum()), "mass_sum": float((1.0 - tail)[real].sum()), "tokens": int(real.sum())}
+
+
+def _check_kept_shard(path: Path, blocks: range) -> None:
+    """Refuse to keep a shard that holds other blocks than this build puts there (written with another layout)."""
+    with safe_open(str(path), framework="pt") as handle:
+        first = int((handle.metadata() or {}).get("first_block", -1))
+        rows = handle.get_slice("input_ids").get_shape()[0]
+    if (first, rows) != (blocks.start, len(blocks)):
+        raise ConfigError(
+            f"cache.dir={str(path.parent)!r}: {path.name} holds blocks {first}..{first + rows - 1}, but this build "
+            f"puts {blocks.start}..{blocks.stop - 1} there (it was written with another cache.max_blocks or "
+            f"cache.blocks_per_shard); rerun with the settings of the build that wrote it, or remove {path.parent}"
+        )
 
 
 def tempered_statistics(logp: Tensor, indices: Tensor, temperatures: tuple[float, ...]) -> tuple[Tensor, Tensor]:
@@ -284,6 +363,7 @@ def main(cfg: DictConfig) -> None:
             splits=tuple(cfg.cache.splits),
             max_blocks=cfg.cache.max_blocks,
             temperatures=tuple(cfg.cache.temperatures),
+            source=cfg.teacher,  # recorded: student=from_teacher loads the teacher again from it
         )
     print(f"teacher cache at {cfg.cache.dir}: {describe(manifest)}")
 

@@ -3,15 +3,17 @@
 Building (``python -m distill.models.cache_builder``) runs the teacher once over the packed corpus and stores,
 per token, the k most likely next tokens and their log-probabilities, in safetensors shards:
 
-    <dir>/manifest.json                      format version, teacher identity (with a hash of its weights),
-                                             tokenizer hash, data key, k, temperatures, statistics
+    <dir>/manifest.json                      format version, teacher identity (with a hash of its weights and
+                                             the config node it was built from), tokenizer hash, data key, k,
+                                             temperatures, statistics
     <dir>/tokenizer/                         the teacher's tokenizer (so training needs no teacher files)
-    <dir>/{train,val}-00000.safetensors      input_ids [n, T], topk_logprobs [n, T, k] (fp16, at T = 1),
+    <dir>/{train,val,test}-00000.safetensors input_ids [n, T], topk_logprobs [n, T, k] (fp16, at T = 1),
                                              topk_indices [n, T, k] (uint16 when V <= 65536, else int32),
                                              shift, tail_logmass [n, T, len(temperatures)] (fp32)
 
 Shards and the manifest are written atomically and shards are skipped when present, so an interrupted build
-resumes.
+resumes. The held-out splits are stored as the datamodule packs them: a last block padded with its own final
+token is looked up by all of its ids like any other (the report's scores ignore the padded positions).
 
 **Temperature and the missing mass.** At temperature τ the teacher's top-k log-probabilities are
 ``log p_1 / τ + shift_τ`` (``shift_τ = -logsumexp(log p_1 / τ)`` over the *full* vocabulary), and the mass
@@ -37,14 +39,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf import OmegaConf
 from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig
 
-from distill.config import ConfigError, config_error
-from distill.models.teacher import DataIdentity
+from distill.config import ConfigError, build, config_error
+from distill.models.fingerprint import weights_hash
+from distill.models.teacher import DataIdentity, FrozenTeacher
 from distill.models.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distill.objective.buckets import TopKBuckets
+from distill.runtime.rank_zero_load import has_meta_tensors
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: per-temperature shift and tail mass, blocks looked up by hash, weights hash
@@ -157,8 +163,29 @@ class CachedTeacher(nn.Module):
         """What identifies this teacher, for manifests and reports."""
         return {"name": self.name, "tokenizer": self.manifest["tokenizer"]}
 
+    @property
+    def report_note(self) -> str:
+        """What a report must say of its teacher column when the teacher is this cache (``assess`` adds it).
+
+        The held-out pass scores :meth:`forward`'s dense reconstruction, so the teacher's perplexity and every
+        KL to the teacher are those of the top k plus a uniform tail, not of the teacher: a label whose
+        next-token probability lies in the tail gets the tail's average. Only the top-1 is exact.
+        """
+        m = self.manifest
+        return (
+            f"teacher (top-{self.top_k} cache): teacher=cached, so the teacher's held-out perplexity and the "
+            f"student's KL to the teacher are measured against a reconstruction of the teacher, its top-{self.top_k} "
+            "log-probabilities with the rest of the mass spread uniformly over the other tokens, not against the "
+            f"teacher itself (reconstruction KL {m['reconstruction_kl']:.4f} nats/token, top-k mass "
+            f"{m['mean_topk_mass']:.4f}, measured when the cache was built); top-1 agreement and the teacher's "
+            "accuracy are exact"
+        )
+
     def check_data(self, datamodule: DataIdentity) -> None:
-        """Refuse a cache built for other data or packing than the run uses (reads the raw data, never tokenises)."""
+        """Refuse a cache built for other data or packing than the run uses (reads the raw data, never tokenises).
+
+        A cache without the whole test split still trains (the end-of-run report needs it), so that is a warning.
+        """
         data_key, block_size = datamodule.data_key(), datamodule.block_size
         if data_key != self.manifest["data_key"] or block_size != self.manifest["block_size"]:
             raise ConfigError(
@@ -166,22 +193,85 @@ class CachedTeacher(nn.Module):
                 f"(block_size {self.manifest['block_size']}) but this run's data is {data_key} "
                 f"(block_size {block_size}); rebuild the cache with the same data settings or use the live teacher"
             )
+        layout = self.manifest.get("layout") or {}
+        if "test" not in self.manifest["splits"] or layout.get("max_blocks") is not None:
+            rank_zero_warn(
+                f"the teacher cache {self.path} holds {self._held()}: the end-of-run report scores every test block "
+                "against the teacher and will stop at the first one missing; rebuild it with "
+                "cache.splits=[train,val,test] and cache.max_blocks=null (the splits already built are kept), "
+                "or set eval.enabled=false"
+            )
+
+    def _held(self) -> str:
+        """Which splits the cache holds, and how many blocks of each, in words."""
+        return ", ".join(f"{k} ({v['blocks']} blocks)" for k, v in self.manifest["splits"].items()) or "no split"
+
+    def source_teacher(self) -> FrozenTeacher:
+        """The live teacher this cache was built from, loaded again from the config node its manifest records.
+
+        ``student=from_teacher`` copies its layers (and may measure them on calibration text) and then lets it go:
+        training still reads the cache. The loaded weights must hash to the manifest's, so a model file changed
+        since the build is refused rather than copied into a student trained on the old teacher's targets.
+
+        Raises:
+            ConfigError: the cache records no source (built before it was recorded), the source cannot be loaded
+                or is not a live teacher, or its weights are not the ones the cache was built from.
+
+        """
+        node, where = self.manifest.get("teacher_source"), str(self.path)
+        if node is None:
+            raise config_error(
+                "teacher.path",
+                where,
+                "the cache does not record the teacher it was built from, whose weights this student copies; "
+                "rebuild it with `python -m distill.models.cache_builder` (it records them), or use student=tiny "
+                "or student=pretrained",
+            )
+        try:
+            teacher = build(OmegaConf.create(node), field="teacher")
+        except ConfigError as err:
+            raise config_error(
+                "teacher.path", where, f"the teacher the cache was built from cannot be loaded again ({err})"
+            ) from None
+        if not isinstance(teacher, FrozenTeacher):
+            raise config_error("teacher.path", where, f"the recorded {node['_target_']} is not a live teacher")
+        # Built without weights (an FSDP rank other than 0, filled from rank 0 later): nothing to compare yet.
+        if not has_meta_tensors(teacher.model) and weights_hash(teacher.model) != self.manifest["weights"]:
+            raise config_error(
+                "teacher.path",
+                where,
+                f"the teacher it was built from ({node.get('path') or node.get('package') or node['_target_']}) "
+                "now has other weights than the cache holds the targets of; rebuild the cache from it",
+            )
+        return teacher
+
+    def _find(self, ids: Tensor) -> tuple[Any, int] | None:
+        """The shard handle and row holding the block ``ids``, confirmed against the stored ids; None if absent."""
+        where = self._where.get(block_key(ids))
+        if where is None:
+            return None
+        handle = self._files[where[0]]
+        stored = handle.get_slice("input_ids")[where[1] : where[1] + 1][0].long()
+        return (handle, where[1]) if torch.equal(stored, ids.long().cpu()) else None
+
+    def holds(self, input_ids: Tensor) -> bool:
+        """Whether every block of the batch is in the cache (a held-out set of other text is not)."""
+        return all(self._find(ids) is not None for ids in input_ids)
 
     def _read(self, input_ids: Tensor, names: tuple[str, ...]) -> list[Tensor]:
         """The stored tensors ``names`` of each block in the batch, in batch order."""
         out: list[list[Tensor]] = [[] for _ in names]
         for ids in input_ids:
-            where = self._where.get(block_key(ids))
-            handle = None if where is None else self._files[where[0]]
-            if where is None or not torch.equal(
-                handle.get_slice("input_ids")[where[1] : where[1] + 1][0].long(), ids.long().cpu()
-            ):
+            found = self._find(ids)
+            if found is None:
                 raise ConfigError(
-                    f"teacher.path={str(self.path)!r}: a batch block is not in the teacher cache; the cache was "
-                    "built for other data, tokenizer or block_size; rebuild it for this data"
+                    f"teacher.path={str(self.path)!r}: a batch block is not in the teacher cache (it holds "
+                    f"{self._held()}); the cache was built for other data, tokenizer or block_size, or without "
+                    "this split; rebuild it for this data with cache.splits=[train,val,test] and cache.max_blocks=null"
                 )
+            handle, row = found
             for got, name in zip(out, names, strict=True):
-                got.append(handle.get_slice(name)[where[1] : where[1] + 1])
+                got.append(handle.get_slice(name)[row : row + 1])
         return [torch.cat(t).to(input_ids.device) for t in out]
 
     def _topk(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:

@@ -58,6 +58,20 @@ def _utf8_window(raw: bytes, ends: list[int]) -> tuple[int, int]:
     return start, start
 
 
+def _spelled(tokenizer: PreTrainedTokenizerBase, ids: list[int], ends: list[int]) -> bytes:
+    """The bytes ``ids`` stand for by their byte ``ends`` (:func:`token_byte_ends` of ``ids``).
+
+    Each token adds the last ``end - previous end`` bytes of its running-text bytes: a decoder only ever drops
+    the leading space or ``'▁'`` of the first tokens.
+    """
+    out, previous = [], 0
+    for token, end in zip(ids, ends, strict=True):
+        piece, length = token_bytes(tokenizer, token) or b"", end - previous
+        out.append(piece[len(piece) - length :] if length > 0 else b"")
+        previous = end
+    return b"".join(out)
+
+
 class CrossTokenizer:
     """Pairs positions of a student batch with the teacher's tokenisation of the same text.
 
@@ -90,12 +104,6 @@ class CrossTokenizer:
         eos = self.student_tok.eos_token_id
         cuts = [s_ends[i] for i, t in enumerate(ids) if t == eos and start <= s_ends[i] <= stop]
         t_ids, t_ends = self._teacher_tokens(raw, start, stop, cuts)
-        if t_ends and t_ends[-1] != stop:
-            raise ValueError(
-                f"teacher tokenizer {self.teacher_tok.name_or_path!r} changes the text it reads (a normaliser), so "
-                "its tokens cannot be placed on the student's bytes; distill.objective.cross_tokenizer needs a "
-                "teacher tokenizer without normalisation"
-            )
         s_pos, t_pos = aligned_positions(s_ends, t_ends)
         return t_ids, s_pos, t_pos, [s_ends[i] for i in s_pos]
 
@@ -109,6 +117,12 @@ class CrossTokenizer:
         (``<|endoftext|>`` in prose) is read as text (``split_special_tokens``), so it keeps its bytes. Each
         document's byte ends are found on their own, since a SentencePiece tokenizer puts a dummy space before
         each text it reads.
+
+        Raises:
+            ValueError: the teacher's tokens of a document spell other bytes than the document (a normaliser:
+                NFKC ligatures, lower-casing, a decoder that drops a ``'▁'``). Checked for every document of the
+                row: a length change in one document would shift the byte ends of every later one.
+
         """
         t_eos = self.teacher_tok.eos_token_id
         ids: list[int] = []
@@ -119,13 +133,30 @@ class CrossTokenizer:
             if end > pos:
                 text = raw[pos:end].decode("utf-8")
                 part = self.teacher_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                part_ends = token_byte_ends(self.teacher_tok, part)
+                self._check_spelling(raw[pos:end], part, part_ends)
                 ids += part
-                ends += [pos + e for e in token_byte_ends(self.teacher_tok, part)]
+                ends += [pos + e for e in part_ends]
                 pos = end
             if cut is not None and t_eos is not None:
                 ids.append(t_eos)
                 ends.append(pos)
         return ids, ends
+
+    def _check_spelling(self, document: bytes, ids: list[int], ends: list[int]) -> None:
+        """Raise unless the teacher's tokens ``ids``, cut at their byte ``ends``, spell exactly ``document``."""
+        spelled = _spelled(self.teacher_tok, ids, ends)
+        if spelled == document:
+            return
+        pairs = zip(document, spelled, strict=False)
+        at = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(document), len(spelled)))
+        window = slice(max(at - 12, 0), at + 12)
+        raise ValueError(
+            f"teacher tokenizer {self.teacher_tok.name_or_path!r} changes the text it reads (a normaliser): "
+            f"{document[window].decode(errors='replace')!r} becomes {spelled[window].decode(errors='replace')!r} "
+            f"({len(document)} bytes become {len(spelled)} in that document), so its tokens cannot be placed on the "
+            "student's bytes; distill.objective.cross_tokenizer needs a teacher tokenizer without normalisation"
+        )
 
     def align(self, input_ids: Tensor, kd_labels: Tensor) -> AlignedBatch:
         """The teacher batch and the position pairs; only student positions whose next token is a KD target pair."""

@@ -10,16 +10,69 @@ fp32 master copy of each trainable one lives in the optimizer's partitions. Ever
 parameter: DeepSpeed's ``safe_get_full_fp32_param`` for the trainable ones (the fp32 masters, as FSDP's full
 state dict holds them, not the bf16 copies the forward used), ``deepspeed.zero.GatheredParameters`` for the
 rest. DDP and ZeRO-2 need none of this: every rank holds the whole student.
+
+A compression stage whose last step reads whole weights (QAT's convert rounds every row) runs that step on
+the gathered student, not on the shards: :class:`FinishesGathered`, called by :func:`finish_gathered`.
+During training, :func:`params_whole` makes a module's parameters (and gradients) whole on every rank for a
+moment (QAT's frozen ranges, pruning's Taylor scores read them), and :func:`computed_on_rank_zero` hands every
+rank what rank 0 computed from the whole student when the other ranks hold it empty (QAT's byte-budgeted type
+map, low-rank's ranks, a pruning step's choice).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
+from distill.runtime.rank_zero_load import shared_parameter_names
+
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class FinishesGathered(Protocol):
+    """A compression stage whose last step needs whole weights, so under FSDP or ZeRO-3 it runs after the gather."""
+
+    def finish_gathered(self, student: nn.Module) -> None:
+        """Finish on ``student``, the gathered plain student on rank 0 (QAT converts it here, not on shards)."""
+        ...
+
+
+def finish_gathered(student: nn.Module, stages: Iterable[Any]) -> None:
+    """Let every stage that needs whole weights finish on the gathered ``student`` (rank 0 only), in stage order."""
+    for stage in stages:
+        if isinstance(stage, FinishesGathered):
+            stage.finish_gathered(student)
+
+
+@contextmanager
+def params_whole(wrapped: nn.Module | None, module: nn.Module, with_grads: bool = False) -> Iterator[None]:
+    """Every parameter of ``module`` whole on every rank inside the block, read-only; a collective.
+
+    ``wrapped`` is the strategy's model. Under FSDP each unit inside ``module``, and the root unit (which holds
+    the student's embeddings, final norm and output layer), gathers its own parameters (``recurse=False``), so
+    the teacher's units stay sharded; under ZeRO-3 ``module``'s partitions are gathered. Writes are not kept.
+    ``with_grads`` (FSDP): the gradients too, as ``.grad``. Memory: the whole of ``module`` (and its gradients)
+    on every rank for the length of the block.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with ExitStack() as stack:
+        if is_fsdp_wrapped(wrapped):
+            units = [m for m in module.modules() if isinstance(m, FSDP)]
+            for unit in [wrapped, *units] if isinstance(wrapped, FSDP) else units:
+                stack.enter_context(
+                    FSDP.summon_full_params(unit, recurse=False, writeback=False, with_grads=with_grads)
+                )
+        elif is_partitioned(module):
+            import deepspeed
+
+            stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None))
+        yield
 
 
 def full_state_dict_context(model: nn.Module) -> Any:
@@ -100,13 +153,21 @@ def zero3_state_dict(student: nn.Module) -> dict[str, Any] | None:
     return state
 
 
-def gather_student(wrapped: nn.Module, student: nn.Module, prefix: str = "student.") -> nn.Module | None:
+def gather_student(
+    wrapped: nn.Module,
+    student: nn.Module,
+    fresh: Callable[[Any], nn.Module] | None = None,
+    prefix: str = "student.",
+) -> nn.Module | None:
     """The trained student as one plain model on rank 0 (``None`` on the other ranks); every rank must call it.
 
     Args:
         wrapped: the strategy's wrapped LightningModule (``trainer.strategy.model``: FSDP, or DeepSpeed's engine).
         student: the student as the module holds it (its config is read; under ZeRO-3 its partitions are
             gathered, under FSDP the wrapped module's full state dict is).
+        fresh: builds an untrained student of the trained one's modules for a dtype (a resumed run's structure
+            log replayed onto the config as built, QAT's fake-quant modules included:
+            :func:`distill.compress.replay.rebuilt_student`). None: the plain architecture of ``student.config``.
         prefix: the student's key prefix in the module's state dict (FSDP).
 
     Raises:
@@ -115,7 +176,6 @@ def gather_student(wrapped: nn.Module, student: nn.Module, prefix: str = "studen
 
     """
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM
 
     if is_partitioned(student):
         weights = zero3_state_dict(student)
@@ -127,14 +187,16 @@ def gather_student(wrapped: nn.Module, student: nn.Module, prefix: str = "studen
         return None
     assert weights is not None  # rank 0 holds the gathered weights
     dtype = next(iter(weights.values())).dtype
-    plain = AutoModelForCausalLM.from_config(student.config, dtype=dtype)
+    plain = fresh(dtype) if fresh is not None else _plain_student(student, dtype)
     missing, unexpected = plain.load_state_dict(weights, strict=False)
     # FSDP and named_parameters name a parameter shared by two modules once: the tied output layer comes back
-    # with the embedding.
+    # with the embedding, a layer shared by cross-layer sharing with its group's first member.
     tied = {"lm_head.weight"} if getattr(student.config, "tie_word_embeddings", False) else set()
-    if unexpected or set(missing) - tied:
+    loaded = set(weights)
+    aliases = {n for group in shared_parameter_names(plain) if loaded & set(group) for n in group}
+    if unexpected or set(missing) - tied - aliases:
         raise RuntimeError(
-            f"the gathered student does not fit its architecture: missing {sorted(set(missing) - tied)[:5]}, "
+            f"the gathered student does not fit its architecture: missing {sorted(set(missing) - tied - aliases)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}"
         )
     if tied:
@@ -142,6 +204,13 @@ def gather_student(wrapped: nn.Module, student: nn.Module, prefix: str = "studen
     plain.generation_config = student.generation_config
     log.info("gathered the sharded student on rank 0 (%d tensors, %s)", len(weights), dtype)
     return plain.eval().requires_grad_(False)
+
+
+def _plain_student(student: nn.Module, dtype: Any) -> nn.Module:
+    """An untrained model of ``student``'s architecture as its config now stands."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(student.config, dtype=dtype)
 
 
 def own_params_gathered(module: nn.Module) -> Any:

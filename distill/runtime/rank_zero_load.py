@@ -92,7 +92,7 @@ def has_meta_tensors(module: nn.Module) -> bool:
     return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
-def _own_tensors(module: nn.Module, stop: Callable[[nn.Module], bool]) -> Iterator[tuple[nn.Module, str, bool]]:
+def own_tensors(module: nn.Module, stop: Callable[[nn.Module], bool]) -> Iterator[tuple[nn.Module, str, bool]]:
     """(owner, name, is_parameter) for every tensor under ``module``, not descending into modules ``stop`` takes."""
     pending = [module]
     while pending:
@@ -113,7 +113,7 @@ def broadcast_from_rank_zero(module: nn.Module, device: torch.device, stop: Call
     import torch.distributed as dist
 
     made: dict[int, torch.Tensor] = {}
-    for owner, name, is_param in _own_tensors(module, stop):
+    for owner, name, is_param in own_tensors(module, stop):
         tensor = getattr(owner, name)
         if id(tensor) in made:
             setattr(owner, name, made[id(tensor)])
@@ -145,10 +145,36 @@ def filling_policy(policy: Callable[..., bool], device: torch.device) -> Callabl
     return wrap
 
 
+def shared_parameter_names(model: nn.Module) -> list[list[str]]:
+    """The groups of dotted names under which ``model`` holds one Parameter twice or more (a tied head...)."""
+    groups: dict[int, set[str]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for name, param in module.named_parameters(recurse=False):
+            groups.setdefault(id(param), set()).add(f"{prefix}.{name}" if prefix else name)
+    return [sorted(names) for names in groups.values() if len(names) > 1]
+
+
+def match_ties(model: nn.Module) -> None:
+    """Tie ``model``'s parameters on every rank as rank 0's are tied; a collective.
+
+    A change made to a model built empty may not keep its ties: torchao's fake-quant modules, built from a
+    meta module, take new meta Parameters instead of the module's (QAT prepared before wrapping), so a tied
+    embedding and head come apart on ranks > 0 only, and the filling broadcasts would no longer pair up.
+    """
+    from distill.runtime.ranks import computed_on_rank_zero
+
+    for names in computed_on_rank_zero(lambda: shared_parameter_names(model)):
+        shared = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, shared)
+
+
 def prepare_rank_zero_load(model: nn.Module, kwargs: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """FSDP keyword arguments that fill ``model`` from rank 0 while wrapping it, when any rank built it empty.
 
-    Every rank must call this (one all-reduce). The tensors outside every unit (the root's: the student's
+    Every rank must call this (one all-reduce; when a rank built it empty, ties are matched to rank 0's first,
+    :func:`match_ties`). The tensors outside every unit (the root's: the student's
     embeddings, final norm and output layer, the objective's) are broadcast here, before wrapping.
     """
     import torch.distributed as dist
@@ -157,6 +183,7 @@ def prepare_rank_zero_load(model: nn.Module, kwargs: Mapping[str, Any], device: 
     dist.all_reduce(empty, op=dist.ReduceOp.MAX)
     if not empty.item():
         return dict(kwargs)
+    match_ties(model)
     policy = kwargs["auto_wrap_policy"]
     root_only = lambda m: policy(module=m, recurse=False, nonwrapped_numel=0)  # noqa: E731 - the units wrap later
     broadcast_from_rank_zero(model, device, stop=root_only)

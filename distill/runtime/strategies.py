@@ -5,15 +5,20 @@ Lightning owns the strategies (DDP, FSDP, DeepSpeed); this module only adds what
 * :func:`check_trainer_config` refuses combinations that would fail late or obscurely (FSDP/DeepSpeed on a
   CPU accelerator, a bare ``strategy=fsdp``, the chunked loss under ZeRO-3, ``trainer.devices`` disagreeing
   with the SLURM tasks per node), before a teacher loads.
+* :func:`check_sharded_callbacks` refuses the compression stages a sharded student cannot take
+  (:data:`SHARDED_STAGE_REASONS`), before a teacher loads.
 * :func:`fsdp_strategy` builds Lightning's ``FSDPStrategy`` with :func:`shard_policy`, which shards every
-  decoder layer of *both* models and the rest of the teacher, so the frozen teacher is not replicated.
+  decoder layer of *both* models and the rest of the teacher, so the frozen teacher is not replicated (layers
+  that share weights stay in one unit: :func:`keeping_shared_together`).
 * :func:`apply_student_switches` turns on activation checkpointing and ``torch.compile`` for the student.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -61,11 +66,39 @@ def is_fsdp(strategy: Any) -> bool:
     return strategy_name(strategy) in ("fsdp", "fsdp_sim")
 
 
-def is_zero3(strategy: Any) -> bool:
-    """Whether ``strategy`` is DeepSpeed ZeRO stage 3 (parameters partitioned across ranks)."""
+def is_zero3(strategy: Any, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``strategy`` is DeepSpeed ZeRO stage 3 (parameters partitioned across ranks).
+
+    The stage is read where Lightning's ``DeepSpeedStrategy`` reads it: a DeepSpeed config (a dict, or the path
+    of a JSON file, in ``config``; without one, the file ``PL_DEEPSPEED_CONFIG_PATH`` in ``environ`` names) sets
+    it by ``zero_optimization.stage`` (DeepSpeed's default 0) and makes Lightning ignore ``stage``; otherwise
+    ``stage`` (Lightning's default 2), or the registry name (``deepspeed_stage_3_offload``) of a string.
+
+    Raises:
+        ConfigError: ``config`` names a file that does not exist or is not JSON.
+
+    """
     name = strategy_name(strategy)
-    stage = (strategy.get("stage") if isinstance(strategy, Mapping) else None) or (3 if "stage_3" in name else 0)
-    return name.startswith("deepspeed") and int(stage) == 3
+    if not name.startswith("deepspeed"):
+        return False
+    environ = os.environ if environ is None else environ
+    field, config = "PL_DEEPSPEED_CONFIG_PATH", environ.get("PL_DEEPSPEED_CONFIG_PATH")
+    if isinstance(strategy, str):
+        stage = 3 if "stage_3" in name else 2
+    elif isinstance(strategy, Mapping):
+        stage = strategy.get("stage") or 2
+        if strategy.get("config"):
+            field, config = "trainer.strategy.config", strategy.get("config")
+    else:  # a built DeepSpeedStrategy: its config holds the stage, whichever way it was given
+        config, stage = getattr(strategy, "config", None), 2
+    if isinstance(config, str | os.PathLike):
+        try:
+            config = json.loads(Path(config).read_text())
+        except (OSError, ValueError) as err:
+            raise config_error(field, str(config), f"give a DeepSpeed JSON config file ({err})") from None
+    if isinstance(config, Mapping):
+        stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    return int(stage) == 3
 
 
 def _check_counts(trainer: Mapping[str, Any]) -> None:
@@ -138,15 +171,27 @@ def check_trainer_config(
             )
 
 
-# Why each compression stage cannot run on FSDP shards yet: it reads or rewrites whole weight matrices, or
-# ties parameters across units, while each rank holds a flat shard of every unit (docs/scale_out.md).
+# Why a compression stage cannot run on a sharded student (docs/scale_out.md's table), under FSDP (each rank
+# holds a flat shard of every unit outside the forward) and under ZeRO-3 (an empty placeholder, 1/N of each
+# parameter aside). The stages not named run: they change the student before the strategy wraps it, and the
+# export gathers it (QAT converts the gathered student).
 SHARDED_STAGE_REASONS = {
-    "prune": "it scores and slices whole weight matrices, and each rank holds only a shard of each",
-    "share": "it ties one parameter across decoder layers, and FSDP cannot tie parameters across its units",
-    "lowrank": "it factorises whole weight matrices and replaces modules inside FSDP's units",
-    "sparsity": "it scores and masks whole weight matrices, and each rank holds only a shard of each",
-    "qat": "it swaps modules for fake-quantized ones after FSDP has flattened them into its units",
+    "fsdp": {
+        "sparsity": "it scores and masks whole weight matrices, and each rank holds only a shard of each",
+    },
+    "zero3": {
+        "prune": "pruning rebuilds the optimizer mid-run, and DeepSpeed's engine owns it (with its state "
+        "partitioned; it cannot be re-initialised mid-run)",
+        "sparsity": "it scores and masks whole weight matrices, and each rank holds only a partition of each",
+    },
 }
+# The one-shot stages run under sharding only from the first step, before the strategy wraps the student.
+BEFORE_WRAPPING = ("share", "lowrank", "qat")
+MID_RUN_REASON = (
+    "the change would replace modules or parameters after the strategy wrapped the student, and only pruning "
+    "unwraps and wraps it again (FSDP, distill/runtime/rewrap.py); set start_step=0 (the change happens before "
+    "wrapping), or train without sharding (trainer=ddp, or one device)"
+)
 
 
 def check_sharded_generation(trainer: Mapping[str, Any], generation: Mapping[str, Any] | None) -> None:
@@ -165,13 +210,15 @@ def check_sharded_generation(trainer: Mapping[str, Any], generation: Mapping[str
 
 
 def check_sharded_callbacks(trainer: Mapping[str, Any], callbacks: Mapping[str, Any] | None) -> None:
-    """Refuse compression stages under a sharding strategy (FSDP, DeepSpeed ZeRO-3), before any model loads.
+    """Refuse compression stages a sharding strategy (FSDP, DeepSpeed ZeRO-3) cannot run, before any model loads.
 
-    Export and evaluation run under both: the student is gathered first (:mod:`distill.runtime.gather`).
+    Export and evaluation run under both: the student is gathered first (:mod:`distill.runtime.gather`). QAT,
+    sharing and low-rank run under both from step 0 (:data:`BEFORE_WRAPPING`); the stages in
+    :data:`SHARDED_STAGE_REASONS` are refused.
 
     Args:
         trainer: the ``trainer`` config node.
-        callbacks: the ``callbacks`` node: compression stages are refused under either strategy.
+        callbacks: the ``callbacks`` node.
 
     Raises:
         ConfigError: naming the first such setting, the strategy, why, and what runs instead.
@@ -188,14 +235,40 @@ def check_sharded_callbacks(trainer: Mapping[str, Any], callbacks: Mapping[str, 
         )
     if not (is_fsdp(strategy) or is_zero3(strategy)):
         return
-    for key in SHARDED_STAGE_REASONS:
-        if (callbacks or {}).get(key):
+    callbacks = callbacks or {}
+    for key in BEFORE_WRAPPING:
+        start = (callbacks.get(key) or {}).get("start_step") or 0
+        if start > 0:
+            raise config_error(f"callbacks.{key}.start_step", start, f"under {name}: {MID_RUN_REASON}")
+    reasons = SHARDED_STAGE_REASONS["fsdp" if is_fsdp(strategy) else "zero3"]
+    for key, reason in reasons.items():
+        if callbacks.get(key):
             raise config_error(
                 f"callbacks.{key}",
                 "set",
-                f"not supported under the {name} strategy: {SHARDED_STAGE_REASONS[key]}; train with trainer=ddp "
+                f"not supported under the {name} strategy: {reason}; train with trainer=ddp "
                 f"(trainer=ddp_sim on CPU), where every rank holds the whole student, or remove callbacks.{key}",
             )
+
+
+def check_prune_strategy(strategy: Any, end_step: int, max_steps: int) -> None:
+    """Refuse strategies and step budgets that pruning mid-run cannot work with (the rest: ``check_stack``)."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    supported = (SingleDeviceStrategy, DDPStrategy, FSDPStrategy)
+    if not isinstance(strategy, supported) or "DeepSpeed" in type(strategy).__name__:
+        raise config_error(
+            "trainer.strategy",
+            type(strategy).__name__,
+            "pruning mid-run is supported on one device, under DDP and under FSDP only (DeepSpeed's engine "
+            "owns the optimizer it rebuilds); use trainer=cpu, gpu, ddp, ddp_sim, fsdp or fsdp_sim",
+        )
+    if max_steps > 0 and end_step >= max_steps:
+        raise config_error(
+            "callbacks.prune.end_step",
+            end_step,
+            f"the schedule must finish before trainer.max_steps={max_steps}; lower end_step",
+        )
 
 
 def is_transformer_block(module: nn.Module) -> bool:
@@ -217,6 +290,41 @@ def shard_policy(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> boo
     if recurse:  # keep descending
         return True
     return is_transformer_block(module) or isinstance(module, FrozenTeacher)
+
+
+def keeping_shared_together(policy: Callable[..., bool], model: nn.Module) -> Callable[..., bool]:
+    """``policy``, except that no module holding a Parameter that a module outside it also holds becomes a unit.
+
+    FSDP flattens a Parameter into the first unit that holds it; another unit using it would then read that
+    unit's shard. A student whose decoder layers share weights (``callbacks=share``) therefore keeps those
+    layers in the enclosing unit, the root, which is whole for the whole step (as under DDP; its gradients and
+    Adam moments stay sharded). Every other decoder layer, the teacher's included, is a unit as before.
+    """
+
+    def shares_outside(module: nn.Module) -> bool:
+        # Read from the model as it is at the call: the filling from rank 0 and the wrapping replace parameters.
+        inside = {id(p) for p in module.parameters()}
+        members = {id(m) for m in module.modules()}
+        return any(
+            id(p) in inside for m in model.modules() if id(m) not in members for p in m.parameters(recurse=False)
+        )
+
+    def wrap(module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
+        decision = policy(module=module, recurse=recurse, nonwrapped_numel=nonwrapped_numel)
+        return decision if recurse or not decision else not shares_outside(module)
+
+    return wrap
+
+
+def wrap_kwargs(model: nn.Module, kwargs: Mapping[str, Any], device: Any) -> dict[str, Any]:
+    """FSDP's keyword arguments for ``model``: shared Parameters kept in one unit, units filled from rank 0.
+
+    Every rank must call it (see :func:`distill.runtime.rank_zero_load.prepare_rank_zero_load`).
+    """
+    kwargs = dict(kwargs)
+    if kwargs.get("auto_wrap_policy") is not None:
+        kwargs["auto_wrap_policy"] = keeping_shared_together(kwargs["auto_wrap_policy"], model)
+    return prepare_rank_zero_load(model, kwargs, device)
 
 
 def fsdp_strategy(strategy_class: type | None = None, **kwargs: Any) -> Any:
@@ -257,11 +365,19 @@ def rank_zero_fsdp_class() -> type:
             if is_sharded(model):  # wrapped already (trainer=fsdp_sim wraps it on the CPU itself)
                 return super()._setup_model(model)
             original = self.kwargs
-            self.kwargs = prepare_rank_zero_load(model, original, self.root_device)
+            self.kwargs = wrap_kwargs(model, original, self.root_device)
             try:
                 return super()._setup_model(model)
             finally:
                 self.kwargs = original
+
+        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+            # Lightning loads the weights into the wrapped model; a checkpoint of a pruned student needs its
+            # shapes first, which a resumed run has not rebuilt yet (docs/scale_out.md, rewrap.py).
+            from distill.runtime.rewrap import restructure_for_checkpoint
+
+            restructure_for_checkpoint(self.lightning_module.trainer, checkpoint_path)
+            return super().load_checkpoint(checkpoint_path, weights_only)
 
     return RankZeroLoadFSDPStrategy
 
@@ -290,10 +406,16 @@ def fsdp_sim_strategy(**kwargs: Any) -> Any:
                 mixed_precision=self.mixed_precision_config,
                 sharding_strategy=self.sharding_strategy,
                 device_id=torch.device("cpu"),
-                **prepare_rank_zero_load(model, self.kwargs, torch.device("cpu")),
+                **wrap_kwargs(model, self.kwargs, torch.device("cpu")),
             )
-            self.kwargs.pop("auto_wrap_policy", None)  # applied; Lightning would warn that it is ignored
-            return super()._setup_model(model)
+            # Applied; Lightning would warn that it is ignored, and drop it from the arguments of a later wrap
+            # (a pruning step wraps the model again, distill/runtime/rewrap.py).
+            policy = self.kwargs.pop("auto_wrap_policy", None)
+            try:
+                return super()._setup_model(model)
+            finally:
+                if policy is not None:
+                    self.kwargs["auto_wrap_policy"] = policy
 
         # Lightning's full state dict "offloads" to CPU, which crashes on CPU shards (full_state_dict_context).
         def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -387,21 +509,27 @@ def deepspeed_sim_strategy(**kwargs: Any) -> Any:
 def apply_student_switches(student: nn.Module, switches: Mapping[str, Any] | None) -> list[str]:
     """Turn on activation checkpointing and ``torch.compile`` for the student, as the config asks.
 
+    ``compile`` compiles the student's forward and its body (``base_model``, which the chunked loss calls
+    directly, bypassing the forward); ``compile_rounding`` compiles only the llama.cpp grids' fake quantizers,
+    as QAT inserts them (:mod:`distill.compress.quant.compile_rounding`). Both keep the grids' fp16 scales
+    exact (inductor's ``emulate_precision_casts``), so the GGUF file still holds what the student trained on.
+
     Args:
         student: the Hugging Face student model.
-        switches: the ``trainer_extras`` node: ``activation_checkpointing`` and ``compile`` (booleans).
+        switches: the ``trainer_extras`` node: ``activation_checkpointing``, ``compile`` and ``compile_rounding``
+            (booleans).
 
     Returns:
         The names of the switches that were applied.
 
     """
     switches = switches or {}
-    unknown = set(switches) - {"activation_checkpointing", "compile", "teacher_on_rank_zero"}
+    unknown = set(switches) - {"activation_checkpointing", "compile", "compile_rounding", "teacher_on_rank_zero"}
     if unknown:
         raise config_error(
             "trainer_extras",
             sorted(unknown),
-            "known switches are activation_checkpointing, compile and teacher_on_rank_zero",
+            "known switches are activation_checkpointing, compile, compile_rounding and teacher_on_rank_zero",
         )
     applied = []
     if switches.get("activation_checkpointing"):
@@ -420,7 +548,16 @@ def apply_student_switches(student: nn.Module, switches: Mapping[str, Any] | Non
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         applied.append("activation_checkpointing")
     if switches.get("compile"):
-        # In place (nn.Module.compile), so the object keeps its HF attributes (config, base_model...).
-        student.compile()
+        from distill.compress.quant.compile_rounding import INDUCTOR_OPTIONS
+
+        # In place (nn.Module.compile), so the object keeps its HF attributes (config, base_model...). The body
+        # too: the chunked loss calls it directly, so compiling the forward alone left the default run eager.
+        for module in {id(m): m for m in (student, getattr(student, "base_model", student))}.values():
+            module.compile(options=INDUCTOR_OPTIONS)
         applied.append("compile")
+    if switches.get("compile_rounding"):
+        from distill.compress.quant.compile_rounding import compile_rounding_on_forward
+
+        compile_rounding_on_forward(student)
+        applied.append("compile_rounding")
     return applied

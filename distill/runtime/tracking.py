@@ -19,9 +19,25 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 REDACTED = "<redacted>"
-# Config keys (and environment variable names) whose values are secrets whatever they hold: names that end
-# in one of these words, so `hf_token` and `WANDB_API_KEY` match but `prompt_tokens` does not.
-SECRET_KEY = re.compile(r"(?:^|[_\-.])(?:api[_\-]?key|token|secret|password|passwd)$", re.IGNORECASE)
+URL_PASSWORD = "***"
+# A config key (or environment variable name) names a secret when one of its words (split at _ - . and camelCase)
+# says so: `aws_secret_access_key`, `db_password`, `passwd`, `credentials`. A `key` or `token` counts only with
+# the words that make it one (`api_key`, `private_key`, `access_key_id`, `hf_token`, `GITHUB_PAT`), so
+# `tokenizer`, `max_tokens`, `pad_token`, `data_key` and `top_k` stay readable.
+SECRET_WORDS = frozenset(
+    {"secret", "secrets", "password", "passwords", "passwd", "passphrase", "credential", "credentials"}
+)
+SECRET_JOINED = frozenset({"apikey", "accesskey", "secretkey", "privatekey", "authtoken", "accesstoken"})
+KEY_QUALIFIERS = frozenset({"api", "access", "secret", "private", "auth", "signing", "encryption", "master", "ssh"})
+# A tokenizer's special tokens are strings like "</s>", not credentials.
+SPECIAL_TOKENS = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "stop", "start", "end", "special"})
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
+# `scheme://user:password@host`: the password of a URL (database, broker, proxy), whatever key holds it; up to the
+# authority's last @, so an unescaped @ inside the password does not leave its tail readable.
+URL_CREDENTIALS = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*):(?P<password>[^/?#\s]+)@")
+# `https://TOKEN@host`: over HTTP(S) a user part without a password is a token (git's and most hubs' basic auth
+# take the token as the user name); ssh's `git@host` user is not, and stays.
+HTTP_TOKEN_USER = re.compile(r"(?P<head>\bhttps?://)(?P<user>[^:/?#@\s]+)@", re.IGNORECASE)
 WANDB_HOST = "api.wandb.ai"
 
 
@@ -38,21 +54,41 @@ def has_api_key(environ: Mapping[str, str] | None = None) -> bool:
         return False
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether a config key or environment variable name names a secret (see :data:`SECRET_WORDS`)."""
+    words = [w.lower() for w in _WORD.findall(str(name))]
+    if any(w in SECRET_WORDS or w in SECRET_JOINED for w in words):
+        return True
+    for i, word in enumerate(words):
+        before = words[i - 1] if i else ""
+        if word == "key" and before in KEY_QUALIFIERS:
+            return True
+        if word == "token" and i == len(words) - 1 and before not in SPECIAL_TOKENS:
+            return True
+    return len(words) > 1 and words[-1] == "pat"  # a personal access token: GITHUB_PAT, gitlab_pat
+
+
 def redact(value: Any, secrets: tuple[str, ...] = ()) -> Any:
-    """A copy of a config tree with secret-named keys, and any occurrence of ``secrets``, replaced."""
+    """A copy of a config tree with secret-named keys, URL passwords and any occurrence of ``secrets`` replaced.
+
+    A URL keeps its user and host: ``postgres://user:pw@host/db`` becomes ``postgres://user:***@host/db``; an
+    HTTP(S) user part alone is a token: ``https://TOKEN@host/repo`` becomes ``https://***@host/repo``.
+    """
     if isinstance(value, Mapping):
-        return {k: REDACTED if SECRET_KEY.search(str(k)) else redact(v, secrets) for k, v in value.items()}
+        return {k: REDACTED if is_secret_name(k) else redact(v, secrets) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return type(value)(redact(v, secrets) for v in value)
     if isinstance(value, str):
         for secret in secrets:
             value = value.replace(secret, REDACTED)
+        value = URL_CREDENTIALS.sub(rf"\g<head>:{URL_PASSWORD}@", value)
+        value = HTTP_TOKEN_USER.sub(rf"\g<head>{URL_PASSWORD}@", value)
     return value
 
 
 def _secrets() -> tuple[str, ...]:
     # Only values long enough to be a credential: replacing a 1-character value would mangle the config.
-    return tuple(v for k, v in os.environ.items() if SECRET_KEY.search(k) and len(v) >= 8)
+    return tuple(v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 8)
 
 
 class DistillWandbLogger(WandbLogger):

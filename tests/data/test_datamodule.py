@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ def test_split_is_deterministic_and_disjoint_and_cached(tiny_teacher, tmp_path, 
     a = _dm(tiny_teacher, tmp_path)
     a.setup()
     assert not a.cache_hit
-    assert len(a.train_set) > 4 * len(a.val_set) > 0  # 15 % of the tokens held out by default
+    assert len(a.train_set) > 4 * len(a.test_set) > len(a.val_set) > 0  # 10 % test, 5 % validation by default
     assert a.train_set[0]["input_ids"].shape == (32,)
 
     # A second module with the same settings loads the cache without calling the tokenizer.
@@ -104,3 +105,50 @@ def test_order_seed_reorders_the_batches_over_the_same_split(tiny_teacher, tmp_p
     assert torch.equal(base, same)
     assert not torch.equal(base, other) and base.shape == other.shape
     assert torch.equal(val, other_val) and key == other_key  # the same held-out documents and the same cache
+
+
+def _split_documents(dm: DistillDataModule) -> dict[str, set[str]]:
+    """Each split's documents as text: held-out ones from their recorded corpus indices, training ones decoded."""
+    from distill.data.corpus import load_raw
+
+    raw, _ = load_raw(dm.source, dm.files, dm.name, dm.config_name, dm.split, dm.text_field)
+    texts = raw[dm.text_field]
+    held = {split: {texts[i] for i in dm.heldout_docs[split]} for split in ("val", "test")}
+    chosen = set(dm.heldout_docs["val"]) | set(dm.heldout_docs["test"])
+    held["train"] = {texts[i] for i in range(len(texts)) if i not in chosen}
+    return held
+
+
+@pytest.mark.parametrize("source", ["embedded", "text"])
+def test_train_validation_and_test_hold_disjoint_documents_drawn_by_seed(tiny_teacher, tmp_path, source):
+    from pydoc_data.topics import topics
+
+    extra = {}
+    if source == "text":
+        (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in sorted(topics.values())))
+        extra = {"source": "text", "files": str(tmp_path / "docs.jsonl")}
+    dm = _dm(tiny_teacher, tmp_path / "cache", **extra)
+    dm.setup()
+    docs = _split_documents(dm)
+    assert docs["val"] and docs["test"] and docs["train"]
+    assert not docs["val"] & docs["test"] and not docs["train"] & (docs["val"] | docs["test"])
+    # Drawn by a seeded shuffle, not corpus order: the test documents are spread over the corpus.
+    test_index = sorted(dm.heldout_docs["test"])
+    assert test_index != list(range(test_index[0], test_index[0] + len(test_index)))
+    # Every held-out token is kept: the blocks' real tokens add up to the documents' tokens (EOS included).
+    lengths = [len(tiny_teacher.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in docs["test"]]
+    assert sum(int(x) for x in dm.test_set.with_format(None)["length"]) == sum(lengths)
+    again = _dm(tiny_teacher, tmp_path / "other", **extra)
+    again.setup()
+    assert again.heldout_docs == dm.heldout_docs  # the same seed, the same documents
+
+
+def test_a_run_resumed_with_another_split_is_refused(tiny_teacher, tmp_path):
+    a = _dm(tiny_teacher, tmp_path)
+    a.setup()
+    state = a.state_dict()
+    b = _dm(tiny_teacher, tmp_path, seed=7)
+    b.setup()
+    with pytest.raises(ConfigError, match=r"seed=7: the checkpoint was trained with seed=1234"):
+        b.load_state_dict(state)
+    a.load_state_dict(state)  # the same settings resume

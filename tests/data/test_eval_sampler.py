@@ -38,8 +38,9 @@ def test_each_rank_of_a_trainer_validates_its_share_and_the_final_evaluation_eve
 
     dm = DistillDataModule(tiny_teacher.tokenizer, cache_dir=str(tmp_path), block_size=32, eval_batch_size=2)
     dm.setup("fit")
-    whole = [b["input_ids"] for b in dm.heldout_dataloader()]
-    assert len(whole) >= 3
+    dm.trainer = SimpleNamespace(world_size=1, global_rank=0, limit_val_batches=3)
+    one = [b["input_ids"] for b in dm.val_dataloader()]
+    assert len(one) == 3
     seen = []
     for rank in (0, 1):
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, limit_val_batches=3)
@@ -51,7 +52,18 @@ def test_each_rank_of_a_trainer_validates_its_share_and_the_final_evaluation_eve
     def order(t: torch.Tensor) -> float:
         return t.sum().item()
 
-    for got, want in zip(sorted(seen, key=order), sorted(whole[:3], key=order), strict=True):
+    for got, want in zip(sorted(seen, key=order), sorted(one, key=order), strict=True):
         torch.testing.assert_close(got, want)
-    dm.trainer = SimpleNamespace(world_size=2, global_rank=1, limit_val_batches=3)
-    assert len(dm.heldout_dataloader()) == len(whole)  # the final evaluation ignores the trainer's split
+    # The final evaluation reads the test split whole, whatever the trainer's split and limit.
+    blocks = len(dm.test_set)
+    assert sum(len(b["input_ids"]) for b in dm.heldout_dataloader()) == blocks
+
+
+def test_a_capped_evaluation_reads_a_spread_over_documents_not_the_first_ones(tiny_teacher, tmp_path):
+    dm = DistillDataModule(tiny_teacher.tokenizer, cache_dir=str(tmp_path), block_size=32, eval_batch_size=4)
+    dm.setup("fit")
+    docs = {int(d) for b in dm.heldout_dataloader("test", max_batches=5) for d in b["doc"]}
+    first = {int(d) for i, b in enumerate(dm.stream_dataloader("test")) if i < 5 for d in b["doc"]}
+    assert len(docs) == 20  # 20 blocks, each starting in another document
+    assert len(first) < len(docs)  # the first 20 blocks in stream order start in fewer documents
+    assert max(docs) > max(first)  # and reach past the split's first documents

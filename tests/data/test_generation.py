@@ -355,3 +355,22 @@ def test_a_qat_student_rounds_its_weights_once_per_sampling_call(scheme):
         slow = model.generate(ids, attention_mask=(ids != 0).long(), max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert slow[0, 9 : 9 + len(fast[1])].tolist() == fast[1].tolist()
     assert all("forward" not in vars(m.weight_fake_quantizer) for m in modules.values())  # unpatched after
+
+
+def test_teacher_cache_folder_is_keyed_by_the_teachers_weights_and_dtype(tiny_teacher, tmp_path):
+    import copy
+
+    from distill.models.teacher import FrozenTeacher
+
+    gen = Generation(teacher_fraction=0.5, teacher_cache=str(tmp_path))
+    same = FrozenTeacher(copy.deepcopy(tiny_teacher.model), tiny_teacher.tokenizer, tiny_teacher.name)
+    half = FrozenTeacher(copy.deepcopy(tiny_teacher.model).bfloat16(), tiny_teacher.tokenizer, tiny_teacher.name)
+    tuned = FrozenTeacher(copy.deepcopy(tiny_teacher.model), tiny_teacher.tokenizer, tiny_teacher.name)
+    with torch.no_grad():  # a fine-tune saved over the same path: same name and tokenizer, other weights
+        next(tuned.model.parameters()).add_(1e-3)
+    folder = gen.cache_folder(tiny_teacher, "data")
+    assert tiny_teacher.identity == half.identity == tuned.identity  # what the folder was keyed by alone
+    assert gen.cache_folder(same, "data") == folder  # a reloaded copy of the same teacher reuses its continuations
+    assert gen.cache_folder(half, "data") != folder
+    assert gen.cache_folder(tuned, "data") != folder
+    assert gen.cache_folder(tiny_teacher, "other data") != folder

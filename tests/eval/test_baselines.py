@@ -156,11 +156,39 @@ def test_gguf_ptq_rows_measure_the_file_as_it_reloads(tmp_path, cache_dir):
     assert s["ptq_gguf_q4_0"]["heldout/kl_to_teacher"] > 0
 
 
+def test_imatrix_rows_round_by_the_teachers_importance_at_the_same_bytes(tmp_path, cache_dir):
+    import numpy as np
+    from gguf.quants import dequantize
+
+    labels = ["ptq_gguf_q4_0", "ptq_imatrix_q4_0", "ptq_imatrix_iq4_nl"]
+    reports = baselines.run(bench_cfg(tmp_path, cache_dir, f"baselines=[{','.join(labels)}]", "imatrix_batches=2"))
+    files = {
+        label: tmp_path / "runs" / f"baseline_{label}" / "artifact" / f"student-{kind}.gguf"
+        for label, kind in zip(labels, ("q4_0", "q4_0", "iq4_nl"), strict=True)
+    }
+    sizes = {label: f.stat().st_size for label, f in files.items()}
+    assert len(set(sizes.values())) == 1  # Q4_0 and IQ4_NL both store 18 bytes per 32 weights
+    assert reports["ptq_imatrix_q4_0"]["run"]["imatrix"] is True
+    assert reports["ptq_gguf_q4_0"]["run"]["imatrix"] is False
+    assert "llama-quantize --imatrix" in reports["ptq_imatrix_q4_0"]["notes"][0]
+
+    def tensors(file: Path) -> dict[str, np.ndarray]:
+        return {t.name: dequantize(t.data, t.tensor_type).reshape(-1) for t in gguf.GGUFReader(file).tensors}
+
+    plain, weighted = tensors(files["ptq_gguf_q4_0"]), tensors(files["ptq_imatrix_q4_0"])
+    names = [n for n in plain if n.startswith("blk.") and n.endswith("ffn_up.weight")]
+    assert names and all(not np.array_equal(plain[n], weighted[n]) for n in names)  # the weighting moved codes
+    for label in labels:
+        assert reports[label]["metrics"]["student"]["cost/bytes_disk"] == sizes[label]
+        assert reports[label]["metrics"]["student"]["heldout/kl_to_teacher"] > 0
+
+
 def test_a_mixed_gguf_ptq_row_writes_each_tensor_in_its_recipes_type(tmp_path, cache_dir, monkeypatch):
     # The real mix names SmolLM2's layers; the tiny teacher gets a mix of the same shape under the same name.
     conf = tmp_path / "qat"
     conf.mkdir()
     real = OmegaConf.load(baselines.QAT_CONF / "gguf_q4_mix.yaml")
+    real.target_ratio = None  # a hand-made map instead of the recipe's byte budget
     real.gguf_types = {"*.mlp.down_proj": "q8_0", "*.layers.1.mlp.down_proj": "q4_1"}
     OmegaConf.save(real, conf / "gguf_q4_mix.yaml")
     monkeypatch.setattr(baselines, "QAT_CONF", conf)

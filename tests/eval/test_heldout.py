@@ -67,7 +67,9 @@ def test_tail_and_documents_match_a_plain_recount():
     res = heldout_analysis(
         {"teacher": teacher, "student": student}, teacher, batches, V, token_counts=counts, eos_token_id=EOS
     )
-    assert res.metrics == heldout_metrics({"teacher": teacher, "student": student}, teacher, batches, V)
+    assert res.metrics == heldout_metrics(
+        {"teacher": teacher, "student": student}, teacher, batches, V, eos_token_id=EOS
+    )
 
     # The same numbers position by position, in plain Python.
     bucket_of = frequency_buckets(counts).tolist()
@@ -176,3 +178,53 @@ def test_rows_add_up_to_the_totals_and_the_intervals_resample_sequences():
     # Resampling is seeded: the same pass gives the same intervals.
     again = heldout_analysis({"teacher": teacher, "student": student}, teacher, batches, V)
     assert again.metrics == res.metrics
+
+
+def test_intervals_resample_documents_as_a_brute_force_bootstrap_does():
+    import itertools
+
+    import numpy as np
+
+    from distill.eval.intervals import ratio_interval
+
+    # Four documents of unequal length: the exact bootstrap distribution of the token-weighted agreement
+    # enumerates all 4^4 resamples; 20,000 seeded resamples must land on its 2.5th and 97.5th percentiles.
+    agree, tokens = [30.0, 5.0, 80.0, 12.0], [40.0, 20.0, 90.0, 30.0]
+    exact = sorted(
+        sum(agree[i] for i in pick) / sum(tokens[i] for i in pick) for pick in itertools.product(range(4), repeat=4)
+    )
+    low, high = ratio_interval(agree, tokens, resamples=20000)
+    assert low == pytest.approx(np.percentile(exact, 2.5), abs=0.01)
+    assert high == pytest.approx(np.percentile(exact, 97.5), abs=0.01)
+
+
+def test_heldout_intervals_are_over_documents_not_blocks():
+    # One long document over many blocks and a few short ones: resampling documents gives the interval of the
+    # per-document sums, which is wider than resampling the blocks would be.
+    teacher, student = Bigram(0), Bigram(1)
+    stream = _stream(teacher, 4 * 5 * 12, seed=4)
+    batches = _batches(stream, block=12, batch=5)
+    res = heldout_analysis({"teacher": teacher, "student": student}, teacher, batches, V, eos_token_id=EOS)
+    rows = res.rows["student"]
+    assert rows["doc"] == [d["index"] for d in res.documents]
+    assert sum(rows["tokens"]) == res.metrics["student"]["tokens"] and len(rows["tokens"]) == len(res.documents)
+    from distill.eval.intervals import ratio_interval
+
+    assert (
+        res.metrics["student"]["top1_agreement_ci_low"],
+        res.metrics["student"]["top1_agreement_ci_high"],
+    ) == ratio_interval(rows["agree"], rows["tokens"])
+    assert res.metrics["student"]["documents"] == len(res.documents)
+
+
+def test_paired_difference_matches_documents_and_cancels_what_both_share():
+    from distill.eval.heldout import paired_difference
+
+    a = {"doc": [0, 1, 2, 3], "agree": [9.0, 1.0, 8.0, 2.0], "tokens": [10.0, 10.0, 10.0, 10.0]}
+    b = {"doc": [3, 2, 1, 0], "agree": [1.0, 7.0, 0.0, 8.0], "tokens": [10.0, 10.0, 10.0, 10.0]}  # reordered
+    diff, low, high, n = paired_difference(a, b)
+    assert n == 4 and diff == pytest.approx(0.1)
+    assert low > 0  # every document moves by +0.1: the pairing cancels how hard each document is
+    assert low <= diff <= high
+    with pytest.raises(ValueError, match="share no scored document"):
+        paired_difference(a, {"doc": [9], "agree": [1.0], "tokens": [2.0]})

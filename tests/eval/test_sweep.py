@@ -16,7 +16,7 @@ from distill.config import ConfigError
 from distill.eval.sweep import run
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "bench" / "results" / "sweep_prune"  # three real runs' reports (a prune sweep)
+BENCH = ROOT / "tests" / "fixtures" / "sweep_prune"  # three runs' reports (a prune sweep; an old evaluation)
 
 
 @pytest.fixture
@@ -123,47 +123,80 @@ def test_baseline_rows_join_only_runs_scored_on_the_same_teacher_and_data(tmp_pa
     assert all(row.count("|") == header.count("|") for row in rows.values())
 
 
-def test_headline_verdict_compares_with_the_best_ptq_row_at_least_as_small():
-    sys_path = str(ROOT / "bench")
-    import sys
+def _point(label: str, ratio: float, agree_by_doc: list[float], baseline: bool = False, key: str = "k1") -> dict:
+    """A report point: per-document agreements (10 tokens each) on the test split and an English set."""
+    docs = list(range(len(agree_by_doc)))
+    rows = {"doc": docs, "agree": [10 * a for a in agree_by_doc], "tokens": [10.0] * len(docs)}
+    mean = sum(agree_by_doc) / len(agree_by_doc)
+    report = {
+        "models": {"baseline": "teacher"},
+        "heldout_sets": {"test": {"split": {"data_key": key}}},
+        "heldout_rows": {"test": {"student": rows}, "english": {"student": rows}},
+    }
+    return {
+        "label": label,
+        "report": report,
+        "run": {"recipe": label, "baseline": baseline},
+        "teacher": {"heldout/ppl": 20.0},
+        "student": {"cost/ratio_vs_fp32_teacher": ratio, "heldout/top1_agreement": mean},
+    }
 
-    sys.path.insert(0, sys_path)
-    try:
-        from headline import ptq_verdicts
-    finally:
-        sys.path.remove(sys_path)
 
-    def point(label: str, ratio: float, agree: float, baseline: bool = False) -> dict:
-        run = {"recipe": label, "baseline": baseline}
-        return {
-            "label": label,
-            "run": run,
-            "student": {"cost/ratio_vs_fp32_teacher": ratio, "heldout/top1_agreement": agree},
-        }
+def test_the_ptq_verdict_pairs_documents_says_ties_and_names_a_slightly_larger_better_row():
+    from distill.eval.sweep import ptq_verdict
 
-    ptq = [point("ptq_int8", 4.0, 0.97, True), point("ptq_int4", 7.0, 0.65, True), point("ptq_int3", 9.0, 0.18, True)]
-    lines = ptq_verdicts([point("small", 8.0, 0.30), point("mid", 5.0, 0.60), point("tiny", 20.0, 0.1)], ptq)
-    assert "**small** (8.00×, top-1 0.300) beats ptq_int3" in lines[0]
-    assert "**mid** (5.00×, top-1 0.600) does not beat ptq_int4" in lines[1]
-    # Smaller than every PTQ row: set against the smallest one, which is larger.
-    assert lines[2].endswith(
-        "no PTQ baseline is this small; it does not beat the smallest, ptq_int3 (9.00×, top-1 0.180), which is larger."
-    )
-    lines = ptq_verdicts([point("tiny", 20.0, 0.5)], ptq)
-    assert "; it beats the smallest, ptq_int3 (9.00×" in lines[0]
-    assert ptq_verdicts([point("tiny", 20.0, 0.5)], [])[0].endswith("no PTQ baseline is this small.")
+    base = [0.2, 0.5, 0.8, 0.4, 0.6, 0.3, 0.7, 0.5]
+    ptq = [
+        _point("ptq_int8", 4.0, [min(1.0, a + 0.3) for a in base], True),
+        _point("ptq_int4", 7.0, base, True),
+        _point("ptq_big", 6.8, [a + 0.05 for a in base], True),  # 3 % larger and better
+        _point("ptq_int3", 9.0, [a / 4 for a in base], True),
+    ]
+    better = ptq_verdict(_point("small", 8.0, [a + 0.02 for a in base]), ptq)
+    assert "against ptq_int3 (9.00×, top-1 0.125): test split leads" in better  # the best row as small: int3
+    line = ptq_verdict(_point("mid", 7.0, [a + 0.02 for a in base]), ptq)
+    # Every document moves by +0.02: a paired interval excludes 0 even though the documents spread widely.
+    assert "against ptq_int4 (7.00×, top-1 0.500): test split leads: +0.020 [+0.020, +0.020] over 8 documents" in line
+    assert "; english leads: +0.020" in line
+    assert "ptq_big, 2.9 % larger, scores higher" in line and "test split trails: -0.030" in line
+    noisy = [a + (0.1 if i % 2 else -0.1) for i, a in enumerate(base)]
+    assert "test split ties: +0.000" in ptq_verdict(_point("noisy", 7.0, noisy), ptq)
+    tiny = ptq_verdict(_point("tiny", 20.0, base), ptq)
+    assert "no PTQ baseline is this small; against the smallest, ptq_int3 (9.00×" in tiny and tiny.endswith("larger.")
+    assert ptq_verdict(_point("tiny", 20.0, base), []).endswith("no PTQ baseline is this small.")
 
 
 def test_a_run_ends_with_one_line_against_the_ptq_baseline_of_its_size(tmp_path):
     from distill.eval.sweep import versus_ptq
 
-    reports = ROOT / "bench" / "results" / "headline_runs"
-    line = versus_ptq(reports / "headline_distill_prune_qat4" / "report.json", reports, "distill_prune_qat4")
-    # The committed baselines scored on the same teacher and held-out data; the best PTQ row at >= 4.32x.
-    assert line.startswith("versus PTQ: distill_prune_qat4 (4.32×, top-1 0.213) does not beat ptq_gguf_q4_mix (7.01×")
-    report = json.loads((reports / "headline_distill_prune_qat4" / "report.json").read_text())
-    report["metrics"]["teacher"]["heldout/ppl"] *= 1.01  # another corpus or split: no baseline is comparable
-    (tmp_path / "report.json").write_text(json.dumps(report))
-    line = versus_ptq(tmp_path / "report.json", reports, "mine")
-    assert line.startswith("mine: no PTQ baseline was measured on this teacher and held-out data")
+    base = [0.2, 0.5, 0.8, 0.4]
+    folder = tmp_path / "baselines" / "baseline_ptq_int4"
+    folder.mkdir(parents=True)
+    rival = _point("ptq_int4", 7.0, base, True)
+    (folder / "report.json").write_text(
+        json.dumps(
+            {
+                **rival["report"],
+                "metrics": {"teacher": rival["teacher"], "student": rival["student"]},
+                "run": rival["run"],
+            }
+        )
+    )
+    mine = _point("mine", 7.0, [a + 0.1 for a in base])
+    (tmp_path / "report.json").write_text(
+        json.dumps({**mine["report"], "metrics": {"teacher": mine["teacher"], "student": mine["student"]}, "run": {}})
+    )
+    line = versus_ptq(tmp_path / "report.json", tmp_path / "baselines", "mine")
+    assert line.startswith(
+        "versus PTQ: mine (7.00×, top-1 0.575) against ptq_int4 (7.00×, top-1 0.475): test split leads"
+    )
+    other = _point("mine", 7.1, base, key="k2")  # scored on another split: no baseline is comparable
+    (tmp_path / "report.json").write_text(
+        json.dumps(
+            {**other["report"], "metrics": {"teacher": other["teacher"], "student": other["student"]}, "run": {}}
+        )
+    )
+    assert versus_ptq(tmp_path / "report.json", tmp_path / "baselines", "mine").startswith(
+        "mine: no PTQ baseline was measured"
+    )
     assert versus_ptq(tmp_path / "report.json", None, "mine").startswith("mine: no PTQ baseline")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from distill.data.datamodule import DistillDataModule
 from distill.eval import tasks as task_module
@@ -156,7 +157,8 @@ def _comparison(tiny_teacher) -> Comparison:
     ids = [t for doc in embedded_corpus()[:25] for t in [*tok(doc)["input_ids"], tok.eos_token_id]]
     blocks = torch.tensor(ids[: len(ids) // 128 * 128]).view(-1, 128)
     student = scratch.build(tiny_teacher, hidden_size=32, num_layers=1, num_heads=2)
-    return Comparison(student, tiny_teacher, tok, [{"input_ids": b} for b in blocks.split(8)], 512)
+    batches = DataLoader([{"input_ids": b} for b in blocks.split(8)], batch_size=None)  # one held-out set
+    return Comparison(student, tiny_teacher, tok, batches, 512)
 
 
 def test_teacher_task_results_are_cached_until_the_task_data_changes(tiny_teacher, tmp_path, monkeypatch):
@@ -219,6 +221,35 @@ def test_task_cache_keys_on_the_data_bytes_and_needs_an_identity(tiny_teacher, s
         data.write_bytes(original)
     assert cache.load("distill_lastword", None, 1000) == scores
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+
+
+def test_the_task_cache_keys_a_model_by_its_exact_weight_bytes(tiny_teacher):
+    import copy
+
+    from distill.eval.tasks import model_fingerprint
+    from distill.models.fingerprint import weights_hash
+
+    model = copy.deepcopy(tiny_teacher.model)
+    key = model_fingerprint(model)
+    # One fingerprint for every model-keyed cache: the top-k teacher cache's and the continuations' too.
+    assert key == {"weights": weights_hash(model), "device": "cpu", "dtype": "torch.float32"}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # sums depended on the reduction order; bytes do not
+        assert model_fingerprint(model) == key
+    finally:
+        torch.set_num_threads(threads)
+    weight = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():  # two weights swapped: the same values in the tensor, other bytes
+        weight[0, :2] = weight[0, :2].flip(0).clone()
+    assert model_fingerprint(model)["weights"] != key["weights"]
+    with torch.no_grad():
+        weight[0, :2] = weight[0, :2].flip(0).clone()
+    assert model_fingerprint(model) == key
+    assert model_fingerprint(model.to(torch.bfloat16))["weights"] != key["weights"]
+    with torch.device("meta"):  # no bytes to hash: not cached
+        empty = type(model)(model.config)
+    assert model_fingerprint(empty) is None
 
 
 def test_ratio_interval_resamples_units_and_paired_statistics_see_the_same_draws():

@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Phi3Config, Phi3ForCausalLM
 
 from distill.compress.quant import schemes
 from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer, fake_quantize
@@ -135,9 +135,9 @@ def test_what_a_gguf_file_cannot_hold_is_refused(tiny_teacher, tmp_path):
     model.config.distill_layer_shapes = [{"heads": 4}, {"heads": 2}]
     with pytest.raises(ConfigError, match=r"per-layer pruned widths .* \(callbacks.prune.uniform=true\)"):
         write_gguf(model, tok, tmp_path / "p", "f16")
-    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=1))
-    with pytest.raises(ConfigError, match=r"writes Llama-architecture students; this one is qwen2"):
-        write_gguf(qwen, tok, tmp_path / "q", "f16")
+    phi = Phi3ForCausalLM(Phi3Config(vocab_size=512, hidden_size=64, num_hidden_layers=1, pad_token_id=0))
+    with pytest.raises(ConfigError, match=r"writes llama, mistral, qwen2 students; this one is phi3; export hf only"):
+        write_gguf(phi, tok, tmp_path / "q", "f16")
     assert not any(p.name in ("k", "u", "p", "q") for p in tmp_path.iterdir())  # nothing half-written
     with pytest.raises(ConfigError, match=r"export.formats=\['gguf'\]: give a list with hf and any of gguf, torchao"):
         check_formats({"formats": ["gguf"]})
@@ -258,7 +258,10 @@ def test_students_a_gguf_file_cannot_hold_are_refused_before_training(tiny_cfg, 
 
 def test_biased_and_bf16_students_are_refused_with_the_fix(tiny_teacher, tmp_path):
     biased = tiny_llama(vocab_size=512, attention_bias=True)
-    with pytest.raises(ConfigError, match=r"attention or MLP biases, .* set callbacks.prune.bias_compensation=false"):
+    with pytest.raises(
+        ConfigError,
+        match=r"for llama \(model.layers.0.self_attn.q_proj.bias\); set callbacks.prune.bias_compensation=false",
+    ):
         write_gguf(biased, tiny_teacher.tokenizer, tmp_path / "b", "f16")
     half = tiny_llama(vocab_size=512).to(torch.bfloat16)
     spec = schemes.make_spec("gguf_q4_0", None, ["*norm*"], modules=["linear", "embedding"])
@@ -370,3 +373,182 @@ def test_a_model_loaded_from_gguf_exports_again(tiny_teacher, tmp_path):
     assert loaded.is_quantized
     again = write_gguf(loaded, tiny_teacher.tokenizer, tmp_path / "b", "q4_0")
     assert verify_gguf(loaded, tiny_teacher.tokenizer, again, "q4_0").reload_max_abs_diff <= 1e-4
+
+
+# --- IQ4_NL, Q2_K and llama.cpp's importance-matrix PTQ -----------------------------------------------------
+
+
+def test_a_student_trained_on_the_iq4_nl_grid_reloads_with_its_fake_quant_logits(tiny_teacher, tmp_path):
+    model = tiny_llama(vocab_size=512).train()
+    spec = schemes.make_spec("gguf_iq4_nl", None, ["*norm*"], modules=["linear", "embedding"])
+    prepare(model, spec)
+    before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):  # a few QAT steps: the weights move off their first grid values
+        ids = torch.randint(0, 512, (2, 16), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+    model.eval()
+    probe = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fake = model(input_ids=probe).logits
+    trained = convert(model, spec)
+    assert set(trained.values()) == {"iq4_nl"} and "lm_head.weight" in trained
+    file = write_gguf(model, tiny_teacher.tokenizer, tmp_path / "g", "f16", trained)
+    types = _types(file)
+    assert {t for n, t in types.items() if "norm" not in n} == {"IQ4_NL"}
+    reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, fake, rtol=0, atol=1e-4)
+    check = verify_gguf(model, tiny_teacher.tokenizer, file, "f16", trained)
+    assert check.drift_max_abs_logit <= 1e-4 and check.drift_top1_agreement == 1.0
+
+
+def _llama_cpp_rows(data: np.ndarray, key: str, model: torch.nn.Module) -> np.ndarray:
+    """The rows llama.cpp's converter writes: q/k rows from rotate-half pairs to adjacent pairs (its permute)."""
+    heads = {"q_proj": model.config.num_attention_heads, "k_proj": model.config.num_key_value_heads}
+    proj = key.rsplit(".", 2)[-2]
+    if proj not in heads:
+        return data
+    n = heads[proj]
+    return data.reshape(n, 2, data.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(data.shape)
+
+
+def test_ptq_with_an_imatrix_and_a_type_mix_writes_llama_quantizes_bytes(tiny_teacher, tmp_path):
+    from distill.compress.quant import imatrix, llama_quants
+    from distill.export.gguf import glob_types, imatrix_modules, tensor_names
+
+    model = tiny_llama(vocab_size=512, intermediate_size=256).eval()  # tied head; down_proj rows 256 wide
+    mix = {"*": "iq4_nl", "*.mlp.down_proj": "q2_k", "*.self_attn.o_proj": "q5_0", "model.embed_tokens": "q8_0"}
+    types = glob_types(model, mix)
+    assert types["lm_head.weight"] == "iq4_nl" and types["model.embed_tokens.weight"] == "q8_0"
+    names = imatrix_modules(model)
+    ids = [torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))]
+    importance = imatrix.collect(model, list(names), ids).by_weight()
+    file = write_gguf(model, tiny_teacher.tokenizer, tmp_path / "w", "iq4_nl", types, importance=importance)
+    plain = write_gguf(model, tiny_teacher.tokenizer, tmp_path / "p", "iq4_nl", types)
+    got = {t.name: t for t in gguf.GGUFReader(file).tensors}
+    without = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(plain).tensors}
+    kinds, state = {}, model.state_dict()
+    for key, name in tensor_names(model).items():
+        kind = tensor_types(model, "iq4_nl", types)[key]
+        kinds[name] = got[name].tensor_type.name
+        if kind == "f32":
+            continue
+        data = _llama_cpp_rows(state[key].numpy(), key, model)
+        want = llama_quants.quantize(data, kind, importance.get(key))
+        np.testing.assert_array_equal(np.asarray(got[name].data), want, err_msg=name)
+        if key in importance:  # the imatrix changed the rounding
+            assert not np.array_equal(np.asarray(got[name].data), without[name]), name
+    assert (kinds["token_embd.weight"], kinds["blk.0.ffn_down.weight"]) == ("Q8_0", "Q2_K")
+    assert (kinds["blk.1.attn_output.weight"], kinds["blk.1.attn_q.weight"]) == ("Q5_0", "IQ4_NL")
+    assert "output.weight" not in kinds  # the tied head is token_embd, in the embedding's type
+    check = verify_gguf(model, tiny_teacher.tokenizer, file, "iq4_nl", types, importance)
+    assert check.reload_max_abs_diff <= 1e-4 and check.tokenizer_matches
+    with pytest.raises(ConfigError, match=r"types=\{'\*.mlp.dwn_proj': 'q2_k'\}: the glob matches no weight matrix"):
+        glob_types(model, {"*.mlp.dwn_proj": "q2_k"})
+    with pytest.raises(ConfigError, match=r"types='q3': unknown GGUF type"):
+        glob_types(model, {"*": "q3"})
+    with pytest.raises(ConfigError, match=r"'q2_k': model.embed_tokens.weight has rows 64 wide.* use q8_0, .*iq4_nl"):
+        write_gguf(model, tiny_teacher.tokenizer, tmp_path / "k", "q2_k")
+
+
+def _gguf_cfg(tmp_path: Path, cache_dir: Path, *overrides: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="gguf", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.cache_dir = str(cache_dir)
+        cfg.data.cache_dir = str(cache_dir / "data")
+        cfg.data.block_size = 32
+    return cfg
+
+
+def test_the_gguf_cli_runs_llama_cpps_imatrix_ptq(tiny_teacher, tmp_path, cache_dir):
+    from distill.compress.quant import imatrix
+    from distill.export.gguf import imatrix_modules, run
+
+    model = tiny_llama(vocab_size=512, intermediate_size=256)
+    model.save_pretrained(tmp_path / "fp")
+    tiny_teacher.tokenizer.save_pretrained(tmp_path / "fp")
+    mix = "types={*.mlp.down_proj:q2_k,model.embed_tokens:q8_0}"
+    auto = run(
+        _gguf_cfg(
+            tmp_path,
+            cache_dir,
+            f"model={tmp_path / 'fp'}",
+            "type=iq4_nl",
+            "imatrix=auto",
+            "imatrix_batches=2",
+            mix,
+            f"out={tmp_path / 'auto'}",
+        )
+    )
+    assert auto.reload_max_abs_diff <= 1e-4
+    collected = imatrix.read(tmp_path / "auto" / "imatrix.gguf", imatrix_modules(model))
+    assert len(collected.sums) == 14 and collected.chunk_size == 32 and collected.chunk_count == 8
+    assert collected.datasets == ("distill embedded training split: 8 rows",)
+    # llama-quantize's route: the same imatrix.gguf given back writes the same file.
+    again = run(
+        _gguf_cfg(
+            tmp_path,
+            cache_dir,
+            f"model={tmp_path / 'fp'}",
+            "type=iq4_nl",
+            mix,
+            f"imatrix={tmp_path / 'auto' / 'imatrix.gguf'}",
+            f"out={tmp_path / 'file'}",
+        )
+    )
+    plain = run(
+        _gguf_cfg(tmp_path, cache_dir, f"model={tmp_path / 'fp'}", "type=iq4_nl", mix, f"out={tmp_path / 'plain'}")
+    )
+    tensors = [{t.name: np.asarray(t.data) for t in gguf.GGUFReader(c.file).tensors} for c in (auto, again, plain)]
+    assert all(np.array_equal(tensors[0][n], tensors[1][n]) for n in tensors[0])
+    assert not np.array_equal(tensors[0]["blk.0.ffn_down.weight"], tensors[2]["blk.0.ffn_down.weight"])
+    assert np.array_equal(tensors[0]["token_embd.weight"], tensors[2]["token_embd.weight"])  # never weighted
+    assert _types(auto.file)["blk.1.ffn_down.weight"] == "Q2_K"
+    with pytest.raises(ConfigError, match=r"imatrix='.*nothing.gguf': no such file; give llama-imatrix's"):
+        run(
+            _gguf_cfg(
+                tmp_path, cache_dir, f"model={tmp_path / 'fp'}", "type=iq4_nl", f"imatrix={tmp_path}/nothing.gguf"
+            )
+        )
+    narrow = tiny_llama(vocab_size=512)  # its down_proj has 128 columns, the imatrix's 256
+    narrow.save_pretrained(tmp_path / "narrow")
+    tiny_teacher.tokenizer.save_pretrained(tmp_path / "narrow")
+    with pytest.raises(ConfigError, match=r"blk.0.ffn_down.weight has 256 sums but the model's has 128 columns"):
+        run(
+            _gguf_cfg(
+                tmp_path,
+                cache_dir,
+                f"model={tmp_path / 'narrow'}",
+                "type=iq4_nl",
+                f"imatrix={tmp_path / 'auto' / 'imatrix.gguf'}",
+            )
+        )
+
+
+@pytest.mark.slow
+def test_train_on_the_iq4_nl_grid_exports_the_student_as_trained(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        "callbacks=qat",
+        "callbacks.qat.scheme=gguf_iq4_nl",
+        "callbacks.qat.modules=[linear,embedding]",
+        "callbacks.qat.skip=['*norm*']",
+        "export.formats=[hf,gguf]",
+        "trainer.max_steps=4",
+        *QUIET,
+        output_dir=tmp_path / "run",
+    )
+    train(cfg)
+    file = tmp_path / "run" / "student_gguf" / "student-iq4_nl.gguf"  # gguf_type auto: the QAT grid's type
+    types = _types(file)
+    assert {t for n, t in types.items() if "norm" not in n} == {"IQ4_NL"}
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["run"]["gguf_max_abs_logit_vs_student"] <= 1e-4  # the file is the trained student

@@ -267,3 +267,14 @@ def test_train_builds_data_first_only_for_a_measuring_student(select, tmp_path, 
         assert order == [data, student]
         assert seen == [objects["datamodule"].train_set]
         assert objects["student"].layer_selection["kept"] in ([0], [1])
+
+
+def test_a_share_of_the_teachers_depth_is_rounded_and_a_bad_one_refused(tiny_teacher):
+    from distill.config import ConfigError
+    from students.from_teacher import build
+
+    assert build(tiny_teacher, num_layers=0.5).config.num_hidden_layers == 1  # half of 2 layers
+    assert build(tiny_teacher, num_layers=0.01).config.num_hidden_layers == 1  # at least one
+    for bad in (1.5, 0.0, -0.5, True):
+        with pytest.raises(ConfigError, match=r"student.num_layers=.*: from_teacher can copy between 1 and 2 layers"):
+            build(tiny_teacher, num_layers=bad)

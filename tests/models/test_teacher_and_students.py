@@ -100,3 +100,23 @@ def test_tokenizer_mismatch_is_refused(tiny_teacher, tmp_path, cache_dir):
         pretrained.load(tiny_teacher, path=str(tmp_path / "s"))
     with pytest.raises(ConfigError, match="differs from teacher tokenizer"):
         shared_vocab_size(tiny_teacher.tokenizer, other, 512, 300)
+
+
+def test_a_checkpoint_holding_inf_or_nan_is_refused_at_load_naming_the_tensor(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from distill.config import ConfigError
+    from distill.models.loading import load_causal_lm
+
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(
+        ConfigError, match=r"^student.path='.*m': its weight model.layers.0.mlp.up_proj.weight holds 1 non-finite"
+    ):
+        load_causal_lm(str(tmp_path / "m"), field="student")

@@ -420,3 +420,74 @@ def test_uld_gradient_reaches_the_student_only():
     assert uld_loss(torch.zeros(0, 6), torch.zeros(0, 9), 1.0).item() == 0.0
     with pytest.raises(ValueError, match="temperature"):
         uld_loss(student, teacher, 0.0)
+
+
+# ---------------------------------------------------------------- a teacher that changes the text, in any document
+
+
+@pytest.fixture(scope="module")
+def nfkc_teacher(tiny) -> PreTrainedTokenizerFast:
+    """The tiny BPE behind an NFKC normaliser: 'ﬁ' (3 bytes) is read as 'fi' (2 bytes)."""
+    tk = Tokenizer.from_str(tiny.backend_tokenizer.to_str())
+    tk.normalizer = normalizers.NFKC()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=tiny.eos_token, name_or_path="tiny-nfkc")
+
+
+@pytest.fixture(scope="module")
+def drops_space_teacher(sp_base) -> PreTrainedTokenizerFast:
+    """A '▁' BPE that keeps a text's leading space as '▁' but whose Metaspace decoder drops the first '▁'."""
+    vocab, merges = sp_base
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tk.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace("▁", prepend_scheme="always")])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>", name_or_path="sp-drops-space"
+    )
+
+
+def _row(tok, *documents: str) -> torch.Tensor:
+    """One packed row: the documents joined by EOS, as the data module packs them."""
+    ids: list[int] = []
+    for n, text in enumerate(documents):
+        ids += ([tok.eos_token_id] if n else []) + tok(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids])
+
+
+@pytest.mark.parametrize(
+    ("teacher", "changed", "plain"),
+    [
+        ("nfkc_teacher", "The ﬁrst ﬁle is ﬁne.", "Second document text here."),
+        ("drops_space_teacher", " the quick fox reads", "the same text twice over"),
+    ],
+)
+def test_a_teacher_that_changes_the_text_is_refused_in_any_document_of_a_row(teacher, changed, plain, tiny, request):
+    from distill.objective.cross_batch import CrossTokenizer
+
+    cross = CrossTokenizer("uld", request.getfixturevalue(teacher), tiny)
+    # The changed text in the first document only: before, only the row's last document was checked, and 3 of 13
+    # (Metaspace) or 6 of 22 (NFKC) pairs put the two models at different text, with no error.
+    for documents in [(changed, plain), (plain, changed), (changed,)]:
+        row = _row(tiny, *documents)
+        with pytest.raises(ValueError, match=r"changes the text it reads \(a normaliser\).*becomes.*in that document"):
+            cross.align(row, row.clone())
+    row = _row(tiny, plain, plain)  # text the teacher reads as written still pairs
+    assert len(cross.align(row, row.clone()).student_rows) > 0
+
+
+@pytest.mark.parametrize("teacher_name", ["sp_llama", "sp_metaspace", "smollm2"])
+def test_teachers_that_keep_the_text_pass_the_check_in_every_document(teacher_name, tiny, request):
+    from distill.objective.cross_batch import CrossTokenizer
+
+    teacher = request.getfixturevalue(teacher_name)
+    cross = CrossTokenizer("uld", teacher, tiny)
+    row = _row(tiny, *TEXTS, ENGLISH)
+    pairs = cross.align(row, row.clone())
+    width = pairs.teacher_ids.shape[1]
+    assert len(pairs.student_rows) > 0.2 * row.shape[1]
+    for s, t in zip(pairs.student_rows.tolist(), pairs.teacher_rows.tolist(), strict=True):
+        read = _text(tiny, row[0, : s + 1].tolist()), _text(teacher, pairs.teacher_ids[0, : t % width + 1].tolist())
+        if "\ufffd" in read[0] + read[1]:  # inside a character: the two decoders replace its bytes differently
+            continue
+        if teacher_name != "smollm2":  # decoded whole, each later document keeps its dummy-prefix space
+            read = tuple("".join(r.split()) for r in read)
+        assert read[0] == read[1]

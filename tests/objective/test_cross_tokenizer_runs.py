@@ -163,3 +163,23 @@ def test_a_different_tokenizer_needs_the_option(tiny_cfg, smol_tokenizer_dir):
         train(tiny_cfg("distill.objective.cross_tokenizer=uld"))
     with pytest.raises(ConfigError, match=r"distill.objective.chunked=True"):
         train(tiny_cfg("distill.objective.cross_tokenizer=align", "distill.objective.chunked=true"))
+
+
+def test_cross_heldout_refuses_a_teacher_that_changes_an_earlier_documents_text(tiny_teacher):
+    from tokenizers import Tokenizer, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from distill.data.datamodule import DistillDataModule
+    from distill.eval.cross_heldout import cross_heldout
+
+    tok, model = tiny_teacher.tokenizer, tiny_teacher.model
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.normalizer = normalizers.NFKC()  # 'ﬁ' (3 bytes) is read as 'fi' (2 bytes)
+    nfkc = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=tok.eos_token, name_or_path="tiny-nfkc")
+    first = tok("The ﬁrst ﬁle is ﬁne.", add_special_tokens=False)["input_ids"]
+    ids = first + [tok.eos_token_id] + tok("Second document text here.", add_special_tokens=False)["input_ids"]
+    batch = DistillDataModule.collate([{"input_ids": torch.tensor(ids)}] * 2)
+    # Before, only the row's last document was checked: the teacher's bits per byte summed tokens that covered
+    # other text than the student's, with no error.
+    with pytest.raises(ValueError, match=r"tiny-nfkc' changes the text it reads .*ﬁrst"):
+        cross_heldout(model, model, CrossTokenizer("uld", nfkc, tok), [batch], None, torch.device("cpu"))

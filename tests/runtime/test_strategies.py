@@ -3,6 +3,7 @@ teacher (2 gloo ranks), DDP matches one process, and the student switches work."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -265,3 +266,55 @@ def test_ddp_two_ranks_batch_b_match_one_process_batch_2b(tiny_cfg, tmp_path, ca
         ddp_val = dict(series(rows, key))
         assert ddp_val and ddp_val[0] == pytest.approx(metrics[key], rel=1e-5), key
     assert len(single["datamodule"].heldout_dataloader()) >= 3  # the limit, not the set, chose the batches
+
+
+def test_zero3_given_through_a_deepspeed_config_is_recognised(tmp_path, cache_dir):
+    from distill.runtime.strategies import is_zero3
+
+    target = "lightning.pytorch.strategies.DeepSpeedStrategy"
+    zero3 = {"zero_optimization": {"stage": 3}}
+    (tmp_path / "zero3.json").write_text(json.dumps(zero3))
+    (tmp_path / "zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    # A DeepSpeed config sets the stage and Lightning then ignores `stage`; before, only `stage` was read.
+    assert is_zero3({"_target_": target, "stage": 2, "config": zero3}, environ={})
+    assert is_zero3({"_target_": target, "config": str(tmp_path / "zero3.json")}, environ={})
+    assert not is_zero3({"_target_": target, "stage": 3, "config": str(tmp_path / "zero2.json")}, environ={})
+    assert not is_zero3({"_target_": target, "config": {"train_batch_size": 8}}, environ={})  # DeepSpeed's stage 0
+    env = {"PL_DEEPSPEED_CONFIG_PATH": str(tmp_path / "zero3.json")}  # read when no config is given
+    assert is_zero3("deepspeed", environ=env) and is_zero3({"_target_": target}, environ=env)
+    assert not is_zero3("deepspeed", environ={}) and is_zero3("deepspeed_stage_3_offload", environ={})
+    assert not is_zero3({"_target_": "lightning.pytorch.strategies.DDPStrategy"}, environ=env)
+    with pytest.raises(ConfigError, match=r"^trainer.strategy.config='.*missing.json': give a DeepSpeed JSON config"):
+        is_zero3({"_target_": target, "config": str(tmp_path / "missing.json")}, environ={})
+    # The composed override a user would type: the chunked loss is refused as under trainer=deepspeed_stage_3.
+    cfg = compose_cfg(
+        ["trainer=deepspeed_stage_2", "+trainer.strategy.config.zero_optimization.stage=3"], tmp_path, cache_dir
+    )
+    assert is_zero3(cfg.trainer.strategy, environ={})
+    with pytest.raises(ConfigError, match=r"distill.objective.chunked=True: .*ZeRO-3"):
+        check_trainer_config(cfg.trainer, environ={}, objective={"chunked": True})
+    if importlib.util.find_spec("deepspeed") is not None:  # the strategy Lightning builds from it agrees
+        # (Lightning asserts a plain dict: a Hydra node passes one only with _convert_=all.)
+        strategy = hydra.utils.instantiate(cfg.trainer.strategy, _convert_="all")
+        assert strategy.config["zero_optimization"]["stage"] == 3 and is_zero3(strategy, environ={})
+
+
+@pytest.mark.parametrize("option", ["deepspeed_stage_2", "deepspeed_stage_3", "deepspeed_sim"])
+def test_a_deepspeed_config_given_by_override_reaches_lightning_as_a_dict(option, tmp_path, cache_dir):
+    # Before, Hydra passed the node as a DictConfig and Lightning's DeepSpeedStrategy failed on
+    # `assert isinstance(config, dict)` while the trainer was built.
+    pytest.importorskip("deepspeed")
+    overrides = [
+        f"trainer={option}",
+        "+trainer.strategy.config.zero_optimization.stage=3",
+        "+trainer.strategy.config.train_micro_batch_size_per_gpu=4",
+    ]
+    cfg = compose_cfg(overrides, tmp_path, cache_dir)
+    strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert type(strategy.config) is dict and type(strategy.config["zero_optimization"]) is dict
+    assert strategy.config["zero_optimization"]["stage"] == 3 and strategy.config["train_micro_batch_size_per_gpu"] == 4
+    if option == "deepspeed_sim":  # the one Lightning lets a CPU machine build a Trainer with: the nested node too
+        from distill.config import build
+
+        trainer = build(cfg.trainer, field="trainer", logger=False, enable_checkpointing=False)
+        assert type(trainer.strategy.config) is dict and trainer.strategy.config["zero_optimization"]["stage"] == 3

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from distill.runtime import tracking
 from distill.runtime.tracking import REDACTED, has_api_key, redact, wandb_logger
 from train import train
 
@@ -79,6 +80,107 @@ def test_redact_by_key_name_and_by_secret_value():
         "url": f"https://h/?k={REDACTED}",
         "l": [REDACTED, 1],
     }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "aws_secret_access_key",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SESSION_TOKEN",
+        "private_key",
+        "GITHUB_PAT",
+        "gitlab_pat",
+        "db_password",
+        "smtp_passwd",
+        "ssh_passphrase",
+        "apiKey",
+        "clientSecret",
+        "access_token",
+        "token",
+        "google_application_credentials",
+    ],
+)
+def test_secret_names_are_redacted(name):
+    assert redact({name: "s3cr3t-value", "lr": 0.1}) == {name: REDACTED, "lr": 0.1}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tokenizer",
+        "cross_tokenizer",
+        "max_tokens",
+        "max_new_tokens",
+        "prompt_tokens",
+        "pad_token",
+        "eos_token_id",
+        "key",
+        "data_key",
+        "sort_key",
+        "top_k",
+        "pattern",
+        "path",
+        "PWD",
+        "TOKENIZERS_PARALLELISM",
+    ],
+)
+def test_harmless_names_are_kept(name):
+    assert redact({name: "value-kept"}) == {name: "value-kept"}
+
+
+def test_passwords_inside_urls_are_masked_keeping_user_host_and_path():
+    cfg = {
+        "db": "postgres://user:pass@host/db",
+        "broker": "amqp://guest:p@ss@rabbit:5672/vhost",  # an unescaped @ inside the password
+        "cache": "redis://:pw@cache:6379/0",
+        "hub": ["https://huggingface.co/org/model", "ssh://git@github.com/org/repo"],  # no password: kept
+        "remote": "https://ghp_abcdef0123456789@github.com/org/repo.git",  # a token as the user name
+    }
+    assert redact(cfg) == {
+        "db": "postgres://user:***@host/db",
+        "broker": "amqp://guest:***@rabbit:5672/vhost",
+        "cache": "redis://:***@cache:6379/0",
+        "hub": ["https://huggingface.co/org/model", "ssh://git@github.com/org/repo"],
+        "remote": "https://***@github.com/org/repo.git",
+    }
+
+
+def test_secrets_in_the_environment_are_found_by_their_new_names(monkeypatch, tmp_path):
+    pat, aws = "ghp_" + KEY[:36], "wJalrXUtnFEMI/K7MDENG/" + KEY[:18]
+    monkeypatch.setenv("GITHUB_PAT", pat)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws)
+    monkeypatch.setenv("PWD", str(tmp_path))  # the working directory is no secret, and paths hold it
+    found = tracking._secrets()
+    assert pat in found and aws in found and str(tmp_path) not in found
+    cfg = {"remote": f"https://x:{pat}@github.com/o/r", "note": f"s3 {aws}", "dir": f"{tmp_path}/run"}
+    assert redact(cfg, found) == {
+        "remote": "https://x:***@github.com/o/r",
+        "note": f"s3 {REDACTED}",
+        "dir": f"{tmp_path}/run",
+    }
+
+
+def test_hparams_yaml_holds_no_secret_under_common_names(tiny_cfg, tmp_path, monkeypatch):
+    """What the CSV logger writes to hparams.yaml: secrets under every common name are redacted, the rest kept."""
+    monkeypatch.setenv("GITHUB_PAT", "ghp_" + KEY[:36])
+    cfg = tiny_cfg(
+        "trainer.max_steps=1",
+        "export.enabled=false",
+        "eval.enabled=false",
+        "+extra.aws_secret_access_key=aws-" + KEY,
+        "+extra.private_key=pk-" + KEY,
+        "+extra.database='postgres://user:pw-" + KEY[:12] + "@db.example.com/runs'",
+        "+extra.repo='https://github.com/${oc.env:GITHUB_PAT}/x'",
+        "+extra.max_tokens=128",
+    )
+    train(cfg)
+    (hparams,) = tmp_path.glob("csv/version_*/hparams.yaml")
+    text = hparams.read_text()
+    for secret in ("aws-" + KEY, "pk-" + KEY, "pw-" + KEY[:12], "ghp_" + KEY[:36]):
+        assert secret not in text
+    assert "postgres://user:***@db.example.com/runs" in text and "max_tokens: 128" in text
+    assert "tokenizer" in text  # the tokenizer settings are not mistaken for secrets
 
 
 def test_an_explicit_mode_is_respected(tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ import itertools
 import math
 from types import SimpleNamespace
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Timer
@@ -99,3 +100,87 @@ def test_a_run_logs_the_decaying_rate_it_trains_with(tiny_cfg, tmp_path):
     assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 6)))
     # On top of the recipe's own schedule: the smoke run's cosine over max_steps (the same curve, so squared).
     assert rates == pytest.approx([0.01 * f * f for f in factors], rel=1e-5)
+
+
+class _NoPostHookOptimizer:
+    """An optimizer as DeepSpeed's ZeRO wrappers present it: param groups, state and ``step``, no step hooks."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.inner = inner
+        self.param_groups = inner.param_groups
+        self.state = inner.state
+
+    def step(self, closure=None):
+        return self.inner.step(closure)
+
+
+def test_an_optimizer_without_step_hooks_gets_its_scheduled_rate_back_after_each_step():
+    cb = WallClockCosine()
+    trainer = _trainer(1, 4)  # a quarter of the steps done
+    optimizer = _NoPostHookOptimizer(trainer.optimizers[0])
+    trainer.optimizers = [optimizer]
+    assert not hasattr(optimizer, "register_step_post_hook")
+    group = optimizer.param_groups[0]
+    for step in (1, 2):
+        trainer.global_step = step
+        cb.on_train_batch_start(trainer, _module(), None, step)
+        assert group["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * step / 4)))
+        optimizer.step()
+        assert group["lr"] == pytest.approx(0.05)  # put back before the scheduler reads it
+
+
+class RateProbe(pl.Callback):
+    """Records the first param group's rate as each optimizer step applies it.
+
+    ``on_before_optimizer_step`` runs inside ``optimizer.step``, in the closure, before the update reads the rate,
+    and after every earlier callback's hooks (``wall_clock_lr`` is listed first).
+    """
+
+    def __init__(self) -> None:
+        self.used: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        self.used.append(optimizer.param_groups[0]["lr"])
+
+
+class SwapNormAt(pl.Callback):
+    """At ``step``, replace the student's final-norm weight and rebuild the optimizer, as pruning does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        if trainer.global_step == self.step:
+            norm = pl_module.student.model.norm
+            old, norm.weight = norm.weight, torch.nn.Parameter(norm.weight.detach().clone())
+            pl_module.rebuild_optimizers({norm.weight: (old, None)})
+
+
+@pytest.mark.parametrize("scheduler", ["none", "step_lr"])
+def test_a_rebuilt_optimizer_carries_the_scheduled_rate_not_the_scaled_one(scheduler, tiny_cfg, tmp_path):
+    steps, cut = 6, 3
+    schedules = {
+        "none": ["distill.scheduler=null"],  # the scheduled rate is the configured 0.01 throughout
+        "step_lr": [  # chains on the current rate: 0.01 · 0.5^s at step s
+            "~distill.scheduler",
+            "+distill.scheduler={_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 1, gamma: 0.5}",
+        ],
+    }
+    cfg = tiny_cfg(
+        f"trainer.max_steps={steps}",
+        *schedules[scheduler],
+        "+callbacks.wall_clock_lr._target_=callbacks.wall_clock_lr.WallClockCosine",
+        "+callbacks.swap._target_=tests.runtime.test_wall_clock_lr.SwapNormAt",  # after wall_clock_lr, like prune
+        f"+callbacks.swap.step={cut}",
+        "+callbacks.probe._target_=tests.runtime.test_wall_clock_lr.RateProbe",
+        "trainer.val_check_interval=100",
+        "eval.enabled=false",
+        "export.enabled=false",
+    )
+    _, objects = train(cfg)
+    probe = next(cb for cb in objects["trainer"].callbacks if isinstance(cb, RateProbe))
+    decay = 0.5 if scheduler == "step_lr" else 1.0
+    want = [0.01 * decay**s * 0.5 * (1 + math.cos(math.pi * s / steps)) for s in range(steps)]
+    # Before the fix the rebuilt optimizer kept step 3's scaled rate as its scheduled one: every later step ran at
+    # that factor times its own (0.5x at the cut here).
+    assert probe.used == pytest.approx(want, rel=1e-6)

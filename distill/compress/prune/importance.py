@@ -59,6 +59,9 @@ class ImportanceAccumulator:
         self.collecting = False
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, Tensor] = {}
+        # What this rank added since the last reduce (sum, count): reduce sums only these across ranks, so the
+        # totals are the same on every rank after each reduce, and the checkpoint rank 0 writes holds them all.
+        self._local: dict[str, tuple[Tensor, Tensor]] = {}
         self._handles: list[RemovableHandle] = []
 
     @property
@@ -69,16 +72,19 @@ class ImportanceAccumulator:
     # -- bookkeeping --------------------------------------------------------------------------
     def _add(self, key: str, value: Tensor, count: int) -> None:
         value = value.detach().to(torch.float64).cpu()
+        n = torch.tensor(float(count), dtype=torch.float64)
         if key in self.sums:
             self.sums[key] += value
-            self.counts[key] += count
+            self.counts[key] += n
         else:
             self.sums[key] = value.clone()
-            self.counts[key] = torch.tensor(float(count), dtype=torch.float64)
+            self.counts[key] = n.clone()
+        old_sum, old_count = self._local.get(key, (torch.zeros_like(value), torch.zeros_like(n)))
+        self._local[key] = (old_sum + value, old_count + n)
 
     def reset(self) -> None:
         """Forget collected statistics (after the structure they describe has changed)."""
-        self.sums, self.counts = {}, {}
+        self.sums, self.counts, self._local = {}, {}, {}
 
     def state_dict(self) -> dict[str, Any]:
         """Sums and counts, so a resumed run scores on the same batches as an uninterrupted one."""
@@ -86,13 +92,20 @@ class ImportanceAccumulator:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
-        self.sums, self.counts = dict(state["sums"]), dict(state["counts"])
+        self.sums, self.counts, self._local = dict(state["sums"]), dict(state["counts"]), {}
 
     def reduce(self, reduce_sum: Callable[[Tensor], Tensor]) -> None:
-        """Sum statistics across ranks with ``reduce_sum`` so every rank picks the same units."""
-        for key in sorted(self.sums):  # the same order on every rank, or collectives would mismatch
-            self.sums[key] = reduce_sum(self.sums[key])
-            self.counts[key] = reduce_sum(self.counts[key])
+        """Sum the statistics added since the last reduce across ranks, so every rank holds the same totals.
+
+        Called after each calibration step (and before a cut), every rank then picks the same units, and the
+        state rank 0 checkpoints is the sum over ranks, which a resumed run continues from.
+        """
+        for key in sorted(self._local):  # the same order on every rank, or collectives would mismatch
+            local_sum, local_count = self._local[key]
+            # Copies: an all-reduce may work in place on the tensor it is given.
+            self.sums[key] += reduce_sum(local_sum.clone()) - local_sum
+            self.counts[key] += reduce_sum(local_count.clone()) - local_count
+        self._local = {}
 
     # -- hooks --------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from distill.compress.prune.importance import ImportanceAccumulator
 from distill.compress.prune.surgery import decoder_layers, layer_shapes, shapes
-from distill.config import ConfigError
+from distill.config import ConfigError, config_error
 
 
 @torch.no_grad()
@@ -207,6 +207,17 @@ def add_compensation(student: nn.Module, terms: list[tuple[int, str, Tensor]]) -
     for j, kind, vec in terms:
         lin = layers[j].mlp.down_proj if kind == "mlp" else layers[j].self_attn.o_proj
         lin.bias.add_(vec.to(lin.bias))
+
+
+def require_llama_like(model: nn.Module) -> None:
+    """Refuse pruning a student whose layers the surgery cannot slice, with the way out."""
+    if not is_llama_like(model):
+        raise config_error(
+            "callbacks",
+            "prune",
+            f"{type(model).__name__} is not a Llama-style decoder (model.layers with "
+            "self_attn.q_proj/k_proj/v_proj/o_proj and mlp.gate_proj/up_proj/down_proj); drop callbacks=prune",
+        )
 
 
 def is_llama_like(model: nn.Module) -> bool:

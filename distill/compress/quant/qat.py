@@ -25,6 +25,7 @@ from distill.compress.quant import schemes
 from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer, fake_quantize
 from distill.compress.quant.schemes import QuantSpec
 from distill.config import config_error
+from distill.runtime.ranks import clean_name
 
 FIELD = "callbacks.qat."
 FAKE_QUANTIZED = (FakeQuantizedLinear, FakeQuantizedEmbedding)
@@ -67,7 +68,7 @@ def _prepare_gguf(student: nn.Module, spec: QuantSpec) -> None:
             new = FakeQuantizedEmbedding.from_embedding(module)
         else:
             new = FakeQuantizedLinear.from_linear(module)
-        new.weight_fake_quantizer = GGUFBlockFakeQuantizer(spec.gguf_kind(name))
+        new.weight_fake_quantizer = GGUFBlockFakeQuantizer(spec.gguf_kind(name), f"{name}.weight")
         _swap(student, name, new)
 
 
@@ -93,7 +94,9 @@ def _convert_gguf(student: nn.Module) -> dict[str, str]:
         kind = module.weight_fake_quantizer.kind
         weight = module.weight
         if id(weight) not in rounded:
-            rounded[id(weight)] = nn.Parameter(fake_quantize(weight, kind), requires_grad=weight.requires_grad)
+            rounded[id(weight)] = nn.Parameter(
+                fake_quantize(weight, kind, f"{name}.weight"), requires_grad=weight.requires_grad
+            )
         if isinstance(module, nn.Embedding):
             plain = nn.Embedding(
                 module.num_embeddings,
@@ -140,7 +143,9 @@ def convert(student: nn.Module, spec: QuantSpec) -> dict[str, str]:
 
 def fake_quantized(student: nn.Module) -> dict[str, FakeQuantizedLinear | FakeQuantizedEmbedding]:
     """The student's fake-quantized linears (and embeddings) by name."""
-    return {n: m for n, m in student.named_modules() if isinstance(m, FAKE_QUANTIZED)}
+    # Names as in the unwrapped student also under FSDP (scale_out.md), so the ranges frozen on the wrapped
+    # student apply to the gathered one.
+    return {clean_name(n): m for n, m in student.named_modules() if isinstance(m, FAKE_QUANTIZED)}
 
 
 @torch.no_grad()
@@ -171,3 +176,44 @@ def freeze_ranges(student: nn.Module, ranges: Ranges) -> None:
         fq.zero_point = qparams["zero_point"].to(device)
         fq.config = copy.copy(fq.config)  # configs may be shared; freeze only this quantizer's
         fq.config.is_dynamic = False
+
+
+def check_steps(spec: QuantSpec, start_step: object, freeze_ranges_step: object, calibration_batches: object) -> None:
+    """Refuse a QAT schedule that cannot run: steps below 0 or out of order, frozen ranges on a llama.cpp grid."""
+    if not isinstance(start_step, int) or start_step < 0:
+        raise config_error(FIELD + "start_step", start_step, "give a global step >= 0")
+    if freeze_ranges_step is not None and (not isinstance(freeze_ranges_step, int) or freeze_ranges_step < start_step):
+        raise config_error(
+            FIELD + "freeze_ranges_step",
+            freeze_ranges_step,
+            f"give a global step >= start_step ({start_step}), or null to keep ranges dynamic",
+        )
+    if freeze_ranges_step is not None and schemes.get_scheme(spec.scheme).gguf is not None:
+        raise config_error(
+            FIELD + "freeze_ranges_step",
+            freeze_ranges_step,
+            f"{spec.scheme} computes each block's scale from its weights, as llama.cpp does when it "
+            "writes the file; leave it null",
+        )
+    if not isinstance(calibration_batches, int) or isinstance(calibration_batches, bool) or calibration_batches < 1:
+        raise config_error(FIELD + "calibration_batches", calibration_batches, "give a number of batches >= 1")
+
+
+def converted_summary(student: nn.Module, spec: QuantSpec, gguf_types: dict[str, str]) -> str:
+    """One line on what :func:`convert` left: the llama.cpp types it rounded to, or torchao's stored bits."""
+    from collections import Counter
+
+    if gguf_types:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(Counter(gguf_types.values()).items()))
+        return (
+            f"QAT convert ({spec.scheme}): {len(gguf_types)} weights rounded to llama.cpp's grids ({counts}); "
+            "export.formats=[hf,gguf] writes them without a second rounding"
+        )
+    from distill.export.quantized import size_report
+
+    report = size_report(student)
+    return (
+        f"QAT convert ({spec.scheme}, group_size={spec.group_size}): {int(report['quantized_weights'])} weights "
+        f"at {report['bits_per_weight']:.2f} stored bits each; student {report['memory_bytes'] / 2**20:.2f} MiB "
+        "in memory"
+    )

@@ -104,6 +104,16 @@ SCHEMES: dict[str, Scheme] = {
             "gguf_q4_k", torch.int4, 4, None, True, "llama.cpp Q4_K: 4-bit codes, 6-bit scale and min per 32", "q4_k"
         ),
         Scheme("gguf_q3_k", torch.int3, 3, None, True, "llama.cpp Q3_K: 3-bit codes, 6-bit scale per 16", "q3_k"),
+        # IQ4_NL: Q4_0's size (4.5 bits per weight), its 16 levels spaced as weights are (denser near zero).
+        Scheme(
+            "gguf_iq4_nl",
+            torch.int4,
+            4,
+            None,
+            True,
+            "llama.cpp IQ4_NL: 4-bit codes into 16 non-linear levels, fp16 scale per 32",
+            "iq4_nl",
+        ),
     )
 }
 

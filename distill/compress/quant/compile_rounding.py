@@ -1,0 +1,71 @@
+"""``trainer_extras.compile_rounding``: the llama.cpp grids' fake quantizers run through ``torch.compile`` (inductor).
+
+Eager, :func:`distill.compress.quant.gguf_grid.fake_quantize` makes several passes over weight-sized temporaries per
+weight and step; inductor fuses most of them into one loop. The values must stay those of the eager rounding bit
+for bit, since the GGUF file stores them: inductor by default drops the fp32 → fp16 → fp32 round trip that gives
+each block's scale its stored precision, which moves nearly every value by up to one fp16 step of the scale.
+``emulate_precision_casts`` keeps those casts in the compiled graphs (with it the compiled and eager values are
+equal, ``tests/compress/quant/test_compile_rounding.py``); it is passed per compiled module, not set globally.
+
+The quantizers do not exist yet when ``train.py`` applies the student switches (QAT inserts them in its setup, or at
+``start_step``), so a forward pre-hook on the student's body compiles each one it finds not compiled yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer
+
+log = logging.getLogger("distill")
+
+INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # keep the fp16 rounding of the scales (see above)
+
+
+def compile_quantizers(model: nn.Module, done: weakref.WeakSet | None = None) -> int:
+    """Compile, in place, each llama.cpp block quantizer of ``model`` not in ``done``; returns how many were.
+
+    Dynamo keeps one graph per grid, weight shape and grad mode, and falls back to eager beyond its recompile
+    limit (8 by default); the limit is raised to what this model's quantizers need, so none of them falls back.
+    """
+    done = weakref.WeakSet() if done is None else done
+    fresh = [m for m in model.modules() if isinstance(m, GGUFBlockFakeQuantizer) and m not in done]
+    if not fresh:
+        return 0
+    graphs = 2 * len({(m.kind, tuple(w.shape)) for m, w in _quantized_weights(model)})  # training and no_grad
+    limit = torch._dynamo.config.recompile_limit
+    if graphs > limit:
+        torch._dynamo.config.recompile_limit = graphs
+    for module in fresh:
+        module.compile(options=INDUCTOR_OPTIONS)
+        done.add(module)
+    log.info("trainer_extras.compile_rounding: %d llama.cpp grid quantizers compiled", len(fresh))
+    return len(fresh)
+
+
+def _quantized_weights(model: nn.Module) -> list[tuple[GGUFBlockFakeQuantizer, torch.Tensor]]:
+    return [
+        (m.weight_fake_quantizer, m.weight)
+        for m in model.modules()
+        if isinstance(getattr(m, "weight_fake_quantizer", None), GGUFBlockFakeQuantizer)
+    ]
+
+
+def compile_rounding_on_forward(student: nn.Module) -> RemovableHandle:
+    """Compile the student's llama.cpp quantizers at each forward that finds new ones (QAT inserts them later).
+
+    The hook sits on the student's body (``base_model``), which both the chunked loss and a plain forward call;
+    it compiles every quantizer of the student, the output layer's included.
+    """
+    done: weakref.WeakSet = weakref.WeakSet()
+
+    def hook(_module: nn.Module, _args: tuple) -> None:
+        compile_quantizers(student, done)
+
+    body = getattr(student, "base_model", student)
+    return body.register_forward_pre_hook(hook)

@@ -1,0 +1,409 @@
+"""A per-tensor llama.cpp type map chosen for a byte budget from the student's own shapes and activations.
+
+llama.cpp's mixes (Q4_K_M and the like) give each tensor a type by a fixed rule written for the common
+architectures; a hand-made map for one model (``*.layers.13.mlp.down_proj: q3_k``) breaks on any other. Here
+the map is derived from the model at start-up, so one recipe fits every student:
+
+1. **Candidates.** Each quantized Parameter (a tied embedding and output head are one) may take the QAT grids
+   whose blocks divide its rows (:data:`~distill.compress.quant.gguf_grid.BLOCKS`): a 576-wide row takes only
+   the 32-blocks (Q4_0, Q4_1, Q8_0), a 1536-wide one also the K-quants' 256-blocks. Bytes per block are
+   gguf-py's (``GGML_QUANT_SIZES``), so the sizes are the file's.
+2. **Sensitivity.** The error a type adds is measured as llama.cpp's importance matrix weighs it: the squared
+   rounding error of each weight times the mean square of the input channel it multiplies, collected on
+   calibration batches of the training split (for a token embedding read as a lookup, each row is weighted by
+   how often its token occurs). It is divided by the same weighting of the weights themselves, so every
+   tensor's error is a relative output error and tensors of different scales compare.
+3. **Allocation.** Every Parameter starts at its cheapest type; then, while the budget allows, the upgrade
+   that removes the most relative error per added byte is taken (a greedy walk along each tensor's
+   error/size curve, the usual Lagrangian heuristic for this knapsack).
+
+The budget counts the whole file: the quantized tensors exactly, the tensors kept in F32 (norms, biases), and
+an estimate of the tokenizer and metadata (:func:`metadata_bytes`, within a few kB). Written here because no
+maintained library chooses llama.cpp types for a byte budget (llama.cpp's own proposal is PTQ-only and not
+merged); the maths is the importance-matrix weighting llama.cpp documents for ``llama-quantize --imatrix``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distill.compress.quant.gguf_grid import BLOCKS, fake_quantize
+from distill.compress.quant.schemes import QuantSpec, get_scheme
+from distill.config import config_error
+
+log = logging.getLogger("distill")
+
+# Rough bytes per tensor record in a GGUF header (its name, shape, type, offset and alignment padding).
+_TENSOR_INFO_BYTES = 96
+_FIXED_METADATA_BYTES = 8192  # the architecture's hyperparameters, special token ids and similar small keys
+
+
+def type_bytes(kind: str, numel: int) -> int:
+    """Bytes ``numel`` weights take in a GGUF file as ``kind`` (gguf-py's block sizes)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind.upper()]]
+    return numel // block * size
+
+
+@dataclass
+class Unit:
+    """One quantized Parameter: the target modules that read it and what each candidate type costs.
+
+    Attributes:
+        modules: the target module names sharing the Parameter (a tied embedding and head are two).
+        numel: its number of weights.
+        candidates: the types whose blocks divide its rows, cheapest first.
+        bytes: type → bytes in the file.
+        error: type → relative importance-weighted error (summed over the modules that read it).
+
+    """
+
+    modules: tuple[str, ...]
+    numel: int
+    candidates: tuple[str, ...]
+    bytes: dict[str, int]
+    error: dict[str, float]
+
+
+def _width(module: nn.Module) -> int:
+    return module.embedding_dim if isinstance(module, nn.Embedding) else module.in_features
+
+
+@torch.no_grad()
+def collect_importance(
+    model: nn.Module, names: Sequence[str], batches: Iterable[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per target module, the mean square of each input channel over ``batches`` (llama.cpp's imatrix).
+
+    For an ``nn.Embedding`` the "input" is the token id, so its entry counts how often each row is read.
+
+    Args:
+        model: the student, in the state it will be quantized from.
+        names: dotted names of the target ``nn.Linear`` / ``nn.Embedding`` modules.
+        batches: token-id tensors ``(rows, tokens)`` of training text.
+
+    Returns:
+        name → float64 tensor of length ``in_features`` (Linear) or ``num_embeddings`` (Embedding).
+
+    """
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook(name: str, module: nn.Module) -> Callable[..., None]:
+        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+            x = inputs[0]
+            if isinstance(module, nn.Embedding):
+                part = torch.bincount(x.flatten().cpu(), minlength=module.num_embeddings).double()
+                n = x.numel()
+            else:
+                flat = x.detach().reshape(-1, x.shape[-1]).double()
+                part, n = flat.pow(2).sum(0).cpu(), flat.shape[0]
+            sums[name] = sums[name] + part if name in sums else part
+            counts[name] = counts.get(name, 0) + n
+
+        return record
+
+    for name in names:
+        module = model.get_submodule(name)
+        hooks.append(module.register_forward_hook(hook(name, module)))
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for ids in batches:
+            model(input_ids=ids.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    missing = [n for n in names if n not in sums]
+    if missing:
+        raise RuntimeError(f"the calibration forward never reached {missing[:3]}; cannot weigh their rounding")
+    return {n: sums[n] / max(counts[n], 1) for n in names}
+
+
+def relative_error(squared: torch.Tensor, energy: torch.Tensor, importance: torch.Tensor, lookup: bool) -> float:
+    """``Σ v·(w - q)² / Σ v·w²``: the relative importance-weighted error of one rounding.
+
+    Args:
+        squared: ``(w - q)²`` per weight.
+        energy: ``w²`` per weight.
+        importance: weighs columns (a Linear's input channels) or, with ``lookup``, rows (an embedding's tokens).
+        lookup: whether the module reads rows (an embedding) rather than multiplying columns.
+
+    """
+    v = importance.to(squared.device)
+    if lookup:
+        num = (squared.sum(1, dtype=torch.float64) * v).sum()
+        den = (energy.sum(1, dtype=torch.float64) * v).sum()
+    else:
+        num = (squared.sum(0, dtype=torch.float64) * v).sum()
+        den = (energy.sum(0, dtype=torch.float64) * v).sum()
+    return float(num / den) if den > 0 else 0.0
+
+
+def build_units(
+    model: nn.Module, names: Sequence[str], importance: Mapping[str, torch.Tensor], kinds: Sequence[str]
+) -> tuple[list[Unit], list[str]]:
+    """One :class:`Unit` per quantized Parameter, with each candidate's bytes and error.
+
+    Returns:
+        The units, and the target modules no candidate fits (rows not a multiple of any block; they stay
+        unquantized).
+
+    """
+    by_param: dict[int, list[str]] = {}
+    for name in names:
+        by_param.setdefault(id(model.get_submodule(name).weight), []).append(name)
+    units, unfit = [], []
+    for group in by_param.values():
+        module = model.get_submodule(group[0])
+        width, numel = _width(module), module.weight.numel()
+        fits = [k for k in kinds if width % BLOCKS[k] == 0]
+        if not fits:
+            unfit += group
+            continue
+        sizes = {k: type_bytes(k, numel) for k in fits}
+        w = module.weight.detach().float()
+        energy = w.square()
+        error = {}
+        for k in fits:  # one rounding per type, shared by the modules that read the Parameter
+            squared = fake_quantize(w, k).sub_(w).square_()
+            error[k] = sum(
+                relative_error(squared, energy, importance[n], isinstance(model.get_submodule(n), nn.Embedding))
+                for n in group
+            )
+        order = tuple(sorted(fits, key=lambda k: (sizes[k], error[k])))
+        units.append(Unit(tuple(group), numel, order, sizes, error))
+    return units, unfit
+
+
+def allocate(units: Sequence[Unit], budget: int, fixed: int) -> tuple[dict[int, str], int]:
+    """Greedy allocation: cheapest types first, then the upgrades with the most error removed per byte.
+
+    Args:
+        units: the quantized Parameters.
+        budget: bytes the whole file may take.
+        fixed: bytes that do not depend on the choice (F32 tensors, metadata).
+
+    Returns:
+        unit index → chosen type, and the file's bytes under that choice (over ``budget`` when even the
+        cheapest types do not fit).
+
+    """
+    choice = {i: u.candidates[0] for i, u in enumerate(units)}
+    total = fixed + sum(u.bytes[choice[i]] for i, u in enumerate(units))
+    while True:
+        best: tuple[float, int, str] | None = None
+        for i, u in enumerate(units):
+            now = choice[i]
+            for k in u.candidates:
+                extra = u.bytes[k] - u.bytes[now]
+                gain = u.error[now] - u.error[k]
+                if extra <= 0 or gain <= 0 or total + extra > budget:
+                    continue
+                rate = gain / extra
+                if best is None or rate > best[0]:
+                    best = (rate, i, k)
+        if best is None:
+            return choice, total
+        _, i, k = best
+        total += units[i].bytes[k] - units[i].bytes[choice[i]]
+        choice[i] = k
+
+
+def metadata_bytes(tokenizer: object, n_tensors: int) -> int:
+    """An estimate of a GGUF file's bytes besides tensor data: the tokenizer's arrays and the tensor records.
+
+    Strings are stored as a length (8 bytes) and UTF-8 bytes, token types as int32, merges as strings.
+    """
+    import json
+
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    size = sum(8 + len(t.encode()) + 4 for t in vocab)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        merges = (json.loads(backend.to_str()).get("model") or {}).get("merges") or []
+        size += sum(8 + len((" ".join(m) if isinstance(m, list) else m).encode()) for m in merges)
+    size += len((getattr(tokenizer, "chat_template", None) or "").encode())
+    return size + _FIXED_METADATA_BYTES + n_tensors * _TENSOR_INFO_BYTES
+
+
+def fixed_bytes(model: nn.Module, quantized: set[int]) -> tuple[int, int]:
+    """Bytes of the tensors the map does not choose for (in F32: norms, biases; matrices outside the map in F16).
+
+    Returns:
+        The bytes and the number of tensors in the file.
+
+    """
+    seen: set[int] = set()
+    size, count = 0, 0
+    for p in model.parameters():  # each Parameter once: a tied head is not a second tensor in the file
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        count += 1
+        if id(p) in quantized:
+            continue
+        size += p.numel() * (4 if p.dim() < 2 else 2)
+    return size, count
+
+
+@dataclass
+class TypeMap:
+    """The chosen map and what it costs.
+
+    Attributes:
+        types: target module name → llama.cpp type.
+        unfit: target modules no type fits (kept in full precision).
+        file_bytes: the estimated file size.
+        budget: the byte budget it was chosen for.
+        reference_bytes: the fp32 bytes the budget is a fraction of.
+
+    """
+
+    types: dict[str, str]
+    unfit: list[str]
+    file_bytes: int
+    budget: int
+    reference_bytes: int
+
+    @property
+    def ratio(self) -> float:
+        """How many times smaller than the fp32 reference the file is."""
+        return self.reference_bytes / max(self.file_bytes, 1)
+
+    def summary(self) -> str:
+        """One line: the type counts and the size against the budget."""
+        counts: dict[str, int] = {}
+        for kind in self.types.values():
+            counts[kind] = counts.get(kind, 0) + 1
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        return (
+            f"{kinds}; file about {self.file_bytes / 2**20:.2f} MiB = 1/{self.ratio:.2f} of "
+            f"{self.reference_bytes / 2**20:.1f} MiB fp32 (budget 1/{self.reference_bytes / self.budget:.2f})"
+        )
+
+
+def budget_type_map(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Iterable[torch.Tensor],
+    target_ratio: float,
+    kinds: Sequence[str],
+    tokenizer: object = None,
+) -> TypeMap:
+    """Choose a llama.cpp type per target module so the GGUF file is at most 1/``target_ratio`` of fp32.
+
+    Args:
+        model: the student before fake quantization.
+        names: the target module names (what the QAT spec quantizes).
+        batches: calibration token ids from the training split.
+        target_ratio: the file may take ``fp32 bytes / target_ratio`` (fp32: 4 bytes per unique parameter).
+        kinds: the types allowed (QAT grids).
+        tokenizer: the student's tokenizer, for the metadata estimate (None: tensor records only).
+
+    Returns:
+        The map; ``file_bytes > budget`` when even the cheapest types do not fit (the caller decides).
+
+    """
+    importance = collect_importance(model, names, batches)
+    units, unfit = build_units(model, names, importance, kinds)
+    reference = 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    budget = int(reference / target_ratio)
+    quantized = {id(model.get_submodule(u.modules[0]).weight) for u in units}
+    fixed, n_tensors = fixed_bytes(model, quantized)
+    fixed += metadata_bytes(tokenizer, n_tensors) if tokenizer is not None else n_tensors * _TENSOR_INFO_BYTES
+    choice, total = allocate(units, budget, fixed)
+    types = {name: choice[i] for i, u in enumerate(units) for name in u.modules}
+    return TypeMap(types, unfit, total, budget, reference)
+
+
+def calibrated_type_map(
+    model: nn.Module,
+    names: Sequence[str],
+    train_blocks: object,
+    block_size: int,
+    target_ratio: float,
+    kinds: Sequence[str],
+    tokenizer: object = None,
+    batches: int = 8,
+) -> TypeMap:
+    """:func:`budget_type_map` on ``batches`` calibration batches of 4 rows spread over the training blocks.
+
+    One function for the QAT callback and the PTQ baseline of the same recipe, so both round with one map.
+    """
+    from distill.compress.depth import calibration_batches
+
+    data = calibration_batches(train_blocks, batches=batches, rows=4, tokens=block_size)
+    return budget_type_map(model, names, data, target_ratio, kinds, tokenizer)
+
+
+def check_target_ratio(spec: QuantSpec, target_ratio: object, gguf_types: object) -> float | None:
+    """A byte budget needs a llama.cpp grid, a ratio above 1, and no hand-made map beside it."""
+    if target_ratio is None:
+        return None
+    field = "callbacks.qat." + "target_ratio"
+    if isinstance(target_ratio, bool) or not isinstance(target_ratio, int | float) or not target_ratio > 1:
+        raise config_error(
+            field, target_ratio, "give how many times smaller than fp32 the file should be, > 1 (e.g. 7)"
+        )
+    if get_scheme(spec.scheme).gguf is None:
+        raise config_error(
+            field, target_ratio, f"chooses llama.cpp types and needs a gguf_* scheme; {spec.scheme} is torchao's"
+        )
+    if gguf_types:
+        raise config_error(
+            field,
+            target_ratio,
+            "and callbacks.qat.gguf_types both choose the types; give one (gguf_types=null to let the budget choose)",
+        )
+    return float(target_ratio)
+
+
+def spec_on_budget(
+    model: nn.Module,
+    spec: QuantSpec,
+    train_blocks: object,
+    block_size: int,
+    target_ratio: float,
+    tokenizer: object = None,
+    batches: int = 8,
+) -> tuple[QuantSpec, TypeMap]:
+    """``spec`` with the byte-budgeted map of ``model`` as its ``gguf_types`` (and unfit modules skipped).
+
+    The QAT callback's choice at ``start_step`` (:func:`calibrated_type_map` on the modules ``spec`` targets),
+    with a warning when the budget cannot be met or a module fits no llama.cpp block.
+    """
+    import dataclasses
+
+    from distill.compress.quant.gguf_grid import KINDS
+    from distill.compress.quant.schemes import targets
+
+    names = targets(model, spec.skip, spec.modules)
+    chosen = calibrated_type_map(model, names, train_blocks, block_size, target_ratio, KINDS, tokenizer, batches)
+    if chosen.file_bytes > chosen.budget:
+        # A target is a goal, not a promise: a tiny model's tokenizer alone can exceed it. Say so and go on with
+        # the smallest file these rows allow; the report gives the size that was reached.
+        log.warning(
+            "callbacks.qat.target_ratio=%s: the smallest types this student's rows take give 1/%.2f of its fp32 "
+            "bytes (tokenizer and norms included); training on that map",
+            target_ratio,
+            chosen.ratio,
+        )
+    if chosen.unfit:
+        log.warning(
+            "callbacks.qat.target_ratio: %d modules have rows no llama.cpp block divides (%s); they stay in full "
+            "precision",
+            len(chosen.unfit),
+            ", ".join(chosen.unfit[:3]),
+        )
+    new = dataclasses.replace(spec, skip=(*spec.skip, *chosen.unfit), gguf_types=tuple(sorted(chosen.types.items())))
+    return new, chosen
