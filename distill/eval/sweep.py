@@ -321,20 +321,28 @@ def ptq_verdict(point: dict[str, Any], baselines: list[dict[str, Any]]) -> str |
             return head + "."
         # The smallest PTQ row is larger, so beating it is the stronger claim; not beating it says little.
         best = max(ptq, key=lambda b: b["student"].get("cost/ratio_vs_fp32_teacher", 0))
-        return f"{head}; against the smallest, {_versus(point, best)}, which is larger."
-    best = max(rivals, key=lambda b: b["student"]["heldout/top1_agreement"])
-    line = f"{head} against {_versus(point, best)}."
+        line = f"{head}; against the smallest, {_versus(point, best)}, which is larger."
+    else:
+        best = max(rivals, key=lambda b: b["student"]["heldout/top1_agreement"])
+        line = f"{head} against {_versus(point, best)}."
     near = [
         b
         for b in ptq
         if b not in rivals
+        and b is not best
         and b["student"].get("cost/ratio_vs_fp32_teacher", 0) >= ratio * (1 - NEAR_SIZE)
-        and b["student"]["heldout/top1_agreement"] > agree
+        and _higher_somewhere(b["student"], s)
     ]
     for b in near:
         larger = 100 * (ratio / b["student"]["cost/ratio_vs_fp32_teacher"] - 1)
-        line += f" {b['run']['recipe']}, {larger:.1f} % larger, scores higher: {_versus(point, b)}."
+        line += f" {b['run']['recipe']}, {larger:.1f} % larger, scores higher on a held-out set: {_versus(point, b)}."
     return line
+
+
+def _higher_somewhere(rival: dict[str, float], student: dict[str, float]) -> bool:
+    """Whether ``rival`` has the higher top-1 agreement on any held-out set both scored (the test split or another)."""
+    keys = [k for k in student if k.startswith("heldout") and k.endswith("/top1_agreement") and k in rival]
+    return any(rival[k] > student[k] for k in keys)
 
 
 def _versus(point: dict[str, Any], rival: dict[str, Any]) -> str:

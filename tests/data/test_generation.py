@@ -185,6 +185,7 @@ def test_sharded_strategies_and_cached_teachers_refuse_generation(tiny_cfg):
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # ~40 s of 2-rank sampling
 def test_ddp_ranks_sample_their_own_rows_and_share_the_teacher_cache(tiny_cfg, tmp_path, cache_dir):
     import datasets
 

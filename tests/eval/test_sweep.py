@@ -158,12 +158,27 @@ def test_the_ptq_verdict_pairs_documents_says_ties_and_names_a_slightly_larger_b
     # Every document moves by +0.02: a paired interval excludes 0 even though the documents spread widely.
     assert "against ptq_int4 (7.00×, top-1 0.500): test split leads: +0.020 [+0.020, +0.020] over 8 documents" in line
     assert "; english leads: +0.020" in line
-    assert "ptq_big, 2.9 % larger, scores higher" in line and "test split trails: -0.030" in line
+    assert "ptq_big, 2.9 % larger, scores higher on a held-out set" in line and "test split trails: -0.030" in line
     noisy = [a + (0.1 if i % 2 else -0.1) for i, a in enumerate(base)]
     assert "test split ties: +0.000" in ptq_verdict(_point("noisy", 7.0, noisy), ptq)
     tiny = ptq_verdict(_point("tiny", 20.0, base), ptq)
     assert "no PTQ baseline is this small; against the smallest, ptq_int3 (9.00×" in tiny and tiny.endswith("larger.")
     assert ptq_verdict(_point("tiny", 20.0, base), []).endswith("no PTQ baseline is this small.")
+
+
+def test_a_slightly_larger_row_that_wins_only_out_of_domain_is_named():
+    from distill.eval.sweep import ptq_verdict
+
+    base = [0.2, 0.5, 0.8, 0.4, 0.6, 0.3]
+    student = _point("qad", 7.0, [a + 0.1 for a in base])
+    rival = _point("ptq_imatrix", 6.94, base, True)  # lower on the test split
+    student["student"]["heldout_english/top1_agreement"] = 0.40
+    rival["student"]["heldout_english/top1_agreement"] = 0.45  # higher on the English set
+    same = _point("ptq_rtn", 7.0, [a - 0.1 for a in base], True)  # the same size, lower everywhere
+    line = ptq_verdict(student, [rival, same])
+    assert "against ptq_rtn" in line and "ptq_imatrix, 0.9 % larger, scores higher on a held-out set" in line
+    rival["student"]["heldout_english/top1_agreement"] = 0.35
+    assert "larger" not in ptq_verdict(student, [rival, same])  # lower everywhere: not named
 
 
 def test_a_run_ends_with_one_line_against_the_ptq_baseline_of_its_size(tmp_path):

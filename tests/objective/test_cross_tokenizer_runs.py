@@ -102,6 +102,7 @@ def test_smollm2_tokenizer_student_distils_from_tiny_random(tiny_cfg, tmp_path, 
     assert (tmp_path / "report.md").is_file()
 
 
+@pytest.mark.slow  # the real embedded teacher
 def test_tiny_tokenizer_student_distils_from_smollm2(tmp_path, cache_dir, tiny_tokenizer_dir):
     from tests.conftest import compose_cfg
 

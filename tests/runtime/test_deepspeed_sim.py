@@ -51,6 +51,7 @@ def test_two_zero_ranks_export_the_student_of_one_process_with_twice_the_batch(s
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # ~40 s of 2-rank ZeRO-3; the fp32 ZeRO-3 equality runs in the default suite
 def test_zero3_in_bf16_exports_the_fp32_master_weights(tmp_path, cache_dir):
     # The engine trains bf16 copies and keeps fp32 masters in the optimizer; the gather must return the masters.
     run = tmp_path / "bf16"
@@ -77,7 +78,8 @@ def test_a_killed_zero_run_resumes_from_its_deepspeed_checkpoint_folder(stage, t
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("stage", ["qat", pytest.param("share", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~40 s each; QAT under DDP and under FSDP runs in the default suite
+@pytest.mark.parametrize("stage", ["qat", "share"])
 def test_compression_under_zero2_exports_what_one_process_exports(stage, tiny_cfg, tmp_path, cache_dir):
     # ZeRO-2 keeps every parameter whole on every rank, so the compression callbacks run as under DDP.
     # (Low-rank is left out: its ranks come from calibration batches, which differ between 2 ranks of batch

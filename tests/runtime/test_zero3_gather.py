@@ -80,6 +80,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # ~30 s; the ZeRO-3 export equality in test_deepspeed_sim gathers too
 def test_zero3_student_is_gathered_whole_with_its_fp32_masters(tmp_path):
     out = tmp_path / "gathered.pt"
     mp.spawn(_rank, args=(free_port(), str(out)), nprocs=2)
