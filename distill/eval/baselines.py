@@ -329,9 +329,10 @@ def ptq_gguf(
     if trained:
         facts["gguf_types"] = dict(sorted(Counter(trained.values()).items()))
     counts = ", ".join(f"{n} {k.upper()}" for k, n in facts.get("gguf_types", {}).items())
-    source = f"conf/callbacks/qat/{mix}.yaml's" if isinstance(mix, str) else f"{mix}'s"
+    named = isinstance(mix, str)
+    source = f"conf/callbacks/qat/{mix}.yaml's mix of types" if named else f"{gguf_type.upper()} with {mix}"
     what = (
-        f"in {source} mix of types ({counts} matrices)"
+        f"in {source} ({counts} matrices)"
         if trained
         else f"as {gguf_type.upper()} (llama.cpp's blocks of 32, every matrix including the tied embedding)"
     )
