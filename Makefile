@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
+# The default suite's worker processes (pytest-xdist); each test runs single-threaded (tests/conftest.py).
+TEST_WORKERS ?= 2
 
 .PHONY: setup setup-dev run test test-slow test-all lint format
 
@@ -27,7 +29,7 @@ run: setup
 	$(BIN)/python train.py $(ARGS)
 
 test: setup-dev
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 test-slow: setup-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

@@ -162,6 +162,63 @@ def run(cfg: DictConfig) -> None:
     result["qad_per_gpu_computed"] = {"gpus": 8, "batch": 1, "seq": 4096, "chunk": 128, "models": qad_gpu_table()}
     print(json.dumps(result, indent=2))
     out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(json.loads(json.dumps(result))))  # rank keys as the JSON has them
+
+
+_QAD_ROWS = {
+    "ddp_sim": "`trainer=ddp_sim`",
+    "fsdp_sim": "`trainer=fsdp_sim`",
+    "fsdp_sim_checkpointing": "`trainer=fsdp_sim trainer_extras.activation_checkpointing=true`",
+}
+_PARTS = ("student_states", "teacher", "gathered", "grid_copies", "activations")
+
+
+def markdown(result: dict) -> str:
+    """``bench/results/fsdp_memory.md``: the measured peaks and the computed per-GPU table, from the JSON."""
+    mib = result["teacher_fp32_mib"]
+    lines = ["# Peak host memory per rank (`python bench/fsdp_memory.py`)", ""]
+    lines += [
+        f"2 CPU ranks, a random Llama teacher of {result['teacher_params'] / 1e6:.1f}M parameters ({mib} MiB in "
+        "fp32); each rank's `VmHWM` at the end of training.",
+        "",
+    ]
+    if "peak_mib_teacher_on_rank_zero" in result:
+        lines += ["| who reads the teacher (`trainer=fsdp_sim`) | rank 0 | rank 1 |", "| --- | ---: | ---: |"]
+        for key, label in (
+            ("peak_mib_every_rank_reads", "every rank (`trainer_extras.teacher_on_rank_zero=false`)"),
+            ("peak_mib_teacher_on_rank_zero", "rank 0, the others filled unit by unit (default)"),
+        ):
+            row = result[key]
+            lines.append(f"| {label} | {row['0']:,.0f} MiB | {row['1']:,.0f} MiB |")
+        lines.append("")
+    if "qad_peak_mib" in result:
+        lines += [
+            "QAD (`experiment=qad_q4_0`: the teacher's full-depth copy on llama.cpp's Q4_0 grid, AdamW, fp32):",
+            "",
+            "| setting | rank 0 | rank 1 |",
+            "| --- | ---: | ---: |",
+        ]
+        for key, row in result["qad_peak_mib"].items():
+            lines.append(f"| {_QAD_ROWS.get(key, key)} | {row['0']:,.0f} MiB | {row['1']:,.0f} MiB |")
+        lines.append("")
+    comp = result.get("qad_per_gpu_computed")
+    if comp:
+        models = comp["models"]
+        lines += [
+            f"Computed per GPU for QAD of Llama-3.1 students on {comp['gpus']} GPUs (bf16-mixed, AdamW, activation "
+            f"checkpointing, batch {comp['batch']} × {comp['seq']} tokens, chunk {comp['chunk']}; GB = 1e9 bytes):",
+            "",
+            "| per GPU | " + " | ".join(f"{m}, {s}" for m in models for s in ("DDP", "FSDP")) + " |",
+            "| --- |" + " ---: |" * (2 * len(models)),
+        ]
+        for part in _PARTS:
+            cells = [f"{models[m][f'{s}_{part}_gb']:,.1f} GB" for m in models for s in ("ddp", "fsdp")]
+            lines.append(f"| {part.replace('_', ' ')} | " + " | ".join(cells) + " |")
+        totals = [f"**{models[m][f'{s}_total_gb']:,.1f} GB**" for m in models for s in ("ddp", "fsdp")]
+        lines.append("| **total** | " + " | ".join(totals) + " |")
+        need = ", ".join(f"{models[m]['fsdp_gpus_for_80gb']} GPUs of 80 GB for {m}" for m in models)
+        lines += ["", f"FSDP needs {need}."]
+    return "\n".join(lines) + "\n"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench/fsdp_memory")

@@ -43,6 +43,8 @@ from distill.eval.sweep import (  # noqa: E402
 )
 
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
+# The README's paragraph on what `python train.py` gives, from the default run's committed report.
+DEFAULT_START, DEFAULT_END = "<!-- default-run:start -->", "<!-- default-run:end -->"
 
 
 def run_dir(runs_root: Path, recipe: str) -> Path:
@@ -74,13 +76,13 @@ def run_recipe(
     print(f"{name}: done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 
-def replace_between_markers(path: Path, block: str) -> None:
-    """Put ``block`` between the headline markers of ``path`` (appending the markers if absent)."""
+def replace_between_markers(path: Path, block: str, start: str = START, end: str = END) -> None:
+    """Put ``block`` between the markers ``start`` and ``end`` of ``path`` (appending the markers if absent)."""
     text = path.read_text() if path.exists() else ""
-    new = f"{START}\n{block}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + new + rest.split(END, 1)[1]
+    new = f"{start}\n{block}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + new + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + new + "\n"
     tmp = path.with_name(path.name + ".tmp")
@@ -106,7 +108,50 @@ def run(cfg: DictConfig) -> None:
         raise config_error("recipes", missing, f"no report under {reports}; run with run=true")
     longer = named_run_folders(cfg.get("longer_runs"), "longer_runs")
     readmes = [cfg.readmes] if isinstance(cfg.readmes, str) else list(cfg.readmes)
+    if cfg.get("default_run") and cfg.default_run not in longer:  # refused before anything is rewritten
+        raise config_error("default_run", cfg.default_run, f"not one of longer_runs ({', '.join(longer)})")
     print(tabulate(recipes, reports, Path(cfg.results_dir), [Path(r) for r in readmes], longer))
+    if cfg.get("default_run"):
+        block = default_run_block(load_point(longer[cfg.default_run] / "report.json"), reports)
+        replace_between_markers(Path(readmes[0]), block, DEFAULT_START, DEFAULT_END)
+        print(block)
+
+
+def _set_score(s: dict[str, float], key: str) -> str:
+    low, high = s.get(f"{key}_ci_low"), s.get(f"{key}_ci_high")
+    return f"{s[key]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
+
+
+def default_run_block(point: dict, reports: Path) -> str:
+    """What ``python train.py`` gave on this machine, and the best PTQ file of its size beside it, from reports."""
+    s, run = point["student"], point["run"]
+    sets = list((point["report"].get("heldout_rows") or {}).keys())
+    other = next((k for k in sets[1:] if f"heldout_{k}/top1_agreement" in s), None)
+    ratio = s["cost/ratio_vs_fp32_teacher"]
+    text = (
+        f"On this repository's build machine ({os.cpu_count()}-core {platform.machine()} CPU) the default run trained "
+        f"{run['steps']} steps in {run['train_seconds'] / 60:.0f} minutes of `trainer.fit` and wrote a GGUF file of "
+        f"{s['cost/bytes_disk'] / 1e6:.1f} MB (1/{ratio:.2f} of the fp32 teacher). Its top-1 agreement with the "
+        f"teacher: **{_set_score(s, 'heldout/top1_agreement')}** on the test split"
+    )
+    if other:
+        text += f", {_set_score(s, f'heldout_{other}/top1_agreement')} on the {other} set"
+    ptq = [
+        b
+        for b in baseline_points(reports, point)
+        if str(b["run"].get("recipe", "")).startswith("ptq_")
+        and b["student"].get("cost/ratio_vs_fp32_teacher", 0) >= ratio * 0.98
+    ]
+    if ptq:
+        best = max(ptq, key=lambda b: b["student"]["heldout/top1_agreement"])
+        b = best["student"]
+        text += (
+            f". The best post-training file of about that size, {best['run']['recipe']} "
+            f"({b['cost/bytes_disk'] / 1e6:.1f} MB), scores {_set_score(b, 'heldout/top1_agreement')}"
+        )
+        if other and f"heldout_{other}/top1_agreement" in b:
+            text += f" and {_set_score(b, f'heldout_{other}/top1_agreement')}"
+    return text + ". A faster machine fits more steps into the same 15 minutes."
 
 
 def ptq_verdicts(points: list[dict], baselines: list[dict]) -> list[str]:

@@ -570,8 +570,71 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    print(f"wrote {out}")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {out} and {out.with_suffix('.md').name}")
     return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The results file's tables (``step_time.md`` beside the JSON): MFU and breakdown, rounding per grid."""
+    m = result["machine"]
+    lines = [
+        "# Step time",
+        "",
+        f"`python bench/step_time.py` on {m['cpus']} CPUs ({m['processor']}, {m['threads']} threads, "
+        f"torch {m['torch']}), "
+        f"{m['date']}, load average {m['load_average_start'][0]:.2f} at the start; {result['batch']} × "
+        f"{result['block']} tokens per step, the median of {result['steps']} steps after a warm-up step.",
+        "",
+    ]
+    if "mfu" in result:
+        runs = result["mfu"]["runs"]
+        lines += [
+            "| run | step s | GFLOP | GFLOP/s | fp32 peak | bf16 peak | MFU fp32 | MFU bf16 | "
+            + " | ".join(p.replace("_", " ") for p in PARTS)
+            + " |",
+            "| --- |" + " ---: |" * (7 + len(PARTS)),
+        ]
+        for name, r in runs.items():
+            total = r["step_seconds"]
+            cells = [
+                f"{total:.2f}",
+                f"{r['flops']['total'] / 1e9:.0f}",
+                f"{r['achieved_flops_per_s'] / 1e9:.1f}",
+                f"{r['peak']['fp32']['flops_per_s'] / 1e9:.1f}",
+                f"{r['peak']['bf16']['flops_per_s'] / 1e9:.1f}",
+                f"{r['mfu']['fp32']:.2f}",
+                f"{r['mfu']['bf16']:.2f}",
+                *(f"{r['parts_seconds'][p]:.2f} ({r['parts_seconds'][p] / total:.0%})" for p in PARTS),
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        peaks = "Peaks: the step's own GEMM shapes run alone in this run (GFLOP/s). "
+        lines += ["", peaks + result["mfu"]["formula"], ""]
+    if "rounding" in result:
+        rnd = result["rounding"]
+        base = rnd["base_step_seconds"]
+        lines += [
+            "One step's fake-quant rounding per llama.cpp grid, every weight the grid's rows fit (the tied head "
+            f"twice), eager and `torch.compile`d; share: of a step that adds it to the plain student's "
+            f"{f'{base:.2f} s' if base is not None else '(not measured)'}.",
+            "",
+            "| grid | weights | eager s | share | compiled s | share | compile s | same values |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for kind, r in rnd["kinds"].items():
+            compiled = r.get("compiled_seconds")
+            cells = [
+                f"{r['weights_share']:.0%}",
+                f"{r['eager_seconds']:.3f}",
+                f"{r['eager_share']:.0%}" if "eager_share" in r else "–",
+                f"{compiled:.3f}" if compiled is not None else "–",
+                f"{r['compiled_share']:.0%}" if "compiled_share" in r else "–",
+                f"{r['compile_seconds']:.0f}" if compiled is not None else "–",
+                str(r.get("exact", "–")),
+            ]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def _machine() -> dict[str, Any]:

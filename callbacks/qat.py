@@ -22,6 +22,7 @@ from callbacks.base import OneShotCompression
 from distill.compress.quant import schemes
 from distill.compress.quant.qat import (
     FIELD,
+    INITS,
     check_steps,
     convert,
     converted_summary,
@@ -29,8 +30,9 @@ from distill.compress.quant.qat import (
     fake_quantized,
     freeze_ranges,
     prepare,
+    start_from_imatrix,
 )
-from distill.compress.quant.type_map import TypeMap, check_target_ratio, spec_on_budget
+from distill.compress.quant.type_map import TypeMap, check_target_ratio, collect_importance, spec_on_budget
 from distill.compress.stages import compression_stages
 from distill.config import config_error
 from distill.export import quantized
@@ -56,6 +58,9 @@ class QuantizationAwareTraining(OneShotCompression):
             type per module (the last matching glob wins), for a mixed file; null keeps one type.
         target_ratio: for ``gguf_*`` schemes instead of ``gguf_types``: a type per module so the GGUF file is at
             most 1/``target_ratio`` of the student's fp32 bytes (:mod:`distill.compress.quant.type_map`).
+        init: for ``gguf_*`` schemes, where the weights start: ``rtn`` as they are (the grid's rule rounds them to
+            nearest), or ``imatrix``: first set to llama.cpp's importance-weighted rounding of themselves, the
+            values of the imatrix PTQ file of the same map (:func:`distill.compress.quant.qat.start_from_imatrix`).
         calibration_batches: with ``target_ratio``: batches of 4 training rows that weigh the rounding errors.
         start_step: global step at which fake-quant is inserted; before it the student trains in full
             precision. 0 inserts it in ``setup``, before the strategy wraps the model (needed for FSDP).
@@ -76,6 +81,7 @@ class QuantizationAwareTraining(OneShotCompression):
         gguf_types: dict[str, str] | None = None,
         target_ratio: float | None = None,
         calibration_batches: int = 8,
+        init: str = "rtn",
         start_step: int = 0,
         freeze_ranges_step: int | None = None,
         export_dir: str = "student_quantized",
@@ -91,6 +97,14 @@ class QuantizationAwareTraining(OneShotCompression):
         )
         check_steps(self.spec, start_step, freeze_ranges_step, calibration_batches)
         self.target_ratio = check_target_ratio(self.spec, target_ratio, gguf_types)
+        if init not in INITS or (init != "rtn" and schemes.get_scheme(self.spec.scheme).gguf is None):
+            raise config_error(
+                FIELD + "init",
+                init,
+                "give rtn, or imatrix (llama.cpp's importance-weighted rounding) with a gguf_* scheme"
+                + ("" if init in INITS else f"; {self.spec.scheme} is torchao's"),
+            )
+        self.init = init
         self.calibration_batches = calibration_batches
         self.type_map: TypeMap | None = None
         self.start_step = start_step
@@ -135,6 +149,8 @@ class QuantizationAwareTraining(OneShotCompression):
         """Insert fake-quant; the Parameters stay the same objects, so the optimizer needs no rebuild."""
         if self.target_ratio is not None:
             self._choose_types(trainer, pl_module)
+        if self.init == "imatrix":
+            self._start_from_imatrix(trainer, pl_module)
         prepare(pl_module.student, self.spec)
         pl_module.record_structure_change(self.stage, self.spec.to_dict())
         rank_zero_info(
@@ -194,6 +210,24 @@ class QuantizationAwareTraining(OneShotCompression):
             )
         )
         rank_zero_info(f"QAT type map for 1/{self.target_ratio}: {self.type_map.summary()}")
+
+    def _start_from_imatrix(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Round the student's weights as ``llama-quantize --imatrix`` would, with the map's importance (or new)."""
+        importance = self.type_map.importance if self.type_map is not None else {}
+        if not importance:  # a hand-made map: collect the importance as the budgeted map does, on rank 0
+            from distill.compress.depth import calibration_batches
+
+            dm, student = trainer.datamodule, pl_module.student
+            names = schemes.targets(student, self.spec.skip, self.spec.modules)
+            importance = computed_on_rank_zero(
+                lambda: collect_importance(
+                    student,
+                    names,
+                    calibration_batches(dm.train_set, batches=self.calibration_batches, rows=4, tokens=dm.block_size),
+                )
+            )
+        count = start_from_imatrix(pl_module.student, self.spec, importance)
+        rank_zero_info(f"QAT starts from llama.cpp's importance-weighted rounding of {count} weights (init=imatrix)")
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -7,6 +7,10 @@
   comment (its first sentence and first example command); the defaults come from ``conf/train.yaml``.
 - ``docs/modules.md``: every module of the project (``distill/``, ``callbacks/``, ``students/``, ``slurm/``,
   ``bench/``, the entry points) with the first line of its docstring.
+- Measured results in prose pages: between ``<!-- include: bench/results/<name>.md -->`` and
+  ``<!-- /include -->`` in docs/*.md and bench/README.md goes that committed results file (its first heading
+  dropped), which the benchmark that measured it wrote. So a number in the docs is the number in the results
+  file, never a copy typed by hand.
 """
 
 from __future__ import annotations
@@ -103,9 +107,35 @@ def render_modules() -> str:
     return "\n".join(lines) + "\n"
 
 
+_INCLUDE = re.compile(r"(<!-- include: (\S+) -->\n)(.*?)(<!-- /include -->)", re.S)
+
+
+def with_includes(text: str) -> str:
+    """``text`` with every include block holding the current contents of the results file it names."""
+
+    def fill(m: re.Match) -> str:
+        source = ROOT / m.group(2)
+        if not source.is_file():
+            raise SystemExit(f"{m.group(2)}: no such results file (named by an include marker)")
+        body = re.sub(r"\A# [^\n]*\n+", "", source.read_text())  # the page has its own heading
+        return f"{m.group(1)}{body.rstrip()}\n{m.group(4)}"
+
+    return _INCLUDE.sub(fill, text)
+
+
+def include_pages() -> dict[Path, str]:
+    """Every page with include markers, as it should read."""
+    pages = {}
+    for path in [*sorted((ROOT / "docs").glob("*.md")), ROOT / "bench" / "README.md"]:
+        text = path.read_text()
+        if "<!-- include: " in text:
+            pages[path] = with_includes(text)
+    return pages
+
+
 def main() -> int:
     """Write the pages, or with ``--check`` compare them with the committed ones."""
-    pages = {OUT: render(), MODULES_OUT: render_modules()}
+    pages = {OUT: render(), MODULES_OUT: render_modules(), **include_pages()}
     if "--check" in sys.argv:
         stale = [str(p) for p, text in pages.items() if not p.is_file() or p.read_text() != text]
         if stale:

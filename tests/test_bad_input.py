@@ -127,7 +127,14 @@ def test_the_table_covers_at_least_forty_bad_inputs():
     assert len(CASES) >= 40 and len({c[0] for c in CASES}) == len(CASES)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+# Tokenising the whole embedded corpus before the refusal (about 30 s): run with -m slow.
+SLOW_CASES = {"block_size_huge"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [pytest.param(*c[1:], id=c[0], marks=(pytest.mark.slow,) if c[0] in SLOW_CASES else ()) for c in CASES],
+)
 def test_bad_input_gives_one_line_naming_field_value_and_fix_and_writes_nothing(
     overrides, message, tiny_cfg, tmp_path, data_dir
 ):

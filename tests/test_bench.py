@@ -41,8 +41,10 @@ def test_bench_scripts_are_the_expected_ones():
         "headline",
         "kd_vs_ce",
         "llama_cpp_fixtures",
+        "llama_cpp_kld",
         "make_heldout_sets",
         "prune_heal",
+        "qad_init",
         "qat_vs_ptq",
         "share_lowrank",
         "sparsity",
@@ -74,6 +76,8 @@ def test_bench_script_imports_and_composes_its_root_config(name):
     [
         ("prune_heal", [], r"^base=None: required: python bench/prune_heal.py base="),
         ("deploy_speed", ["students=[/no/such.gguf]"], r"^students='/no/such.gguf': not a GGUF file"),
+        ("llama_cpp_kld", ["llama_cpp_bin=null"], r"^llama_cpp_bin=None: give the folder of llama.cpp's built tools"),
+        ("llama_cpp_kld", ["llama_cpp_bin=/no/such"], r"^llama_cpp_bin='/no/such': holds no llama-perplexity; build"),
         ("prune_heal", ["base=/no/such/run"], r"^base='/no/such/run': no config.json there"),
         ("share_lowrank", ["configs=[student,nope]"], r"^configs=\['nope'\]: choose from student, share_k2,"),
         ("qat_vs_ptq", ["scheme=int3"], r"^scheme='int3': unknown quantization scheme; choose one of"),
@@ -192,3 +196,49 @@ def test_cliff_keeps_ptq_rows_off_the_curve_and_labels_longer_runs_by_folder(tmp
                 ["measure=false", f"results_dir={tmp_path}", *fixture[:2], f"longer_runs=['{tmp_path}/nowhere']"],
             )
         )
+
+
+# The end of a real `llama-perplexity --kl-divergence` run (llama.cpp b0.3.36's format), trimmed.
+_KLD_OUTPUT = """
+====== Perplexity statistics ======
+Mean PPL(Q)                   :  38.209460 ±   0.735215
+Mean PPL(base)                :  31.902771 ±   0.607158
+Cor(ln(PPL(Q)), ln(PPL(base))):  96.41%
+
+====== KL divergence statistics ======
+Mean    KLD:   0.187421 ±   0.002178
+Maximum KLD:  11.103422
+99.9%   KLD:   4.010221
+99.0%   KLD:   1.511987
+Median  KLD:   0.098650
+
+====== Token probability statistics ======
+RMS Δp    : 11.472 ± 0.127 %
+Same top p: 78.912 ±  0.264 %
+"""
+
+
+def test_llama_cpp_kld_reads_llama_perplexity_and_its_base_file(tmp_path):
+    from bench.llama_cpp_kld import parse_kld, read_base_tokens
+
+    got = parse_kld(_KLD_OUTPUT)
+    assert got == {
+        "ppl_q": 38.20946,
+        "ppl_base": 31.902771,
+        "mean_kld": 0.187421,
+        "mean_kld_err": 0.002178,
+        "p99_kld": 1.511987,
+        "same_top": pytest.approx(0.78912),
+        "same_top_err": pytest.approx(0.00264),
+    }
+    with pytest.raises(ValueError, match="printed no 'same_top' line"):
+        parse_kld(_KLD_OUTPUT.split("Same top")[0])
+    # The header llama-perplexity writes before the log-probabilities: magic, n_ctx, n_vocab, n_chunk, tokens.
+    tokens = np.arange(2 * 8, dtype=np.int32).reshape(2, 8)
+    path = tmp_path / "base.kld"
+    path.write_bytes(b"_logits_" + np.array([8, 100, 2], np.int32).tobytes() + tokens.tobytes() + b"\x00" * 64)
+    n_ctx, n_vocab, read = read_base_tokens(path)
+    assert (n_ctx, n_vocab) == (8, 100) and np.array_equal(read, tokens)
+    path.write_bytes(b"_other__" + b"\x00" * 12)
+    with pytest.raises(ValueError, match="not a llama-perplexity log-probability file"):
+        read_base_tokens(path)

@@ -1,4 +1,4 @@
-"""The reference pages read off the code are current: docs/config_groups.md and docs/modules.md."""
+"""The reference pages read off the code, and the results included in the docs, are current (docs/generate.py)."""
 
 from __future__ import annotations
 

@@ -245,7 +245,7 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from bench.headline import END, START
+    from bench.headline import DEFAULT_END, DEFAULT_START, END, START
     from bench.headline import run as headline_run
     from distill.config import ConfigError
     from distill.eval.report import build_report
@@ -284,11 +284,17 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
     report["run"] = {"recipe": "stacked_max", "train_seconds": 3600.0, "steps": 400}
     (longer / "report.json").write_text(json.dumps(report))
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{START}\nold table\n{END}\noutro\n")
+    readme.write_text(f"intro\n{DEFAULT_START}\nold words\n{DEFAULT_END}\n{START}\nold table\n{END}\noutro\n")
     args = [f"reports={runs}", f"results_dir={tmp_path / 'results'}", f"readmes=[{readme}]"]
-    headline([*args, "recipes=[distill_only,stacked_max]", f"longer_runs=['{longer}']"])
+    headline([*args, "recipes=[distill_only,stacked_max]", f"longer_runs=['{longer}']", "default_run=stacked_max_1h"])
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
+    # The default-run paragraph quotes the named longer run's report: steps, minutes, size, top-1.
+    words = text.split(DEFAULT_START)[1].split(DEFAULT_END)[0]
+    assert "old words" not in words and "trained 400 steps in 60 minutes" in words
+    assert "1/4.40 of the fp32 teacher" in words and "**0.200** on the test split" in words
+    with pytest.raises(ConfigError, match=r"^default_run='nope': not one of longer_runs \(stacked_max_1h\)"):
+        headline([*args, "recipes=[distill_only]", f"longer_runs=['{longer}']", "default_run=nope"])
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[2].startswith("| teacher") and "| 25.00 |" in rows[2]
     # disk MB, ratio vs the fp32 teacher, bits/weight (none here), test top-1 (no interval here), test KL, ppl

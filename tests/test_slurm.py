@@ -115,6 +115,7 @@ def _submit_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a fresh interpreter; the script is rendered in-process by the other tests here
 def test_dry_run_cli_prints_the_script_and_writes_nothing(tmp_path):
     proc = _submit_cli(["dry_run=true", f"log_dir={tmp_path / 'slurm'}", "trainer=ddp"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]

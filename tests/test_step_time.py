@@ -117,7 +117,7 @@ def test_the_bench_times_qad_and_the_plain_copy_and_writes_what_it_printed(tmp_p
     result = step_time.run(bench_cfg("step_time", overrides))
     assert json.loads((tmp_path / "step_time.json").read_text())["mfu"]["formula"] == step_time.FORMULA
     runs = result["mfu"]["runs"]
-    assert set(runs) == {"qad_q4_mix", "from_teacher"}
+    assert set(runs) == {"qad_q4_mix", "qad_q4_mix_eager", "from_teacher"}
     for r in runs.values():
         assert len(r["step_seconds_each"]) == 2  # the warm-up step left out
         assert sum(r["parts_seconds"].values()) == pytest.approx(r["step_seconds"], rel=0.2)  # medians per part
@@ -125,8 +125,11 @@ def test_the_bench_times_qad_and_the_plain_copy_and_writes_what_it_printed(tmp_p
         assert r["mfu"]["fp32"] == pytest.approx(r["achieved_flops_per_s"] / r["peak"]["fp32"]["flops_per_s"])
         assert r["flops"]["total"] == runs["from_teacher"]["flops"]["total"]  # the same full-depth copy
     assert runs["qad_q4_mix"]["parts_seconds"]["rounding"] > 0 == runs["from_teacher"]["parts_seconds"]["rounding"]
+    assert runs["qad_q4_mix_eager"]["parts_seconds"]["rounding"] > 0
     rounding = result["rounding"]
     assert rounding["base_step_seconds"] == runs["from_teacher"]["step_seconds"]
     assert set(rounding["kinds"]) == {"q4_0", "iq4_nl"} and 0 < rounding["kinds"]["q4_0"]["eager_share"] < 1
     printed = capsys.readouterr().out
     assert "MFU fp32" in printed and f"wrote {tmp_path / 'step_time.json'}" in printed
+    table = (tmp_path / "step_time.md").read_text()  # the results file the docs include
+    assert "| qad_q4_mix_eager |" in table and "| iq4_nl |" in table

@@ -141,6 +141,7 @@ def _cli_paths(tmp_path: Path, cache_dir: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # a fresh interpreter per bad value; in-process refusals are in tests/test_bad_input.py
 def test_cli_bad_value_gives_one_line_error(tmp_path, cache_dir):
     proc = _run_cli(["experiment=smoke", "distill.objective.alpha=2", *_cli_paths(tmp_path, cache_dir)], tmp_path)
     assert proc.returncode == 2
@@ -155,6 +156,7 @@ def test_cli_bad_value_gives_one_line_error(tmp_path, cache_dir):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == b"work"
 
 
+@pytest.mark.slow  # a fresh interpreter; debug=fdr also runs in-process in tests/test_commands.py
 def test_fast_dev_run_cli(tmp_path, cache_dir):
     proc = _run_cli(["experiment=smoke", "debug=fdr", *_cli_paths(tmp_path, cache_dir)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -162,6 +164,7 @@ def test_fast_dev_run_cli(tmp_path, cache_dir):
     assert not (tmp_path / "run" / "student").exists()  # a debug step exports nothing
 
 
+@pytest.mark.slow  # two gloo ranks (about 30 s); the DDP equality test in tests/runtime/test_strategies.py stays in the default suite
 @pytest.mark.ddp
 def test_ddp_sim_two_processes_train_and_log_once(tmp_path, cache_dir):
     args = [

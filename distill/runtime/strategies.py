@@ -16,6 +16,7 @@ Lightning owns the strategies (DDP, FSDP, DeepSpeed); this module only adds what
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,6 +28,8 @@ from distill.config import config_error
 from distill.models.teacher import FrozenTeacher
 from distill.runtime.gather import full_state_dict_context, is_sharded
 from distill.runtime.rank_zero_load import prepare_rank_zero_load
+
+log = logging.getLogger("distill")
 
 # Strategies Lightning only runs on GPUs; on a CPU accelerator they fail inside Trainer() or at fit time.
 GPU_ONLY = ("fsdp", "deepspeed")
@@ -156,6 +159,7 @@ def check_trainer_config(
             "trainer=fsdp, where the chunked loss runs",
         )
     _check_counts(trainer)
+    warn_slow_cpu_precision(trainer)
     # Under srun every task is one Lightning process; if the two counts differ, Lightning either hangs
     # waiting for ranks that never start or raises deep inside setup, so name the fix here.
     per_node = environ.get("SLURM_NTASKS_PER_NODE")
@@ -169,6 +173,35 @@ def check_trainer_config(
                 f"this SLURM job runs {tasks} tasks per node (--ntasks-per-node); set trainer.devices={tasks}, "
                 "or submit with `python -m slurm.submit`, which derives --ntasks-per-node from trainer.devices",
             )
+
+
+def warn_slow_cpu_precision(trainer: Mapping[str, Any], bf16_matmul: bool | None = None) -> bool:
+    """Warn when bf16 autocast will run on a CPU without bf16 matmul instructions (AVX-512 BF16 or AMX).
+
+    There oneDNN emulates bf16 matmuls: on the 2-core AMD EPYC (AVX2) this project is built on,
+    ``bench/step_time.py`` measured the step's GEMM shapes at about 1/25 of their fp32 speed, so a
+    ``bf16-mixed`` step is far slower, not faster. A warning, not a refusal: the run is still correct.
+    Returns whether it warned.
+    """
+    precision = str(trainer.get("precision", "32"))
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    if "bf16" not in precision or accelerator not in ("cpu", "auto"):
+        return False
+    import torch
+
+    if accelerator == "auto" and torch.cuda.is_available():
+        return False
+    if bf16_matmul is None:
+        bf16_matmul = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if bf16_matmul:
+        return False
+    log.warning(
+        "trainer.precision=%s on a CPU without bf16 matmul instructions (%s): bf16 matmuls are emulated here and "
+        "run many times slower than fp32 (bench/step_time.py measures both); use trainer.precision=32 on this CPU",
+        precision,
+        torch.backends.cpu.get_cpu_capability(),
+    )
+    return True
 
 
 # Why a compression stage cannot run on a sharded student (docs/scale_out.md's table), under FSDP (each rank
@@ -516,8 +549,8 @@ def apply_student_switches(student: nn.Module, switches: Mapping[str, Any] | Non
 
     Args:
         student: the Hugging Face student model.
-        switches: the ``trainer_extras`` node: ``activation_checkpointing``, ``compile`` and ``compile_rounding``
-            (booleans).
+        switches: the ``trainer_extras`` node: ``activation_checkpointing`` and ``compile`` (booleans),
+            ``compile_rounding`` (true, false or ``auto``).
 
     Returns:
         The names of the switches that were applied.
@@ -555,9 +588,14 @@ def apply_student_switches(student: nn.Module, switches: Mapping[str, Any] | Non
         for module in {id(m): m for m in (student, getattr(student, "base_model", student))}.values():
             module.compile(options=INDUCTOR_OPTIONS)
         applied.append("compile")
-    if switches.get("compile_rounding"):
+    rounding = switches.get("compile_rounding", False)
+    if rounding not in (True, False, "auto"):
+        raise config_error(
+            "trainer_extras.compile_rounding", rounding, "give true, false or auto (compile when the student is large)"
+        )
+    if rounding:
         from distill.compress.quant.compile_rounding import compile_rounding_on_forward
 
-        compile_rounding_on_forward(student)
-        applied.append("compile_rounding")
+        compile_rounding_on_forward(student, rounding)
+        applied.append("compile_rounding" if rounding is True else "compile_rounding=auto")
     return applied

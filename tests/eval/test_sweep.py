@@ -44,6 +44,7 @@ def _sweep(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a fresh interpreter; the sweep summary is built in-process by the other tests here
 def test_sweep_cli_combines_chosen_runs(runs, tmp_path):
     out = tmp_path / "comparison"
     proc = _sweep([f"runs=[{runs / '0'},{runs / '2'}]", f"out={out}"], tmp_path)

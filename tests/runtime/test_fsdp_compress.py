@@ -341,6 +341,7 @@ PRUNE = [
 MOMENTUM = "+distill.optimizer.momentum=0.9"  # SGD's momentum buffers: the optimizer state each cut must carry
 
 
+@pytest.mark.slow  # two gloo ranks and two cuts (about 30 s); QAT under FSDP stays in the default suite
 @pytest.mark.ddp
 def test_progressive_pruning_under_fsdp_exports_what_one_process_with_twice_the_batch_exports(
     tiny_cfg, tmp_path, cache_dir

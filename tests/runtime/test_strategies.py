@@ -318,3 +318,16 @@ def test_a_deepspeed_config_given_by_override_reaches_lightning_as_a_dict(option
 
         trainer = build(cfg.trainer, field="trainer", logger=False, enable_checkpointing=False)
         assert type(trainer.strategy.config) is dict and trainer.strategy.config["zero_optimization"]["stage"] == 3
+
+
+def test_bf16_autocast_on_a_cpu_without_bf16_matmuls_is_warned_about(caplog):
+    from distill.runtime.strategies import warn_slow_cpu_precision
+
+    cpu_bf16 = {"precision": "bf16-mixed", "accelerator": "cpu"}
+    with caplog.at_level("WARNING", logger="distill"):
+        assert warn_slow_cpu_precision(cpu_bf16, bf16_matmul=False)
+    assert "trainer.precision=bf16-mixed on a CPU without bf16 matmul instructions" in caplog.text
+    assert "use trainer.precision=32 on this CPU" in caplog.text
+    assert not warn_slow_cpu_precision(cpu_bf16, bf16_matmul=True)  # AVX-512 BF16 / AMX: bf16 is the fast path
+    assert not warn_slow_cpu_precision({"precision": "32", "accelerator": "cpu"}, bf16_matmul=False)
+    assert not warn_slow_cpu_precision({"precision": "bf16-mixed", "accelerator": "gpu"}, bf16_matmul=False)

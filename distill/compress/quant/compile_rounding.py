@@ -9,6 +9,11 @@ equal, ``tests/compress/quant/test_compile_rounding.py``); it is passed per comp
 
 The quantizers do not exist yet when ``train.py`` applies the student switches (QAT inserts them in its setup, or at
 ``start_step``), so a forward pre-hook on the student's body compiles each one it finds not compiled yet.
+
+``auto`` (the default) compiles when it pays: when the student's rounded weights number at least
+:data:`AUTO_MIN_WEIGHTS` (the compilation costs tens of seconds once; on a small student the eager rounding is a
+small part of the step) and inductor has a compiler for the device (a C++ compiler on CPU, triton on CUDA). Which
+way it went is logged once, with the reason.
 """
 
 from __future__ import annotations
@@ -25,6 +30,41 @@ from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer
 log = logging.getLogger("distill")
 
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # keep the fp16 rounding of the scales (see above)
+# ``auto``: compile from this many rounded weights. On the embedded default (135M) the compiled rounding takes
+# about a third of the eager one's time in the step (docs/performance.md); a 2-layer test student does not pay
+# for its compilation.
+AUTO_MIN_WEIGHTS = 20_000_000
+MODES = (True, False, "auto")
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """Why inductor cannot compile for ``device`` here, or None when it can."""
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+        return None
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as err:  # inductor raises its own error types when no C++ compiler is found
+        return f"inductor finds no C++ compiler ({err})"
+    return None
+
+
+def auto_decision(model: nn.Module) -> tuple[bool, str]:
+    """``auto``: whether to compile ``model``'s quantizers, and the one-line reason."""
+    weights = {id(w): w.numel() for _, w in _quantized_weights(model)}
+    total = sum(weights.values())
+    if total < AUTO_MIN_WEIGHTS:
+        return False, f"{total:,} rounded weights, under {AUTO_MIN_WEIGHTS:,}: the compilation would not pay"
+    device = next((w.device for _, w in _quantized_weights(model)), torch.device("cpu"))
+    missing = compiler_missing(device)
+    if missing is not None:
+        return False, f"{missing}; set trainer_extras.compile_rounding=false to silence this"
+    return True, f"{total:,} rounded weights"
 
 
 def compile_quantizers(model: nn.Module, done: weakref.WeakSet | None = None) -> int:
@@ -56,16 +96,25 @@ def _quantized_weights(model: nn.Module) -> list[tuple[GGUFBlockFakeQuantizer, t
     ]
 
 
-def compile_rounding_on_forward(student: nn.Module) -> RemovableHandle:
+def compile_rounding_on_forward(student: nn.Module, mode: bool | str = True) -> RemovableHandle:
     """Compile the student's llama.cpp quantizers at each forward that finds new ones (QAT inserts them later).
 
     The hook sits on the student's body (``base_model``), which both the chunked loss and a plain forward call;
-    it compiles every quantizer of the student, the output layer's included.
+    it compiles every quantizer of the student, the output layer's included. ``mode="auto"`` decides once, at the
+    first forward that finds quantizers (:func:`auto_decision`), and logs the decision.
     """
     done: weakref.WeakSet = weakref.WeakSet()
+    decided: list[bool] = [] if mode == "auto" else [True]
 
     def hook(_module: nn.Module, _args: tuple) -> None:
-        compile_quantizers(student, done)
+        if not decided:
+            if not _quantized_weights(student):
+                return
+            compile_now, reason = auto_decision(student)
+            decided.append(compile_now)
+            log.info("trainer_extras.compile_rounding=auto: %s (%s)", "compiled" if compile_now else "eager", reason)
+        if decided[0]:
+            compile_quantizers(student, done)
 
     body = getattr(student, "base_model", student)
     return body.register_forward_pre_hook(hook)

@@ -177,7 +177,11 @@ def _iq4_nl_best(blocks: torch.Tensor, top: torch.Tensor, trials: tuple[tuple[fl
     for s, subnormal_only in trials:
         d = _fp16(top / s)
         diff = _IQ4_NL_CELL_LEVELS.index_select(0, _iq4_nl_cells(blocks, d)).view(blocks.shape).mul_(d).sub_(blocks)
-        error = torch.einsum("ij,ij->i", diff, diff).unsqueeze(-1)  # 0 exactly when the values are the block's own
+        # Summed in float64: the sum of the 32 fp32 squares is then exact (or rounded far below the gaps between
+        # trials), so it does not depend on the order of the additions, which inductor's fused loop
+        # (trainer_extras.compile_rounding) chooses differently from eager. Summed in fp32, about 1 block in a
+        # million chose another of two trial scales a few ulps apart in error, compiled against eager.
+        error = diff.mul_(diff).sum(-1, keepdim=True, dtype=torch.float64)  # 0 exactly when the block is on its grid
         if subnormal_only:
             error = torch.where(d.abs() < FP16_MIN_NORMAL, error, torch.inf)
         if best_d is None:

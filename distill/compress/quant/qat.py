@@ -72,6 +72,45 @@ def _prepare_gguf(student: nn.Module, spec: QuantSpec) -> None:
         _swap(student, name, new)
 
 
+INITS = ("rtn", "imatrix")
+
+
+@torch.no_grad()
+def start_from_imatrix(student: nn.Module, spec: QuantSpec, importance: dict[str, torch.Tensor]) -> int:
+    """Set each weight ``spec`` targets to llama.cpp's importance-weighted rounding of itself (``init=imatrix``).
+
+    The weights become the values ``llama-quantize --imatrix`` would store (:func:`llama_quants.quantize` with
+    the module's importance, then gguf-py's decoder), so QAD starts from the best post-training file of its map
+    rather than from the grid's own round-to-nearest rule. That rule then rounds these values in every forward;
+    it keeps most of them (docs/qat.md measures how much). A token embedding (and the head tied to it) is rounded
+    without importance, as llama.cpp does (``llama-imatrix`` collects none for ``token_embd``). Weights on the
+    meta device (FSDP ranks > 0, which receive rank 0's weights when the strategy wraps the student) are left
+    alone. Returns how many weights were set.
+    """
+    import gguf
+
+    from distill.compress.quant import llama_quants
+
+    done: set[int] = set()
+    for name in schemes.targets(student, spec.skip, spec.modules):
+        module = student.get_submodule(name)
+        weight = module.weight
+        if id(weight) in done or weight.is_meta:
+            continue
+        done.add(id(weight))
+        kind = spec.gguf_kind(name)
+        weigh = None if isinstance(module, nn.Embedding) else importance.get(name)
+        raw = llama_quants.quantize(
+            weight.detach().float().cpu().numpy(),
+            kind,
+            None if weigh is None else weigh.float().cpu().numpy(),
+            f"{name}.weight",
+        )
+        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind.upper()]).reshape(weight.shape)
+        weight.copy_(torch.from_numpy(values).to(weight.device, weight.dtype))
+    return len(done)
+
+
 def gguf_grid_kind(student: nn.Module) -> str | None:
     """The llama.cpp block type the student is fake-quantized to, or None for torchao grids (or none)."""
     for module in fake_quantized(student).values():

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -266,6 +266,8 @@ class TypeMap:
         file_bytes: the estimated file size.
         budget: the byte budget it was chosen for.
         reference_bytes: the fp32 bytes the budget is a fraction of.
+        importance: target module name → the importance it was chosen with (``callbacks.qat.init=imatrix``
+            starts from llama.cpp's rounding weighted by it).
 
     """
 
@@ -274,6 +276,7 @@ class TypeMap:
     file_bytes: int
     budget: int
     reference_bytes: int
+    importance: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def ratio(self) -> float:
@@ -323,7 +326,7 @@ def budget_type_map(
     fixed += metadata_bytes(tokenizer, n_tensors) if tokenizer is not None else n_tensors * _TENSOR_INFO_BYTES
     choice, total = allocate(units, budget, fixed)
     types = {name: choice[i] for i, u in enumerate(units) for name in u.modules}
-    return TypeMap(types, unfit, total, budget, reference)
+    return TypeMap(types, unfit, total, budget, reference, importance)
 
 
 def calibrated_type_map(

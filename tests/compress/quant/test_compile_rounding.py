@@ -37,6 +37,29 @@ def test_the_switch_compiles_the_quantizers_qat_inserts_later_and_nothing_else()
         torch._dynamo.config.recompile_limit = limit
 
 
+def test_auto_compiles_only_a_student_large_enough_and_only_with_a_compiler(monkeypatch, caplog):
+    from distill.compress.quant import compile_rounding as cr
+    from distill.config import ConfigError
+
+    model = tiny_llama(vocab_size=512, hidden_size=256, intermediate_size=256)
+    assert apply_student_switches(model, {"compile_rounding": "auto"}) == ["compile_rounding=auto"]
+    spec = schemes.make_spec("gguf_q4_0", None, ["*norm*"], modules=["linear", "embedding"], gguf_types=EVERY_GRID)
+    prepare(model, spec)
+    weights = sum({id(w): w.numel() for _, w in _pairs(model)}.values())
+    with caplog.at_level("INFO", logger="distill"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))  # the hook decides at the first forward that finds quantizers
+    assert f"compile_rounding=auto: eager ({weights:,} rounded weights, under 20,000,000" in caplog.text
+    assert all(q._compiled_call_impl is None for q, _ in _pairs(model))
+    # Large enough: compiled where inductor has a compiler, eager with the reason where it has none.
+    monkeypatch.setattr(cr, "AUTO_MIN_WEIGHTS", weights)
+    assert cr.auto_decision(model) == (True, f"{weights:,} rounded weights")
+    monkeypatch.setattr(cr, "compiler_missing", lambda device: "inductor finds no C++ compiler (none)")
+    compile_now, reason = cr.auto_decision(model)
+    assert not compile_now and reason.startswith("inductor finds no C++ compiler (none); set trainer_extras.")
+    with pytest.raises(ConfigError, match=r"^trainer_extras.compile_rounding='yes': give true, false or auto"):
+        apply_student_switches(model, {"compile_rounding": "yes"})
+
+
 def _pairs(model: torch.nn.Module) -> list[tuple[GGUFBlockFakeQuantizer, torch.Tensor]]:
     return [(m.weight_fake_quantizer, m.weight) for m in model.modules() if hasattr(m, "weight_fake_quantizer")]
 

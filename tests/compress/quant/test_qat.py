@@ -198,6 +198,7 @@ def _ptq_cli(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a fresh interpreter and a training run
 def test_ptq_cli_matches_convert_without_training(tiny_cfg, tmp_path, tiny_teacher):
     student = _student(tiny_teacher)
     student.save_pretrained(tmp_path / "fp")
@@ -227,6 +228,10 @@ def test_bad_settings_are_refused_with_clear_errors(tiny_cfg):
         QuantizationAwareTraining(scheme="int4_weight_only", group_size=48)
     with pytest.raises(ConfigError, match=r"callbacks.qat.group_size=32: int8_weight_only quantizes per output row"):
         QuantizationAwareTraining(scheme="int8_weight_only", group_size=32)
+    with pytest.raises(ConfigError, match=r"^callbacks.qat.init='imatrix': give rtn, or imatrix .* with a gguf_\* scheme"):
+        QuantizationAwareTraining(scheme="int4_weight_only", init="imatrix")
+    with pytest.raises(ConfigError, match=r"^callbacks.qat.init='gptq': give rtn, or imatrix"):
+        QuantizationAwareTraining(scheme="gguf_q4_0", init="gptq")
     with pytest.raises(ConfigError, match=r"freeze_ranges_step=1: give a global step >= start_step \(3\)"):
         QuantizationAwareTraining(start_step=3, freeze_ranges_step=1)
     with pytest.raises(ConfigError, match=r"qat.start_step=40: qat must start .* prune finishes .*end_step=50"):
@@ -297,3 +302,42 @@ def test_ddp_sim_trains_fake_quantized_student_and_exports(tmp_path, cache_dir):
     assert "distributed_backend=gloo" in out and "QAT prepared" in out
     model = load_quantized(tmp_path / "run" / "student_quantized")
     assert all(quantization.is_quantized(model.get_submodule(n).weight) for n in SMOKE_LINEARS)
+
+
+def test_init_imatrix_starts_from_the_values_of_the_imatrix_ptq_file(tiny_teacher):
+    """``init=imatrix``: the weights become what ``llama-quantize --imatrix`` stores for the same map."""
+    import copy
+
+    from distill.compress.quant.qat import start_from_imatrix
+    from distill.compress.quant.type_map import collect_importance
+    from distill.export.gguf import rounded_copy, tensor_types
+
+    model = copy.deepcopy(tiny_teacher.model).eval()
+    mix = {"*.mlp.*": "iq4_nl", "*.self_attn.o_proj": "q4_1"}
+    spec = quantization.make_spec("gguf_q4_0", None, ["*norm*"], modules=["linear", "embedding"], gguf_types=mix)
+    names = quantization.targets(model, spec.skip, spec.modules)
+    ids = [torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))]
+    importance = collect_importance(model, names, ids)
+    # The PTQ file of the same map and importance (the embedding, as in llama.cpp, without any).
+    types = tensor_types(model, "q4_0", {f"{n}.weight": spec.gguf_kind(n) for n in names})
+    by_weight = {f"{n}.weight": importance[n].float().numpy() for n in names if "embed" not in n}
+    expected = rounded_copy(model, types, by_weight).state_dict()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    distinct = {id(model.get_submodule(n).weight) for n in names}  # a tied head is its embedding's weight
+    assert start_from_imatrix(model, spec, importance) == len(distinct)
+    for key, value in model.state_dict().items():
+        if value.dim() < 2:
+            assert torch.equal(value, before[key]), key  # norms stay
+        else:
+            assert torch.equal(value, expected[key]), key
+            assert not torch.equal(value, before[key]), key
+
+
+def test_a_run_with_init_imatrix_trains_from_the_budgeted_maps_importance(tiny_cfg, caplog):
+    overrides = ["callbacks=qat", "callbacks/qat=gguf_q4_mix", "callbacks.qat.skip=['*norm*']"]
+    overrides += ["callbacks.qat.modules=[linear,embedding]", "trainer.max_steps=2", "export.enabled=false"]
+    overrides += ["eval.enabled=false"]
+    with caplog.at_level("INFO"):
+        metrics, _ = train(tiny_cfg(*overrides))
+    assert "QAT starts from llama.cpp's importance-weighted rounding of" in caplog.text
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
