@@ -164,7 +164,7 @@ def test_fast_dev_run_cli(tmp_path, cache_dir):
     assert not (tmp_path / "run" / "student").exists()  # a debug step exports nothing
 
 
-@pytest.mark.slow  # two gloo ranks (about 30 s); the DDP equality test in tests/runtime/test_strategies.py stays in the default suite
+@pytest.mark.slow  # two gloo ranks (about 30 s); tests/runtime/test_strategies.py's DDP equality test stays default
 @pytest.mark.ddp
 def test_ddp_sim_two_processes_train_and_log_once(tmp_path, cache_dir):
     args = [

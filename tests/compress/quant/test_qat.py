@@ -228,7 +228,7 @@ def test_bad_settings_are_refused_with_clear_errors(tiny_cfg):
         QuantizationAwareTraining(scheme="int4_weight_only", group_size=48)
     with pytest.raises(ConfigError, match=r"callbacks.qat.group_size=32: int8_weight_only quantizes per output row"):
         QuantizationAwareTraining(scheme="int8_weight_only", group_size=32)
-    with pytest.raises(ConfigError, match=r"^callbacks.qat.init='imatrix': give rtn, or imatrix .* with a gguf_\* scheme"):
+    with pytest.raises(ConfigError, match=r"^callbacks.qat.init='imatrix': give rtn, or imatrix .* gguf_\* scheme"):
         QuantizationAwareTraining(scheme="int4_weight_only", init="imatrix")
     with pytest.raises(ConfigError, match=r"^callbacks.qat.init='gptq': give rtn, or imatrix"):
         QuantizationAwareTraining(scheme="gguf_q4_0", init="gptq")
