@@ -215,7 +215,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             rows[label] = {"file": str(path), "bytes": path.stat().st_size, "llama_cpp": scored, "torch": ours[label]}
             _print_row(name, label, rows[label])
         result["sets"][name] = {"chunks": int(tokens.shape[0]), "n_ctx": n_ctx, "rows": rows}
-    _write(cfg, result)
+        _write(cfg, result)  # after each set: a long run stopped later keeps the sets it finished
     return result
 
 
