@@ -1,10 +1,8 @@
 """Quantization-aware training (torchao) as a Lightning callback; the maths is :mod:`distill.compress.quant.qat`.
 
-The student is fake-quantized from ``start_step`` while it distils and converted to real quantized weights at
-the end of fit. Order with the other compression callbacks: prune → share → lowrank → sparsity → qat
-(:data:`distill.compress.stages.STAGES`). QAT is last because every other stage rewrites the weights it would
-otherwise have to quantize again; ``distill.compress.stages.check_schedule`` refuses a ``start_step`` before
-an earlier stage's ``end_step``.
+The student is fake-quantized from ``start_step`` while it distils and converted to real quantized weights at fit
+end. QAT is the last stage (:data:`distill.compress.stages.STAGES`): every other one rewrites the weights it would
+have to quantize again, and ``check_schedule`` refuses a ``start_step`` before an earlier stage's ``end_step``.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from callbacks.base import OneShotCompression
 from distill.compress.quant import schemes
 from distill.compress.quant.qat import (
     FIELD,
-    INITS,
+    check_init,
     check_steps,
     convert,
     converted_summary,
@@ -32,7 +30,7 @@ from distill.compress.quant.qat import (
     prepare,
     start_from_imatrix,
 )
-from distill.compress.quant.type_map import TypeMap, check_target_ratio, collect_importance, spec_on_budget
+from distill.compress.quant.type_map import TypeMap, calibrated_importance, check_target_ratio, spec_on_budget
 from distill.compress.stages import compression_stages
 from distill.config import config_error
 from distill.export import quantized
@@ -51,21 +49,15 @@ class QuantizationAwareTraining(OneShotCompression):
         group_size: for grouped schemes (default 32); must divide every quantized linear's in-features.
         skip: glob patterns (``fnmatch``) on the student's dotted module names that stay in full precision;
             null means :data:`distill.compress.quant.schemes.DEFAULT_SKIP` (embeddings, ``lm_head``, norms).
-        modules: module kinds to fake-quantize: ``[linear]`` (default) or ``[linear, embedding]`` (weight-only
-            schemes). The embedding also needs a ``skip`` list without ``*embed*``; a tied output head
-            (``lm_head``, a Linear) shares its Parameter, gets the same codes and stays tied in the export.
-        gguf_types: for ``gguf_*`` schemes, ``{module-name glob: llama.cpp type}`` overriding the scheme's
-            type per module (the last matching glob wins), for a mixed file; null keeps one type.
+        modules: ``[linear]`` (default) or ``[linear, embedding]`` (weight-only schemes; a ``skip`` without
+            ``*embed*``); a tied head shares the embedding's Parameter and codes, and stays tied in the export.
+        gguf_types: ``gguf_*`` schemes: ``{module glob: llama.cpp type}``, the last match winning; null: one type.
         target_ratio: for ``gguf_*`` schemes instead of ``gguf_types``: a type per module so the GGUF file is at
             most 1/``target_ratio`` of the student's fp32 bytes (:mod:`distill.compress.quant.type_map`).
-        init: for ``gguf_*`` schemes, where the weights start: ``rtn`` as they are (the grid's rule rounds them to
-            nearest), or ``imatrix``: first set to llama.cpp's importance-weighted rounding of themselves, the
-            values of the imatrix PTQ file of the same map (:func:`distill.compress.quant.qat.start_from_imatrix`).
+        init: ``rtn`` (weights as they are) or, on a llama.cpp grid, ``imatrix`` (``qat.start_from_imatrix``).
         calibration_batches: with ``target_ratio``: batches of 4 training rows that weigh the rounding errors.
-        start_step: global step at which fake-quant is inserted; before it the student trains in full
-            precision. 0 inserts it in ``setup``, before the strategy wraps the model (needed for FSDP).
-        freeze_ranges_step: global step from which the weight scales/zero points stay as computed then; null
-            keeps them following the weights. Per-token activation ranges are always dynamic.
+        start_step: the global step fake-quant goes in (0: in ``setup``, before wrapping, as FSDP needs).
+        freeze_ranges_step: from this step weight scales/zero points stay fixed; null: they follow the weights.
         export_dir: folder name under the run directory for the compact quantized export.
 
     """
@@ -97,14 +89,7 @@ class QuantizationAwareTraining(OneShotCompression):
         )
         check_steps(self.spec, start_step, freeze_ranges_step, calibration_batches)
         self.target_ratio = check_target_ratio(self.spec, target_ratio, gguf_types)
-        if init not in INITS or (init != "rtn" and schemes.get_scheme(self.spec.scheme).gguf is None):
-            raise config_error(
-                FIELD + "init",
-                init,
-                "give rtn, or imatrix (llama.cpp's importance-weighted rounding) with a gguf_* scheme"
-                + ("" if init in INITS else f"; {self.spec.scheme} is torchao's"),
-            )
-        self.init = init
+        self.init = check_init(self.spec, init)
         self.calibration_batches = calibration_batches
         self.type_map: TypeMap | None = None
         self.start_step = start_step
@@ -112,8 +97,7 @@ class QuantizationAwareTraining(OneShotCompression):
         self.freeze_ranges_step = freeze_ranges_step
         self.export_dir = export_dir
         self.converted = False
-        # {weight name: GGUF type} after a convert on a llama.cpp grid (gguf_* schemes); the GGUF export reads it.
-        self.gguf_types: dict[str, str] = {}
+        self.gguf_types: dict[str, str] = {}  # after convert on a llama.cpp grid: weight → type, for the GGUF export
         self._frozen: dict[str, dict[str, torch.Tensor]] = {}
         self._pending_frozen: dict[str, dict[str, torch.Tensor]] | None = None
         self._convert_gathered = False  # FSDP / ZeRO-3: convert waits for the gathered student (finish_gathered)
@@ -132,11 +116,8 @@ class QuantizationAwareTraining(OneShotCompression):
     def check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse a start_step the run never reaches, and targets or a group size that do not fit the student."""
         if not trainer.fast_dev_run and 0 <= trainer.max_steps <= self.start_step:
-            raise config_error(
-                FIELD + "start_step",
-                self.start_step,
-                f"QAT would never run: trainer.max_steps={trainer.max_steps}; give a start_step below it",
-            )
+            never = f"QAT would never run: trainer.max_steps={trainer.max_steps}; give a start_step below it"
+            raise config_error(FIELD + "start_step", self.start_step, never)
         others = [cb for cb in compression_stages(trainer.callbacks) if cb is not self]
         if others:  # earlier stages may still reshape the linears; then the check waits for prepare
             return
@@ -149,8 +130,12 @@ class QuantizationAwareTraining(OneShotCompression):
         """Insert fake-quant; the Parameters stay the same objects, so the optimizer needs no rebuild."""
         if self.target_ratio is not None:
             self._choose_types(trainer, pl_module)
-        if self.init == "imatrix":
-            self._start_from_imatrix(trainer, pl_module)
+        if self.init == "imatrix":  # a hand-made map has no importance yet: collect what the budgeted map would
+            importance = (self.type_map.importance if self.type_map else None) or calibrated_importance(
+                pl_module.student, self.spec, trainer.datamodule, self.calibration_batches
+            )
+            count = start_from_imatrix(pl_module.student, self.spec, importance)
+            rank_zero_info(f"QAT starts from llama.cpp's importance-weighted rounding of {count} weights")
         prepare(pl_module.student, self.spec)
         pl_module.record_structure_change(self.stage, self.spec.to_dict())
         rank_zero_info(
@@ -210,24 +195,6 @@ class QuantizationAwareTraining(OneShotCompression):
             )
         )
         rank_zero_info(f"QAT type map for 1/{self.target_ratio}: {self.type_map.summary()}")
-
-    def _start_from_imatrix(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Round the student's weights as ``llama-quantize --imatrix`` would, with the map's importance (or new)."""
-        importance = self.type_map.importance if self.type_map is not None else {}
-        if not importance:  # a hand-made map: collect the importance as the budgeted map does, on rank 0
-            from distill.compress.depth import calibration_batches
-
-            dm, student = trainer.datamodule, pl_module.student
-            names = schemes.targets(student, self.spec.skip, self.spec.modules)
-            importance = computed_on_rank_zero(
-                lambda: collect_importance(
-                    student,
-                    names,
-                    calibration_batches(dm.train_set, batches=self.calibration_batches, rows=4, tokens=dm.block_size),
-                )
-            )
-        count = start_from_imatrix(pl_module.student, self.spec, importance)
-        rank_zero_info(f"QAT starts from llama.cpp's importance-weighted rounding of {count} weights (init=imatrix)")
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

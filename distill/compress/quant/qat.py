@@ -75,6 +75,18 @@ def _prepare_gguf(student: nn.Module, spec: QuantSpec) -> None:
 INITS = ("rtn", "imatrix")
 
 
+def check_init(spec: QuantSpec, init: object) -> str:
+    """``callbacks.qat.init``: ``rtn``, or ``imatrix`` on a llama.cpp grid; anything else is refused by name."""
+    if init not in INITS or (init != "rtn" and schemes.get_scheme(spec.scheme).gguf is None):
+        raise config_error(
+            FIELD + "init",
+            init,
+            "give rtn, or imatrix (llama.cpp's importance-weighted rounding) with a gguf_* scheme"
+            + ("" if init in INITS else f"; {spec.scheme} is torchao's"),
+        )
+    return str(init)
+
+
 @torch.no_grad()
 def start_from_imatrix(student: nn.Module, spec: QuantSpec, importance: dict[str, torch.Tensor]) -> int:
     """Set each weight ``spec`` targets to llama.cpp's importance-weighted rounding of itself (``init=imatrix``).

@@ -349,6 +349,26 @@ def calibrated_type_map(
     return budget_type_map(model, names, data, target_ratio, kinds, tokenizer)
 
 
+def calibrated_importance(model: nn.Module, spec: QuantSpec, datamodule: object, batches: int = 8) -> dict:
+    """:func:`collect_importance` of ``spec``'s targets on calibration batches of the training split, on rank 0.
+
+    What ``callbacks.qat.init=imatrix`` weighs the rounding by when no byte-budgeted map collected it already (a
+    hand-made ``gguf_types`` map). Every rank gets rank 0's result (ranks > 0 may hold the student empty).
+    """
+    from distill.compress.depth import calibration_batches
+    from distill.compress.quant.schemes import targets
+    from distill.runtime.ranks import computed_on_rank_zero
+
+    names = targets(model, spec.skip, spec.modules)
+    data = calibration_batches(
+        datamodule.train_set,
+        batches=batches,
+        rows=4,
+        tokens=datamodule.block_size,  # type: ignore[attr-defined]
+    )
+    return computed_on_rank_zero(lambda: collect_importance(model, names, data))
+
+
 def check_target_ratio(spec: QuantSpec, target_ratio: object, gguf_types: object) -> float | None:
     """A byte budget needs a llama.cpp grid, a ratio above 1, and no hand-made map beside it."""
     if target_ratio is None:

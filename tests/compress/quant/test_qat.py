@@ -336,7 +336,7 @@ def test_init_imatrix_starts_from_the_values_of_the_imatrix_ptq_file(tiny_teache
 def test_a_run_with_init_imatrix_trains_from_the_budgeted_maps_importance(tiny_cfg, caplog):
     overrides = ["callbacks=qat", "callbacks/qat=gguf_q4_mix", "callbacks.qat.skip=['*norm*']"]
     overrides += ["callbacks.qat.modules=[linear,embedding]", "trainer.max_steps=2", "export.enabled=false"]
-    overrides += ["eval.enabled=false"]
+    overrides += ["eval.enabled=false", "callbacks.qat.init=imatrix"]
     with caplog.at_level("INFO"):
         metrics, _ = train(tiny_cfg(*overrides))
     assert "QAT starts from llama.cpp's importance-weighted rounding of" in caplog.text
