@@ -34,7 +34,6 @@ INDUCTOR_OPTIONS = {"emulate_precision_casts": True}  # keep the fp16 rounding o
 # about a third of the eager one's time in the step (docs/performance.md); a 2-layer test student does not pay
 # for its compilation.
 AUTO_MIN_WEIGHTS = 20_000_000
-MODES = (True, False, "auto")
 
 
 def compiler_missing(device: torch.device) -> str | None:
@@ -56,11 +55,11 @@ def compiler_missing(device: torch.device) -> str | None:
 
 def auto_decision(model: nn.Module) -> tuple[bool, str]:
     """``auto``: whether to compile ``model``'s quantizers, and the one-line reason."""
-    weights = {id(w): w.numel() for _, w in _quantized_weights(model)}
-    total = sum(weights.values())
+    weights = {id(w): w for _, w in _quantized_weights(model)}  # a tied head's weight counts once
+    total = sum(w.numel() for w in weights.values())
     if total < AUTO_MIN_WEIGHTS:
         return False, f"{total:,} rounded weights, under {AUTO_MIN_WEIGHTS:,}: the compilation would not pay"
-    device = next((w.device for _, w in _quantized_weights(model)), torch.device("cpu"))
+    device = next((w.device for w in weights.values()), torch.device("cpu"))
     missing = compiler_missing(device)
     if missing is not None:
         return False, f"{missing}; set trainer_extras.compile_rounding=false to silence this"
