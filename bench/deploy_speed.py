@@ -80,7 +80,7 @@ def llama_cpp_speed(file: Path, prompt: str, new_tokens: int, runs: int, threads
 
 def torch_speed(model: Any, tokenizer: Any, prompt: str, new_tokens: int, runs: int) -> float:
     """transformers' greedy generate on ``model``, new tokens per second (batch 1, median of ``runs``)."""
-    from distill.eval.cost import generation_tokens_per_s
+    from distill.cost import generation_tokens_per_s
 
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     return generation_tokens_per_s(model, ids, new_tokens=new_tokens, runs=runs)

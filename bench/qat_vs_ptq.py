@@ -4,7 +4,7 @@ Three students, all distilled from the SmolLM2-135M teacher on the embedded corp
 held-out batches:
 
 * **fp**: a ``from_teacher`` student distilled for ``steps`` steps in full precision;
-* **ptq**: that fp student quantized afterwards with ``python -m distill.compress.quant.ptq``'s code (no training);
+* **ptq**: that fp student quantized afterwards with ``python -m distill.export.ptq``'s code (no training);
 * **qat**: the same student distilled for the same ``steps`` with ``callbacks=qat`` (fake-quant from
   ``qat_start``), converted to real quantized weights at the end.
 
@@ -42,10 +42,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from distill.compress.quant.ptq import quantize_export  # noqa: E402
 from distill.compress.quant.schemes import QuantSpec, make_spec  # noqa: E402
 from distill.config import exit_on_config_error  # noqa: E402
 from distill.eval.heldout import heldout_metrics  # noqa: E402
+from distill.export.ptq import quantize_export  # noqa: E402
 from distill.export.quantized import META_FILE  # noqa: E402
 from train import train  # noqa: E402
 

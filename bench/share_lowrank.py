@@ -39,7 +39,7 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 from distill.compress.layers import decoder_layers  # noqa: E402
 from distill.compress.stages import compression_stages  # noqa: E402
 from distill.config import build, config_error, exit_on_config_error, instantiate_callbacks  # noqa: E402
-from distill.eval.cost import parameter_count  # noqa: E402
+from distill.cost import parameter_count  # noqa: E402
 from distill.eval.heldout import heldout_metrics  # noqa: E402
 from train import train  # noqa: E402
 

@@ -20,7 +20,9 @@ The settings are Hydra overrides of ``conf/bench/teacher_cache.yaml``.
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -68,7 +70,63 @@ def run(cfg: DictConfig) -> dict[int, dict[str, Any]]:
         print(f"ratio bytes_per_token k={k} / full fp32 distribution = {m['bytes_per_token'] / full_bytes:.5f}")
     if live is not None:
         _print_crossover(rows, len(dm.train_set))
+    if cfg.get("json"):
+        write_results(Path(cfg.json), rows, cfg, len(dm.train_set), full_bytes, live)
     return rows
+
+
+def write_results(
+    out: Path, rows: dict[int, dict[str, Any]], cfg: DictConfig, epoch_blocks: int, full_bytes: int, live: float | None
+) -> None:
+    """Write the rows to ``out`` (JSON) and a table beside it (``.md``, which docs/performance.md includes)."""
+    import torch
+
+    machine = {
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "load_average_end": os.getloadavg(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    result = {
+        "machine": machine,
+        "blocks": cfg.blocks,
+        "block": cfg.block,
+        "epoch_blocks": epoch_blocks,
+        "live_seconds": live,
+        "full_fp32_bytes_per_token": full_bytes,
+        "formula": CROSSOVER,
+        "ks": {str(k): v for k, v in rows.items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    lines = [
+        "# Teacher cache",
+        "",
+        f"`python bench/teacher_cache.py` on {machine['cpus']} CPUs ({machine['processor']}, {machine['threads']} "
+        f"threads, torch {machine['torch']}), {machine['date']}; {cfg.blocks} training blocks of {cfg.block} tokens "
+        f"timed, scaled to the training split's {epoch_blocks} blocks. {CROSSOVER}.",
+        "",
+        "| k | bytes/token | of a full fp32 distribution | reconstruction KL (nats/token) | top-k mass "
+        "| B build s/epoch "
+        "| L live s/epoch | R lookup s/epoch | crossover E* (epochs) |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for k, m in rows.items():
+        c = m.get("crossover")
+        timing = (
+            f"{c['build_per_epoch_s']:.0f} | {c['live_per_epoch_s']:.0f} | {c['lookup_per_epoch_s']:.0f} | "
+            f"{c['epochs']:.2f}"
+            if c
+            else "– | – | – | –"
+        )
+        lines.append(
+            f"| {k} | {m['bytes_per_token']:.1f} | {m['bytes_per_token'] / full_bytes:.5f} | "
+            f"{m['reconstruction_kl']:.4f} | {m['mean_topk_mass']:.4f} | {timing} |"
+        )
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md').name}")
 
 
 def _cached(folder: Path) -> Any:

@@ -12,7 +12,7 @@ from callbacks.base import CompactCompression
 from distill.compress import lowrank
 from distill.compress.lowrank import DEFAULT_TARGETS, FIELD, factorize, target_linears
 from distill.config import config_error
-from distill.eval.cost import parameter_count
+from distill.cost import parameter_count
 from distill.runtime.rank_zero_load import has_meta_tensors
 from distill.runtime.ranks import computed_on_rank_zero
 

@@ -34,10 +34,10 @@ from distill.compress.prune.selection import (
 )
 from distill.compress.prune.surgery import apply_spec, layer_shapes, shapes
 from distill.compress.stages import compression_stages
+from distill.recipe.strategies import check_prune_strategy
 from distill.runtime.gather import params_whole
 from distill.runtime.ranks import computed_on_rank_zero
 from distill.runtime.rewrap import reshape
-from distill.runtime.strategies import check_prune_strategy
 
 log = logging.getLogger("distill.prune")
 

@@ -12,7 +12,7 @@ from callbacks.base import CompactCompression
 from distill.compress.layers import decoder_layers
 from distill.compress.share import DEFAULT_LORA_TARGETS, FIELD, apply_sharing, check_init, check_pattern, sharing_spec
 from distill.config import config_error
-from distill.eval.cost import parameter_count
+from distill.cost import parameter_count
 from distill.runtime.rank_zero_load import has_meta_tensors
 
 log = logging.getLogger(__name__)

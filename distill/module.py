@@ -18,8 +18,8 @@ from transformers import PreTrainedModel
 
 from distill.compress.replay import replay
 from distill.compress.stages import check_stage_order
+from distill.cost import parameter_count
 from distill.data.generation import Generation
-from distill.eval.cost import parameter_count
 from distill.models.teacher import Teacher
 from distill.objective.divergences import IGNORE_INDEX
 from distill.objective.objective import DistillationObjective
@@ -158,7 +158,7 @@ class DistillModule(pl.LightningModule):
         hidden = self.objective.needs_hidden_states
         ids, mask, v = batch["input_ids"], batch.get("attention_mask"), self.vocab_size
         # A cached teacher serves its top-k and tail buckets at the KD temperature (teacher_cache.py).
-        cached = hasattr(self.teacher, "targets")
+        cached = self.teacher.cached
         if self.chunked:
             extra = {"temperature": self.objective.temperature} if cached else {}
             # Under FSDP the teacher unit's own weights are gathered for the whole loss (gather.py); the

@@ -26,7 +26,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from distill.config import config_error, exit_on_config_error
-from distill.runtime.strategies import check_trainer_config
+from distill.recipe.strategies import check_trainer_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = Path(__file__).with_name("template.sbatch")

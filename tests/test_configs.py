@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer
 from omegaconf import OmegaConf, open_dict
 
 from distill.config import instantiate_callbacks, instantiate_loggers
-from distill.runtime.strategies import is_gpu_only
+from distill.recipe.strategies import is_gpu_only
 from tests.conftest import CONF, compose_cfg
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "bench")  # bench/: the scripts' roots

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.compress.stages import STAGES
 from distill.config import build
-from distill.runtime.strategies import check_trainer_config
+from distill.recipe.strategies import check_trainer_config
 from slurm.submit import compose_config, job_settings, render
 from tests.conftest import CONF, compose_cfg
 from tests.helpers import TINY_MODELS, run_train_cli, stages
@@ -144,7 +144,7 @@ def test_stacked_max_report_lists_modifications_in_order(tmp_path, cache_dir):
 
 def test_cluster_recipe_composes_for_fsdp_bf16_on_two_nodes(tmp_path, cache_dir):
     cfg = compose_cfg(["experiment=llama3_8b_to_1b_slurm"], tmp_path, cache_dir)
-    assert cfg.trainer.strategy._target_ == "distill.runtime.strategies.fsdp_strategy"
+    assert cfg.trainer.strategy._target_ == "distill.recipe.strategies.fsdp_strategy"
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
     assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 8
     assert cfg.teacher.path == "meta-llama/Llama-3.1-8B"

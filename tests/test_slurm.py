@@ -17,8 +17,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from distill.config import ConfigError
+from distill.recipe.strategies import check_trainer_config
 from distill.runtime.resume import resolve_resume
-from distill.runtime.strategies import check_trainer_config
 from slurm.submit import compose_config, override_keys, render, run, train_overrides, with_slurm_group
 from tests.helpers import run_train_cli
 from train import train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -23,8 +24,9 @@ def test_crossover_scales_the_measured_blocks_to_an_epoch_and_divides_the_build_
 
 
 @pytest.mark.slow  # a tiny teacher over 8 blocks, two caches, timed passes (about 20 s on 2 loaded cores)
-def test_the_bench_measures_the_crossover_per_k_on_the_same_blocks(cache_dir, capsys):
+def test_the_bench_measures_the_crossover_per_k_on_the_same_blocks(cache_dir, capsys, tmp_path):
     overrides = ["teacher=tiny_random", f"paths.cache_dir={cache_dir}", "blocks=8", "block=32", "ks=[4,16]"]
+    overrides.append(f"json={tmp_path / 'teacher_cache.json'}")
     rows = teacher_cache.run(bench_cfg("teacher_cache", [*overrides, "batch=4", "chunk=16", "repeats=1"]))
     assert set(rows) == {4, 16}
     for m in rows.values():
@@ -33,3 +35,7 @@ def test_the_bench_measures_the_crossover_per_k_on_the_same_blocks(cache_dir, ca
         saved = c["live_per_epoch_s"] - c["lookup_per_epoch_s"]
         assert c["epochs"] == (c["build_per_epoch_s"] / saved if saved > 0 else math.inf)
     assert "crossover, E* = B / (L - R)" in capsys.readouterr().out
+    written = json.loads((tmp_path / "teacher_cache.json").read_text())
+    assert written["ks"]["16"]["crossover"]["epochs"] == rows[16]["crossover"]["epochs"]
+    table = (tmp_path / "teacher_cache.md").read_text()
+    assert f"| 16 | {rows[16]['bytes_per_token']:.1f} |" in table

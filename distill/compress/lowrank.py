@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from distill.compress.share import lora_layers
 from distill.config import config_error
-from distill.export.loaders.load_compact import LowRankLinear, set_module
+from distill.loaders.load_compact import LowRankLinear, set_module
 
 FIELD = "callbacks.lowrank"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

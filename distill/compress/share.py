@@ -20,7 +20,7 @@ from torch import nn
 
 from distill.compress.layers import decoder_layers
 from distill.config import config_error
-from distill.export.loaders.load_compact import set_parameter
+from distill.loaders.load_compact import set_parameter
 
 FIELD = "callbacks.share"
 PATTERNS = ("all", "groups", "cycle")

@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from distill.config import ConfigError, config_error
 from distill.data.corpus import load_raw, pack, pack_documents, split_documents, spread_order
 from distill.data.sampler import EvalBatchSampler, IndexedSet, PaddedEvalSet, StepBatchSampler
-from distill.models.tokenizer import tokenizer_fingerprint
+from distill.fingerprint import tokenizer_fingerprint
 from distill.runtime.files import atomic_directory
 
 # Lightning warns that a mid-epoch resume replays batches unless the loader is stateful. Ours is

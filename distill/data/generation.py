@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from distill.config import config_error
-from distill.models.fingerprint import weights_hash
+from distill.fingerprint import weights_hash
 from distill.objective.divergences import IGNORE_INDEX
 from distill.runtime.files import atomic_directory
 from distill.runtime.sampling import sampling as sampling_forwards
@@ -138,6 +138,10 @@ def weights_quantized_once(model: nn.Module) -> Iterator[None]:
     patched = []
     for module in model.modules():
         fq = getattr(module, "weight_fake_quantizer", None)
+        # An embedding that rounds only the rows it looks up (row_embedding.py) gets other rows, in new tensors
+        # whose ids may repeat, at every token: it stays as it is, and costs a few rows per token.
+        if getattr(module, "rounds_looked_up_rows", False):
+            continue
         if isinstance(fq, nn.Module) and "forward" not in vars(fq):
             cache: dict[int, Tensor] = {}
 
@@ -340,7 +344,7 @@ class Generation:
         """Where this teacher's continuations of these prompts live, keyed by everything that decides them.
 
         The teacher is keyed by its identity (name and tokenizer) and by a hash of its weights' bytes and dtypes
-        (:func:`~distill.models.fingerprint.weights_hash`, the top-k teacher cache's key): a fine-tune saved over
+        (:func:`~distill.fingerprint.weights_hash`, the top-k teacher cache's key): a fine-tune saved over
         the same path, another hub revision, or the same teacher in bf16 instead of fp32 writes other
         continuations, so each gets its own folder. The hash reads bytes, not sums, so every rank and every later
         run on any device or thread count finds the same folder.

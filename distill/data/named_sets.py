@@ -31,7 +31,7 @@ from distill.config import config_error
 from distill.data.corpus import load_raw, pack_documents, spread_order
 from distill.data.datamodule import doc_column
 from distill.data.sampler import EvalBatchSampler, PaddedEvalSet
-from distill.models.tokenizer import tokenizer_fingerprint
+from distill.fingerprint import tokenizer_fingerprint
 from distill.runtime.files import atomic_directory
 
 SPLIT = "split"

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from distill.config import ConfigError
-from distill.eval.cost import cost_metrics
+from distill.cost import cost_metrics
 from distill.eval.cross_heldout import cross_heldout
 from distill.eval.heldout import (
     Heldout,

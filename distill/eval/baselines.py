@@ -45,9 +45,9 @@ from distill.compress.prune.surgery import apply_spec, shapes
 from distill.compress.quant import gguf_grid, schemes
 from distill.compress.quant.type_map import calibrated_type_map
 from distill.config import build, config_error
+from distill.cost import disk_bytes, memory_bytes, parameter_count, weight_file_bytes
 from distill.data.sampler import StepBatchSampler
 from distill.eval.assess import Comparison, Provenance, assess, build_heldout
-from distill.eval.cost import disk_bytes, memory_bytes, parameter_count, weight_file_bytes
 from distill.eval.heldout import heldout_metrics
 from distill.eval.report import build_report, write_report
 from distill.eval.report import compare as compare_metrics
@@ -148,7 +148,7 @@ class Candidate:
     modifications: list[dict[str, Any]] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    # Student cost figures that replace what distill.eval.cost counts, for storage it does not understand.
+    # Student cost figures that replace what distill.cost counts, for storage it does not understand.
     corrections: dict[str, float] = field(default_factory=dict)
 
 
@@ -166,7 +166,7 @@ def prepare(cfg: DictConfig) -> Bench:
 
 
 def compare(bench: Bench, model: nn.Module) -> Comparison:
-    """The comparison ``train.py``'s ``_assess`` makes, with ``model`` in the student's place."""
+    """The comparison a run's report makes (``distill.recipe.report.assess_run``), ``model`` in the student's place."""
     return Comparison(
         model,
         bench.teacher,
@@ -397,7 +397,7 @@ def bnb(bench: Bench, artifact: Path, kind: str, source: Path) -> Candidate:
         "token embedding here) and the embedding in the model's dtype."
         + (" LLM.int8 casts fp32 inputs to fp16 for its int8 matmul." if kind == "bnb_int8" else ""),
         "cost/params, bytes_memory, bits_per_weight(_disk) and compression_ratio are corrected for bitsandbytes' "
-        "storage, which distill.eval.cost counts short: nf4 packs two weights per uint8 element (params would "
+        "storage, which distill.cost counts short: nf4 packs two weights per uint8 element (params would "
         f"read {parameter_count(model):,}), and the quantization state (scales, absmax: {state / 1e6:.2f} MB) "
         "lives outside parameters and buffers. The uncounted figures are in the run facts.",
     ]

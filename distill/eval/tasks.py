@@ -35,7 +35,7 @@ import yaml
 
 from distill.config import ConfigError
 from distill.eval.intervals import bootstrap_interval
-from distill.models.fingerprint import weights_hash
+from distill.fingerprint import weights_hash
 
 log = logging.getLogger("distill")
 
@@ -464,7 +464,7 @@ class TaskCache:
 def model_fingerprint(model: Any) -> dict[str, str] | None:
     """What identifies a model's weights for the task cache: their exact bytes' hash, its device and dtype.
 
-    The hash is :func:`~distill.models.fingerprint.weights_hash`, the one every model-keyed cache uses: it does
+    The hash is :func:`~distill.fingerprint.weights_hash`, the one every model-keyed cache uses: it does
     not depend on the thread count or the device, so every later run finds the same results. The device and
     dtype stay in the key (the scores were computed there). None when a tensor has no plain bytes (meta,
     sharded or quantized tensor subclasses): such a model is not cached.

@@ -1,6 +1,6 @@
 """Writing the compact form of a shared, factorised or LoRA-relaxed student (the format is described in the loader).
 
-The loading side, :mod:`distill.export.loaders.load_compact`, is copied verbatim into every compact folder
+The loading side, :mod:`distill.loaders.load_compact`, is copied verbatim into every compact folder
 so that it loads without this package; everything that only the writer needs lives here, including
 :func:`plain_copy`, the plain form that the Hugging Face export writes instead.
 """
@@ -21,8 +21,8 @@ from torch import nn
 from distill.compress.quant.schemes import is_quantized
 from distill.compress.share import lora_layers
 from distill.export.hf import compare_logits
-from distill.export.loaders import load_compact as loader
-from distill.export.loaders.load_compact import FORMAT, VERSION, LowRankLinear, load_compact, set_module, set_parameter
+from distill.loaders import load_compact as loader
+from distill.loaders.load_compact import FORMAT, VERSION, LowRankLinear, load_compact, set_module, set_parameter
 from distill.runtime.files import atomic_directory
 
 log = logging.getLogger("distill")
@@ -108,7 +108,7 @@ def save_compact(model: nn.Module, tokenizer: Any, out_dir: str | Path, verify: 
         model: the live student (a transformers model, possibly with tied layers, factors and LoRA).
         tokenizer: saved next to the weights when given.
         out_dir: the folder to write; replaced only once the new one is complete and verified.
-        verify: reload with :func:`~distill.export.loaders.load_compact.load_compact` and require the same
+        verify: reload with :func:`~distill.loaders.load_compact.load_compact` and require the same
             logits on a fixed probe.
 
     Returns:

@@ -14,8 +14,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.compress.stages import STAGES, CompressionStage
-from distill.export.loaders import load_pruned as load_pruned_module
-from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY, is_pruned_export, load_pruned
+from distill.loaders import load_pruned as load_pruned_module
+from distill.loaders.load_pruned import LAYER_SHAPES_KEY, is_pruned_export, load_pruned
 from distill.runtime.files import atomic_directory
 
 log = logging.getLogger(__name__)

@@ -22,41 +22,15 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.compress.quant.schemes import QuantSpec, apply, get_scheme, is_quantized
+from distill.compress.quant.sizes import size_report
 from distill.config import config_error
-from distill.eval.cost import memory_bytes, tensor_bytes, unique_tensors
+from distill.cost import tensor_bytes
 from distill.export.hf import compare_logits
 from distill.runtime.files import atomic_directory
 
 FORMAT = "distill-torchao-v1"
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "quantization.json"
-
-
-def size_report(model: nn.Module, folder: str | Path | None = None) -> dict[str, float]:
-    """Measured sizes: bytes in memory (shared tensors once), bits per quantized weight, weights file size.
-
-    ``memory_bytes`` is :func:`distill.eval.cost.memory_bytes`, the figure the report shows.
-    ``bits_per_weight`` counts everything a quantized weight stores (int8 codes, scales, zero points)
-    over its number of weights; it differs from the nominal grid because torchao's CPU-capable layout
-    keeps int4 codes one per byte.
-    """
-    quant_bytes = quant_numel = fp_bytes = 0
-    for t in unique_tensors(model):
-        if is_quantized(t):
-            quant_bytes += tensor_bytes(t)
-            quant_numel += t.numel()
-        else:
-            fp_bytes += tensor_bytes(t)
-    out = {
-        "memory_bytes": float(memory_bytes(model)),
-        "quantized_weights": float(quant_numel),
-        "quantized_bytes": float(quant_bytes),
-        "unquantized_bytes": float(fp_bytes),
-        "bits_per_weight": 8.0 * quant_bytes / quant_numel if quant_numel else float("nan"),
-    }
-    if folder is not None:
-        out["disk_bytes"] = float((Path(folder) / WEIGHTS_FILE).stat().st_size)
-    return out
 
 
 def flatten_quantized(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
@@ -167,7 +141,7 @@ def save_quantized(
 
 
 def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
-    """Load a folder written by :func:`save_quantized` (QAT's compact export, ``python -m distill.compress.quant.ptq``).
+    """Load a folder written by :func:`save_quantized` (QAT's compact export, ``python -m distill.export.ptq``).
 
     Rebuilds the architecture from ``config.json``, applies the same ``quantize_`` so every targeted module
     holds a quantized tensor of the right type and shape, then loads the saved tensors with

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from distill.config import ConfigError, build, config_error, exit_on_config_error
 from distill.data.datamodule import DistillDataModule
-from distill.models.fingerprint import weights_hash
+from distill.fingerprint import tokenizer_fingerprint, weights_hash
 from distill.models.teacher import FrozenTeacher
 from distill.models.teacher_cache import (
     DEFAULT_TEMPERATURES,
@@ -35,7 +35,6 @@ from distill.models.teacher_cache import (
     describe,
     index_dtype,
 )
-from distill.models.tokenizer import tokenizer_fingerprint
 from distill.runtime.files import atomic_file, atomic_write_text
 from distill.runtime.paths import export_root
 

@@ -10,8 +10,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from distill.config import ConfigError, config_error
-from distill.eval.cost import weight_file_bytes
-from distill.export.loaders.load_pruned import is_pruned_export, load_pruned
+from distill.cost import weight_file_bytes
+from distill.loaders.load_pruned import is_pruned_export, load_pruned
 from distill.runtime.rank_zero_load import weights_are_empty
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

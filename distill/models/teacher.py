@@ -35,6 +35,7 @@ class Teacher(Protocol):
 
     name: str
     tokenizer: PreTrainedTokenizerBase
+    cached: bool  # True when it reads a cache of targets (corpus blocks only) instead of running a model
 
     @property
     def config(self) -> Any:
@@ -81,6 +82,8 @@ class FrozenTeacher(nn.Module):
     Lightning ``model.train()`` cannot switch dropout on), and ``forward`` runs under ``no_grad``.
     The tokenizer rides along because the data and the vocabulary check are defined by it.
     """
+
+    cached = False  # it runs the model (Teacher.cached)
 
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, shipped_bytes: int | None = None

@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig
 
 from distill.config import ConfigError, build, config_error
-from distill.models.fingerprint import weights_hash
+from distill.fingerprint import weights_hash
 from distill.models.teacher import DataIdentity, FrozenTeacher
 from distill.models.tokenizer import load_tokenizer, tokenizer_fingerprint
 from distill.objective.buckets import TopKBuckets
@@ -99,6 +99,8 @@ class CachedTeacher(nn.Module):
         path: the cache folder written by ``python -m distill.models.cache_builder``.
 
     """
+
+    cached = True  # it reads targets from disk, for the corpus's blocks only (Teacher.cached)
 
     def __init__(self, path: str) -> None:
         super().__init__()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from distill.config import ConfigError
 from distill.data.corpus import embedded_corpus
+from distill.fingerprint import tokenizer_fingerprint
 from distill.models.loading import not_available
 from distill.runtime.files import atomic_directory
 
@@ -32,19 +31,6 @@ def load_tokenizer(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of what the tokenizer does (vocabulary, merges, normaliser, special tokens), not its name."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        payload = json.loads(backend.to_str())
-        payload.pop("truncation", None)  # runtime settings, not identity
-        payload.pop("padding", None)
-        text = json.dumps(payload, sort_keys=True)
-    else:
-        text = json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:

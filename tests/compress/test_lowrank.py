@@ -24,7 +24,7 @@ from distill.compress.lowrank import (
 from distill.compress.share import share_groups, tie_layers
 from distill.config import ConfigError
 from distill.export.compact import plain_copy, save_compact
-from distill.export.loaders.load_compact import LowRankLinear, load_compact
+from distill.loaders.load_compact import LowRankLinear, load_compact
 from students import scratch
 from train import train
 

@@ -20,7 +20,7 @@ from callbacks.share import CrossLayerSharing
 from distill.compress.share import add_lora, share_groups, tie_layers
 from distill.config import ConfigError
 from distill.export.compact import plain_copy, save_compact
-from distill.export.loaders.load_compact import load_compact
+from distill.loaders.load_compact import load_compact
 from students import scratch
 from train import train
 

@@ -177,7 +177,7 @@ def test_teacher_cache_generates_once_and_is_reused(tiny_cfg, tmp_path):
 
 
 def test_sharded_strategies_and_cached_teachers_refuse_generation(tiny_cfg):
-    from distill.runtime.strategies import check_sharded_generation
+    from distill.recipe.strategies import check_sharded_generation
 
     with pytest.raises(ConfigError, match=r"distill.generation.student_fraction=0.5: the fsdp strategy"):
         check_sharded_generation({"strategy": "fsdp"}, {"student_fraction": 0.5})
@@ -340,15 +340,18 @@ def test_a_qat_student_rounds_its_weights_once_per_sampling_call(scheme):
     (kind,) = {type(m.weight_fake_quantizer) for m in modules.values()}
     rounding = kind.forward
 
+    rows = {id(m.weight_fake_quantizer) for m in modules.values() if getattr(m, "rounds_looked_up_rows", False)}
+    assert len(rows) == (scheme == "gguf_q4_0")  # a llama.cpp grid's embedding rounds the rows it looks up
+
     def counted(self: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:
-        calls["n"] += 1
+        calls["n"] += id(self) not in rows  # those round a few new rows per token, not the table
         return rounding(self, weight)
 
     prompts = [torch.arange(3, 12), torch.arange(5, 9)]
     greedy = Sampling(max_new_tokens=6, temperature=0.0, top_p=1.0)
     with mock.patch.object(kind, "forward", counted):
         fast = sample_continuations(model, prompts, greedy, pad_id=0, seed=0)
-    assert calls["n"] == len(modules)  # one rounding per quantized module for the six tokens
+    assert calls["n"] == len(modules) - len(rows)  # one rounding per quantized weight for the six tokens
     # The same tokens as re-rounding in every forward (what a plain generate does).
     model.eval()
     with torch.no_grad():

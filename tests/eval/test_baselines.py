@@ -12,8 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from distill.config import ConfigError
+from distill.cost import disk_bytes
 from distill.eval import baselines
-from distill.eval.cost import disk_bytes
 from tests.conftest import CONF, ROOT
 
 TINY_EVAL = [
@@ -228,7 +228,7 @@ def test_bitsandbytes_int8_and_nf4_run_and_are_measured(tmp_path, cache_dir):
         run, m = reports[label]["run"], reports[label]["metrics"]["student"]
         assert "unavailable" not in run, run.get("unavailable")
         assert run["bitsandbytes_version"] == bnb.__version__
-        # The scales live outside parameters and buffers: the report adds them to what distill.eval.cost counts.
+        # The scales live outside parameters and buffers: the report adds them to what distill.cost counts.
         assert m["cost/bytes_memory"] > run["uncorrected"]["cost/bytes_memory"]
         assert m["cost/params"] == reports[label]["metrics"]["teacher"]["cost/params"]  # every weight, once
         assert m["heldout/top1_agreement"] > 0.5

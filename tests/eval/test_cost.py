@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from distill.cost import cost_metrics, weight_file_bytes
 from distill.eval.assess import Comparison, Provenance, _score_cost
-from distill.eval.cost import cost_metrics, weight_file_bytes
 from students import scratch
 
 

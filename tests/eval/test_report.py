@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from distill.config import ConfigError
-from distill.eval.cost import cost_metrics, parameter_count
+from distill.cost import cost_metrics, parameter_count
 from distill.eval.heldout import generation_fidelity, heldout_metrics
 from distill.eval.report import (
     build_report,

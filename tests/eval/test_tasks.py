@@ -227,7 +227,7 @@ def test_the_task_cache_keys_a_model_by_its_exact_weight_bytes(tiny_teacher):
     import copy
 
     from distill.eval.tasks import model_fingerprint
-    from distill.models.fingerprint import weights_hash
+    from distill.fingerprint import weights_hash
 
     model = copy.deepcopy(tiny_teacher.model)
     key = model_fingerprint(model)

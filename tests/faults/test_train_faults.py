@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-import train as train_module
 from distill.data.generation import Generation
 from distill.export import gguf as gguf_export
 from distill.export import hf
+from distill.recipe import export as recipe_export
 from tests.faults.checks import assert_published_whole, assert_same_weights, export_weights, temporaries
 from tests.faults.inject import fail_call
 from train import train
@@ -68,7 +68,7 @@ def test_disk_full_while_writing_a_checkpoint(tiny_cfg, tmp_path, monkeypatch, r
 
 
 HF_FAULTS = {
-    "disk_full": lambda mp: fail_call(mp, train_module, "export_student", disk_bytes=4096),
+    "disk_full": lambda mp: fail_call(mp, recipe_export, "export_student", disk_bytes=4096),
     "reload_differs": lambda mp: fail_call(mp, hf, "check_reload", error=RuntimeError("does not reproduce")),
 }
 

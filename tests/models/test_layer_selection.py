@@ -227,8 +227,8 @@ def test_selection_config_errors():
 
 @pytest.mark.parametrize("select", ["even", "block_influence"])
 def test_train_builds_data_first_only_for_a_measuring_student(select, tmp_path, cache_dir, monkeypatch):
-    import train
     from distill.config import build
+    from distill.recipe import setup
     from tests.conftest import compose_cfg
 
     built: list[str] = []
@@ -242,7 +242,7 @@ def test_train_builds_data_first_only_for_a_measuring_student(select, tmp_path, 
         seen.append(blocks)
         return calibration_batches(blocks, **kwargs)
 
-    monkeypatch.setattr(train, "build", recording_build)
+    monkeypatch.setattr(setup, "build", recording_build)
     monkeypatch.setattr(from_teacher, "calibration_batches", recording_calibration)
     cfg = compose_cfg(
         [
@@ -257,7 +257,9 @@ def test_train_builds_data_first_only_for_a_measuring_student(select, tmp_path, 
         tmp_path,
         cache_dir,
     )
-    objects = train._build_models(cfg, build(cfg.distill.objective))
+    plan = setup.check_settings(cfg)
+    built.clear()  # the objective's; what follows is build_models'
+    objects = setup.build_models(cfg, plan)
     student, data = "students.from_teacher.build", "distill.data.datamodule.DistillDataModule"
     order = built[1:3]
     if select == "even":  # as before: teacher, student, data (the student's init draws come first)

@@ -227,8 +227,7 @@ def test_from_teacher_refuses_a_cache_whose_teacher_changed_or_is_not_recorded(t
 def test_train_builds_a_measured_copy_of_the_cached_teacher_and_trains_it_from_the_cache(
     tiny_teacher, text_dm, tmp_path, cache_dir
 ):
-    import train
-    from distill.config import build
+    from distill.recipe.setup import build_models, check_settings
     from tests.conftest import compose_cfg
 
     data = ["data=text", f"data.files={text_dm.files}", "data.block_size=32"]
@@ -247,7 +246,7 @@ def test_train_builds_a_measured_copy_of_the_cached_teacher_and_trains_it_from_t
     overrides = ["teacher=cached", f"teacher.path={tmp_path / 'c'}", "student=from_teacher", "student.num_layers=1"]
     measure = ["student.select=block_influence", "student.calibration_batches=1", "student.calibration_tokens=16"]
     cfg = compose_cfg([*overrides, *measure, *data], tmp_path, cache_dir)
-    objects = train._build_models(cfg, build(cfg.distill.objective))
+    objects = build_models(cfg, check_settings(cfg))
     assert isinstance(objects["teacher"], CachedTeacher)  # what trains the student
     student = objects["student"]
     assert student.config.num_hidden_layers == 1 and student.layer_selection["kept"] in ([0], [1])
@@ -359,9 +358,11 @@ def test_live_and_cached_teachers_are_both_teachers(tiny_teacher, dm, tmp_path):
     build_cache(tiny_teacher, dm, tmp_path / "c", top_k=8, max_blocks=16, progress=False)
     cached = CachedTeacher(str(tmp_path / "c"))
     assert isinstance(tiny_teacher, Teacher) and isinstance(cached, Teacher)
+    assert cached.cached and not tiny_teacher.cached
     assert cached.identity == {"name": f"cached:{tiny_teacher.name}", "tokenizer": tiny_teacher.identity["tokenizer"]}
     # check_data is part of the protocol: an object with everything else is not a Teacher.
-    members = ("name", "tokenizer", "config", "vocab_size", "identity", "__call__", "forward", "rows", "train")
+    members = ("name", "tokenizer", "cached", "config", "vocab_size", "identity", "__call__", "forward", "rows")
+    members += ("train",)
     assert not isinstance(SimpleNamespace(**dict.fromkeys(members, print)), Teacher)
     assert isinstance(SimpleNamespace(**dict.fromkeys((*members, "check_data"), print)), Teacher)
     # A live teacher fits every corpus; the cache only the data it was built from, found without tokenising.

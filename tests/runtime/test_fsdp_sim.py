@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distill.config import ConfigError
-from distill.runtime.strategies import check_sharded_callbacks
+from distill.recipe.strategies import check_sharded_callbacks
 from tests.helpers import SGD, SIM_RUN, assert_killed_run_resumes, assert_sharded_run_matches, run_train_cli
 from train import train
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.config import ConfigError
-from distill.runtime.strategies import apply_student_switches, check_trainer_config, shard_policy, strategy_name
+from distill.recipe.strategies import apply_student_switches, check_trainer_config, shard_policy, strategy_name
 from tests.conftest import compose_cfg
 from tests.helpers import SGD, run_train_cli
 from train import train
@@ -42,7 +42,7 @@ def test_deepspeed_configs_build_the_strategy(option, stage, offload, tmp_path, 
 
 def test_deepspeed_sim_config_builds_zero3_on_cpu_with_every_parameter_partitioned(tmp_path, cache_dir):
     pytest.importorskip("deepspeed")
-    from distill.runtime.strategies import is_gpu_only, is_zero3
+    from distill.recipe.strategies import is_gpu_only, is_zero3
 
     cfg = compose_cfg(["trainer=deepspeed_sim"], tmp_path, cache_dir)
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 2
@@ -85,7 +85,7 @@ def test_zero3_refuses_the_chunked_loss_and_fsdp_takes_it():
     with pytest.raises(ConfigError, match=r"distill.objective.chunked=True: .*ZeRO-3.*chunked=false"):
         check_trainer_config(zero3, environ={}, objective={"chunked": True})
     check_trainer_config(zero3, environ={}, objective={"chunked": "auto"})  # train.py turns auto off under ZeRO-3
-    fsdp = {"strategy": {"_target_": "distill.runtime.strategies.fsdp_strategy"}, "accelerator": "gpu", "devices": 2}
+    fsdp = {"strategy": {"_target_": "distill.recipe.strategies.fsdp_strategy"}, "accelerator": "gpu", "devices": 2}
     check_trainer_config(fsdp, environ={}, objective={"chunked": True})  # gathered per step (test_fsdp_sim.py)
     check_trainer_config({**zero3, "strategy": "deepspeed_stage_2"}, environ={}, objective={"chunked": True})
     with pytest.raises(ConfigError, match=r"trainer.strategy='fsdp_cpu_offload': use trainer=fsdp"):
@@ -269,7 +269,7 @@ def test_ddp_two_ranks_batch_b_match_one_process_batch_2b(tiny_cfg, tmp_path, ca
 
 
 def test_zero3_given_through_a_deepspeed_config_is_recognised(tmp_path, cache_dir):
-    from distill.runtime.strategies import is_zero3
+    from distill.recipe.strategies import is_zero3
 
     target = "lightning.pytorch.strategies.DeepSpeedStrategy"
     zero3 = {"zero_optimization": {"stage": 3}}
@@ -321,7 +321,7 @@ def test_a_deepspeed_config_given_by_override_reaches_lightning_as_a_dict(option
 
 
 def test_bf16_autocast_on_a_cpu_without_bf16_matmuls_is_warned_about(caplog):
-    from distill.runtime.strategies import warn_slow_cpu_precision
+    from distill.recipe.strategies import warn_slow_cpu_precision
 
     cpu_bf16 = {"precision": "bf16-mixed", "accelerator": "cpu"}
     with caplog.at_level("WARNING", logger="distill"):

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from distill.runtime.strategies import without_deepspeed_shm_allreduce
+from distill.recipe.strategies import without_deepspeed_shm_allreduce
 from tests.helpers import free_port, tiny_llama
 
 deepspeed = pytest.importorskip("deepspeed")  # a dev dependency: installed by `make test`

@@ -8,7 +8,7 @@ update ``num_key_value_groups``, and renumber ``layer_idx`` after removing layer
 still lines up. By default widths stay uniform across layers, so the result is a plain ``LlamaForCausalLM``
 whose config alone rebuilds it (``AutoModelForCausalLM.from_pretrained`` loads the export). With
 ``uniform: false`` in a spec each layer keeps its own counts; the config then records them in
-``distill_layer_shapes`` and :mod:`distill.export.loaders.load_pruned` rebuilds such a model.
+``distill_layer_shapes`` and :mod:`distill.loaders.load_pruned` rebuilds such a model.
 
 Hidden (residual-stream) channels, as Minitron prunes the embedding dimension: the same channels go from
 the embedding's columns, every RMSNorm's weight, the in-features of q/k/v/gate/up and ``lm_head`` and the
@@ -30,8 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from distill.compress.layers import decoder_layers
-from distill.eval.cost import parameter_count
-from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY
+from distill.cost import parameter_count
+from distill.loaders.load_pruned import LAYER_SHAPES_KEY
 
 Carry = dict[nn.Parameter, tuple[nn.Parameter, Callable[[Tensor], Tensor] | None]]
 
@@ -239,7 +239,7 @@ def apply_spec(model: nn.Module, spec: dict[str, Any]) -> Carry:
         prune_hidden(model, spec["hidden"], carry)
     if not uniform or getattr(model.config, LAYER_SHAPES_KEY, None):
         # Per-layer widths: the config keeps the unpruned counts and records each layer's
-        # (read by distill.export.loaders.load_pruned).
+        # (read by distill.loaders.load_pruned).
         setattr(model.config, LAYER_SHAPES_KEY, layer_shapes(model))
     return carry
 

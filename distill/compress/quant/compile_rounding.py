@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer
+from distill.compress.quant.row_embedding import RowRoundedEmbedding
 
 log = logging.getLogger("distill")
 
@@ -77,6 +78,8 @@ def compile_quantizers(model: nn.Module, done: weakref.WeakSet | None = None) ->
     if not fresh:
         return 0
     graphs = 2 * len({(m.kind, tuple(w.shape)) for m, w in _quantized_weights(model)})  # training and no_grad
+    # A row-rounded embedding rounds a batch's rows: a few more shapes, until dynamo makes the batch dims dynamic.
+    graphs += 4 * sum(isinstance(m, RowRoundedEmbedding) for m in model.modules())
     limit = torch._dynamo.config.recompile_limit
     if graphs > limit:
         torch._dynamo.config.recompile_limit = graphs

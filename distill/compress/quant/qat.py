@@ -23,6 +23,7 @@ from torchao.quantization.qat.linear import FakeQuantizedLinear
 
 from distill.compress.quant import schemes
 from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer, fake_quantize
+from distill.compress.quant.row_embedding import RowRoundedEmbedding
 from distill.compress.quant.schemes import QuantSpec
 from distill.config import config_error
 from distill.runtime.ranks import clean_name
@@ -64,11 +65,12 @@ def _prepare_gguf(student: nn.Module, spec: QuantSpec) -> None:
             "trainer.precision=bf16-mixed (fp32 master weights)",
         )
     for name, module in targets:
-        if isinstance(module, nn.Embedding):
-            new = FakeQuantizedEmbedding.from_embedding(module)
+        kind = spec.gguf_kind(name)
+        if isinstance(module, nn.Embedding):  # rounds the rows looked up, not the whole table
+            new = RowRoundedEmbedding.on_grid(module, kind, f"{name}.weight")
         else:
             new = FakeQuantizedLinear.from_linear(module)
-        new.weight_fake_quantizer = GGUFBlockFakeQuantizer(spec.gguf_kind(name), f"{name}.weight")
+            new.weight_fake_quantizer = GGUFBlockFakeQuantizer(kind, f"{name}.weight")
         _swap(student, name, new)
 
 
@@ -260,7 +262,7 @@ def converted_summary(student: nn.Module, spec: QuantSpec, gguf_types: dict[str,
             f"QAT convert ({spec.scheme}): {len(gguf_types)} weights rounded to llama.cpp's grids ({counts}); "
             "export.formats=[hf,gguf] writes them without a second rounding"
         )
-    from distill.export.quantized import size_report
+    from distill.compress.quant.sizes import size_report
 
     report = size_report(student)
     return (

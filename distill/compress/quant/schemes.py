@@ -8,7 +8,7 @@ Every scheme converts to torchao's ``IntxUnpackedToInt8Tensor`` (int8 storage, o
 group or row), because that is the layout whose QAT convert step and forward work on CPU as well as CUDA.
 torchao's ``Int4WeightOnlyConfig`` (tinygemm/preshuffled int4) prepares on CPU but cannot convert there, so
 ``int4_weight_only`` uses ``IntxWeightOnlyConfig(torch.int4, PerGroup(g))`` instead: same 4-bit grid, but the
-values are kept one per byte in memory. :func:`distill.export.quantized.size_report` reports that honestly
+values are kept one per byte in memory. :func:`distill.compress.quant.sizes.size_report` reports that honestly
 (storage bits per weight). The same holds for the int2/int3/int5/int6 schemes (PTQ's cliff curve); on disk
 :func:`~distill.export.quantized.save_quantized` packs all of them to their nominal width.
 

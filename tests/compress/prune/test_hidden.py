@@ -17,7 +17,7 @@ from distill.compress.prune.selection import add_compensation, compensation, sel
 from distill.compress.prune.surgery import apply_spec, hidden_norms, hidden_params, shapes
 from distill.compress.replay import replay
 from distill.config import ConfigError
-from distill.export.loaders.load_pruned import load_pruned
+from distill.loaders.load_pruned import load_pruned
 from tests.compress.prune.helpers import QUIET, STUDENT, make_batch, prepare, score
 from tests.helpers import read_metrics, series
 from tests.helpers import tiny_llama as base_llama

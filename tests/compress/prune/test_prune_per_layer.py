@@ -13,7 +13,7 @@ from callbacks.prune import ProgressiveStructuredPruning
 from distill.compress.prune.selection import select_per_layer
 from distill.compress.prune.surgery import apply_spec, layer_shapes, shapes
 from distill.config import ConfigError
-from distill.export.loaders.load_pruned import LAYER_SHAPES_KEY, load_pruned
+from distill.loaders.load_pruned import LAYER_SHAPES_KEY, load_pruned
 from distill.models.loading import load_causal_lm
 from tests.compress.prune.helpers import PRUNE, QUIET, make_batch, make_student, masked_copy, prepare, score
 from tests.helpers import read_metrics, series

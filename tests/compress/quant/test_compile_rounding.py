@@ -13,7 +13,7 @@ from distill.compress.quant import schemes
 from distill.compress.quant.compile_rounding import INDUCTOR_OPTIONS, compile_quantizers
 from distill.compress.quant.gguf_grid import KINDS, GGUFBlockFakeQuantizer, fake_quantize
 from distill.compress.quant.qat import prepare
-from distill.runtime.strategies import apply_student_switches
+from distill.recipe.strategies import apply_student_switches
 from tests.compress.quant.test_bf16_qad import EVERY_GRID, QAD
 from tests.helpers import assert_same_losses, crash_at, tiny_llama
 from train import train
@@ -78,6 +78,22 @@ def test_compiled_rounding_gives_the_eager_values_bit_for_bit(kind):
         torch._dynamo.reset()
         loose = torch.compile(fake_quantize, dynamic=False)
         assert not torch.equal(loose(weight, kind), fake_quantize(weight, kind))
+
+
+@pytest.mark.slow  # compiles the IQ4_NL rounding for two batch shapes
+def test_a_compiled_row_rounded_embedding_gives_the_eager_whole_table_values():
+    from distill.compress.quant.row_embedding import RowRoundedEmbedding
+
+    torch._dynamo.reset()
+    table = torch.nn.Embedding(256, 96)
+    with torch.no_grad():
+        table.weight.mul_(0.05)
+    module = RowRoundedEmbedding.on_grid(table, "iq4_nl", "embed_tokens.weight")
+    whole = module.weight_fake_quantizer(table.weight).detach()  # eager, the whole table
+    module.weight_fake_quantizer.compile(options=INDUCTOR_OPTIONS)
+    for shape in ((4, 16), (3, 7), (2, 5)):  # the third runs the graph dynamo made dynamic
+        ids = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(sum(shape)))
+        assert torch.equal(module(ids).detach(), whole[ids])
 
 
 STEPS = ("trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=2")

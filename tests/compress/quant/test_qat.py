@@ -169,7 +169,7 @@ def test_train_converts_and_compact_export_reloads_identically(tiny_cfg, tmp_pat
     assert meta["size"]["bits_per_weight"] == pytest.approx(9.25)
     assert meta["size"]["disk_bytes"] == (out / "model.safetensors").stat().st_size
     assert meta["size"]["quantized_bytes"] == n_weights * 9.25 / 8  # vs n_weights * 4 in fp32
-    # The run report's cost (distill.eval.cost) measures the same quantized student in memory.
+    # The run report's cost (distill.cost) measures the same quantized student in memory.
     assert metrics["cost/student/bytes_memory"] == meta["size"]["memory_bytes"]
     # On disk the int4 codes are packed two per byte: 4 + 40/32 bits.
     assert meta["size"]["disk_bits_per_weight"] == pytest.approx(5.25)
@@ -190,7 +190,7 @@ def test_train_converts_and_compact_export_reloads_identically(tiny_cfg, tmp_pat
 
 def _ptq_cli(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "distill.compress.quant.ptq", *args, f"hydra.run.dir={run_dir}"],
+        [sys.executable, "-m", "distill.export.ptq", *args, f"hydra.run.dir={run_dir}"],
         cwd=ROOT,
         text=True,
         capture_output=True,

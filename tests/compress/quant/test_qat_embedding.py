@@ -71,3 +71,41 @@ def test_embedding_needs_a_weight_only_scheme_and_a_fitting_group():
             tiny_llama(vocab_size=128).eval(),
             schemes.make_spec("int4_weight_only", 128, ["*norm*"], FIELD, ["embedding"]),
         )
+
+
+@pytest.mark.parametrize("kind", ["q4_0", "q4_1", "q8_0", "iq4_nl"])
+def test_a_gguf_embedding_rounds_the_rows_it_looks_up_with_the_whole_tables_values_and_gradient(kind):
+    """Rounding the looked-up rows equals looking up the rounded table: forward and straight-through gradient."""
+    from distill.compress.quant.gguf_grid import fake_quantize
+    from distill.compress.quant.row_embedding import RowRoundedEmbedding
+
+    table = torch.nn.Embedding(64, 96, padding_idx=0)
+    with torch.no_grad():
+        table.weight.mul_(0.05)
+        table.weight[3, :32] *= 1e-4  # a block near the fp16 scale's subnormals
+    module = RowRoundedEmbedding.on_grid(table, kind, "embed_tokens.weight")
+    assert module.weight is table.weight  # the Parameter is kept (a tied head stays tied)
+    ids = torch.tensor([[0, 3, 5, 5, 63], [7, 3, 1, 0, 2]])  # repeats and the padding row
+    probe = torch.randn(2, 5, 96)
+    out = module(ids)
+    (out * probe).sum().backward()
+    grad = table.weight.grad.clone()
+
+    table.weight.grad = None
+    whole = module.weight_fake_quantizer(table.weight)  # the whole table through the same straight-through rule
+    reference = torch.nn.functional.embedding(ids, whole, padding_idx=0)
+    (reference * probe).sum().backward()
+    assert torch.equal(out, reference)
+    torch.testing.assert_close(out.detach(), fake_quantize(table.weight, kind)[ids])  # the grid's values
+    assert torch.equal(grad, table.weight.grad)
+    assert grad[0].abs().sum() == 0 and grad[4].abs().sum() == 0  # the padding row and a row not looked up
+
+
+def test_a_tied_gguf_embedding_is_row_rounded_and_stays_tied():
+    from distill.compress.quant.row_embedding import RowRoundedEmbedding
+
+    model = tiny_llama(vocab_size=128)
+    spec = schemes.make_spec("gguf_q4_0", None, ["*norm*"], modules=["linear", "embedding"])
+    prepare(model, spec)
+    assert type(model.model.embed_tokens) is RowRoundedEmbedding
+    assert model.model.embed_tokens.weight is model.lm_head.weight

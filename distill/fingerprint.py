@@ -1,16 +1,18 @@
-"""One fingerprint of a model's weights, for every cache keyed by a model (top-k teacher, continuations, tasks).
+"""Fingerprints of a model's weights and of a tokenizer, for every cache keyed by them (top-k teacher, data, tasks).
 
 It hashes the exact bytes, not summaries: a sum depends on the reduction order (thread count, device), so two
 runs of one model could miss each other's cache, while bytes change with any edit and with nothing else.
-This module imports torch only, so the data, model and eval layers can all use it.
+It sits on the bottom floor of the library (torch and json only), so the data, model and eval layers can all use it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -34,3 +36,16 @@ def weights_hash(model: nn.Module) -> str:
         if t.numel():
             digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what the tokenizer does (vocabulary, merges, normaliser, special tokens), not its name."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        payload = json.loads(backend.to_str())
+        payload.pop("truncation", None)  # runtime settings, not identity
+        payload.pop("padding", None)
+        text = json.dumps(payload, sort_keys=True)
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,6 +1,6 @@
 """Post-training quantization of an exported student, the baseline QAT is measured against.
 
-    python -m distill.compress.quant.ptq model=logs/train/runs/<run>/student scheme=int8_dynact_int4_weight \
+    python -m distill.export.ptq model=logs/train/runs/<run>/student scheme=int8_dynact_int4_weight \
         [group_size=32] [out=<folder>] [skip='[lm_head,*embed*,*norm*]'] [modules='[linear,embedding]']
 
 Loads a plain Hugging Face folder, applies the scheme's torchao config with ``quantize_`` (no training,
@@ -20,8 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from distill.compress.quant import schemes as quantization
+from distill.compress.quant.sizes import size_report
 from distill.config import config_error, exit_on_config_error
-from distill.export.quantized import save_quantized, size_report
+from distill.export.quantized import save_quantized
 from distill.runtime.paths import export_root
 
 
@@ -58,9 +59,7 @@ def run(cfg: DictConfig) -> Path:
     """Quantize the export ``cfg`` names (``conf/ptq.yaml``) and print what was written; returns the folder."""
     for key in ("model", "scheme"):
         if OmegaConf.is_missing(cfg, key):
-            raise config_error(
-                key, None, "required: python -m distill.compress.quant.ptq model=<export folder> scheme=<name>"
-            )
+            raise config_error(key, None, "required: python -m distill.export.ptq model=<export folder> scheme=<name>")
     skip = OmegaConf.to_container(cfg.skip) if OmegaConf.is_config(cfg.skip) else cfg.skip
     modules = cfg.get("modules")
     modules = OmegaConf.to_container(modules) if OmegaConf.is_config(modules) else modules
@@ -74,7 +73,7 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../../../conf", config_name="ptq")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="ptq")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
     with exit_on_config_error():
