@@ -10,7 +10,7 @@ torchao PTQ int8/int4/int3 with the embedding, bitsandbytes int8/nf4, the prunin
 once with no healing) gets a deployable artifact and a report against the fp32 teacher in
 ``runs_root/baseline_<label>/``; report.json and report.md are copied to ``out/baseline_<label>/``
 (default ``bench/results/headline_runs/``), where ``bench/headline.py`` finds them. What each baseline is:
-:mod:`distill.eval.baselines`.
+:mod:`bench.studies.baselines`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from bench.studies.baselines import run  # noqa: E402
 from distill.config import exit_on_config_error  # noqa: E402
-from distill.eval.baselines import run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench/baselines")

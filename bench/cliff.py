@@ -63,7 +63,7 @@ def report_points(folder: Path, by_folder: bool = False) -> list[dict[str, Any]]
 
 def measure_curve(cfg: DictConfig) -> list[dict[str, Any]]:
     """PTQ of the teacher at every width in ``cfg.widths``, scored on held-out data only."""
-    from distill.eval.baselines import prepare, ptq_curve
+    from bench.studies.baselines import prepare, ptq_curve
 
     bench = prepare(cfg)
     rows = ptq_curve(bench, list(cfg.widths), group_size=cfg.group_size)

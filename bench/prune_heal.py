@@ -46,10 +46,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
+from bench.studies.baselines import first_train_batches, prune_once  # noqa: E402
 from callbacks.prune import ProgressiveStructuredPruning  # noqa: E402
 from distill.compress.prune.surgery import shapes  # noqa: E402
 from distill.config import build, config_error, exit_on_config_error  # noqa: E402
-from distill.eval.baselines import first_train_batches, prune_once  # noqa: E402
 from distill.eval.heldout import heldout_metrics  # noqa: E402
 from train import train  # noqa: E402
 

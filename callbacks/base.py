@@ -2,7 +2,8 @@
 
 A subclass sets ``stage`` and ``start_step``/``end_step`` and implements its Lightning hooks; the
 algorithms it calls live in :mod:`distill.compress`. Callbacks never call each other: their order
-within a step is :data:`~distill.compress.stages.STAGES` order, which ``train.py`` gives the callback list.
+within a step is the stages' order (:func:`~distill.compress.stages.stage_names`), which ``train.py`` gives the
+callback list.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class CompressionCallback(pl.Callback):
     def export_compact(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path | None:
         """Write the compact export of this stage; stages without one write nothing and return None."""
         return None
+
+    def artifacts(self) -> list[Any]:
+        """Typed objects for the exporters (see the protocol); none by default."""
+        return []
 
 
 class OneShotCompression(CompressionCallback):

@@ -1,7 +1,7 @@
 """Quantization-aware training (torchao) as a Lightning callback; the maths is :mod:`distill.compress.quant.qat`.
 
 The student is fake-quantized from ``start_step`` while it distils and converted to real quantized weights at fit
-end. QAT is the last stage (:data:`distill.compress.stages.STAGES`): every other one rewrites the weights it would
+end. QAT is the last stage (:func:`distill.compress.stages.stage_names`): every other one rewrites the weights it would
 have to quantize again, and ``check_schedule`` refuses a ``start_step`` before an earlier stage's ``end_step``.
 """
 
@@ -20,6 +20,7 @@ from callbacks.base import OneShotCompression
 from distill.compress.quant import schemes
 from distill.compress.quant.qat import (
     FIELD,
+    QuantizedStudent,
     check_init,
     check_steps,
     convert,
@@ -107,7 +108,6 @@ class QuantizationAwareTraining(OneShotCompression):
         """One QAT callback per run (check_schedule enforces it), so the class name identifies its state."""
         return type(self).__name__
 
-    # -- hooks --------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Check the settings against the model and, for ``start_step=0``, prepare before strategy wrapping."""
         if stage == "fit":
@@ -179,7 +179,6 @@ class QuantizationAwareTraining(OneShotCompression):
 
     def _choose_types(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The byte-budgeted type map of the student as it is now, made the spec's ``gguf_types``."""
-        dm = trainer.datamodule
         tokenizer = getattr(pl_module, "tokenizer", None)
         # FSDP (scale_out.md): ranks > 0 may hold the student empty before wrapping, and every rank must train on
         # one map, so rank 0 computes it and sends it to the others (one process: computed here).
@@ -187,8 +186,8 @@ class QuantizationAwareTraining(OneShotCompression):
             lambda: spec_on_budget(
                 pl_module.student,
                 self.spec,
-                dm.train_set,
-                dm.block_size,
+                trainer.datamodule.train_set,
+                trainer.datamodule.block_size,
                 self.target_ratio,
                 tokenizer,
                 self.calibration_batches,
@@ -196,7 +195,6 @@ class QuantizationAwareTraining(OneShotCompression):
         )
         rank_zero_info(f"QAT type map for 1/{self.target_ratio}: {self.type_map.summary()}")
 
-    # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The frozen weight ranges (they are not in the model's state dict)."""
         return {"frozen": {k: {n: t.detach().cpu() for n, t in v.items()} for k, v in self._frozen.items()}}
@@ -206,7 +204,10 @@ class QuantizationAwareTraining(OneShotCompression):
         frozen = state_dict.get("frozen") or {}
         self._pending_frozen = frozen or None
 
-    # -- export -------------------------------------------------------------------------------
+    def artifacts(self) -> list[QuantizedStudent]:
+        """The scheme as trained, for the torchao and GGUF exports."""
+        return [QuantizedStudent(self.spec, self.converted, dict(self.gguf_types))]
+
     def make_plain(self, model: PreTrainedModel) -> PreTrainedModel:
         """A plain Hugging Face copy with dequantized weights, for ``train.py``'s standard export.
 

@@ -37,6 +37,7 @@ from distill.compress.sparsity import (
     target_linears,
     unstructured_mask,
 )
+from distill.compress.stages import compression_stages, registry
 from distill.config import config_error
 
 log = logging.getLogger("distill.sparsity")
@@ -112,7 +113,8 @@ class WeightSparsity(CompressionCallback):
         linears = target_linears(pl_module.student)
         if not linears:
             raise config_error("callbacks.sparsity", "set", "the student has no decoder-layer linears to sparsify")
-        shared = [cb.stage for cb in trainer.callbacks if getattr(cb, "stage", None) in ("share", "lowrank")]
+        stages = registry()
+        shared = [cb.stage for cb in compression_stages(trainer.callbacks) if stages[cb.stage].rebuilds_linears]
         if shared:
             raise config_error(
                 f"callbacks.{shared[0]}",

@@ -109,7 +109,8 @@ class DistillModule(pl.LightningModule):
     def record_structure_change(self, kind: str, spec: dict[str, Any]) -> None:
         """Log a change a callback made to the student, so checkpoints can rebuild it.
 
-        Refuses a change of an earlier compression stage after a later one (see :data:`distill.compress.stages.STAGES`).
+        Refuses a change of an earlier compression stage after a later one
+        (see :func:`distill.compress.stages.stage_names`).
         """
         check_stage_order([c["kind"] for c in self.structure], kind)
         self.structure.append({"kind": kind, "spec": copy.deepcopy(spec)})

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.compress.stages import STAGES
+from distill.compress.stages import stage_names
 from distill.config import build
 from distill.recipe.strategies import check_trainer_config
 from slurm.submit import compose_config, job_settings, render
@@ -103,7 +103,7 @@ _SLOW_RECIPES = {"qad_int4_ce", "qad_int3", "qad_q4_0", "distill_sparse"}  # spa
 )
 def test_recipe_runs_on_tiny_models_with_all_its_callbacks(recipe, tmp_path, cache_dir):
     cfg = recipe_cfg(recipe, tmp_path, cache_dir)
-    expected = [k for k in STAGES if cfg.callbacks.get(k)]
+    expected = [k for k in stage_names() if cfg.callbacks.get(k)]
     _, objects = train(cfg)
     assert objects["trainer"].global_step == TINY_STEPS
     kinds = [c["kind"] for c in objects["module"].structure]

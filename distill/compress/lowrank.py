@@ -13,12 +13,16 @@ Lightning side is ``callbacks/lowrank.py``.
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from distill.compress.describe import spread
 from distill.compress.share import lora_layers
+from distill.compress.stages import Stage, register
 from distill.config import config_error
 from distill.loaders.load_compact import LowRankLinear, set_module
 
@@ -279,6 +283,14 @@ def plan(
     return ranks, factors
 
 
+def summarize_lowrank(config: Mapping[str, Any], _state: dict) -> str:
+    """How many linears were factorised, and at what ranks."""
+    ranks = list((config.get("ranks") or {}).values())
+    if not ranks:
+        return "no layer factorised"
+    return f"{len(ranks)} linear layers factorised, rank {spread(ranks)} (median {statistics.median(ranks):g})"
+
+
 def calibration_batches(datamodule: Any, count: int) -> list[dict[str, Tensor]]:
     """The first ``count`` training batches of ``datamodule`` (none when ``count`` is 0), for whitening.
 
@@ -292,3 +304,15 @@ def calibration_batches(datamodule: Any, count: int) -> list[dict[str, Tensor]]:
     size = datamodule.batch_size
     n = min(count * size, len(data))
     return [datamodule.collate([data[i] for i in range(s, min(s + size, n))]) for s in range(0, n, size)]
+
+
+register(
+    Stage(
+        "lowrank",
+        30,
+        lambda student, spec: factorize(student, spec["ranks"]),
+        before_wrapping=True,
+        rebuilds_linears=True,
+        summarize=summarize_lowrank,
+    )
+)

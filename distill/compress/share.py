@@ -12,13 +12,14 @@ can differ a little again at a small cost in parameters. The Lightning side is `
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from distill.compress.layers import decoder_layers
+from distill.compress.stages import Stage, register
 from distill.config import config_error
 from distill.loaders.load_compact import set_parameter
 
@@ -229,3 +230,30 @@ def apply_sharing(
     if originals:
         init_lora_from_residuals(model, originals)
     return sources
+
+
+def summarize_share(config: Mapping[str, Any], _state: dict) -> str:
+    """The tied layer groups and the LoRA relaxation, if any."""
+    groups = [g for g in config.get("groups") or [] if len(g) > 1]
+    sizes = {len(g) for g in groups}
+    how = f"in groups of {sizes.pop()}" if len(sizes) == 1 else f"in {len(groups)} groups"
+    text = f"layers tied {how}: {', '.join('+'.join(map(str, g)) for g in groups)}"
+    lora = config.get("lora")
+    if lora and lora.get("rank"):
+        targets = lora.get("targets") or []
+        text += f"; rank-{lora['rank']} LoRA per layer on {len(targets)} projections ({', '.join(targets)})"
+    return text
+
+
+# The shared values are overwritten by the checkpoint right after a replay, so the cheapest init will do.
+register(
+    Stage(
+        "share",
+        20,
+        lambda student, spec: apply_sharing(student, spec, init="first"),
+        before_wrapping=True,
+        rebuilds_linears=True,
+        needs_uniform_layers=True,
+        summarize=summarize_share,
+    )
+)

@@ -20,11 +20,13 @@ its dense shapes, so every other stage, the checkpoint and the plain Hugging Fac
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from distill.compress.stages import Stage, register
 
 PATTERNS = (None, "2:4")
 IMPORTANCES = ("magnitude", "wanda")
@@ -139,3 +141,33 @@ def overall(stats: dict[str, dict[str, float]]) -> float:
     """The share of zero weights over all the listed linears."""
     total = sum(s["weights"] for s in stats.values())
     return 1 - sum(s["nonzeros"] for s in stats.values()) / total if total else 0.0
+
+
+def summarize_sparsity(config: Mapping[str, Any], _state: dict) -> str:
+    """One weight-sparsity step; the last lists each linear's share of zeros and its nonzero count."""
+    text = f"step {config.get('step', '?')}: {config.get('sparsity', 0):.1%} of the decoder linears' weights zero"
+    layers = config.get("layers") or {}
+    if layers:
+        shares = [v["sparsity"] for v in layers.values()]
+        nonzeros = sum(v["nonzeros"] for v in layers.values())
+        text += (
+            f" ({config.get('pattern', '?')}, {config.get('importance', '?')}; per linear {min(shares):.1%}–"
+            f"{max(shares):.1%}, {nonzeros:,} nonzeros in {len(layers)} linears: report.json lists each). "
+            "The export stores the zeros densely: dense kernels, every CPU run included, gain no speed from them"
+        )
+    return text
+
+
+# Weight sparsity changes no shape: the zeros are in the checkpoint's weights, the masks in the callback's state.
+register(
+    Stage(
+        "sparsity",
+        40,
+        lambda _student, _spec: None,
+        summarize=summarize_sparsity,
+        refused_under={
+            "fsdp": "it scores and masks whole weight matrices, and each rank holds only a shard of each",
+            "zero3": "it scores and masks whole weight matrices, and each rank holds only a partition of each",
+        },
+    )
+)

@@ -16,12 +16,13 @@ import datetime as dt
 import hashlib
 import json
 import platform
-import statistics
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from distill.compress.describe import short
+from distill.compress.stages import registry
 from distill.eval.heldout import MIN_DOC_TOKENS, TAIL_BUCKETS
 from distill.runtime.files import atomic_file, atomic_write_text
 
@@ -232,18 +233,6 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _short(x: Any, width: int = 40) -> str:
-    """A value in a few characters: lists and dicts by their size, long strings cut."""
-    if isinstance(x, (list, tuple)):
-        return f"{len(x)} items"
-    if isinstance(x, dict):
-        return f"{len(x)} entries"
-    if isinstance(x, float):
-        return f"{x:g}"
-    text = str(x)
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _target(config: Mapping[str, Any]) -> str | None:
     """The class or function a Hydra node builds, without its module path."""
     target = config.get("_target_")
@@ -253,14 +242,8 @@ def _target(config: Mapping[str, Any]) -> str | None:
 def _settings(config: Mapping[str, Any], skip: Sequence[str] = ()) -> str:
     """``key=value`` for the set (non-None) settings of a node, lists and dicts by their size."""
     return ", ".join(
-        f"{k}={_short(v)}" for k, v in config.items() if v is not None and k != "_target_" and k not in skip
+        f"{k}={short(v)}" for k, v in config.items() if v is not None and k != "_target_" and k not in skip
     )
-
-
-def _spread(values: Sequence[int]) -> str:
-    """One number when all are equal, else their range: ``768`` or ``700–900``."""
-    lo, hi = min(values), max(values)
-    return str(lo) if lo == hi else f"{lo}–{hi}"
 
 
 def _distillation(config: Mapping[str, Any]) -> str:
@@ -287,106 +270,14 @@ def _distillation(config: Mapping[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _prune(config: Mapping[str, Any], before: dict[str, list[int]]) -> str:
-    """One pruning step: what each layer keeps, against the previous step's counts when there was one.
-
-    ``before`` carries the per-layer counts of the previous pruning step and is updated in place, so
-    progressive pruning reads as a chain (``MLP channels 1092→864``).
-    """
-    parts = []
-    layers = config.get("layers")
-    if layers is not None:
-        was = f"{len(before['layers'])}→" if before.get("layers") else ""
-        parts.append(f"layers {was}{len(layers)} (kept {', '.join(map(str, layers))})")
-        # Later counts are per surviving layer: re-index the previous step's onto them.
-        for key in ("heads", "kv_heads", "channels"):
-            if key in before and len(before[key]) > max(layers, default=-1):
-                before[key] = [before[key][i] for i in layers]
-        before["layers"] = list(layers)
-    for key, label, spec in (
-        ("heads", "query heads", "q_heads"),
-        ("kv_heads", "KV heads", "kv_heads"),
-        ("channels", "MLP channels", "channels"),
-    ):
-        kept = config.get(spec)
-        if kept is None:
-            continue
-        counts = [len(k) for k in kept]
-        prev = before.get(key)
-        was = f"{_spread(prev)}→" if prev and len(prev) == len(counts) else "kept "
-        parts.append(f"{label} {was}{_spread(counts)} per layer")
-        before[key] = counts
-    if config.get("biases"):
-        parts.append(f"bias compensation on {', '.join(config['biases'])}")
-    n_layers = next((len(config[k]) for k in ("channels", "q_heads") if config.get(k) is not None), None)
-    tail = f" ({n_layers} layers)" if n_layers else ""
-    return (", ".join(parts) or "no change") + tail
-
-
-def _qat(config: Mapping[str, Any]) -> str:
-    scheme, group = config.get("scheme"), config.get("group_size")
-    try:  # the scheme table says what the name means; torchao is imported only here
-        from distill.compress.quant.schemes import SCHEMES
-
-        known = SCHEMES.get(str(scheme))
-    except ImportError:
-        known = None
-    if known is None:
-        what = f"{scheme}" + (f" in groups of {group}" if group else "")
-    else:
-        what = f"int{known.weight_bits} weights" + (f" in groups of {group}" if group else "")
-        if known.act_bits:
-            what += f", int{known.act_bits} dynamic activations"
-        what += f" ({scheme})"
-    skip = config.get("skip")
-    if skip is None:
-        return what + ", default skip list"
-    # Globs in backticks: ``*embed*`` would otherwise render as emphasis.
-    return what + (f", skip {', '.join(f'`{g}`' for g in skip)}" if skip else ", every linear layer")
-
-
-def _share(config: Mapping[str, Any]) -> str:
-    groups = [g for g in config.get("groups") or [] if len(g) > 1]
-    sizes = {len(g) for g in groups}
-    how = f"in groups of {sizes.pop()}" if len(sizes) == 1 else f"in {len(groups)} groups"
-    text = f"layers tied {how}: {', '.join('+'.join(map(str, g)) for g in groups)}"
-    lora = config.get("lora")
-    if lora and lora.get("rank"):
-        targets = lora.get("targets") or []
-        text += f"; rank-{lora['rank']} LoRA per layer on {len(targets)} projections ({', '.join(targets)})"
-    return text
-
-
-def _lowrank(config: Mapping[str, Any]) -> str:
-    ranks = list((config.get("ranks") or {}).values())
-    if not ranks:
-        return "no layer factorised"
-    return f"{len(ranks)} linear layers factorised, rank {_spread(ranks)} (median {statistics.median(ranks):g})"
-
-
 def _callback_prune(config: Mapping[str, Any]) -> str:
-    targets = [f"{k} {_short(config[k])}" for k in ("heads", "channels", "layers", "target") if config.get(k)]
+    targets = [f"{k} {short(config[k])}" for k in ("heads", "channels", "layers", "target") if config.get(k)]
     how = [f"{config.get('importance', '?')} importance", f"{config.get('schedule', '?')} schedule"]
     steps = f"steps {config.get('start_step', '?')}–{config.get('end_step', '?')}"
     if config.get("every_n_steps"):
         steps += f" every {config['every_n_steps']}"
     extras = ["bias compensation"] if config.get("bias_compensation") else []
     return f"{_target(config) or 'pruning'}: {', '.join(targets)} ({', '.join([*how, steps, *extras])})"
-
-
-def _sparsity(config: Mapping[str, Any]) -> str:
-    """One weight-sparsity step; the last lists each linear's share of zeros and its nonzero count."""
-    text = f"step {config.get('step', '?')}: {config.get('sparsity', 0):.1%} of the decoder linears' weights zero"
-    layers = config.get("layers") or {}
-    if layers:
-        shares = [v["sparsity"] for v in layers.values()]
-        nonzeros = sum(v["nonzeros"] for v in layers.values())
-        text += (
-            f" ({config.get('pattern', '?')}, {config.get('importance', '?')}; per linear {min(shares):.1%}–"
-            f"{max(shares):.1%}, {nonzeros:,} nonzeros in {len(layers)} linears: report.json lists each). "
-            "The export stores the zeros densely: dense kernels, every CPU run included, gain no speed from them"
-        )
-    return text
 
 
 def _layer_selection(config: Mapping[str, Any]) -> str:
@@ -404,32 +295,25 @@ def _layer_selection(config: Mapping[str, Any]) -> str:
 def summarize_modifications(modifications: Sequence[Mapping[str, Any]]) -> list[str]:
     """One readable line per modification, in order (the full records stay in report.json).
 
-    Known kinds (``distillation``, ``layer_selection``, ``prune``, ``qat``, ``share``, ``lowrank``, ``sparsity``,
-    ``callback:prune``) get a summary of what changed; any other kind lists its set scalar settings, with
-    lists as "N items".
+    ``distillation``, ``layer_selection``, ``callback:prune`` and each registered compression stage with a
+    ``summarize`` (:class:`~distill.compress.stages.Stage`) get a summary of what changed; any other kind lists
+    its set scalar settings, with lists as "N items".
     """
-    pruned: dict[str, list[int]] = {}  # per-layer counts after the latest pruning step
+    stages = registry()
+    state: dict[str, dict] = {}  # per stage, what its summaries carry from one change to the next (pruning's counts)
     lines = []
     for m in modifications:
         kind, config = m.get("kind", "?"), m.get("config") or {}
         if not isinstance(config, Mapping):
-            text = _short(config, 80)
+            text = short(config, 80)
         elif kind == "distillation":
             text = _distillation(config)
-        elif kind == "prune":
-            text = _prune(config, pruned)
-        elif kind == "qat":
-            text = _qat(config)
-        elif kind == "share":
-            text = _share(config)
-        elif kind == "lowrank":
-            text = _lowrank(config)
+        elif kind in stages and stages[kind].summarize is not None:
+            text = stages[kind].summarize(config, state.setdefault(kind, {}))
         elif kind == "callback:prune":
             text = _callback_prune(config)
         elif kind == "layer_selection":
             text = _layer_selection(config)
-        elif kind == "sparsity":
-            text = _sparsity(config)
         else:
             name = _target(config)
             text = (f"{name}: " if name else "") + (_settings(config) or "no settings")

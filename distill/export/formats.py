@@ -7,6 +7,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from distill.compress.stages import registry
 from distill.config import config_error
 from distill.export.gguf import check_type
 
@@ -47,43 +48,23 @@ def check_formats(export: Any, callbacks: Any = None) -> list[str]:
 
 def _check_callbacks(formats: list[str], callbacks: dict[str, Any]) -> None:
     """Refuse callback settings whose student an export format cannot hold, before anything trains."""
-    prune = callbacks.get("prune") or {}
-    qat = callbacks.get("qat") or {}
-    exact = [f for f in formats if f != "hf"]
-    if exact and prune and prune.get("uniform") is False:
-        raise config_error(
-            "export.formats",
-            formats,
-            f"{', '.join(exact)} cannot hold per-layer pruned widths (callbacks.prune.uniform=false); "
-            "prune uniformly or export hf only",
-        )
-    if "gguf" in formats and prune.get("bias_compensation"):
-        raise config_error(
-            "export.formats",
-            formats,
-            "the GGUF export cannot be checked with biases (transformers' GGUF loader drops them for llama); "
-            "set callbacks.prune.bias_compensation=false",
-        )
-    if str(qat.get("scheme", "")).startswith("gguf_") and "gguf" not in formats:
-        log.warning(
-            "callbacks.qat.scheme=%s trains on llama.cpp's grid, but export.formats=%s writes no GGUF file; "
-            "add gguf to ship it",
-            qat.get("scheme"),
-            formats,
-        )
+    stages = registry()
+    for name, stage in stages.items():
+        if callbacks.get(name) and stage.check_formats is not None:
+            stage.check_formats(callbacks[name], formats)
     if "torchao" in formats:
-        if not qat or str(qat.get("scheme", "")).startswith("gguf_"):
+        quantizes = [n for n, s in stages.items() if s.torchao_scheme is not None and callbacks.get(n)]
+        if not any(stages[n].torchao_scheme(callbacks[n]) for n in quantizes):
             raise config_error(
                 "export.formats",
                 formats,
                 "torchao writes a student quantized by torchao's QAT; add callbacks=qat with an int* scheme "
                 "(a gguf_* scheme ships as export.formats=[hf,gguf])",
             )
-        for name in ("lowrank", "share"):
-            if callbacks.get(name):
-                raise config_error(
-                    "export.formats",
-                    formats,
-                    f"torchao cannot hold a student with callbacks.{name} (no transformers architecture for "
-                    "factorised or shared layers); drop torchao from export.formats",
-                )
+        for name in (n for n, s in stages.items() if s.rebuilds_linears and callbacks.get(n)):
+            raise config_error(
+                "export.formats",
+                formats,
+                f"torchao cannot hold a student with callbacks.{name} (no transformers architecture for "
+                "factorised or shared layers); drop torchao from export.formats",
+            )

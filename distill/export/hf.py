@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.compress.stages import STAGES, CompressionStage
+from distill.compress.stages import CompressionStage, stage_order
 from distill.loaders import load_pruned as load_pruned_module
 from distill.loaders.load_pruned import LAYER_SHAPES_KEY, is_pruned_export, load_pruned
 from distill.runtime.files import atomic_directory
@@ -52,11 +52,11 @@ def plain_model(student: PreTrainedModel, stages: Sequence[CompressionStage]) ->
     """The model that the plain Hugging Face export writes; the live student is left as it is.
 
     Stages that change how weights are stored (sharing, low-rank, quantization) are made plain in the
-    reverse of :data:`~distill.compress.stages.STAGES` order (quantization first, then low-rank, then
+    reverse of the stages' order (:func:`~distill.compress.stages.stage_names`) (quantization first, then low-rank, then
     sharing), since each stage's ``make_plain`` expects the plain form of the stages after it.
     """
     model = student
-    for stage in sorted(stages, key=lambda s: STAGES.index(s.stage), reverse=True):
+    for stage in sorted(stages, key=lambda s: stage_order(s.stage), reverse=True):
         model = stage.make_plain(model)
     return model
 

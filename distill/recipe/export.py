@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from distill.compress.quant.qat import QuantizedStudent
 from distill.compress.quant.schemes import get_scheme
 from distill.compress.stages import CompressionStage
 from distill.cost import disk_bytes
@@ -52,19 +53,19 @@ def export_run(
     for name, path in compact.items():
         log.info("%s wrote a compact export to %s", name, path)
     candidates = [out, *compact.values()]
+    quant = next((a for s in stages for a in s.artifacts() if isinstance(a, QuantizedStudent)), None)
     if "torchao" in formats:
-        qat = next((s for s in stages if s.stage == "qat"), None)
-        if qat is None or not qat.converted:
+        if quant is None or not quant.converted:
             raise RuntimeError(
                 "export.formats has torchao but QAT never converted the student (start_step not reached)"
             )
         folder = save_transformers_torchao(
-            student, module.tokenizer, Path(cfg.paths.output_dir) / "student_torchao", qat.spec
+            student, module.tokenizer, Path(cfg.paths.output_dir) / "student_torchao", quant.spec
         )
         log.info("wrote the transformers torchao export %s (loads with plain from_pretrained)", folder)
         candidates.append(folder)  # checked to reload with identical logits
     if "gguf" in formats:
-        check = _export_gguf(cfg, plain, module.tokenizer, stages)
+        check = _export_gguf(cfg, plain, module.tokenizer, quant)
         objects["gguf"] = check
         # The report measures the student in memory, so the GGUF file is the artifact only when it computes
         # the same model (a student trained on its llama.cpp grid), not when writing it rounded the weights.
@@ -75,18 +76,20 @@ def export_run(
 
 
 def _export_gguf(
-    cfg: DictConfig, plain: Any, tokenizer: Any, stages: list[CompressionStage]
+    cfg: DictConfig, plain: Any, tokenizer: Any, quant: QuantizedStudent | None
 ) -> gguf_export.GGUFCheck | None:
-    """Write the GGUF file (``export.formats`` has ``gguf``); returns what its verification measured."""
-    qat = next((s for s in stages if getattr(s, "gguf_types", None)), None)
-    trained = qat.gguf_types if qat is not None else {}
-    gguf_type = cfg.export.get("gguf_type", "auto")
+    """Write the GGUF file (``export.formats`` has ``gguf``); returns what its verification measured.
+
+    ``quant``: what QAT trained, when it did; its per-weight llama.cpp types are written as trained.
+    """
+    trained = quant.gguf_types if quant is not None else {}
+    gguf_type = cfg.export.gguf_type
     if gguf_type == "auto":  # the scheme's type (a mix of types names its file after the scheme's)
-        gguf_type = get_scheme(qat.spec.scheme).gguf if qat is not None else "f16"
-    pre = cfg.export.get("gguf_pre", "auto")
+        gguf_type = get_scheme(quant.spec.scheme).gguf if trained else "f16"
+    pre = cfg.export.gguf_pre
     if pre == "auto":
         pre = gguf_export.teacher_pre(cfg.teacher)
-    if not trained and any(getattr(s, "spec", None) and s.spec.scheme.startswith("gguf_") for s in stages):
+    if not trained and quant is not None and quant.spec.scheme.startswith("gguf_"):
         log.warning(
             "QAT never converted the student (start_step not reached): the GGUF file rounds it to %s", gguf_type
         )

@@ -95,7 +95,7 @@ def check_gguf(cfg: DictConfig, objects: dict[str, Any], plan: Plan, origin: Con
     When the GGUF export came with the default run rather than from the user, the run exports hf only instead.
     """
     try:
-        gguf_export.check_student(objects["student"], objects["module"].tokenizer, cfg.export.get("gguf_type", "auto"))
+        gguf_export.check_student(objects["student"], objects["module"].tokenizer, cfg.export.gguf_type)
     except ConfigError as err:
         if origin is None or origin.typed("export.formats") or origin.experiment_typed:
             raise
@@ -217,12 +217,12 @@ def _generation(cfg: DictConfig, teacher: Teacher, datamodule: Any) -> Generatio
 
 
 def build_trainer(cfg: DictConfig) -> tuple[pl.Trainer, list, dict[str, Any], list[CompressionStage]]:
-    """The trainer with its loggers and callbacks; the compression stages last, in STAGES order."""
+    """The trainer with its loggers and callbacks; the compression stages last, in pipeline order."""
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = named_callbacks(cfg.get("callbacks"))
     stages = compression_stages(callbacks.values())
     check_schedule(stages)
-    # Lightning calls callbacks in list order; compression stages run in STAGES order, so none waits on another.
+    # Lightning calls callbacks in list order; compression stages run in pipeline order, so none waits on another.
     others = [cb for cb in callbacks.values() if cb not in stages]
     extra = [LogConfig(OmegaConf.to_container(cfg, resolve=True))] if loggers else []
     trainer: pl.Trainer = build(

@@ -6,7 +6,7 @@ Lightning owns the strategies (DDP, FSDP, DeepSpeed); this module only adds what
   CPU accelerator, a bare ``strategy=fsdp``, the chunked loss under ZeRO-3, ``trainer.devices`` disagreeing
   with the SLURM tasks per node), before a teacher loads.
 * :func:`check_sharded_callbacks` refuses the compression stages a sharded student cannot take
-  (:data:`SHARDED_STAGE_REASONS`), before a teacher loads.
+  (each stage's ``refused_under``, :class:`distill.compress.stages.Stage`), before a teacher loads.
 * :func:`fsdp_strategy` builds Lightning's ``FSDPStrategy`` with :func:`shard_policy`, which shards every
   decoder layer of *both* models and the rest of the teacher, so the frozen teacher is not replicated (layers
   that share weights stay in one unit: :func:`keeping_shared_together`).
@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import nn
 
+from distill.compress.stages import registry
 from distill.config import config_error
 from distill.models.teacher import FrozenTeacher
 from distill.runtime.gather import full_state_dict_context, is_sharded
@@ -208,18 +209,6 @@ def warn_slow_cpu_precision(trainer: Mapping[str, Any], bf16_matmul: bool | None
 # holds a flat shard of every unit outside the forward) and under ZeRO-3 (an empty placeholder, 1/N of each
 # parameter aside). The stages not named run: they change the student before the strategy wraps it, and the
 # export gathers it (QAT converts the gathered student).
-SHARDED_STAGE_REASONS = {
-    "fsdp": {
-        "sparsity": "it scores and masks whole weight matrices, and each rank holds only a shard of each",
-    },
-    "zero3": {
-        "prune": "pruning rebuilds the optimizer mid-run, and DeepSpeed's engine owns it (with its state "
-        "partitioned; it cannot be re-initialised mid-run)",
-        "sparsity": "it scores and masks whole weight matrices, and each rank holds only a partition of each",
-    },
-}
-# The one-shot stages run under sharding only from the first step, before the strategy wraps the student.
-BEFORE_WRAPPING = ("share", "lowrank", "qat")
 MID_RUN_REASON = (
     "the change would replace modules or parameters after the strategy wrapped the student, and only pruning "
     "unwraps and wraps it again (FSDP, distill/runtime/rewrap.py); set start_step=0 (the change happens before "
@@ -246,8 +235,8 @@ def check_sharded_callbacks(trainer: Mapping[str, Any], callbacks: Mapping[str, 
     """Refuse compression stages a sharding strategy (FSDP, DeepSpeed ZeRO-3) cannot run, before any model loads.
 
     Export and evaluation run under both: the student is gathered first (:mod:`distill.runtime.gather`). QAT,
-    sharing and low-rank run under both from step 0 (:data:`BEFORE_WRAPPING`); the stages in
-    :data:`SHARDED_STAGE_REASONS` are refused.
+    sharing and low-rank run under both from step 0 (``Stage.before_wrapping``); a stage whose record refuses the
+    strategy (``Stage.refused_under``: pruning under DeepSpeed, sparsity under FSDP and ZeRO-3) is refused.
 
     Args:
         trainer: the ``trainer`` config node.
@@ -259,28 +248,23 @@ def check_sharded_callbacks(trainer: Mapping[str, Any], callbacks: Mapping[str, 
     """
     strategy = trainer.get("strategy")
     name = strategy_name(strategy)
-    if name.startswith("deepspeed") and not is_zero3(strategy) and (callbacks or {}).get("prune"):
-        raise config_error(
-            "callbacks.prune",
-            "set",
-            f"not supported under the {name} strategy: pruning rebuilds the optimizer mid-run, and DeepSpeed's "
-            "engine owns it (with its state partitioned); train with trainer=ddp (trainer=ddp_sim on CPU)",
-        )
-    if not (is_fsdp(strategy) or is_zero3(strategy)):
+    family = "fsdp" if is_fsdp(strategy) else "zero3" if is_zero3(strategy) else "deepspeed"
+    if family == "deepspeed" and not name.startswith("deepspeed"):
         return
     callbacks = callbacks or {}
-    for key in BEFORE_WRAPPING:
-        start = (callbacks.get(key) or {}).get("start_step") or 0
-        if start > 0:
-            raise config_error(f"callbacks.{key}.start_step", start, f"under {name}: {MID_RUN_REASON}")
-    reasons = SHARDED_STAGE_REASONS["fsdp" if is_fsdp(strategy) else "zero3"]
-    for key, reason in reasons.items():
-        if callbacks.get(key):
+    stages = registry().values()
+    if family != "deepspeed":  # sharded: the one-shot stages only before the strategy wraps the student
+        for stage in (s for s in stages if s.before_wrapping):
+            start = (callbacks.get(stage.name) or {}).get("start_step") or 0
+            if start > 0:
+                raise config_error(f"callbacks.{stage.name}.start_step", start, f"under {name}: {MID_RUN_REASON}")
+    for stage in stages:
+        if callbacks.get(stage.name) and family in stage.refused_under:
             raise config_error(
-                f"callbacks.{key}",
+                f"callbacks.{stage.name}",
                 "set",
-                f"not supported under the {name} strategy: {reason}; train with trainer=ddp "
-                f"(trainer=ddp_sim on CPU), where every rank holds the whole student, or remove callbacks.{key}",
+                f"not supported under the {name} strategy: {stage.refused_under[family]}; train with trainer=ddp "
+                f"(trainer=ddp_sim on CPU), where every rank holds the whole student, or remove callbacks.{stage.name}",
             )
 
 

@@ -8,7 +8,6 @@ from torch import nn
 
 from callbacks.base import CompressionCallback
 from distill.compress import stages as structure
-from distill.compress.replay import REPLAYS
 from distill.config import ConfigError
 from distill.module import DistillModule
 from distill.objective.objective import DistillationObjective
@@ -28,7 +27,9 @@ def _module(teacher) -> DistillModule:
 
 
 def test_checkpoint_replays_structure_before_weights(tiny_teacher, monkeypatch):
-    monkeypatch.setitem(REPLAYS, "test_drop_last_layer", _drop_last_layer)
+    monkeypatch.setitem(
+        structure.registry(), "test_drop_last_layer", structure.Stage("test_drop_last_layer", 99, _drop_last_layer)
+    )
     a = _module(tiny_teacher)
     _drop_last_layer(a.student, {"keep": 2})
     a.record_structure_change("test_drop_last_layer", {"keep": 2})

@@ -11,9 +11,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from bench.studies import baselines
 from distill.config import ConfigError
 from distill.cost import disk_bytes
-from distill.eval import baselines
 from tests.conftest import CONF, ROOT
 
 TINY_EVAL = [

@@ -23,6 +23,7 @@ from torch import nn
 
 from distill.compress.prune.importance import METHODS
 from distill.compress.prune.surgery import hidden_params
+from distill.compress.stages import registry
 from distill.config import ConfigError, config_error
 
 SCHEDULES = ("cubic", "linear")
@@ -292,12 +293,13 @@ class PruneSchedule:
                 "layer pruning changes the student's depth, which breaks the hidden-state loss's layer map; "
                 "set distill.objective.hidden.weight=0 or prune heads and channels only",
             )
-        if not self.uniform and any(s.stage == "share" for s in stages):
+        uniform = [s.stage for s in stages if registry()[s.stage].needs_uniform_layers]
+        if not self.uniform and uniform:
             raise config_error(
                 f"{FIELD}.uniform",
                 False,
-                "cross-layer sharing ties layers of one shape, which per-layer widths break; "
-                f"set {FIELD}.uniform=true or drop callbacks=share",
+                f"callbacks.{uniform[0]} needs decoder layers of one shape, which per-layer widths break; "
+                f"set {FIELD}.uniform=true or drop callbacks={uniform[0]}",
             )
         if self.hidden is not None:
             # A QAT stage quantizes the pruned width later: refuse now a width its groups would not divide.

@@ -23,13 +23,16 @@ the surviving rows and columns.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from distill.compress.describe import spread
 from distill.compress.layers import decoder_layers
+from distill.compress.stages import Stage, register
+from distill.config import config_error
 from distill.cost import parameter_count
 from distill.loaders.load_pruned import LAYER_SHAPES_KEY
 
@@ -279,3 +282,76 @@ def shapes(model: nn.Module) -> dict[str, int]:
         "channels": cfg.intermediate_size,
         "params": parameter_count(model),
     }
+
+
+def summarize_prune(config: Mapping[str, Any], before: dict[str, list[int]]) -> str:
+    """One pruning step: what each layer keeps, against the previous step's counts when there was one.
+
+    ``before`` carries the per-layer counts of the previous pruning step and is updated in place, so
+    progressive pruning reads as a chain (``MLP channels 1092→864``).
+    """
+    parts = []
+    layers = config.get("layers")
+    if layers is not None:
+        was = f"{len(before['layers'])}→" if before.get("layers") else ""
+        parts.append(f"layers {was}{len(layers)} (kept {', '.join(map(str, layers))})")
+        # Later counts are per surviving layer: re-index the previous step's onto them.
+        for key in ("heads", "kv_heads", "channels"):
+            if key in before and len(before[key]) > max(layers, default=-1):
+                before[key] = [before[key][i] for i in layers]
+        before["layers"] = list(layers)
+    for key, label, spec in (
+        ("heads", "query heads", "q_heads"),
+        ("kv_heads", "KV heads", "kv_heads"),
+        ("channels", "MLP channels", "channels"),
+    ):
+        kept = config.get(spec)
+        if kept is None:
+            continue
+        counts = [len(k) for k in kept]
+        prev = before.get(key)
+        was = f"{spread(prev)}→" if prev and len(prev) == len(counts) else "kept "
+        parts.append(f"{label} {was}{spread(counts)} per layer")
+        before[key] = counts
+    if config.get("biases"):
+        parts.append(f"bias compensation on {', '.join(config['biases'])}")
+    n_layers = next((len(config[k]) for k in ("channels", "q_heads") if config.get(k) is not None), None)
+    tail = f" ({n_layers} layers)" if n_layers else ""
+    return (", ".join(parts) or "no change") + tail
+
+
+def check_prune_formats(settings: Mapping[str, Any], formats: list[str]) -> None:
+    """Refuse export formats that cannot hold what ``callbacks.prune`` makes (per-layer widths, biases)."""
+    exact = [f for f in formats if f != "hf"]
+    if exact and settings.get("uniform") is False:
+        raise config_error(
+            "export.formats",
+            formats,
+            f"{', '.join(exact)} cannot hold per-layer pruned widths (callbacks.prune.uniform=false); "
+            "prune uniformly or export hf only",
+        )
+    if "gguf" in formats and settings.get("bias_compensation"):
+        raise config_error(
+            "export.formats",
+            formats,
+            "the GGUF export cannot be checked with biases (transformers' GGUF loader drops them for llama); "
+            "set callbacks.prune.bias_compensation=false",
+        )
+
+
+# The structure log's ``prune`` changes are per-layer keep indices, which apply_spec re-applies.
+register(
+    Stage(
+        "prune",
+        10,
+        apply_spec,
+        check_formats=check_prune_formats,
+        summarize=summarize_prune,
+        refused_under={
+            "zero3": "pruning rebuilds the optimizer mid-run, and DeepSpeed's engine owns it (with its state "
+            "partitioned; it cannot be re-initialised mid-run)",
+            "deepspeed": "pruning rebuilds the optimizer mid-run, and DeepSpeed's engine owns it (with its state "
+            "partitioned)",
+        },
+    )
+)

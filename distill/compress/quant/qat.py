@@ -12,6 +12,10 @@ The Lightning side is ``callbacks/qat.py``.
 from __future__ import annotations
 
 import copy
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,10 +29,13 @@ from distill.compress.quant import schemes
 from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer, fake_quantize
 from distill.compress.quant.row_embedding import RowRoundedEmbedding
 from distill.compress.quant.schemes import QuantSpec
+from distill.compress.stages import Stage, register
 from distill.config import config_error
 from distill.runtime.ranks import clean_name
 
 FIELD = "callbacks.qat."
+log = logging.getLogger("distill")
+
 FAKE_QUANTIZED = (FakeQuantizedLinear, FakeQuantizedEmbedding)
 Ranges = dict[str, dict[str, torch.Tensor]]
 
@@ -72,6 +79,19 @@ def _prepare_gguf(student: nn.Module, spec: QuantSpec) -> None:
             new = FakeQuantizedLinear.from_linear(module)
             new.weight_fake_quantizer = GGUFBlockFakeQuantizer(kind, f"{name}.weight")
         _swap(student, name, new)
+
+
+@dataclass(frozen=True)
+class QuantizedStudent:
+    """What QAT hands the exporters (``CompressionStage.artifacts``): the scheme as trained, and whether it converted.
+
+    ``gguf_types`` maps each weight rounded to a llama.cpp grid to its type (empty on torchao's grids, and before
+    convert), so the GGUF file stores the trained values without a second rounding.
+    """
+
+    spec: QuantSpec
+    converted: bool
+    gguf_types: dict[str, str]
 
 
 INITS = ("rtn", "imatrix")
@@ -252,6 +272,40 @@ def check_steps(spec: QuantSpec, start_step: object, freeze_ranges_step: object,
         raise config_error(FIELD + "calibration_batches", calibration_batches, "give a number of batches >= 1")
 
 
+def summarize_qat(config: Mapping[str, Any], _state: dict) -> str:
+    """The scheme in words (bits, groups, activations) and the modules skipped."""
+    scheme, group = config.get("scheme"), config.get("group_size")
+    known = schemes.SCHEMES.get(str(scheme))
+    if known is None:
+        what = f"{scheme}" + (f" in groups of {group}" if group else "")
+    else:
+        what = f"int{known.weight_bits} weights" + (f" in groups of {group}" if group else "")
+        if known.act_bits:
+            what += f", int{known.act_bits} dynamic activations"
+        what += f" ({scheme})"
+    skip = config.get("skip")
+    if skip is None:
+        return what + ", default skip list"
+    # Globs in backticks: ``*embed*`` would otherwise render as emphasis.
+    return what + (f", skip {', '.join(f'`{g}`' for g in skip)}" if skip else ", every linear layer")
+
+
+def check_qat_formats(settings: Mapping[str, Any], formats: list[str]) -> None:
+    """Warn when a llama.cpp grid is trained but no GGUF file will ship it."""
+    if str(settings.get("scheme", "")).startswith("gguf_") and "gguf" not in formats:
+        log.warning(
+            "callbacks.qat.scheme=%s trains on llama.cpp's grid, but export.formats=%s writes no GGUF file; "
+            "add gguf to ship it",
+            settings.get("scheme"),
+            formats,
+        )
+
+
+def trains_torchao(settings: Mapping[str, Any]) -> bool:
+    """Whether ``callbacks.qat`` trains on torchao's grids (what the torchao export writes), not llama.cpp's."""
+    return not str(settings.get("scheme", "")).startswith("gguf_")
+
+
 def converted_summary(student: nn.Module, spec: QuantSpec, gguf_types: dict[str, str]) -> str:
     """One line on what :func:`convert` left: the llama.cpp types it rounded to, or torchao's stored bits."""
     from collections import Counter
@@ -270,3 +324,16 @@ def converted_summary(student: nn.Module, spec: QuantSpec, gguf_types: dict[str,
         f"at {report['bits_per_weight']:.2f} stored bits each; student {report['memory_bytes'] / 2**20:.2f} MiB "
         "in memory"
     )
+
+
+register(
+    Stage(
+        "qat",
+        50,
+        lambda student, spec: prepare(student, QuantSpec.from_dict(spec)),
+        before_wrapping=True,
+        check_formats=check_qat_formats,
+        torchao_scheme=trains_torchao,
+        summarize=summarize_qat,
+    )
+)

@@ -106,5 +106,5 @@ def test_per_layer_widths_with_sharing_are_refused(tiny_cfg):
         "trainer.max_steps=10",
         "export.enabled=false",
     )
-    with pytest.raises(ConfigError, match=r"callbacks.prune.uniform=False: cross-layer sharing ties layers"):
+    with pytest.raises(ConfigError, match=r"uniform=False: callbacks.share needs decoder layers of one shape"):
         train(cfg)
