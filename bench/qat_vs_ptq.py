@@ -69,17 +69,13 @@ def run_train(name: str, overrides: list[str], bench: DictConfig, out: Path) -> 
                 "eval.tasks=[]",
                 "eval.new_tokens=0",
                 "eval.speed_runs=0",
-                "trainer.limit_val_batches=0",
-                "trainer.num_sanity_val_steps=0",
-                "trainer.enable_model_summary=false",
-                "callbacks.model_checkpoint=null",
-                *([] if bench.progress else ["callbacks.progress_bar=null"]),
-                "callbacks.lr_monitor=null",
-                "logger=none",
+                "debug=quiet",
             ],
         )
     with open_dict(cfg):
         cfg.paths.root_dir = str(ROOT)
+        if bench.progress:  # debug=quiet drops the bar; progress=true brings it back
+            cfg.callbacks.progress_bar = {"_target_": "callbacks.progress.BudgetProgressBar", "refresh_rate": 1}
         cfg.paths.log_dir = cfg.paths.output_dir = str(out / name)
     start = time.perf_counter()
     metrics, objects = train(cfg)

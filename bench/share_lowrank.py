@@ -121,17 +121,11 @@ def run_config(name: str, overrides: list[str], steps: int, out: Path) -> dict:
             overrides=[
                 *overrides,
                 f"trainer.max_steps={steps}",
-                "trainer.limit_val_batches=0",
-                "trainer.num_sanity_val_steps=0",
-                "trainer.enable_model_summary=false",
-                "callbacks.model_checkpoint=null",
-                "callbacks.progress_bar=null",
-                "callbacks.lr_monitor=null",
+                "debug=quiet",
                 # Held-out ppl / agreement only: the report's tasks, generation and speed runs cost minutes here.
                 "eval.tasks=[]",
                 "eval.new_tokens=0",
                 "eval.speed_runs=0",
-                "logger=none",
             ],
         )
     with open_dict(cfg):

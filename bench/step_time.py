@@ -52,15 +52,7 @@ FORMULA = (
     "Linear weight), H = the output layer's, A = Σ over layers of heads·head_dim (attention scores and values over "
     "the full S×S, not halved for the causal mask). Rounding, norms, softmax and the optimizer are not counted."
 )
-RUN_SETTINGS = [
-    "trainer.limit_val_batches=0",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_model_summary=false",
-    "callbacks.model_checkpoint=null",
-    "callbacks.progress_bar=null",
-    "eval.enabled=false",
-    "export.enabled=false",
-]
+RUN_SETTINGS = ["debug=quiet", "eval.enabled=false", "export.enabled=false"]
 
 
 # -- the breakdown of one step ----------------------------------------------------------------------------------------

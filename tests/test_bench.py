@@ -219,7 +219,7 @@ Same top p: 78.912 ±  0.264 %
 
 
 def test_llama_cpp_kld_reads_llama_perplexity_and_its_base_file(tmp_path):
-    from bench.llama_cpp_kld import parse_kld, read_base_tokens
+    from distill.eval.llama_cpp import parse_kld, read_base_tokens
 
     got = parse_kld(_KLD_OUTPUT)
     assert got == {

@@ -371,6 +371,11 @@ class DistillDataModule(pl.LightningDataModule):
                     f"these; resume with {field}={saved[key]!r} or start a new run (another run_name)",
                 )
 
+    def split_text(self, split: str) -> str:
+        """A held-out split's documents (``validation``, ``test``) as one text, in corpus order (after ``setup``)."""
+        raw, _ = self._raw()
+        return "\n\n".join(raw[i][self.text_field] for i in self.heldout_docs[split])
+
     def split_facts(self) -> dict[str, Any]:
         """What decides the splits, for exports and checkpoints (``evaluate.py`` rebuilds the split from it)."""
         return {

@@ -477,6 +477,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     ]
     if report["modifications"]:
         lines += ["", "The full records are in report.json."]
+    if report.get("llama_cpp"):
+        lines += _llama_cpp_lines(report)
     flags = report["degradation"]["flags"]
     lines += ["", "## Degradation guard", "", "No flags." if not flags else ""]
     lines += [f"- ⚠ **{f['flag']}**: {f['message']}" for f in flags]
@@ -489,6 +491,23 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     lines += ["", "## Provenance", "", f"- config hash: `{report['config_hash']}`"]
     lines += [f"- {k}: {v}" for k, v in report["versions"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _llama_cpp_lines(report: Mapping[str, Any]) -> list[str]:
+    """llama.cpp's score of the GGUF file (``eval.llama_cpp_bin``), beside torch's on the same windows."""
+    from distill.eval.llama_cpp import table
+
+    result = report["llama_cpp"]
+    sets = ", ".join(f"{k}: {v['chunks']} chunks of {v['n_ctx']} tokens" for k, v in result["sets"].items())
+    return [
+        "",
+        "## llama.cpp's own score",
+        "",
+        f"`llama-perplexity --kl-divergence` on the GGUF file against {result['base']} ({sets}; it scores the second "
+        "half of each chunk), and torch on the same tokens and windows. Same-top is top-1 agreement.",
+        "",
+        table(result),
+    ]
 
 
 def write_report(report: Mapping[str, Any], run_dir: str | Path) -> tuple[Path, Path]:

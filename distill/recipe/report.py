@@ -8,16 +8,21 @@ post-training quantization of the same size.
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from distill.compress.stages import CompressionStage
+from distill.eval import llama_cpp
 from distill.eval.assess import Comparison, Provenance, assess, assess_cross, build_heldout, heldout_pass
+from distill.eval.report import write_report
 from distill.eval.sweep import versus_ptq
+from distill.export import gguf as gguf_export
 from distill.module import DistillModule
 from distill.runtime.gather import is_sharded
 
@@ -39,10 +44,45 @@ def assess_run(
     if cross is not None:  # bits per byte and byte-level agreement (distill/eval/cross_heldout.py)
         return assess_cross(_comparison(cfg, objects), cross, cfg.eval, cfg.paths.output_dir, about)
     report = assess(_comparison(cfg, objects), cfg.eval, cfg.paths.output_dir, about, heldout=held)
+    if cfg.eval.llama_cpp_bin and objects.get("gguf") is not None:
+        report["llama_cpp"] = _llama_cpp_score(cfg, objects)
+        write_report(report, cfg.paths.output_dir)
     # One line against the cheapest alternative: the teacher quantized post-training to this size.
     label = facts["recipe"] or "student"
     log.info(versus_ptq(Path(cfg.paths.output_dir) / "report.json", cfg.eval.get("baselines"), label))
     return report
+
+
+def _llama_cpp_score(cfg: DictConfig, objects: dict[str, Any]) -> dict[str, Any]:
+    """llama.cpp's KL-divergence score of the run's GGUF file on the test split (``eval.llama_cpp_bin``)."""
+    teacher = objects["teacher"]
+    exe = llama_cpp.tool(cfg.eval.llama_cpp_bin, "llama-perplexity", field="eval.llama_cpp_bin")
+    text = objects["datamodule"].split_text("test")
+    # The F32 base file is as large as the fp32 teacher: written next to the run, removed when scored.
+    with tempfile.TemporaryDirectory(dir=cfg.paths.output_dir, prefix=".llama_cpp_") as work:
+        result = llama_cpp.score(
+            teacher.model,
+            teacher.tokenizer,
+            gguf_export.teacher_pre(cfg.teacher),
+            {"student": objects["gguf"].file},
+            {"test": text},
+            Path(work),
+            exe,
+            ctx=cfg.eval.llama_cpp_ctx,
+            threads=torch.get_num_threads(),
+        )
+    lc, th = (result["sets"]["test"]["rows"]["student"][k] for k in ("llama_cpp", "torch"))
+    log.info(
+        "llama.cpp on the test split: same-top %.3f ± %.3f, mean KLD %.4f (p99 %.3f); torch on the same windows: "
+        "same-top %.3f, mean KLD %.4f",
+        lc["same_top"],
+        lc["same_top_err"],
+        lc["mean_kld"],
+        lc["p99_kld"],
+        th["same_top"],
+        th["mean_kld"],
+    )
+    return result
 
 
 def _comparison(cfg: DictConfig, objects: dict[str, Any]) -> Comparison:

@@ -29,6 +29,7 @@ from distill.config import (
 )
 from distill.data.generation import Generation
 from distill.data.named_sets import check_sets
+from distill.eval import llama_cpp
 from distill.eval.tasks import validate_task_names
 from distill.export import gguf as gguf_export
 from distill.export.formats import check_formats
@@ -82,6 +83,15 @@ def check_settings(cfg: DictConfig) -> Plan:
     if cfg.eval.enabled:
         validate_task_names(cfg.eval.tasks or [])
         check_sets(cfg.eval.get("heldout"), cfg.eval.get("max_batches"))
+        if cfg.eval.llama_cpp_bin:  # llama.cpp's score of the GGUF file: its tool and the file, before training
+            llama_cpp.tool(cfg.eval.llama_cpp_bin, "llama-perplexity", field="eval.llama_cpp_bin")
+            if "gguf" not in formats or not cfg.export.verify:
+                raise config_error(
+                    "eval.llama_cpp_bin",
+                    cfg.eval.llama_cpp_bin,
+                    "llama.cpp scores the run's verified GGUF file: add gguf to export.formats (with export.verify), "
+                    "or set eval.llama_cpp_bin=null",
+                )
     if is_zero3(cfg.trainer.get("strategy")) and objective.chunked == "auto":
         # ZeRO-3 partitions the output layer's weight outside its forward, which the chunked path reads.
         log.info("distill.objective.chunked=auto: off under deepspeed ZeRO-3 (docs/scale_out.md)")
