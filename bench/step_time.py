@@ -547,7 +547,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise config_error("sections", sections, f"choose among {', '.join(SECTIONS)}")
     if "rounding" in sections and (not cfg.rounding_kinds or set(cfg.rounding_kinds) - set(KINDS)):
         raise config_error("rounding_kinds", list(cfg.rounding_kinds), f"choose among {', '.join(KINDS)}")
-    result: dict[str, Any] = {"machine": _machine(), "batch": cfg.batch, "block": cfg.block, "steps": cfg.steps}
+    result: dict[str, Any] = {"machine": machine(), "batch": cfg.batch, "block": cfg.block, "steps": cfg.steps}
     if "mfu" in sections:
         result["mfu"] = mfu_section(cfg)
     if "rounding" in sections or "overhead" in sections:
@@ -629,7 +629,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _machine() -> dict[str, Any]:
+def machine() -> dict[str, Any]:
     """What the numbers were measured on; the load average says how busy the machine was."""
     return {
         "processor": platform.processor() or platform.machine(),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -79,16 +78,9 @@ def write_results(
     out: Path, rows: dict[int, dict[str, Any]], cfg: DictConfig, epoch_blocks: int, full_bytes: int, live: float | None
 ) -> None:
     """Write the rows to ``out`` (JSON) and a table beside it (``.md``, which docs/performance.md includes)."""
-    import torch
+    from bench.step_time import machine as machine_facts
 
-    machine = {
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "load_average_end": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
+    machine = {**machine_facts(), "load_average_end": os.getloadavg()}
     result = {
         "machine": machine,
         "blocks": cfg.blocks,

@@ -52,8 +52,16 @@ class Stage:
             each with the reason the error gives.
         before_wrapping: it replaces modules or Parameters, so under a sharding strategy it runs only from step 0,
             before the strategy wraps the student.
-        summarize: the report's one line for a recorded change of this stage, from its config; None: the report
-            lists the config's settings.
+        rebuilds_linears: it replaces the student's linears with modules of its own (tied, factorised), which no
+            transformers architecture holds and which other stages' per-linear state would not follow.
+        needs_uniform_layers: every decoder layer must keep one shape (tying layers needs it).
+        check_formats: refuses, from the stage's ``callbacks.<name>`` settings and the export formats, a student a
+            format cannot hold (raises ConfigError) before anything trains; None: every format takes it.
+        torchao_scheme: from the stage's settings, whether it trains a torchao quantization the torchao export
+            writes (QAT on torchao's grids); None: it never does.
+        summarize: the report's line for one recorded change, from its spec and a dict the stage's summaries of
+            one run share (pruning carries its per-layer counts from step to step); None: the report lists the
+            spec's settings.
 
     """
 

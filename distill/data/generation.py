@@ -138,14 +138,14 @@ def weights_quantized_once(model: nn.Module) -> Iterator[None]:
     patched = []
     for module in model.modules():
         fq = getattr(module, "weight_fake_quantizer", None)
-        # An embedding that rounds only the rows it looks up (row_embedding.py) gets other rows, in new tensors
-        # whose ids may repeat, at every token: it stays as it is, and costs a few rows per token.
-        if getattr(module, "rounds_looked_up_rows", False):
-            continue
         if isinstance(fq, nn.Module) and "forward" not in vars(fq):
             cache: dict[int, Tensor] = {}
 
             def once(weight: Tensor, _fq: nn.Module = fq, _cache: dict[int, Tensor] = cache) -> Tensor:
+                # Only a Parameter is the same tensor from token to token. A quantizer handed other tensors (the
+                # rows a row-rounded embedding looks up, row_embedding.py) gets new ones, whose ids may repeat.
+                if not isinstance(weight, nn.Parameter):
+                    return type(_fq).forward(_fq, weight)
                 key = id(weight)
                 if key not in _cache:
                     _cache[key] = type(_fq).forward(_fq, weight)

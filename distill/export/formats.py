@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -10,8 +9,6 @@ from omegaconf import OmegaConf
 from distill.compress.stages import registry
 from distill.config import config_error
 from distill.export.gguf import check_type
-
-log = logging.getLogger("distill")
 
 # hf: the plain transformers folder (always); gguf: a llama.cpp file (docs/deploy.md); torchao: the quantized
 # student as a transformers TorchAoConfig folder (distill/export/torchao_hf.py).
@@ -53,8 +50,8 @@ def _check_callbacks(formats: list[str], callbacks: dict[str, Any]) -> None:
         if callbacks.get(name) and stage.check_formats is not None:
             stage.check_formats(callbacks[name], formats)
     if "torchao" in formats:
-        quantizes = [n for n, s in stages.items() if s.torchao_scheme is not None and callbacks.get(n)]
-        if not any(stages[n].torchao_scheme(callbacks[n]) for n in quantizes):
+        torchao = (s.torchao_scheme(callbacks[n]) for n, s in stages.items() if s.torchao_scheme and callbacks.get(n))
+        if not any(torchao):
             raise config_error(
                 "export.formats",
                 formats,

@@ -340,7 +340,9 @@ def test_a_qat_student_rounds_its_weights_once_per_sampling_call(scheme):
     (kind,) = {type(m.weight_fake_quantizer) for m in modules.values()}
     rounding = kind.forward
 
-    rows = {id(m.weight_fake_quantizer) for m in modules.values() if getattr(m, "rounds_looked_up_rows", False)}
+    from distill.compress.quant.row_embedding import RowRoundedEmbedding
+
+    rows = {id(m.weight_fake_quantizer) for m in modules.values() if isinstance(m, RowRoundedEmbedding)}
     assert len(rows) == (scheme == "gguf_q4_0")  # a llama.cpp grid's embedding rounds the rows it looks up
 
     def counted(self: torch.nn.Module, weight: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.compress.quant.qat import fake_quantized
+from distill.compress.quant.row_embedding import RowRoundedEmbedding
 from distill.config import ConfigError
 from distill.recipe.strategies import check_sharded_callbacks
 from tests.conftest import compose_cfg
@@ -65,7 +66,7 @@ class FakeQuantProbe(pl.Callback):
         for name, module in fake_quantized(pl_module.student).items():
             quantizer = module.weight_fake_quantizer
             kinds[name.replace("_fsdp_wrapped_module.", "")] = getattr(quantizer, "kind", type(quantizer).__name__)
-            if getattr(module, "rounds_looked_up_rows", False):  # whole rows of the table, as many as looked up
+            if isinstance(module, RowRoundedEmbedding):  # whole rows of the table, as many as looked up
                 whole = (None, module.embedding_dim)
             elif isinstance(module, torch.nn.Embedding):
                 whole = (module.num_embeddings, module.embedding_dim)

@@ -20,8 +20,6 @@ from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer
 class RowRoundedEmbedding(FakeQuantizedEmbedding):
     """torchao's ``FakeQuantizedEmbedding`` whose llama.cpp grid rounds the looked-up rows, not the table."""
 
-    rounds_looked_up_rows = True  # its quantizer sees a batch's rows, not the weight (generation.py asks)
-
     @classmethod
     def on_grid(cls, module: nn.Embedding, kind: str, name: str | None = None) -> RowRoundedEmbedding:
         """``module`` on ``kind``'s grid, keeping its Parameter (a tied head stays tied), as ``from_embedding`` does."""
