@@ -1,8 +1,8 @@
 """Baseline rows for the headline table, each measured by the recipes' own evaluation.
 
-    python bench/baselines.py                                    # every baseline without a kept report
-    python bench/baselines.py 'baselines=[ptq_int8,ptq_int4,ptq_int3]' force=true
-    python bench/baselines.py 'baselines=[ptq_int4]' 'eval.tasks=[]' eval.max_batches=2   # seconds: checks the path
+    python -m bench.baselines                                    # every baseline without a kept report
+    python -m bench.baselines 'baselines=[ptq_int8,ptq_int4,ptq_int3]' force=true
+    python -m bench.baselines 'baselines=[ptq_int4]' 'eval.tasks=[]' eval.max_batches=2   # seconds: checks the path
 
 The settings are Hydra overrides of ``conf/bench/baselines.yaml``; the evaluation settings are
 ``conf/eval/default.yaml``'s, as for ``train.py``. Each baseline (the teacher in fp32, bf16 and as shipped,
@@ -16,19 +16,17 @@ once with no healing) gets a deployable artifact and a report against the fp32 t
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from omegaconf import DictConfig
 
-from bench.studies.baselines import run  # noqa: E402
-from distill.config import exit_on_config_error  # noqa: E402
+from bench.studies.baselines import run
+from distill.config import exit_on_config_error
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench/baselines")

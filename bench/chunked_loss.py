@@ -7,8 +7,8 @@ allocation torch makes, which Python's tracemalloc cannot see. The subprocess se
 system when freed: otherwise freed heap memory stays resident and the high-water mark overstates
 what was live at once.
 
-    python bench/chunked_loss.py                       # SmolLM2 sizes: V=49152, d=576, B·T=2048
-    python bench/chunked_loss.py vocab=128256 hidden=2048 tokens=4096
+    python -m bench.chunked_loss                       # SmolLM2 sizes: V=49152, d=576, B·T=2048
+    python -m bench.chunked_loss vocab=128256 hidden=2048 tokens=4096
 
 The settings are Hydra overrides of ``conf/bench/chunked_loss.yaml``; each subprocess is this script again
 with ``variant=naive`` or ``variant=chunked``.
@@ -24,14 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+import hydra
+from omegaconf import DictConfig
+
+from distill.config import exit_on_config_error
+from distill.objective.divergences import get_divergence
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from distill.config import exit_on_config_error  # noqa: E402
-from distill.objective.divergences import get_divergence  # noqa: E402
 
 
 def _maxrss_mb() -> float:
@@ -75,7 +74,7 @@ def measure(cfg: DictConfig, variant: str) -> dict:
     settings = [f"{key}={cfg[key]}" for key in ("vocab", "hidden", "tokens", "chunk", "loss")]
     # The subprocess's Hydra record goes below this run's, not into a run folder of its own.
     record = Path(cfg.paths.output_dir) / variant
-    cmd = [sys.executable, __file__, *settings, f"variant={variant}", f"hydra.run.dir='{record}'"]
+    cmd = [sys.executable, "-m", "bench.chunked_loss", *settings, f"variant={variant}", f"hydra.run.dir='{record}'"]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:  # a bad setting: pass on the subprocess's one-line error and its exit code

@@ -1,7 +1,7 @@
 """The seed's cliff, measured: quality retained against the compression ratio on disk, PTQ curve and recipes.
 
-    python bench/cliff.py                 # measure PTQ of the teacher at each width, then draw with the reports
-    python bench/cliff.py measure=false   # redraw from bench/results/cliff.json
+    python -m bench.cliff                 # measure PTQ of the teacher at each width, then draw with the reports
+    python -m bench.cliff measure=false   # redraw from bench/results/cliff.json
 
 PTQ of the whole teacher (every Linear and the embedding, torchao) at bf16, int8, int6, int5, int4, int3 and
 int2 is scored on the recipes' held-out batches (top-1 agreement and KL to the fp32 teacher); the points of
@@ -15,18 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from distill.config import config_error, exit_on_config_error
+from distill.eval.sweep import find_reports, load_point, named_run_folders
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from distill.config import config_error, exit_on_config_error  # noqa: E402
-from distill.eval.sweep import find_reports, load_point, named_run_folders  # noqa: E402
 
 
 def task_retention(point: dict[str, Any]) -> float | None:
@@ -176,7 +174,7 @@ def run(cfg: DictConfig) -> str:
     md = table(curve, points)
     plot(curve, points, results / "cliff.png")
     (results / "cliff.md").write_text(
-        "# The cliff\n\n" + md + "\n\nWritten by `python bench/cliff.py`. PTQ rows: the teacher quantized after "
+        "# The cliff\n\n" + md + "\n\nWritten by `python -m bench.cliff`. PTQ rows: the teacher quantized after "
         "training (torchao, every Linear and the embedding), scored on the recipes' held-out batches. Task "
         "retention is shown where a report ran the tasks. The curve's artifacts hold weights and config without the "
         "tokenizer (about 3.5 MB), so its ratios run slightly above the reports' (int8: 3.96× here, 3.86× in its "

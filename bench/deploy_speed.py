@@ -1,7 +1,7 @@
 """Generation speed where users run small models: llama.cpp at batch 1, next to torch's own kernels.
 
     pip install -e '.[deploy]'      # llama-cpp-python, built from source with cmake (minutes on 2 cores)
-    python bench/deploy_speed.py 'students=[logs/train/runs/<run>/student_gguf/student-q4_0.gguf]'
+    python -m bench.deploy_speed 'students=[logs/train/runs/<run>/student_gguf/student-q4_0.gguf]'
 
 Every GGUF file runs through llama-cpp-python (llama.cpp's CPU kernels) with a short prompt and greedy
 decoding of ``new_tokens`` tokens, one sequence at a time; the speed is the median over ``runs`` runs after
@@ -23,18 +23,14 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import hydra
+from omegaconf import DictConfig, OmegaConf
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
-
-from distill.config import config_error, exit_on_config_error  # noqa: E402
+from distill.config import config_error, exit_on_config_error
 
 SHIPPED = "teacher as shipped"
 
@@ -138,7 +134,7 @@ def _write(cfg: DictConfig, rows: dict[str, dict[str, Any]], torch_rows: dict[st
     lines = [
         "# Generation speed at batch 1: llama.cpp and torch",
         "",
-        f"Measured by `python bench/deploy_speed.py` on {machine}: greedy decoding of {cfg.new_tokens} tokens "
+        f"Measured by `python -m bench.deploy_speed` on {machine}: greedy decoding of {cfg.new_tokens} tokens "
         f"after a short prompt, median of {cfg.runs} runs after a warm-up. Speeds depend on the machine; "
         "compare the ratios, measured in one run.",
         "",

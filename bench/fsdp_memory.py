@@ -13,7 +13,7 @@ each rank logs its peak resident set size (``VmHWM``) after training.
 It prints the peaks and :func:`qad_gpu_table` (the per-GPU memory of QAD of an 8B and a 70B student on 8 GPUs,
 computed from parameter counts) and writes both to ``bench/results/fsdp_memory.json``.
 
-    python bench/fsdp_memory.py [hidden=1024 layers=8 intermediate=4096 steps=2 studies=[teacher_read,qad]]
+    python -m bench.fsdp_memory [hidden=1024 layers=8 intermediate=4096 steps=2 studies=[teacher_read,qad]]
 
 What it cannot show on a laptop: the GPU side (each rank's device memory holds its shards either way) and
 the time the broadcast takes over a real interconnect.
@@ -32,10 +32,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from distill.config import exit_on_config_error
 
-from distill.config import exit_on_config_error  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def teacher_params(hidden: int, layers: int, intermediate: int, vocab: int, heads: int = 4, kv_heads: int = 2) -> int:
@@ -176,7 +175,7 @@ _PARTS = ("student_states", "teacher", "gathered", "grid_copies", "activations")
 def markdown(result: dict) -> str:
     """``bench/results/fsdp_memory.md``: the measured peaks and the computed per-GPU table, from the JSON."""
     mib = result["teacher_fp32_mib"]
-    lines = ["# Peak host memory per rank (`python bench/fsdp_memory.py`)", ""]
+    lines = ["# Peak host memory per rank (`python -m bench.fsdp_memory`)", ""]
     lines += [
         f"2 CPU ranks, a random Llama teacher of {result['teacher_params'] / 1e6:.1f}M parameters ({mib} MiB in "
         "fp32); each rank's `VmHWM` at the end of training.",

@@ -1,7 +1,7 @@
 """Off-policy, on-policy (GKD) and sequence-level KD on the embedded default, at equal wall-clock time.
 
-    python bench/generation.py run=true     # train every variant that has no kept report, then tabulate
-    python bench/generation.py              # tabulate from the kept reports
+    python -m bench.generation run=true     # train every variant that has no kept report, then tabulate
+    python -m bench.generation              # tabulate from the kept reports
 
 Every variant is ``python train.py experiment=<recipe> trainer.max_time=<max_time>`` with its
 ``distill.generation`` overrides, so sampling continuations costs training steps: the comparison is at equal
@@ -17,18 +17,16 @@ import csv
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
+from omegaconf import DictConfig
+
+from bench.headline import run_recipe
+from distill.config import exit_on_config_error
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from bench.headline import run_recipe  # noqa: E402
-from distill.config import exit_on_config_error  # noqa: E402
 
 
 def _ci(metrics: dict[str, Any], key: str) -> str:

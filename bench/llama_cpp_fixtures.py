@@ -1,9 +1,9 @@
 """llama.cpp's own quantizers built from source: the committed fixtures that pin ``quant/llama_quants.py``.
 
-    python bench/llama_cpp_fixtures.py fixtures /tmp/lcp/llama_cpp_python-0.3.36.tar.gz   # writes the fixtures
-    python bench/llama_cpp_fixtures.py check /tmp/lcp/llama_cpp_python-0.3.36.tar.gz      # port vs C, larger data
-    python bench/llama_cpp_fixtures.py error                      # squared error: llama.cpp's search vs the QAT rule
-    python bench/llama_cpp_fixtures.py ptq --tools <build>        # imatrix PTQ here vs llama-imatrix + llama-quantize
+    python -m bench.llama_cpp_fixtures fixtures /tmp/lcp/llama_cpp_python-0.3.36.tar.gz   # writes the fixtures
+    python -m bench.llama_cpp_fixtures check /tmp/lcp/llama_cpp_python-0.3.36.tar.gz      # port vs C, larger data
+    python -m bench.llama_cpp_fixtures error                      # squared error: llama.cpp's search vs the QAT rule
+    python -m bench.llama_cpp_fixtures ptq --tools <build>        # imatrix PTQ here vs llama-imatrix + llama-quantize
 
 The source is llama-cpp-python's sdist (``pip download --no-deps --no-binary :all: llama-cpp-python``), whose
 ``vendor/llama.cpp`` holds ggml. Only the ``ggml-base`` library is built (it holds ``ggml-quants.c``),
@@ -37,17 +37,15 @@ import argparse
 import ctypes
 import json
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from distill.compress.quant import llama_quants
 
-from distill.compress.quant import llama_quants  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURES = ROOT / "tests" / "fixtures" / "llama_cpp_quants.npz"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

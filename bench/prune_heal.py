@@ -13,7 +13,7 @@ All three use activation importance (Minitron). For each it prints held-out perp
 agreement with the teacher (the default held-out evaluation, ``eval.max_batches=8``), parameter count,
 and CPU tokens/s of a student forward pass (batch 8 × 128, no grad, median of ``reps``).
 
-    python bench/prune_heal.py base=logs/train/runs/<default run>/student steps=12 every=2 calib=2
+    python -m bench.prune_heal base=logs/train/runs/<default run>/student steps=12 every=2 calib=2
 
 The settings are Hydra overrides of ``conf/bench/prune_heal.yaml``.
 
@@ -30,28 +30,26 @@ import json
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import hydra  # noqa: E402
-import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+import hydra
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from bench.studies.baselines import first_train_batches, prune_once  # noqa: E402
-from callbacks.prune import ProgressiveStructuredPruning  # noqa: E402
-from distill.compress.prune.surgery import shapes  # noqa: E402
-from distill.config import build, config_error, exit_on_config_error  # noqa: E402
-from distill.eval.heldout import heldout_metrics  # noqa: E402
-from train import train  # noqa: E402
+from bench.studies.baselines import first_train_batches, prune_once
+from callbacks.prune import ProgressiveStructuredPruning
+from distill.compress.prune.surgery import shapes
+from distill.config import build, config_error, exit_on_config_error
+from distill.eval.heldout import heldout_metrics
+from train import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = ["callbacks.prune.heads=6", "callbacks.prune.channels=0.5", "callbacks.prune.importance=activation"]
 VARIANTS = ("oneshot", "oneshot_heal", "progressive")
@@ -156,7 +154,7 @@ def trained(name: str, base: Path, out: Path, steps: int, overrides: list[str]) 
 def check(cfg: DictConfig) -> list[str]:
     """Refuse a missing base folder or an unknown variant before any model loads; returns the variants."""
     if OmegaConf.is_missing(cfg, "base"):
-        raise config_error("base", None, "required: python bench/prune_heal.py base=logs/train/runs/<run>/student")
+        raise config_error("base", None, "required: python -m bench.prune_heal base=logs/train/runs/<run>/student")
     if not (Path(cfg.base) / "config.json").is_file():
         raise config_error("base", str(cfg.base), "no config.json there; give a run's exported student folder")
     variants = [cfg.variants] if isinstance(cfg.variants, str) else list(cfg.variants)

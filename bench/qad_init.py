@@ -11,7 +11,7 @@ measures, before any training, on the default recipe's byte-budgeted map of the 
 For each: the importance-weighted squared rounding error summed over the weights (relative to ``rtn``), and top-1
 agreement and KL with the teacher on the first ``batches`` validation batches (never the test split).
 
-    python bench/qad_init.py [batches=6 imatrix_batches=32]
+    python -m bench.qad_init [batches=6 imatrix_batches=32]
 
 Writes ``bench/results/qad_init.{json,md}``.
 """
@@ -19,17 +19,13 @@ Writes ``bench/results/qad_init.{json,md}``.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import hydra
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from distill.config import exit_on_config_error  # noqa: E402
+from distill.config import exit_on_config_error
 
 VARIANTS = ("rtn", "imatrix", "imatrix_then_rule")
 
@@ -112,7 +108,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Where QAD starts",
         "",
-        f"`python bench/qad_init.py`: the default recipe's map of the embedded teacher ({result['map']}), no training; "
+        f"`python -m bench.qad_init`: the default recipe's map of the embedded teacher ({result['map']}), no training; "
         f"top-1 agreement and KL with the teacher on {result['batches']} validation batches "
         f"({result['validation_tokens']:,} tokens).",
         "",

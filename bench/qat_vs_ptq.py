@@ -12,9 +12,9 @@ It prints held-out perplexity and top-1 agreement with the teacher for each, the
 weight and the weights file size, and the fraction of the PTQ gap QAT recovers:
 ``(ppl_ptq - ppl_qat) / (ppl_ptq - ppl_fp)``.
 
-    python bench/qat_vs_ptq.py                                  # 4-layer student, 40 steps, 8da4w g32
-    python bench/qat_vs_ptq.py layers=6 steps=60 scheme=int4_weight_only group_size=64
-    python bench/qat_vs_ptq.py layers=1 steps=10 'overrides=["experiment=smoke"]'   # seconds: checks the script
+    python -m bench.qat_vs_ptq                                  # 4-layer student, 40 steps, 8da4w g32
+    python -m bench.qat_vs_ptq layers=6 steps=60 scheme=int4_weight_only group_size=64
+    python -m bench.qat_vs_ptq layers=1 steps=10 'overrides=["experiment=smoke"]'   # seconds: checks the script
 
 The settings are Hydra overrides of ``conf/bench/qat_vs_ptq.yaml``; ``overrides`` go on to both runs'
 ``conf/train.yaml`` (each in double quotes: Hydra's list syntax takes no bare ``=``).
@@ -27,27 +27,25 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import hydra  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
 
-from distill.compress.quant.schemes import QuantSpec, make_spec  # noqa: E402
-from distill.config import exit_on_config_error  # noqa: E402
-from distill.eval.heldout import heldout_metrics  # noqa: E402
-from distill.export.ptq import quantize_export  # noqa: E402
-from distill.export.quantized import META_FILE  # noqa: E402
-from train import train  # noqa: E402
+from distill.compress.quant.schemes import QuantSpec, make_spec
+from distill.config import exit_on_config_error
+from distill.eval.heldout import heldout_metrics
+from distill.export.ptq import quantize_export
+from distill.export.quantized import META_FILE
+from train import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(name: str, overrides: list[str], bench: DictConfig, out: Path) -> tuple[dict, dict, float]:

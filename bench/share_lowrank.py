@@ -5,9 +5,9 @@ embedded corpus) once per configuration, for the same number of distillation ste
 each: unique student parameters, bytes on disk (plain Hugging Face export and, where there is one, the
 compact export), held-out perplexity and top-1 agreement with the teacher.
 
-    python bench/share_lowrank.py                       # all configurations, 20 steps each
-    python bench/share_lowrank.py steps=40 'configs=[student,share_k2]'
-    python bench/share_lowrank.py steps=0               # only the quality right after conversion
+    python -m bench.share_lowrank                       # all configurations, 20 steps each
+    python -m bench.share_lowrank steps=40 'configs=[student,share_k2]'
+    python -m bench.share_lowrank steps=0               # only the quality right after conversion
 
 The settings are Hydra overrides of ``conf/bench/share_lowrank.yaml``.
 
@@ -20,28 +20,28 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import hydra  # noqa: E402
-import lightning.pytorch as pl  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
+import hydra
+import lightning.pytorch as pl
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
 
-from distill.compress.layers import decoder_layers  # noqa: E402
-from distill.compress.stages import compression_stages  # noqa: E402
-from distill.config import build, config_error, exit_on_config_error, instantiate_callbacks  # noqa: E402
-from distill.cost import parameter_count  # noqa: E402
-from distill.eval.heldout import heldout_metrics  # noqa: E402
-from train import train  # noqa: E402
+from distill.compress.layers import decoder_layers
+from distill.compress.lowrank import LOWRANK
+from distill.compress.share import SHARE
+from distill.compress.stages import compression_stages
+from distill.config import build, config_error, exit_on_config_error, instantiate_callbacks
+from distill.cost import parameter_count
+from distill.eval.heldout import heldout_metrics
+from train import train
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS: dict[str, list[str]] = {
     "student": [],
@@ -90,9 +90,9 @@ def at_conversion(names: list[str], max_batches: int) -> list[dict]:
         pl.seed_everything(cfg.seed)
         student = build(cfg.student, teacher=teacher)
         for cb in compression_stages(instantiate_callbacks(_compose(CONFIGS[name]).get("callbacks"))):
-            if cb.stage == "share":
+            if cb.stage == SHARE.name:
                 cb.compress(student)
-            elif cb.stage == "lowrank":
+            elif cb.stage == LOWRANK.name:
                 cb.compress(student, dm)
         models[name] = student
     vocab = min(teacher.vocab_size, next(iter(models.values())).get_output_embeddings().weight.shape[0])

@@ -1,7 +1,7 @@
 """Weight sparsity on the embedded default: Wanda against magnitude, 50 % unstructured and 2:4, healed or not.
 
-    python bench/sparsity.py run=true     # train every variant that has no kept report, then tabulate
-    python bench/sparsity.py              # tabulate from the kept reports
+    python -m bench.sparsity run=true     # train every variant that has no kept report, then tabulate
+    python -m bench.sparsity              # tabulate from the kept reports
 
 Every variant is ``python train.py experiment=distill_sparse`` (the SmolLM2 teacher's full-depth copy) with
 the importance and the pattern set. ``oneshot`` cuts the masks at step 2 after two calibration batches and
@@ -19,18 +19,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
+import hydra
+from omegaconf import DictConfig
+
+from bench.headline import run_recipe
+from distill.compress.sparsity import SPARSITY
+from distill.config import exit_on_config_error
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from bench.headline import run_recipe  # noqa: E402
-from distill.config import exit_on_config_error  # noqa: E402
 
 
 def variants(cfg: DictConfig) -> dict[str, list[str]]:
@@ -51,10 +50,10 @@ def variants(cfg: DictConfig) -> dict[str, list[str]]:
 
 def _row(name: str, report: dict[str, Any]) -> dict[str, Any]:
     student = report["metrics"]["student"]
-    final = [m for m in report["modifications"] if m["kind"] == "sparsity"][-1]["config"]
+    final = [m for m in report["modifications"] if m["kind"] == SPARSITY.name][-1]["config"]
     return {
         "variant": name,
-        "sparsity": final["sparsity"],
+        "sparsity": final["zeros"],
         "top1": student["heldout/top1_agreement"],
         "top1_ci": [student.get("heldout/top1_agreement_ci_low"), student.get("heldout/top1_agreement_ci_high")],
         "kl": student["heldout/kl_to_teacher"],

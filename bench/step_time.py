@@ -13,9 +13,9 @@ Three sections (``sections=[...]``), each printed as a table; everything measure
 - ``overhead``: one Lightning step against the sum of its parts run alone, and the step with a top-64 teacher cache
   against the live teacher, on a ``layers``-deep ``from_teacher`` student.
 
-    python bench/step_time.py                                  # all three on the embedded SmolLM2 teacher
-    python bench/step_time.py 'sections=[mfu]' steps=3
-    python bench/step_time.py 'sections=[rounding]' rounding_compile=true
+    python -m bench.step_time                                  # all three on the embedded SmolLM2 teacher
+    python -m bench.step_time 'sections=[mfu]' steps=3
+    python -m bench.step_time 'sections=[rounding]' rounding_compile=true
 
 The settings are Hydra overrides of ``conf/bench/step_time.yaml``.
 """
@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -39,10 +38,9 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from distill.config import config_error, exit_on_config_error
 
-from distill.config import config_error, exit_on_config_error  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SECTIONS = ("mfu", "rounding", "overhead")
 PARTS = ("teacher_forward", "student_forward", "rounding", "loss", "student_backward", "optimizer", "other")
@@ -573,7 +571,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Step time",
         "",
-        f"`python bench/step_time.py` on {m['cpus']} CPUs ({m['processor']}, {m['threads']} threads, "
+        f"`python -m bench.step_time` on {m['cpus']} CPUs ({m['processor']}, {m['threads']} threads, "
         f"torch {m['torch']}), "
         f"{m['date']}, load average {m['load_average_start'][0]:.2f} at the start; {result['batch']} × "
         f"{result['block']} tokens per step, the median of {result['steps']} steps after a warm-up step.",

@@ -12,8 +12,8 @@ and R the cache's lookups over one epoch (each measured per block here and scale
 epochs on, the cache built once costs less than running the teacher every epoch; below it, recomputing wins. A run
 budgeted by wall clock (trainer.max_time) that sees fewer than E* epochs of data should keep the live teacher.
 
-    python bench/teacher_cache.py                 # 32 blocks × 128 tokens per k
-    python bench/teacher_cache.py blocks=128 'ks=[32,64]'
+    python -m bench.teacher_cache                 # 32 blocks × 128 tokens per k
+    python -m bench.teacher_cache blocks=128 'ks=[32,64]'
 
 The settings are Hydra overrides of ``conf/bench/teacher_cache.yaml``.
 """
@@ -23,19 +23,17 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import hydra
+from omegaconf import DictConfig, ListConfig
+
+from distill.config import exit_on_config_error
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig, ListConfig  # noqa: E402
-
-from distill.config import exit_on_config_error  # noqa: E402
 
 CROSSOVER = "E* = B / (L - R): B the cache's build over one epoch, L the live teacher over one epoch, R the lookups"
 
@@ -96,7 +94,7 @@ def write_results(
     lines = [
         "# Teacher cache",
         "",
-        f"`python bench/teacher_cache.py` on {machine['cpus']} CPUs ({machine['processor']}, {machine['threads']} "
+        f"`python -m bench.teacher_cache` on {machine['cpus']} CPUs ({machine['processor']}, {machine['threads']} "
         f"threads, torch {machine['torch']}), {machine['date']}; {cfg.blocks} training blocks of {cfg.block} tokens "
         f"timed, scaled to the training split's {epoch_blocks} blocks. {CROSSOVER}.",
         "",

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from callbacks.base import CompactCompression
 from distill.compress import lowrank
-from distill.compress.lowrank import DEFAULT_TARGETS, FIELD, factorize, target_linears
+from distill.compress.lowrank import DEFAULT_TARGETS, FIELD, LOWRANK, factorize, target_linears
 from distill.config import config_error
 from distill.cost import parameter_count
 from distill.runtime.rank_zero_load import has_meta_tensors
@@ -36,7 +36,7 @@ class LowRankFactorization(CompactCompression):
 
     """
 
-    stage = "lowrank"
+    stage = LOWRANK.name
     mid_run_refused = "factorising"
 
     def __init__(

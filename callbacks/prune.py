@@ -8,7 +8,7 @@ Units are removed physically at each pruning step (no masks): the linears are sl
 updated, the optimizer is rebuilt with its Adam moments sliced to the surviving rows and columns, and
 under DDP the DDP wrapper is rebuilt around the new parameters. Under FSDP the student is gathered on rank 0,
 cut there (and alike on the other ranks' empty copies) and wrapped again (:mod:`distill.runtime.rewrap`).
-Every step is recorded with ``record_structure_change("prune", spec)`` (the kept indices), and
+Every step is recorded with ``record_structure_change(self.stage, spec)`` (the kept indices), and
 :mod:`distill.compress.replay` rebuilds the same shapes on a fresh student before a checkpoint's weights load.
 Only the Lightning hooks live here; the maths (``schedule``, ``selection``, ``importance``, ``surgery``) is in
 :mod:`distill.compress.prune`.
@@ -32,7 +32,7 @@ from distill.compress.prune.selection import (
     select,
     select_per_layer,
 )
-from distill.compress.prune.surgery import apply_spec, layer_shapes, shapes
+from distill.compress.prune.surgery import PRUNE, apply_spec, layer_shapes, shapes
 from distill.compress.stages import compression_stages
 from distill.recipe.strategies import check_prune_strategy
 from distill.runtime.gather import params_whole
@@ -77,7 +77,7 @@ class ProgressiveStructuredPruning(CompressionCallback):
 
     """
 
-    stage = "prune"
+    stage = PRUNE.name
 
     def __init__(
         self,
@@ -208,7 +208,7 @@ class ProgressiveStructuredPruning(CompressionCallback):
         spec, terms = computed_on_rank_zero(lambda: self._choose(student, target))
         carry = apply_spec(student, spec)
         add_compensation(student, terms)
-        pl_module.record_structure_change("prune", spec)
+        pl_module.record_structure_change(self.stage, spec)
         self._after = shapes(student)  # the whole student's, also when FSDP then shards it
         return carry
 

@@ -20,6 +20,7 @@ from callbacks.base import OneShotCompression
 from distill.compress.quant import schemes
 from distill.compress.quant.qat import (
     FIELD,
+    QAT,
     QuantizedStudent,
     check_init,
     check_steps,
@@ -63,7 +64,7 @@ class QuantizationAwareTraining(OneShotCompression):
 
     """
 
-    stage = "qat"
+    stage = QAT.name
 
     def __init__(
         self,

@@ -10,7 +10,15 @@ from torch import nn
 
 from callbacks.base import CompactCompression
 from distill.compress.layers import decoder_layers
-from distill.compress.share import DEFAULT_LORA_TARGETS, FIELD, apply_sharing, check_init, check_pattern, sharing_spec
+from distill.compress.share import (
+    DEFAULT_LORA_TARGETS,
+    FIELD,
+    SHARE,
+    apply_sharing,
+    check_init,
+    check_pattern,
+    sharing_spec,
+)
 from distill.config import config_error
 from distill.cost import parameter_count
 from distill.runtime.rank_zero_load import has_meta_tensors
@@ -36,7 +44,7 @@ class CrossLayerSharing(CompactCompression):
 
     """
 
-    stage = "share"
+    stage = SHARE.name
     mid_run_refused = "tying"
 
     def __init__(

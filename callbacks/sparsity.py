@@ -28,6 +28,7 @@ from callbacks.base import CompressionCallback
 from distill.compress.sparsity import (
     IMPORTANCES,
     PATTERNS,
+    SPARSITY,
     InputNorms,
     layer_stats,
     level_at,
@@ -58,7 +59,7 @@ class WeightSparsity(CompressionCallback):
 
     """
 
-    stage = "sparsity"
+    stage = SPARSITY.name
 
     def __init__(
         self,
@@ -180,10 +181,10 @@ class WeightSparsity(CompressionCallback):
             self.norms.reset()
         self._apply(pl_module)
         stats = layer_stats((n, m.weight.detach()) for n, m in linears.items())
-        spec: dict[str, Any] = {"step": step, "level": round(level, 6), "sparsity": round(overall(stats), 6)}
+        spec: dict[str, Any] = {"step": step, "level": round(level, 6), "zeros": round(overall(stats), 6)}
         if step == self.end_step:  # the final masks: the report lists each linear
             spec |= {"pattern": self.pattern or "unstructured", "importance": self.importance, "layers": stats}
-        pl_module.record_structure_change("sparsity", spec)
+        pl_module.record_structure_change(self.stage, spec)
         if trainer.is_global_zero:
             log.info("sparsity at step %d: %.3f of the decoder linears' weights are zero", step, overall(stats))
         pl_module.log("sparsity/overall", overall(stats), on_step=True, on_epoch=False)

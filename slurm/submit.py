@@ -177,7 +177,7 @@ def run(cfg: DictConfig, overrides: Sequence[str]) -> str | None:
     return job_id
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="submit")
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="submit")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
     with exit_on_config_error():

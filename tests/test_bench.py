@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from distill.config import ConfigError
 from tests.conftest import CONF, ROOT
 
-SCRIPTS = sorted(p.stem for p in (ROOT / "bench").glob("*.py"))
+SCRIPTS = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if not p.stem.startswith("_"))
 
 
 def bench_cfg(name: str, overrides: list[str]) -> DictConfig:
@@ -62,19 +62,20 @@ PREPARATION = {"llama_cpp_fixtures", "make_heldout_sets"}
 def test_bench_script_imports_and_composes_its_root_config(name):
     module = importlib.import_module(f"bench.{name}")  # every import resolves against the package layout
     assert "argparse" not in (ROOT / "bench" / f"{name}.py").read_text()
+    assert "sys.path" not in (ROOT / "bench" / f"{name}.py").read_text()  # run as a module: python -m bench.<name>
     assert f'config_name="bench/{name}"' in (ROOT / "bench" / f"{name}.py").read_text()
     assert callable(module.run)
     cfg = bench_cfg(name, [])
     # Hydra's record goes under logs/bench/<name>/runs, and the job stays in the launch directory.
     assert cfg.hydra.run.dir.endswith(f"/logs/bench/{name}/runs/{cfg.run_name}")
     assert cfg.hydra.job.chdir is False
-    assert f"python bench/{name}.py" in (CONF / "bench" / f"{name}.yaml").read_text()
+    assert f"python -m bench.{name}" in (CONF / "bench" / f"{name}.yaml").read_text()
 
 
 @pytest.mark.parametrize(
     ("name", "overrides", "message"),
     [
-        ("prune_heal", [], r"^base=None: required: python bench/prune_heal.py base="),
+        ("prune_heal", [], r"^base=None: required: python -m bench.prune_heal base="),
         ("deploy_speed", ["students=[/no/such.gguf]"], r"^students='/no/such.gguf': not a GGUF file"),
         ("llama_cpp_kld", ["llama_cpp_bin=null"], r"^llama_cpp_bin=None: give the folder of llama.cpp's built tools"),
         ("llama_cpp_kld", ["llama_cpp_bin=/no/such"], r"^llama_cpp_bin='/no/such': holds no llama-perplexity; build"),
@@ -93,9 +94,9 @@ def test_bad_bench_settings_fail_before_any_model_loads(name, overrides, message
 
 def _bench(args: list[str], root: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "chunked_loss.py"), *args],
-        cwd=root,
-        env={**os.environ, "DISTILL_ROOT": str(root)},
+        [sys.executable, "-m", "bench.chunked_loss", *args],
+        cwd=root,  # outside the repository: the package is found through PYTHONPATH, as a user's job would
+        env={**os.environ, "DISTILL_ROOT": str(root), "PYTHONPATH": str(ROOT)},
         text=True,
         capture_output=True,
         timeout=600,

@@ -250,7 +250,7 @@ def test_headline_table_is_read_from_the_reports(tmp_path):
     from distill.config import ConfigError
     from distill.eval.report import build_report
 
-    def headline(overrides):  # python bench/headline.py <overrides>, composed from conf/bench/headline.yaml
+    def headline(overrides):  # python -m bench.headline <overrides>, composed from conf/bench/headline.yaml
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             headline_run(compose(config_name="bench/headline", overrides=overrides))

@@ -41,7 +41,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from distill.compress.prune.selection import select
-from distill.compress.prune.surgery import apply_spec, shapes
+from distill.compress.prune.surgery import PRUNE, apply_spec, shapes
 from distill.compress.quant import gguf_grid, schemes
 from distill.compress.quant.type_map import calibrated_type_map
 from distill.config import build, config_error
@@ -490,7 +490,7 @@ def prune_noheal(bench: Bench, artifact: Path) -> Candidate:
     }
     mods = [
         {"kind": "student", "config": OmegaConf.to_container(recipe.student, resolve=True)},
-        {"kind": "prune", "config": spec},
+        {"kind": PRUNE.name, "config": spec},
     ]
     targets = ", ".join(f"{k}={node[k]}" for k in _targets(node))
     notes = [

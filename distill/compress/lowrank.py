@@ -306,7 +306,7 @@ def calibration_batches(datamodule: Any, count: int) -> list[dict[str, Tensor]]:
     return [datamodule.collate([data[i] for i in range(s, min(s + size, n))]) for s in range(0, n, size)]
 
 
-register(
+LOWRANK = register(
     Stage(
         "lowrank",
         30,

@@ -246,7 +246,7 @@ def summarize_share(config: Mapping[str, Any], _state: dict) -> str:
 
 
 # The shared values are overwritten by the checkpoint right after a replay, so the cheapest init will do.
-register(
+SHARE = register(
     Stage(
         "share",
         20,

@@ -145,7 +145,7 @@ def overall(stats: dict[str, dict[str, float]]) -> float:
 
 def summarize_sparsity(config: Mapping[str, Any], _state: dict) -> str:
     """One weight-sparsity step; the last lists each linear's share of zeros and its nonzero count."""
-    text = f"step {config.get('step', '?')}: {config.get('sparsity', 0):.1%} of the decoder linears' weights zero"
+    text = f"step {config.get('step', '?')}: {config.get('zeros', 0):.1%} of the decoder linears' weights zero"
     layers = config.get("layers") or {}
     if layers:
         shares = [v["sparsity"] for v in layers.values()]
@@ -159,7 +159,7 @@ def summarize_sparsity(config: Mapping[str, Any], _state: dict) -> str:
 
 
 # Weight sparsity changes no shape: the zeros are in the checkpoint's weights, the masks in the callback's state.
-register(
+SPARSITY = register(
     Stage(
         "sparsity",
         40,

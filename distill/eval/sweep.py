@@ -366,7 +366,7 @@ def _versus(point: dict[str, Any], rival: dict[str, Any]) -> str:
 def versus_ptq(report: str | Path, baselines: str | Path | None, label: str) -> str:
     """The line a run ends with: its student against the PTQ baseline of its size (:func:`ptq_verdict`).
 
-    ``baselines`` is the folder of baseline reports (``python bench/baselines.py``); only those scored on the
+    ``baselines`` is the folder of baseline reports (``python -m bench.baselines``); only those scored on the
     run's teacher and held-out data count, and the line says so when there are none.
     """
     point = load_point(Path(report))
@@ -376,7 +376,7 @@ def versus_ptq(report: str | Path, baselines: str | Path | None, label: str) -> 
     if line is None:
         return (
             f"{label}: no PTQ baseline was measured on this teacher and held-out data under {baselines}; "
-            "python bench/baselines.py measures them"
+            "python -m bench.baselines measures them"
         )
     return "versus PTQ: " + line.replace("**", "")
 
@@ -513,7 +513,7 @@ def run(cfg: DictConfig) -> tuple[Path, Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="sweep")
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="sweep")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
     with exit_on_config_error():

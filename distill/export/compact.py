@@ -38,7 +38,7 @@ def tie_groups(model: nn.Module) -> list[list[str]]:
 
 def describe(model: nn.Module) -> dict[str, Any]:
     """The structure of ``model`` beyond its plain architecture, as stored in ``compact.json``."""
-    lowrank = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    factors = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     lora = None
     layers = lora_layers(model)
     if layers:
@@ -50,7 +50,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
             "lora_alpha": float(first.lora_alpha[adapter]),
             "scaling": {name: float(m.scaling[adapter]) for name, m in layers.items()},
         }
-    return {"format": FORMAT, "version": VERSION, "lowrank": lowrank, "lora": lora, "ties": tie_groups(model)}
+    return {"format": FORMAT, "version": VERSION, "factors": factors, "lora": lora, "ties": tie_groups(model)}
 
 
 def _hf_tied_names(model: nn.Module) -> set[str]:

@@ -726,7 +726,7 @@ def run(cfg: DictConfig) -> GGUFCheck:
     return check
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="gguf")
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="gguf")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
     with exit_on_config_error():

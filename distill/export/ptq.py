@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="ptq")
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="ptq")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point; a bad setting prints one ``error:`` line and exits with code 2."""
     with exit_on_config_error():

@@ -34,7 +34,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 FORMAT = "distill-compact"
-VERSION = 1
+# v2: the factorised linears' ranks are under "factors" (v1 called it by the stage's name); a v1 folder loads
+# with the copy of this file written beside it.
+VERSION = 2
 
 
 class LowRankLinear(nn.Module):
@@ -92,7 +94,7 @@ def load_compact(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Mod
         raise ValueError(f"{folder}/compact.json: not a {FORMAT} v{VERSION} folder")
     config = AutoConfig.from_pretrained(folder)
     model = AutoModelForCausalLM.from_config(config)
-    for name, rank in spec["lowrank"].items():
+    for name, rank in spec["factors"].items():
         dense = model.get_submodule(name)
         set_module(model, name, LowRankLinear(dense.in_features, dense.out_features, rank, dense.bias is not None))
     lora = spec.get("lora")

@@ -345,7 +345,7 @@ def tempered_statistics(logp: Tensor, indices: Tensor, temperatures: tuple[float
     return torch.stack(shifts, -1).float(), torch.stack(tails, -1).float()
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="cache_teacher")
+@hydra.main(version_base="1.3", config_path="pkg://conf", config_name="cache_teacher")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: build the cache described by ``conf/cache_teacher.yaml``."""
     with exit_on_config_error():

@@ -43,7 +43,7 @@ def compress(student: nn.Module) -> list[dict[str, Any]]:
     gate = student.model.layers[0].mlp.gate_proj.weight
     with torch.no_grad():
         gate.mul_(unstructured_mask(gate.abs(), 0.5))
-    sparse = {"step": 1, "level": 0.5, "sparsity": 0.5}
+    sparse = {"step": 1, "level": 0.5, "zeros": 0.5}
     quant = make_spec("int8_weight_only", None, None)
     qat.prepare(student, quant)
     return [

@@ -28,7 +28,7 @@ TINY_PRUNE = 'recipe_overrides=["student.num_layers=2","callbacks.prune.heads=2"
 
 
 def bench_cfg(tmp_path: Path, cache_dir: Path, *overrides: str) -> DictConfig:
-    """``python bench/baselines.py <overrides>`` composed, on the tiny teacher, with every path under tmp."""
+    """``python -m bench.baselines <overrides>`` composed, on the tiny teacher, with every path under tmp."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(

@@ -340,7 +340,7 @@ def check_prune_formats(settings: Mapping[str, Any], formats: list[str]) -> None
 
 
 # The structure log's ``prune`` changes are per-layer keep indices, which apply_spec re-applies.
-register(
+PRUNE = register(
     Stage(
         "prune",
         10,

@@ -33,7 +33,7 @@ here is the plain one (each sub-block's range, then the 6-bit scales rounded und
 until the values no longer change: the GGUF writer quantizes the weights it is given again, so the values a
 student trains on must be a fixed point of the rounding for the file to hold exactly them. Weights that were
 not trained on the grid are better served by llama.cpp's search, which leaves less squared error on generic
-weights (``python bench/llama_cpp_fixtures.py error`` measures how much): :func:`encode_weights`, what the
+weights (``python -m bench.llama_cpp_fixtures error`` measures how much): :func:`encode_weights`, what the
 GGUF export writes, keeps the blocks already on this grid as they are (codes written here) and rounds every
 other one with llama.cpp's own encoder (:func:`distill.compress.quant.llama_quants.quantize`, byte for byte),
 so a PTQ baseline written here is the file ``llama-quantize`` would write.

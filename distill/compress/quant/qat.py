@@ -326,7 +326,7 @@ def converted_summary(student: nn.Module, spec: QuantSpec, gguf_types: dict[str,
     )
 
 
-register(
+QAT = register(
     Stage(
         "qat",
         50,
