@@ -23,7 +23,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from bench.headline import run_recipe
+from bench.studies.recipe import run_recipe
 from distill.config import exit_on_config_error
 
 ROOT = Path(__file__).resolve().parents[1]

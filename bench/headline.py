@@ -20,14 +20,12 @@ import datetime as dt
 import os
 import platform
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from bench.studies.recipe import run_dir, run_recipe
 from distill.config import config_error, exit_on_config_error
 from distill.eval.sweep import (
     baseline_points,
@@ -44,35 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 # The README's paragraph on what `python train.py` gives, from the default run's committed report.
 DEFAULT_START, DEFAULT_END = "<!-- default-run:start -->", "<!-- default-run:end -->"
-
-
-def run_dir(runs_root: Path, recipe: str) -> Path:
-    """Where ``recipe``'s headline run lives."""
-    return runs_root / f"headline_{recipe}"
-
-
-def run_recipe(
-    recipe: str, runs_root: Path, force: bool, overrides: list[str] | None = None, name: str | None = None
-) -> None:
-    """Run one recipe to completion unless a finished report already exists (``force`` starts it over).
-
-    The run is ``python train.py experiment=<recipe> run_name=<name>`` (``headline_<recipe>`` by default),
-    so it lives in ``runs_root/<name>``.
-    """
-    # The datasets cache and the teacher are shared, so each run's wall-clock time is its own.
-    name = name or run_dir(runs_root, recipe).name
-    folder = runs_root / name
-    if (folder / "report.json").exists() and not force:
-        print(f"{name}: report exists, skipped (force=true reruns it)", flush=True)
-        return
-    if folder.exists():
-        shutil.rmtree(folder)  # a half-finished or forced run starts over, so its time is one whole run
-    cmd = [sys.executable, str(ROOT / "train.py"), f"experiment={recipe}", f"run_name={name}"]
-    cmd += ["callbacks.progress_bar=null", *(overrides or [])]
-    print(f"{name}: {' '.join(cmd[1:])}", flush=True)
-    started = time.perf_counter()
-    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    print(f"{name}: done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
 
 
 def replace_between_markers(path: Path, block: str, start: str = START, end: str = END) -> None:

@@ -27,7 +27,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from bench.headline import run_recipe
+from bench.studies.recipe import run_recipe
 from distill.config import config_error, exit_on_config_error
 from distill.eval.intervals import resample_interval
 

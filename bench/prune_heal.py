@@ -38,11 +38,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hydra
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from bench.studies.baselines import first_train_batches, prune_once
+from bench.studies.recipe import compose_train
 from callbacks.prune import ProgressiveStructuredPruning
 from distill.compress.prune.surgery import shapes
 from distill.config import build, config_error, exit_on_config_error
@@ -56,22 +55,7 @@ VARIANTS = ("oneshot", "oneshot_heal", "progressive")
 
 
 def compose_cfg(base: Path, out: Path, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                "student=pretrained",
-                f"student.path={base}",
-                "debug=quiet",
-                "export.enabled=false",
-                *overrides,
-            ],
-        )
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(ROOT)
-        cfg.paths.log_dir = cfg.paths.output_dir = str(out)
-    return cfg
+    return compose_train(["student=pretrained", f"student.path={base}", "export.enabled=false", *overrides], out)
 
 
 @torch.no_grad()

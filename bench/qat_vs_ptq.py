@@ -34,10 +34,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hydra
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from bench.studies.recipe import compose_train
 from distill.compress.quant.schemes import QuantSpec, make_spec
 from distill.config import exit_on_config_error
 from distill.eval.heldout import heldout_metrics
@@ -50,31 +49,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_train(name: str, overrides: list[str], bench: DictConfig, out: Path) -> tuple[dict, dict, float]:
     """One ``train(cfg)`` on the default setup with the bench's size overrides (``bench``: this script's config)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                *([bench.overrides] if isinstance(bench.overrides, str) else bench.overrides),
-                *overrides,
-                f"student.num_layers={bench.layers}",
-                f"trainer.max_steps={bench.steps}",
-                f"data.batch_size={bench.batch_size}",
-                f"data.eval_batch_size={bench.batch_size}",
-                f"eval.max_batches={bench.eval_batches}",
-                # Only the held-out metrics: tasks, generation fidelity and speed runs of the 30-layer
-                # teacher would triple the time of each run on a shared CPU.
-                "eval.tasks=[]",
-                "eval.new_tokens=0",
-                "eval.speed_runs=0",
-                "debug=quiet",
-            ],
-        )
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(ROOT)
-        if bench.progress:  # debug=quiet drops the bar; progress=true brings it back
+    cfg = compose_train(
+        [
+            *([bench.overrides] if isinstance(bench.overrides, str) else bench.overrides),
+            *overrides,
+            f"student.num_layers={bench.layers}",
+            f"trainer.max_steps={bench.steps}",
+            f"data.batch_size={bench.batch_size}",
+            f"data.eval_batch_size={bench.batch_size}",
+            f"eval.max_batches={bench.eval_batches}",
+            # Only the held-out metrics: tasks, generation fidelity and speed runs of the 30-layer
+            # teacher would triple the time of each run on a shared CPU.
+            "eval.tasks=[]",
+            "eval.new_tokens=0",
+            "eval.speed_runs=0",
+        ],
+        out / name,
+    )
+    if bench.progress:  # debug=quiet drops the bar; progress=true brings it back
+        with open_dict(cfg):
             cfg.callbacks.progress_bar = {"_target_": "callbacks.progress.BudgetProgressBar", "refresh_rate": 1}
-        cfg.paths.log_dir = cfg.paths.output_dir = str(out / name)
     start = time.perf_counter()
     metrics, objects = train(cfg)
     return metrics, objects, time.perf_counter() - start

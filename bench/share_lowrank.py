@@ -28,10 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hydra
 import lightning.pytorch as pl
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
+from bench.studies.recipe import compose_train
 from distill.compress.layers import decoder_layers
 from distill.compress.lowrank import LOWRANK
 from distill.compress.share import SHARE
@@ -69,13 +68,7 @@ CONFIGS: dict[str, list[str]] = {
 
 
 def _compose(overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(ROOT)
-        cfg.paths.log_dir = cfg.paths.output_dir = tempfile.mkdtemp(prefix="bench-share-lowrank-conv-")
-    return cfg
+    return compose_train(overrides, tempfile.mkdtemp(prefix="bench-share-lowrank-conv-"), quiet=False)
 
 
 def at_conversion(names: list[str], max_batches: int) -> list[dict]:
@@ -114,23 +107,17 @@ def at_conversion(names: list[str], max_batches: int) -> list[dict]:
 
 def run_config(name: str, overrides: list[str], steps: int, out: Path) -> dict:
     """Distil for ``steps`` steps with one configuration; size and held-out quality of the result."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="train",
-            overrides=[
-                *overrides,
-                f"trainer.max_steps={steps}",
-                "debug=quiet",
-                # Held-out ppl / agreement only: the report's tasks, generation and speed runs cost minutes here.
-                "eval.tasks=[]",
-                "eval.new_tokens=0",
-                "eval.speed_runs=0",
-            ],
-        )
-    with open_dict(cfg):
-        cfg.paths.root_dir = str(ROOT)
-        cfg.paths.log_dir = cfg.paths.output_dir = str(out / name)
+    cfg = compose_train(
+        [
+            *overrides,
+            f"trainer.max_steps={steps}",
+            # Held-out ppl / agreement only: the report's tasks, generation and speed runs cost minutes here.
+            "eval.tasks=[]",
+            "eval.new_tokens=0",
+            "eval.speed_runs=0",
+        ],
+        out / name,
+    )
     start = time.perf_counter()
     metrics, objects = train(cfg)
     seconds = time.perf_counter() - start

@@ -25,7 +25,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from bench.headline import run_recipe
+from bench.studies.recipe import run_recipe
 from distill.compress.sparsity import SPARSITY
 from distill.config import exit_on_config_error
 

@@ -239,25 +239,21 @@ def _median(fn, n: int) -> float:
 # -- the mfu section --------------------------------------------------------------------------------------------------
 def compose_run(cfg: DictConfig, overrides: list[str], out: Path) -> DictConfig:
     """``conf/train.yaml`` with a run's overrides, the bench's sizes and steps; no checkpoint, eval or export."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from bench.studies.recipe import compose_train
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        train_cfg = compose(
-            config_name="train",
-            overrides=[
-                *overrides,
-                *RUN_SETTINGS,
-                f"data.batch_size={cfg.batch}",
-                f"data.block_size={cfg.block}",
-                f"trainer.max_steps={cfg.steps + 1}",
-                *cfg.train_overrides,
-            ],
-        )
+    train_cfg = compose_train(
+        [
+            *overrides,
+            *RUN_SETTINGS,
+            f"data.batch_size={cfg.batch}",
+            f"data.block_size={cfg.block}",
+            f"trainer.max_steps={cfg.steps + 1}",
+            *cfg.train_overrides,
+        ],
+        out,
+        quiet=False,
+    )
     with open_dict(train_cfg):
-        train_cfg.paths.root_dir = str(ROOT)
-        train_cfg.paths.log_dir = train_cfg.paths.output_dir = str(out)
         train_cfg.callbacks.step_breakdown = {"_target_": "bench.step_time.StepBreakdown"}
     return train_cfg
 

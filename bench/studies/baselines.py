@@ -426,14 +426,10 @@ def _bnb_storage(model: nn.Module) -> tuple[int, int]:
 
 def prune_recipe(cfg: DictConfig) -> DictConfig:
     """The pruning recipe's composed ``conf/train.yaml`` (``experiment=<cfg.prune_recipe>`` + ``recipe_overrides``)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from bench.studies.recipe import compose_train
 
     overrides = [f"experiment={cfg.prune_recipe}", *(cfg.get("recipe_overrides") or [])]
-    conf_dir = Path(__file__).resolve().parents[2] / "conf"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_train(overrides, None, quiet=False)  # read for its student and pruner only
 
 
 def prune_once(
