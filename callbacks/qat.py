@@ -239,7 +239,6 @@ class QuantizationAwareTraining(OneShotCompression):
             return None
         return quantized.save_checked(model, tokenizer, Path(run_dir) / self.export_dir, self.spec)
 
-    # -- range freezing -----------------------------------------------------------------------
     def _freeze(self, pl_module: pl.LightningModule, trainer: pl.Trainer | None = None) -> None:
         # FSDP / ZeRO-3: the ranges are read from whole weights, gathered for the moment (params_whole).
         with params_whole(trainer.strategy.model if trainer is not None else None, pl_module.student):
