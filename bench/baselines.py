@@ -16,17 +16,15 @@ once with no healing) gets a deployable artifact and a report against the fp32 t
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import hydra
 from omegaconf import DictConfig
 
+from bench import ROOT
 from bench.studies.baselines import run
 from distill.config import exit_on_config_error
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench/baselines")

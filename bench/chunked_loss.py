@@ -27,10 +27,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from bench import ROOT
 from distill.config import exit_on_config_error
 from distill.objective.divergences import get_divergence
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _maxrss_mb() -> float:

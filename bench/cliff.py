@@ -21,10 +21,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from bench import ROOT
 from distill.config import config_error, exit_on_config_error
 from distill.eval.sweep import find_reports, load_point, named_run_folders
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def task_retention(point: dict[str, Any]) -> float | None:

@@ -32,9 +32,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from bench import ROOT
 from distill.config import exit_on_config_error
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def teacher_params(hidden: int, layers: int, intermediate: int, vocab: int, heads: int = 4, kv_heads: int = 2) -> int:

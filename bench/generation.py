@@ -23,10 +23,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from bench import ROOT
 from bench.studies.recipe import run_recipe
 from distill.config import exit_on_config_error
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ci(metrics: dict[str, Any], key: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from bench import ROOT
 from bench.studies.recipe import run_dir, run_recipe
 from distill.config import config_error, exit_on_config_error
 from distill.eval.sweep import (
@@ -36,8 +37,6 @@ from distill.eval.sweep import (
     ptq_verdict,
     summary_table,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 START, END = "<!-- headline:start -->", "<!-- headline:end -->"
 # The README's paragraph on what `python train.py` gives, from the default run's committed report.

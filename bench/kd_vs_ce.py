@@ -27,11 +27,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
+from bench import ROOT
 from bench.studies.recipe import run_recipe
 from distill.config import config_error, exit_on_config_error
 from distill.eval.intervals import resample_interval
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SIDES = ("kd", "ce")
 # Held-out metric → (per-row key, transform of the token mean, higher is better).

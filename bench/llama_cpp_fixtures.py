@@ -43,9 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import ROOT
 from distill.compress.quant import llama_quants
-
-ROOT = Path(__file__).resolve().parents[1]
 
 FIXTURES = ROOT / "tests" / "fixtures" / "llama_cpp_quants.npz"
 TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -40,6 +40,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bench import ROOT
 from bench.studies.baselines import first_train_batches, prune_once
 from bench.studies.recipe import compose_train
 from callbacks.prune import ProgressiveStructuredPruning
@@ -47,8 +48,6 @@ from distill.compress.prune.surgery import shapes
 from distill.config import build, config_error, exit_on_config_error
 from distill.eval.heldout import heldout_metrics
 from train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = ["callbacks.prune.heads=6", "callbacks.prune.channels=0.5", "callbacks.prune.importance=activation"]
 VARIANTS = ("oneshot", "oneshot_heal", "progressive")

@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import hydra
 from omegaconf import DictConfig, open_dict
 
+from bench import ROOT
 from bench.studies.recipe import compose_train
 from distill.compress.quant.schemes import QuantSpec, make_spec
 from distill.config import exit_on_config_error
@@ -43,8 +44,6 @@ from distill.eval.heldout import heldout_metrics
 from distill.export.ptq import quantize_export
 from distill.export.quantized import META_FILE
 from train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_train(name: str, overrides: list[str], bench: DictConfig, out: Path) -> tuple[dict, dict, float]:

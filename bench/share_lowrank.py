@@ -30,6 +30,7 @@ import hydra
 import lightning.pytorch as pl
 from omegaconf import DictConfig
 
+from bench import ROOT
 from bench.studies.recipe import compose_train
 from distill.compress.layers import decoder_layers
 from distill.compress.lowrank import LOWRANK
@@ -39,8 +40,6 @@ from distill.config import build, config_error, exit_on_config_error, instantiat
 from distill.cost import parameter_count
 from distill.eval.heldout import heldout_metrics
 from train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS: dict[str, list[str]] = {
     "student": [],

@@ -25,11 +25,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from bench import ROOT
 from bench.studies.recipe import run_recipe
 from distill.compress.sparsity import SPARSITY
 from distill.config import exit_on_config_error
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def variants(cfg: DictConfig) -> dict[str, list[str]]:

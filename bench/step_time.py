@@ -38,9 +38,8 @@ import torch
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
+from bench import ROOT
 from distill.config import config_error, exit_on_config_error
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SECTIONS = ("mfu", "rounding", "overhead")
 PARTS = ("teacher_forward", "student_forward", "rounding", "loss", "student_backward", "optimizer", "other")

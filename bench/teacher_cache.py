@@ -31,9 +31,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
+from bench import ROOT
 from distill.config import exit_on_config_error
-
-ROOT = Path(__file__).resolve().parents[1]
 
 CROSSOVER = "E* = B / (L - R): B the cache's build over one epoch, L the live teacher over one epoch, R the lookups"
 

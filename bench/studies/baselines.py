@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from bench import ROOT
 from distill.compress.prune.selection import select
 from distill.compress.prune.surgery import PRUNE, apply_spec, shapes
 from distill.compress.quant import gguf_grid, schemes
@@ -96,7 +97,7 @@ PTQ_IMATRIX: dict[str, tuple[str, str | dict[str, str] | None]] = {
     "ptq_imatrix_q4_mix": ("q4_0", "gguf_q4_mix"),
     "ptq_imatrix_smallest": ("iq4_nl", {"*.mlp.down_proj": "q2_k"}),
 }
-QAT_CONF = Path(__file__).resolve().parents[2] / "conf" / "callbacks" / "qat"
+QAT_CONF = ROOT / "conf" / "callbacks" / "qat"
 LABELS = (
     "teacher_fp32",
     "teacher_bf16",

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-ROOT = Path(__file__).resolve().parents[2]
+from bench import ROOT
 
 
 def compose_train(overrides: Sequence[str], out: Path | str | None, quiet: bool = True) -> DictConfig:
