@@ -6,7 +6,10 @@ measures, before any training, on the default recipe's byte-budgeted map of the 
 
 - ``rtn``: the grid's rule on the weights as they are (``init=rtn``, the start before);
 - ``imatrix``: the imatrix PTQ file's values themselves (what a llama.cpp user ships with no training);
-- ``imatrix_then_rule``: the grid's rule on those values (``init=imatrix``: what the first step trains on).
+- ``imatrix_then_rule``: the grid's rule on those values (``init=imatrix``: what the first step trains on);
+- ``imatrix_learned``: ``init=imatrix learn_scales=true``'s start: the 32-block types keep llama.cpp's stored scales
+  as trainable ones (:class:`~distill.compress.quant.learned_scales.LearnedScaleQuantizer`), each weight on its
+  nearest level under them; the K-quants and the tied embedding keep the rule (as in training).
 
 For each: the importance-weighted squared rounding error summed over the weights (relative to ``rtn``), and top-1
 agreement and KL with the teacher on the first ``batches`` validation batches (never the test split).
@@ -27,7 +30,7 @@ from omegaconf import DictConfig
 
 from distill.config import exit_on_config_error
 
-VARIANTS = ("rtn", "imatrix", "imatrix_then_rule")
+VARIANTS = ("rtn", "imatrix", "imatrix_then_rule", "imatrix_learned")
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -41,6 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from distill.compress.depth import calibration_batches
     from distill.compress.quant import llama_quants, schemes
     from distill.compress.quant.gguf_grid import fake_quantize
+    from distill.compress.quant.learned_scales import LEARNABLE, LearnedScaleQuantizer, stored_scales
     from distill.compress.quant.type_map import collect_importance, spec_on_budget
     from distill.config import build
 
@@ -72,6 +76,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         values["rtn"][name] = fake_quantize(w, kind, name)
         values["imatrix"][name] = ptq
         values["imatrix_then_rule"][name] = fake_quantize(ptq, kind, name)
+        learned = kind in LEARNABLE and not embedding  # the tied embedding/head keeps the rule (qat._prepare_gguf)
+        values["imatrix_learned"][name] = (
+            LearnedScaleQuantizer(ptq, kind, name, start=stored_scales(raw, kind)).parts(ptq)[3]
+            if learned
+            else values["imatrix_then_rule"][name]
+        )
         weigh = imp[:, None] if embedding else imp[None, :]  # rows by token counts, or columns by input energy
         for v in VARIANTS:
             error[v] += float(((values[v][name] - w) ** 2 * weigh).sum())
@@ -119,6 +129,7 @@ def markdown(result: dict[str, Any]) -> str:
         "rtn": "the grid's rule on the weights (`init=rtn`)",
         "imatrix": "llama.cpp's imatrix rounding (the PTQ file)",
         "imatrix_then_rule": "the grid's rule on the imatrix values (`init=imatrix`)",
+        "imatrix_learned": "llama.cpp's scales as learned ones (`init=imatrix learn_scales=true`)",
     }
     for v, r in result["rows"].items():
         lines.append(f"| {names[v]} | {r['error_vs_rtn']:.3f} | {r['top1']:.4f} | {r['kl']:.4f} |")

@@ -29,15 +29,17 @@ from distill.compress.quant.qat import (
     current_ranges,
     fake_quantized,
     freeze_ranges,
+    learned_blocks,
     prepare,
+    prepared_summary,
     start_from_imatrix,
+    with_learned_scales,
 )
-from distill.compress.quant.type_map import TypeMap, calibrated_importance, check_target_ratio, spec_on_budget
+from distill.compress.quant.type_map import TypeMap, calibrated_importance, check_target_ratio, shared_spec_on_budget
 from distill.compress.stages import compression_stages
 from distill.config import config_error
 from distill.export import quantized
 from distill.runtime.gather import is_sharded, params_whole
-from distill.runtime.ranks import computed_on_rank_zero
 
 log = logging.getLogger("distill")
 
@@ -57,6 +59,8 @@ class QuantizationAwareTraining(OneShotCompression):
         target_ratio: for ``gguf_*`` schemes instead of ``gguf_types``: a type per module so the GGUF file is at
             most 1/``target_ratio`` of the student's fp32 bytes (:mod:`distill.compress.quant.type_map`).
         init: ``rtn`` (weights as they are) or, on a llama.cpp grid, ``imatrix`` (``qat.start_from_imatrix``).
+        learn_scales: train the 32-block types' scales with the weights (:mod:`~distill.compress.quant.learned_scales`).
+        scale_gain: with ``learn_scales``, the scales' learning rate relative to the weights'.
         calibration_batches: with ``target_ratio``: batches of 4 training rows that weigh the rounding errors.
         start_step: the global step fake-quant goes in (0: in ``setup``, before wrapping, as FSDP needs).
         freeze_ranges_step: from this step weight scales/zero points stay fixed; null: they follow the weights.
@@ -76,6 +80,8 @@ class QuantizationAwareTraining(OneShotCompression):
         target_ratio: float | None = None,
         calibration_batches: int = 8,
         init: str = "rtn",
+        learn_scales: bool = False,
+        scale_gain: float = 10.0,
         start_step: int = 0,
         freeze_ranges_step: int | None = None,
         export_dir: str = "student_quantized",
@@ -89,6 +95,7 @@ class QuantizationAwareTraining(OneShotCompression):
             list(modules) if modules is not None else None,
             dict(gguf_types) if gguf_types else None,
         )
+        self.spec = with_learned_scales(self.spec, learn_scales, scale_gain)
         check_steps(self.spec, start_step, freeze_ranges_step, calibration_batches)
         self.target_ratio = check_target_ratio(self.spec, target_ratio, gguf_types)
         self.init = check_init(self.spec, init)
@@ -100,6 +107,7 @@ class QuantizationAwareTraining(OneShotCompression):
         self.export_dir = export_dir
         self.converted = False
         self.gguf_types: dict[str, str] = {}  # after convert on a llama.cpp grid: weight → type, for the GGUF export
+        self.gguf_blocks: dict = {}  # after convert: the bytes of weights with trained scales, for the GGUF export
         self._frozen: dict[str, dict[str, torch.Tensor]] = {}
         self._pending_frozen: dict[str, dict[str, torch.Tensor]] | None = None
         self._convert_gathered = False  # FSDP / ZeRO-3: convert waits for the gathered student (finish_gathered)
@@ -119,6 +127,8 @@ class QuantizationAwareTraining(OneShotCompression):
         if not trainer.fast_dev_run and 0 <= trainer.max_steps <= self.start_step:
             never = f"QAT would never run: trainer.max_steps={trainer.max_steps}; give a start_step below it"
             raise config_error(FIELD + "start_step", self.start_step, never)
+        if self.spec.scale_gain and self.start_step > 0 and trainer.world_size > 1:  # new Parameters: re-wrap
+            raise config_error(FIELD + "start_step", self.start_step, "learned scales under DDP/FSDP need 0")
         others = [cb for cb in compression_stages(trainer.callbacks) if cb is not self]
         if others:  # earlier stages may still reshape the linears; then the check waits for prepare
             return
@@ -128,21 +138,21 @@ class QuantizationAwareTraining(OneShotCompression):
             schemes.check_spec(pl_module.student, self.spec, FIELD)
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rebuild: bool) -> None:
-        """Insert fake-quant; the Parameters stay the same objects, so the optimizer needs no rebuild."""
+        """Insert fake-quant; the weights stay the same objects, so only learned scales need the optimizer rebuilt."""
         if self.target_ratio is not None:
             self._choose_types(trainer, pl_module)
+        starts: dict = {}  # init=imatrix: the scales llama.cpp chose, where learned scales start
         if self.init == "imatrix":  # a hand-made map has no importance yet: collect what the budgeted map would
             importance = (self.type_map.importance if self.type_map else None) or calibrated_importance(
                 pl_module.student, self.spec, trainer.datamodule, self.calibration_batches
             )
-            count = start_from_imatrix(pl_module.student, self.spec, importance)
+            count = start_from_imatrix(pl_module.student, self.spec, importance, starts)
             rank_zero_info(f"QAT starts from llama.cpp's importance-weighted rounding of {count} weights")
-        prepare(pl_module.student, self.spec)
+        prepare(pl_module.student, self.spec, starts)
+        if rebuild and self.spec.scale_gain:
+            pl_module.rebuild_optimizers()
         pl_module.record_structure_change(self.stage, self.spec.to_dict())
-        rank_zero_info(
-            f"QAT prepared ({self.spec.scheme}): {len(fake_quantized(pl_module.student))} fake-quantized "
-            f"{' and '.join(self.spec.modules)} modules"
-        )
+        rank_zero_info(prepared_summary(pl_module.student, self.spec))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Prepare at ``start_step``; freeze weight ranges at ``freeze_ranges_step``."""
@@ -174,25 +184,20 @@ class QuantizationAwareTraining(OneShotCompression):
         self._convert(student)
 
     def _convert(self, student: torch.nn.Module) -> None:
+        self.gguf_blocks = learned_blocks(student)
         self.gguf_types = convert(student, self.spec)
         self.converted = True
         rank_zero_info(converted_summary(student, self.spec, self.gguf_types))
 
     def _choose_types(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The byte-budgeted type map of the student as it is now, made the spec's ``gguf_types``."""
-        tokenizer = getattr(pl_module, "tokenizer", None)
-        # FSDP (scale_out.md): ranks > 0 may hold the student empty before wrapping, and every rank must train on
-        # one map, so rank 0 computes it and sends it to the others (one process: computed here).
-        self.spec, self.type_map = computed_on_rank_zero(
-            lambda: spec_on_budget(
-                pl_module.student,
-                self.spec,
-                trainer.datamodule.train_set,
-                trainer.datamodule.block_size,
-                self.target_ratio,
-                tokenizer,
-                self.calibration_batches,
-            )
+        self.spec, self.type_map = shared_spec_on_budget(
+            pl_module.student,
+            self.spec,
+            trainer.datamodule,
+            self.target_ratio,
+            getattr(pl_module, "tokenizer", None),
+            self.calibration_batches,
         )
         rank_zero_info(f"QAT type map for 1/{self.target_ratio}: {self.type_map.summary()}")
 
@@ -202,29 +207,22 @@ class QuantizationAwareTraining(OneShotCompression):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep restored frozen ranges until the first batch (the model is ready by then)."""
-        frozen = state_dict.get("frozen") or {}
-        self._pending_frozen = frozen or None
+        self._pending_frozen = state_dict.get("frozen") or None
 
     def artifacts(self) -> list[QuantizedStudent]:
         """The scheme as trained, for the torchao and GGUF exports."""
-        return [QuantizedStudent(self.spec, self.converted, dict(self.gguf_types))]
+        return [QuantizedStudent(self.spec, self.converted, dict(self.gguf_types), dict(self.gguf_blocks))]
 
     def make_plain(self, model: PreTrainedModel) -> PreTrainedModel:
-        """A plain Hugging Face copy with dequantized weights, for ``train.py``'s standard export.
-
-        For weight-only schemes it computes exactly what the quantized student computes. For ``int8_dynact_*``
-        schemes it has the quantized weights but full-precision activations (plain transformers has no
-        activation quantization); the compact export keeps both.
-        """
+        """A plain copy with dequantized weights for the standard export (``int8_dynact_*``: fp activations)."""
         if not self.converted or self.gguf_types:  # a llama.cpp grid leaves plain modules holding the grid values
             return model
         return quantized.dequantized_copy(model, self.spec)
 
     def export_compact(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, run_dir: Path) -> Path | None:
-        """Write the quantized student (torchao tensors in safetensors + ``quantization.json``) under ``run_dir``.
+        """Write the quantized student (torchao tensors + ``quantization.json``, checked to reload) under ``run_dir``.
 
-        Reload it with :func:`distill.export.quantized.load_quantized`; the write is checked to reload with
-        identical logits. A llama.cpp grid's compact form is the GGUF file instead (None).
+        Reload it with :func:`distill.export.quantized.load_quantized`. A llama.cpp grid's is the GGUF file (None).
         """
         if not self.converted:
             raise RuntimeError(

@@ -43,6 +43,7 @@ def test_bench_scripts_are_the_expected_ones():
         "llama_cpp_fixtures",
         "llama_cpp_kld",
         "make_heldout_sets",
+        "paired_runs",
         "prune_heal",
         "qad_init",
         "qat_vs_ptq",
@@ -83,6 +84,11 @@ def test_bench_script_imports_and_composes_its_root_config(name):
         ("share_lowrank", ["configs=[student,nope]"], r"^configs=\['nope'\]: choose from student, share_k2,"),
         ("qat_vs_ptq", ["scheme=int3"], r"^scheme='int3': unknown quantization scheme; choose one of"),
         ("qat_vs_ptq", ["scheme=int8_weight_only", "group_size=32"], r"^group_size=32: int8_weight_only"),
+        (
+            "paired_runs",
+            ["~comparisons", "+comparisons={x: {what: x, reference: /no/such, variant: /no/such}}"],
+            r"^comparisons.x.reference='/no/such': no report.json there",
+        ),
     ],
 )
 def test_bad_bench_settings_fail_before_any_model_loads(name, overrides, message, tmp_path):
@@ -243,3 +249,43 @@ def test_llama_cpp_kld_reads_llama_perplexity_and_its_base_file(tmp_path):
     path.write_bytes(b"_other__" + b"\x00" * 12)
     with pytest.raises(ValueError, match="not a llama-perplexity log-probability file"):
         read_base_tokens(path)
+
+
+def _paired_report(folder: Path, agree: list[float], kl: list[float], steps: int) -> str:
+    tokens = [100.0] * len(agree)
+    rows = {"doc": [f"d{i}" for i in range(len(agree))], "agree": agree, "kl": kl, "tokens": tokens}
+    metrics = {}
+    for prefix in ("heldout", "heldout_english"):
+        metrics[f"{prefix}/top1_agreement"] = sum(agree) / sum(tokens)
+        metrics[f"{prefix}/kl_to_teacher"] = sum(kl) / sum(tokens)
+    report = {
+        "run": {"steps": steps},
+        "metrics": {"student": metrics},
+        "heldout_rows": {held: {"student": rows} for held in ("test", "english")},
+    }
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps(report))
+    return str(folder)
+
+
+def test_paired_runs_gives_the_variant_minus_the_reference_over_the_same_documents(tmp_path):
+    from bench.paired_runs import run
+
+    docs = 40
+    reference = _paired_report(tmp_path / "ref", [80.0 + i % 7 for i in range(docs)], [10.0] * docs, 73)
+    variant = _paired_report(
+        tmp_path / "var", [82.0 + i % 7 for i in range(docs)], [9.0 + i % 3 for i in range(docs)], 73
+    )
+    pair = f"{{what: mine, reference: {reference}, variant: {variant}}}"
+    result = run(
+        bench_cfg("paired_runs", ["~comparisons", f"+comparisons={{mine: {pair}}}", f"out={tmp_path / 'out'}"])
+    )
+    top1 = result["mine"]["test/top1"]
+    assert top1["difference"][0] == pytest.approx(0.02) and top1["difference"][1] > 0  # +2 of 100 on every document
+    assert top1["documents"] == docs
+    kl = result["mine"]["english/kl"]["difference"]
+    assert kl[1] < kl[0] < kl[2] and kl[0] == pytest.approx(sum(9.0 + i % 3 - 10.0 for i in range(docs)) / (100 * docs))
+    assert (
+        "| mine (`ref`) | 73 | test (40 docs) | 0.829 → 0.849 | +0.020 [+0.020, +0.020]"
+        in (tmp_path / "out" / "paired_runs.md").read_text()
+    )

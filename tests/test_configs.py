@@ -136,5 +136,11 @@ def test_root_config_documents_the_command(tmp_path):
         if f.parent.name in ("paths", "hydra", "callbacks") or f.name == "default.yaml":
             continue
         text = f.read_text()
-        commands = ("python train.py", "python evaluate.py", "python -m distill.", "python -m bench.", "python -m slurm.")
+        commands = (
+            "python train.py",
+            "python evaluate.py",
+            "python -m distill.",
+            "python -m bench.",
+            "python -m slurm.",
+        )
         assert any(cmd in text for cmd in commands), f"{f} lacks a header comment with its command"

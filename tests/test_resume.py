@@ -117,6 +117,20 @@ CASES = {
         frozen=7,
         quantized=True,
     ),
+    # A llama.cpp grid from step 2 with trained block scales (the optimizer rebuilt around them): the checkpoint
+    # holds the scales and their Adam moments, and resume replays the quantizers they load into.
+    "qat_gguf_learned_scales_mid_run": Case(
+        (
+            "callbacks=qat",
+            "callbacks.qat.scheme=gguf_q4_0",
+            "callbacks.qat.group_size=null",
+            "callbacks.qat.start_step=2",
+            "callbacks.qat.learn_scales=true",
+            "callbacks.qat.scale_gain=100",
+        ),
+        at_crash=("qat",),
+        frozen=0,
+    ),
     # ... and prepared in setup, before the first step, with ranges that keep following the weights.
     "qat_prepared_in_setup": Case(
         ("callbacks=qat", "callbacks.qat.start_step=0", "callbacks.qat.freeze_ranges_step=null"),

@@ -93,15 +93,30 @@ def _file_type(name: str) -> Any:
 
 
 def encode(
-    data: np.ndarray, gguf_type: str, name: str | None = None, importance: np.ndarray | None = None
+    data: np.ndarray,
+    gguf_type: str,
+    name: str | None = None,
+    importance: np.ndarray | None = None,
+    stored: np.ndarray | None = None,
 ) -> np.ndarray:
     """``data`` as the GGUF file stores it in ``gguf_type``, as llama.cpp's own encoders write it.
 
     With ``importance`` (one weight per column) a quantized type gets ``llama-quantize --imatrix``'s rounding;
     without it, trained blocks on a QAT grid are kept (:func:`~distill.compress.quant.gguf_grid.encode_weights`)
     and others get ``llama-quantize``'s. A quantized type refuses inf and NaN, naming the tensor ``name``.
+    ``stored``: the bytes QAT trained with learned block scales (``QuantizedStudent.gguf_blocks``), written as
+    they are once checked to decode to ``data`` exactly.
     """
     import gguf
+
+    if stored is not None:
+        decoded = gguf.quants.dequantize(stored, _qtype(gguf_type)).reshape(data.shape)
+        if not np.array_equal(decoded, data):
+            raise RuntimeError(
+                f"{name}: the {gguf_type} blocks QAT stored no longer decode to the weight (it changed after "
+                "convert); export the student as converted"
+            )
+        return stored
 
     if gguf_type in QUANT_TYPES and importance is not None:
         return llama_quants.quantize(data, gguf_type, importance, name)
@@ -415,6 +430,7 @@ def _add_tensors(
     types: Mapping[str, str],
     arch: GGUFArch,
     importance: Mapping[str, np.ndarray],
+    stored: Mapping[str, np.ndarray],
 ) -> None:
     """Every tensor under llama.cpp's name, encoded in its type; q/k rows in the arch's rotary order."""
     config = model.config
@@ -422,12 +438,14 @@ def _add_tensors(
     state = model.state_dict()
     for key, target in tensor_names(model).items():
         data = state[key].detach().to(torch.float32).cpu().numpy()
+        blocks = stored.get(key)
         projection = key.rsplit(".", 2)[-2]
         if ".self_attn." in key and projection in heads:
             data = _permute_rows(data, heads[projection])  # a bias's entries are rows too (importance: columns)
+            blocks = None if blocks is None else _permute_rows(blocks, heads[projection])  # blocks lie in rows
         qtype = _qtype(types[key])
         raw = None if types[key] in ("f32", "f16") else qtype  # the writer infers those two from the array
-        writer.add_tensor(target, encode(data, types[key], key, importance.get(key)), raw_dtype=raw)
+        writer.add_tensor(target, encode(data, types[key], key, importance.get(key), blocks), raw_dtype=raw)
 
 
 def write_gguf(
@@ -440,6 +458,7 @@ def write_gguf(
     name: str = "distill-student",
     verify: Callable[[Path], Any] | None = None,
     importance: Mapping[str, np.ndarray] | None = None,
+    stored: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``model`` and ``tokenizer`` as ``out_dir/student-<type>.gguf``; returns the file.
 
@@ -458,6 +477,7 @@ def write_gguf(
         importance: ``{weight name: one weight per input column}`` (an importance matrix,
             :meth:`~distill.compress.quant.imatrix.ImportanceMatrix.by_weight`): those weights are rounded as
             ``llama-quantize --imatrix`` rounds them. For untrained weights: it re-rounds a QAT grid's.
+        stored: ``{weight name: ggml bytes}`` of weights QAT trained with learned block scales, written as they are.
 
     """
     import gguf
@@ -472,7 +492,7 @@ def write_gguf(
         writer.add_name(name)
         _write_hparams(writer, model, gguf_type)
         _write_tokenizer(writer, tokenizer, model.get_input_embeddings().weight.shape[0], pre)
-        _add_tensors(writer, model, types, arch, importance or {})
+        _add_tensors(writer, model, types, arch, importance or {}, stored or {})
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -491,27 +511,40 @@ def export_gguf(
     pre: str = "default",
     name: str = "distill-student",
     importance: Mapping[str, np.ndarray] | None = None,
+    stored: Mapping[str, np.ndarray] | None = None,
 ) -> GGUFCheck:
     """:func:`write_gguf`, checked by :func:`verify_gguf` before the folder is published; returns the check."""
     checks: list[GGUFCheck] = []
     gguf_type = check_type(gguf_type)
 
     def check(path: Path) -> None:
-        checks.append(verify_gguf(model, tokenizer, path, gguf_type, trained, importance))
+        checks.append(verify_gguf(model, tokenizer, path, gguf_type, trained, importance, stored))
 
     file = write_gguf(
-        model, tokenizer, out_dir, gguf_type, trained, pre=pre, name=name, verify=check, importance=importance
+        model,
+        tokenizer,
+        out_dir,
+        gguf_type,
+        trained,
+        pre=pre,
+        name=name,
+        verify=check,
+        importance=importance,
+        stored=stored,
     )
     return dataclasses.replace(checks[0], file=file)
 
 
 @torch.no_grad()
 def rounded_copy(
-    model: PreTrainedModel, types: Mapping[str, str], importance: Mapping[str, np.ndarray] | None = None
+    model: PreTrainedModel,
+    types: Mapping[str, str],
+    importance: Mapping[str, np.ndarray] | None = None,
+    stored: Mapping[str, np.ndarray] | None = None,
 ) -> PreTrainedModel:
     """A copy of ``model`` whose tensors are rounded to their GGUF types and decoded by gguf-py: what the file holds.
 
-    ``importance`` (by weight name) is what :func:`write_gguf` was given.
+    ``importance`` and ``stored`` (by weight name) are what :func:`write_gguf` was given.
     """
     import gguf
 
@@ -525,7 +558,7 @@ def rounded_copy(
         done.add(id(param))
         qtype = _qtype(types[key])
         data = param.detach().to(torch.float32).cpu().numpy()
-        blocks = encode(data, types[key], key, (importance or {}).get(key))
+        blocks = encode(data, types[key], key, (importance or {}).get(key), (stored or {}).get(key))
         values = gguf.quants.dequantize(blocks, qtype)  # gguf-py's decoder reads every type
         param.copy_(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(param.shape))
     return out
@@ -564,6 +597,7 @@ def verify_gguf(
     gguf_type: str,
     trained: Mapping[str, str] | None = None,
     importance: Mapping[str, np.ndarray] | None = None,
+    stored: Mapping[str, np.ndarray] | None = None,
 ) -> GGUFCheck:
     """Reload ``file`` with plain transformers and check it is the student in the types it was written in.
 
@@ -574,7 +608,7 @@ def verify_gguf(
     """
     file = Path(file)
     reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32).eval()
-    expected = rounded_copy(model, tensor_types(model, gguf_type, trained), importance).eval()
+    expected = rounded_copy(model, tensor_types(model, gguf_type, trained), importance, stored).eval()
     diff = compare_logits(expected, reloaded, f"GGUF export at {file}", atol=RELOAD_ATOL)
     vocab = model.get_output_embeddings().weight.shape[0]
     probe = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))

@@ -83,6 +83,7 @@ def _export_gguf(
     ``quant``: what QAT trained, when it did; its per-weight llama.cpp types are written as trained.
     """
     trained = quant.gguf_types if quant is not None else {}
+    stored = quant.gguf_blocks if quant is not None else {}
     gguf_type = cfg.export.gguf_type
     if gguf_type == "auto":  # the scheme's type (a mix of types names its file after the scheme's)
         gguf_type = get_scheme(quant.spec.scheme).gguf if trained else "f16"
@@ -94,11 +95,11 @@ def _export_gguf(
             "QAT never converted the student (start_step not reached): the GGUF file rounds it to %s", gguf_type
         )
     if not cfg.export.verify:
-        file = gguf_export.write_gguf(plain, tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre)
+        file = gguf_export.write_gguf(plain, tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre, stored=stored)
         log.info("wrote the GGUF export %s (not verified: export.verify=false)", file)
         return None
     # Checked before the folder is published: a file that fails leaves the previous one in place.
-    check = gguf_export.export_gguf(plain, tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre)
+    check = gguf_export.export_gguf(plain, tokenizer, cfg.export.gguf_dir, gguf_type, trained, pre=pre, stored=stored)
     file = check.file
     log.info(
         "wrote the GGUF export %s (%s, %.2f MiB): reloads as written; against the student max |Δlogit| %.3g, "

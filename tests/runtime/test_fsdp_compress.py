@@ -206,6 +206,26 @@ def test_qat_on_llama_cpp_grids_under_fsdp_exports_what_one_process_with_twice_t
     assert drift <= 1e-4
 
 
+@pytest.mark.ddp
+@pytest.mark.slow  # a 2-rank run and one process
+def test_learned_block_scales_under_fsdp_export_what_one_process_exports(tiny_cfg, tmp_path, cache_dir):
+    """The scales are Parameters of their own: sharded, trained, gathered and written as one process does."""
+    learned = [*QAT_GGUF, "callbacks.qat.learn_scales=true", "callbacks.qat.scale_gain=100"]
+    run = tmp_path / "fsdp"
+    proc = run_train_cli(_fsdp(run, *SGD, *learned, PROBE), tmp_path, cache_dir)
+    out = proc.stdout + proc.stderr
+    assert "gathered the sharded student on rank 0" in out
+    single_cfg = tiny_cfg(*SIM_RUN[1:], *SGD, *learned, PROBE, "data.batch_size=4", output_dir=tmp_path / "single")
+    _, single = train(single_cfg)
+    blocks = _qat(single["trainer"]).gguf_blocks
+    assert blocks and {"q4_0", "q8_0"} <= {_qat(single["trainer"]).gguf_types[n] for n in blocks}
+    masters = _checkpoint_student(run)
+    assert any(k.endswith("weight_fake_quantizer.log_ratio") for k in masters)  # compared below with the rest
+    assert_qat_run_matches(run, tmp_path / "single", single, out)
+    drift = float(re.search(r"against the student max \|Δlogit\| ([0-9.e+-]+)", out).group(1))
+    assert drift <= 1e-4
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "fsdp_sim", "deepspeed_stage_3", "deepspeed_sim"])
 @pytest.mark.parametrize("stage", ["share", "lowrank", "qat"])
 def test_one_shot_stages_under_sharding_run_from_the_first_step_only(stage, strategy):

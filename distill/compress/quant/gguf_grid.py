@@ -83,7 +83,7 @@ _IQ4_NL_CELL_CODES = torch.bucketize(
 _IQ4_NL_CELL_LEVELS = _IQ4_NL_LEVELS[_IQ4_NL_CELL_CODES]
 FP16_MIN_NORMAL = 2.0**-14
 # Blocks whose largest magnitude is below this can have a subnormal scale with their largest value on a level
-# other than -127 (|d · level| <= 127 |d|); they also try each level for it (see _iq4_nl_scale).
+# other than -127 (|d · level| <= 127 |d|); they also try each level for it (see iq4_nl_scale).
 _IQ4_NL_TINY = 128 * FP16_MIN_NORMAL
 _IQ4_NL_PLAIN_TRIALS = tuple((s, False) for s in IQ4_NL_TRIALS)
 _IQ4_NL_TINY_TRIALS = _IQ4_NL_PLAIN_TRIALS + tuple((float(v), True) for v in llama_quants.IQ4_NL_VALUES)
@@ -192,7 +192,7 @@ def _iq4_nl_best(blocks: torch.Tensor, top: torch.Tensor, trials: tuple[tuple[fl
     return best_d
 
 
-def _iq4_nl_scale(blocks: torch.Tensor) -> torch.Tensor:
+def iq4_nl_scale(blocks: torch.Tensor) -> torch.Tensor:
     """IQ4_NL's fp16 scale per block of ``blocks`` (n, 32), shape (n, 1).
 
     A normal fp16 scale from :data:`IQ4_NL_TRIALS` puts the block's largest magnitude on level -127, so the
@@ -211,9 +211,36 @@ def _iq4_nl_scale(blocks: torch.Tensor) -> torch.Tensor:
     return d
 
 
+def iq4_nl_nearest(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The IQ4_NL code (0..15, int64) and level of each ``y`` (a weight over its block's scale), nearest first.
+
+    The same lookup as the grid's own rounding (ties to the upper level, as ggml's ``best_index_int8``).
+    """
+    cells = (y * 2).add_(256).clamp_(0, 511).to(torch.int32).view(-1)
+    codes = _IQ4_NL_CELL_CODES.index_select(0, cells).view(y.shape)
+    return codes, _IQ4_NL_CELL_LEVELS.index_select(0, cells).view(y.shape)
+
+
+def rule_scales(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scale (n, 1) and, for Q4_1, minimum (n, 1) that this module's rule gives blocks (n, 32) of a 32-block type.
+
+    What :func:`fake_quantize` derives from the weights (IQ4_NL: the chosen fp16 scale), for a learned scale's start.
+    """
+    if kind == "iq4_nl":
+        return iq4_nl_scale(blocks), None
+    if kind == "q8_0":
+        return blocks.abs().amax(dim=-1, keepdim=True) / 127, None
+    if kind == "q4_0":
+        return torch.gather(blocks, -1, blocks.abs().argmax(dim=-1, keepdim=True)) / -8, None
+    if kind == "q4_1":
+        low = blocks.amin(dim=-1, keepdim=True)
+        return (blocks.amax(dim=-1, keepdim=True) - low) / 15, low
+    raise ValueError(f"{kind} is not a 32-block type; rule_scales takes q8_0, q4_0, q4_1 or iq4_nl")
+
+
 def _iq4_nl_values(blocks: torch.Tensor, weight: torch.Tensor, name: str | None) -> torch.Tensor:
     """IQ4_NL grid values of ``blocks`` (n, 32); refuses inf and NaN in ``weight``."""
-    d = _iq4_nl_scale(blocks)
+    d = iq4_nl_scale(blocks)
     if not bool(torch.isfinite(d).all()):  # an inf or NaN spreads to its block's largest value and scale
         _refuse_non_finite(weight, name)
     return _IQ4_NL_CELL_LEVELS.index_select(0, _iq4_nl_cells(blocks, d)).view(blocks.shape).mul_(d)
@@ -269,7 +296,7 @@ def _grid_bytes(x: torch.Tensor, kind: str) -> np.ndarray:
     """The ggml blocks (n, :data:`ROW_BYTES`) of blocks ``x`` (n, :data:`BLOCKS`) already on this module's grid."""
     n = x.shape[0]
     if kind == "iq4_nl":
-        d = _iq4_nl_scale(x)
+        d = iq4_nl_scale(x)
         codes = _IQ4_NL_CELL_CODES.index_select(0, _iq4_nl_cells(x, d)).view(x.shape)
         d = torch.where(d == 0, 0.0, d)  # +0, as llama.cpp writes an all-zero block (whose codes are 8, level 1)
         return llama_quants.pack_iq4_nl(d.reshape(n).numpy(), codes.numpy())

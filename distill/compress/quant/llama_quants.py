@@ -452,8 +452,21 @@ def _q5_1(rows: np.ndarray, importance: np.ndarray) -> np.ndarray:
 
 def pack_iq4_nl(d: np.ndarray, codes: np.ndarray) -> np.ndarray:
     """The ``block_iq4_nl`` bytes (n, 18): fp16 ``d`` (n,), then codes 0..15 (n, 32) into :data:`IQ4_NL_VALUES`."""
+    return pack_32(d, None, codes, 4)
+
+
+def pack_32(d: np.ndarray, low: np.ndarray | None, codes: np.ndarray, bits: int) -> np.ndarray:
+    """A 32-block of fp16 ``d`` (n,), optional fp16 ``low`` (n,) and stored codes (n, 32): Q4_0/Q4_1/IQ4_NL/Q8_0.
+
+    ``bits`` 4: codes 0..15 as nibbles (element j low, j + 16 high: ``block_q4_0``, ``block_q4_1`` with ``low``,
+    ``block_iq4_nl``); 8: int8 codes (``block_q8_0``).
+    """
+    parts = [_half_bytes(d)] + ([] if low is None else [_half_bytes(low)])
+    if bits == 8:
+        q = np.asarray(codes).astype(np.int8).view(np.uint8)
+        return np.concatenate([*parts, q], axis=1)
     q = np.asarray(codes).astype(np.uint8)
-    return np.concatenate([_half_bytes(d), q[:, :16] | (q[:, 16:] << 4)], axis=1)
+    return np.concatenate([*parts, q[:, :16] | (q[:, 16:] << 4)], axis=1)
 
 
 def _iq4_sums(x: np.ndarray, w: np.ndarray, inverse: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

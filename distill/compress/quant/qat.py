@@ -12,11 +12,15 @@ The Lightning side is ``callbacks/qat.py``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
+from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchao.quantization import quantize_
@@ -27,6 +31,7 @@ from torchao.quantization.qat.linear import FakeQuantizedLinear
 
 from distill.compress.quant import schemes
 from distill.compress.quant.gguf_grid import GGUFBlockFakeQuantizer, fake_quantize
+from distill.compress.quant.learned_scales import LEARNABLE, LearnedScaleQuantizer, stored_scales
 from distill.compress.quant.row_embedding import RowRoundedEmbedding
 from distill.compress.quant.schemes import QuantSpec
 from distill.compress.stages import Stage, register
@@ -37,14 +42,20 @@ FIELD = "callbacks.qat."
 log = logging.getLogger("distill")
 
 FAKE_QUANTIZED = (FakeQuantizedLinear, FakeQuantizedEmbedding)
+GRID_QUANTIZERS = (GGUFBlockFakeQuantizer, LearnedScaleQuantizer)
 Ranges = dict[str, dict[str, torch.Tensor]]
+Starts = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def prepare(student: nn.Module, spec: QuantSpec) -> None:
-    """Insert torchao fake-quant modules into ``student`` (in place) for ``spec``."""
+def prepare(student: nn.Module, spec: QuantSpec, starts: Starts | None = None) -> None:
+    """Insert torchao fake-quant modules into ``student`` (in place) for ``spec``.
+
+    ``starts``: with learned scales (``spec.scale_gain``), the stored scales each module's start came from
+    (:func:`start_from_imatrix`); others start from the grid rule's scales of their weights.
+    """
     schemes.check_spec(student, spec, FIELD)
     if schemes.get_scheme(spec.scheme).gguf is not None:
-        _prepare_gguf(student, spec)
+        _prepare_gguf(student, spec, starts or {})
         return
     quantize_(student, QATConfig(spec.base_config(), step="prepare"), filter_fn=spec.filter())
 
@@ -54,11 +65,14 @@ def _swap(student: nn.Module, name: str, new: nn.Module) -> None:
     setattr(student.get_submodule(parent) if parent else student, child, new)
 
 
-def _prepare_gguf(student: nn.Module, spec: QuantSpec) -> None:
+def _prepare_gguf(student: nn.Module, spec: QuantSpec, starts: Starts) -> None:
     """Swap targets for torchao's fake-quant modules, with a llama.cpp block quantizer in place of torchao's own.
 
     ``from_linear``/``from_embedding`` keep the module's Parameters, so checkpoint keys, the optimizer and
-    a tied embedding/output head are unchanged, exactly as with torchao's grids.
+    a tied embedding/output head are unchanged, exactly as with torchao's grids. With ``spec.scale_gain`` a
+    linear on a 32-block type whose weight no other target shares gets trained scales
+    (:class:`LearnedScaleQuantizer`, Parameters of its own); a shared weight (a tied head, layers tied by the
+    sharing stage) keeps the rule's scales, which every module using it computes alike.
     """
     keep = spec.filter()
     targets = [(n, m) for n, m in student.named_modules() if keep(m, n)]
@@ -71,13 +85,19 @@ def _prepare_gguf(student: nn.Module, spec: QuantSpec) -> None:
             f"llama.cpp grids need fp32 weights, and {odd[0]} is {odd[1]}; train in fp32 or with "
             "trainer.precision=bf16-mixed (fp32 master weights)",
         )
+    uses = Counter(id(m.weight) for _, m in targets)
     for name, module in targets:
         kind = spec.gguf_kind(name)
         if isinstance(module, nn.Embedding):  # rounds the rows looked up, not the whole table
             new = RowRoundedEmbedding.on_grid(module, kind, f"{name}.weight")
         else:
             new = FakeQuantizedLinear.from_linear(module)
-            new.weight_fake_quantizer = GGUFBlockFakeQuantizer(kind, f"{name}.weight")
+            if spec.scale_gain and kind in LEARNABLE and uses[id(module.weight)] == 1:
+                start = starts.get(name)
+                quantizer = LearnedScaleQuantizer(module.weight, kind, f"{name}.weight", spec.scale_gain, start)
+            else:
+                quantizer = GGUFBlockFakeQuantizer(kind, f"{name}.weight")
+            new.weight_fake_quantizer = quantizer
         _swap(student, name, new)
 
 
@@ -86,12 +106,15 @@ class QuantizedStudent:
     """What QAT hands the exporters (``CompressionStage.artifacts``): the scheme as trained, and whether it converted.
 
     ``gguf_types`` maps each weight rounded to a llama.cpp grid to its type (empty on torchao's grids, and before
-    convert), so the GGUF file stores the trained values without a second rounding.
+    convert), so the GGUF file stores the trained values without a second rounding. ``gguf_blocks`` holds the
+    ggml bytes of the weights whose block scales were trained: no rule derives those scales from the values, so
+    the export writes these bytes (checked to decode to the weights).
     """
 
     spec: QuantSpec
     converted: bool
     gguf_types: dict[str, str]
+    gguf_blocks: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 INITS = ("rtn", "imatrix")
@@ -109,8 +132,26 @@ def check_init(spec: QuantSpec, init: object) -> str:
     return str(init)
 
 
+def with_learned_scales(spec: QuantSpec, learn_scales: object, gain: object) -> QuantSpec:
+    """``spec`` with ``scale_gain`` set when ``callbacks.qat.learn_scales``; bad settings are refused by name."""
+    if not isinstance(learn_scales, bool):
+        raise config_error(FIELD + "learn_scales", learn_scales, "give true or false")
+    if not learn_scales:
+        return spec
+    if schemes.get_scheme(spec.scheme).gguf is None:
+        raise config_error(
+            FIELD + "learn_scales", True, f"trained block scales are llama.cpp's; {spec.scheme} is torchao's"
+        )
+    if isinstance(gain, bool) or not isinstance(gain, int | float) or not math.isfinite(gain) or gain <= 0:
+        why = "give a number > 0: the scales' learning rate over the weights' (e.g. 10)"
+        raise config_error(FIELD + "scale_gain", gain, why)
+    return dataclasses.replace(spec, scale_gain=float(gain))
+
+
 @torch.no_grad()
-def start_from_imatrix(student: nn.Module, spec: QuantSpec, importance: dict[str, torch.Tensor]) -> int:
+def start_from_imatrix(
+    student: nn.Module, spec: QuantSpec, importance: dict[str, torch.Tensor], starts: Starts | None = None
+) -> int:
     """Set each weight ``spec`` targets to llama.cpp's importance-weighted rounding of itself (``init=imatrix``).
 
     The weights become the values ``llama-quantize --imatrix`` would store (:func:`llama_quants.quantize` with
@@ -119,7 +160,8 @@ def start_from_imatrix(student: nn.Module, spec: QuantSpec, importance: dict[str
     it keeps most of them (docs/qat.md measures how much). A token embedding (and the head tied to it) is rounded
     without importance, as llama.cpp does (``llama-imatrix`` collects none for ``token_embd``). Weights on the
     meta device (FSDP ranks > 0, which receive rank 0's weights when the strategy wraps the student) are left
-    alone. Returns how many weights were set.
+    alone. Returns how many weights were set; ``starts`` receives, by module name, the scales llama.cpp chose for
+    each 32-block type (:func:`prepare` starts learned scales there).
     """
     import gguf
 
@@ -142,13 +184,25 @@ def start_from_imatrix(student: nn.Module, spec: QuantSpec, importance: dict[str
         )
         values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind.upper()]).reshape(weight.shape)
         weight.copy_(torch.from_numpy(values).to(weight.device, weight.dtype))
+        if starts is not None and kind in LEARNABLE:
+            starts[name] = stored_scales(raw, kind)
     return len(done)
+
+
+def prepared_summary(student: nn.Module, spec: QuantSpec) -> str:
+    """One line on what :func:`prepare` inserted: how many modules, and how many train their block scales."""
+    modules = fake_quantized(student)
+    learned = sum(isinstance(m.weight_fake_quantizer, LearnedScaleQuantizer) for m in modules.values())
+    line = f"QAT prepared ({spec.scheme}): {len(modules)} fake-quantized {' and '.join(spec.modules)} modules"
+    if spec.scale_gain:
+        line += f", {learned} with trained block scales (gain {spec.scale_gain:g}; shared weights, K-quants: the rule)"
+    return line
 
 
 def gguf_grid_kind(student: nn.Module) -> str | None:
     """The llama.cpp block type the student is fake-quantized to, or None for torchao grids (or none)."""
     for module in fake_quantized(student).values():
-        if isinstance(module.weight_fake_quantizer, GGUFBlockFakeQuantizer):
+        if isinstance(module.weight_fake_quantizer, GRID_QUANTIZERS):
             return module.weight_fake_quantizer.kind
     return None
 
@@ -164,12 +218,12 @@ def _convert_gguf(student: nn.Module) -> dict[str, str]:
     types: dict[str, str] = {}
     rounded: dict[int, nn.Parameter] = {}
     for name, module in fake_quantized(student).items():
-        kind = module.weight_fake_quantizer.kind
-        weight = module.weight
+        fq = module.weight_fake_quantizer
+        kind, weight = fq.kind, module.weight
         if id(weight) not in rounded:
-            rounded[id(weight)] = nn.Parameter(
-                fake_quantize(weight, kind, f"{name}.weight"), requires_grad=weight.requires_grad
-            )
+            learned = isinstance(fq, LearnedScaleQuantizer)
+            values = fq.parts(weight)[3] if learned else fake_quantize(weight, kind, f"{name}.weight")
+            rounded[id(weight)] = nn.Parameter(values, requires_grad=weight.requires_grad)
         if isinstance(module, nn.Embedding):
             plain = nn.Embedding(
                 module.num_embeddings,
@@ -184,6 +238,15 @@ def _convert_gguf(student: nn.Module) -> dict[str, str]:
         _swap(student, name, plain)
         types[f"{name}.weight"] = kind
     return types
+
+
+def learned_blocks(student: nn.Module) -> dict[str, np.ndarray]:
+    """``{weight name: ggml bytes}`` of the weights whose block scales are trained, before :func:`convert`."""
+    return {
+        f"{name}.weight": module.weight_fake_quantizer.gguf_bytes(module.weight)
+        for name, module in fake_quantized(student).items()
+        if isinstance(module.weight_fake_quantizer, LearnedScaleQuantizer)
+    }
 
 
 def convert(student: nn.Module, spec: QuantSpec) -> dict[str, str]:

@@ -254,12 +254,15 @@ class QuantSpec:
     # (glob, llama.cpp type) pairs for gguf_* schemes: a target whose name matches takes that type instead of
     # the scheme's; the last matching pair wins (a mixed file, as llama.cpp's Q4_K_M mixes types).
     gguf_types: tuple[tuple[str, str], ...] = ()
+    # gguf_* schemes: the trained block scales' rate over the weights' (learned_scales.py); None: the grid's rule.
+    scale_gain: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
         """Inverse of :meth:`to_dict`; records written before ``modules`` existed mean Linear layers only."""
         types = tuple((str(g), str(k)) for g, k in d.get("gguf_types", []))
-        return cls(d["scheme"], d["group_size"], tuple(d["skip"]), tuple(d.get("modules", DEFAULT_MODULES)), types)
+        modules = tuple(d.get("modules", DEFAULT_MODULES))
+        return cls(d["scheme"], d["group_size"], tuple(d["skip"]), modules, types, d.get("scale_gain"))
 
     def gguf_kind(self, name: str) -> str | None:
         """The llama.cpp type of the target called ``name`` (None for torchao schemes)."""
@@ -280,6 +283,8 @@ class QuantSpec:
             d["modules"] = list(self.modules)
         if self.gguf_types:
             d["gguf_types"] = [list(pair) for pair in self.gguf_types]
+        if self.scale_gain is not None:
+            d["scale_gain"] = self.scale_gain
         return d
 
     def base_config(self) -> AOBaseConfig:

@@ -430,3 +430,19 @@ def spec_on_budget(
         )
     new = dataclasses.replace(spec, skip=(*spec.skip, *chosen.unfit), gguf_types=tuple(sorted(chosen.types.items())))
     return new, chosen
+
+
+def shared_spec_on_budget(
+    model: nn.Module, spec: QuantSpec, datamodule: object, target_ratio: float, tokenizer: object, batches: int
+) -> tuple[QuantSpec, TypeMap]:
+    """:func:`spec_on_budget` on the datamodule's training split, computed on rank 0 and sent to every rank.
+
+    FSDP (scale_out.md): ranks > 0 may hold the student empty before wrapping, and every rank must train on one
+    map (one process: computed here).
+    """
+    from distill.runtime.ranks import computed_on_rank_zero
+
+    train_set, block_size = datamodule.train_set, datamodule.block_size  # type: ignore[attr-defined]
+    return computed_on_rank_zero(
+        lambda: spec_on_budget(model, spec, train_set, block_size, target_ratio, tokenizer, batches)
+    )
