@@ -81,6 +81,8 @@ _IQ4_NL_CELL_CODES = torch.bucketize(
     torch.arange(512, dtype=torch.float32) / 2 - 128, (_IQ4_NL_LEVELS[1:] + _IQ4_NL_LEVELS[:-1]) / 2, right=True
 )
 _IQ4_NL_CELL_LEVELS = _IQ4_NL_LEVELS[_IQ4_NL_CELL_CODES]
+# Both tables live on the CPU; each lookup moves them to the weight's device (512 entries: a no-op on the CPU, a tiny
+# copy on a GPU, where indexing a CPU table with CUDA indices would fail).
 FP16_MIN_NORMAL = 2.0**-14
 # Blocks whose largest magnitude is below this can have a subnormal scale with their largest value on a level
 # other than -127 (|d · level| <= 127 |d|); they also try each level for it (see iq4_nl_scale).
@@ -176,7 +178,8 @@ def _iq4_nl_best(blocks: torch.Tensor, top: torch.Tensor, trials: tuple[tuple[fl
     best_d = best_error = None
     for s, subnormal_only in trials:
         d = _fp16(top / s)
-        diff = _IQ4_NL_CELL_LEVELS.index_select(0, _iq4_nl_cells(blocks, d)).view(blocks.shape).mul_(d).sub_(blocks)
+        levels = _IQ4_NL_CELL_LEVELS.to(blocks.device).index_select(0, _iq4_nl_cells(blocks, d))
+        diff = levels.view(blocks.shape).mul_(d).sub_(blocks)
         # Summed in float64: the sum of the 32 fp32 squares is then exact (or rounded far below the gaps between
         # trials), so it does not depend on the order of the additions, which inductor's fused loop
         # (trainer_extras.compile_rounding) chooses differently from eager. Summed in fp32, about 1 block in a
@@ -217,8 +220,8 @@ def iq4_nl_nearest(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     The same lookup as the grid's own rounding (ties to the upper level, as ggml's ``best_index_int8``).
     """
     cells = (y * 2).add_(256).clamp_(0, 511).to(torch.int32).view(-1)
-    codes = _IQ4_NL_CELL_CODES.index_select(0, cells).view(y.shape)
-    return codes, _IQ4_NL_CELL_LEVELS.index_select(0, cells).view(y.shape)
+    codes = _IQ4_NL_CELL_CODES.to(y.device).index_select(0, cells).view(y.shape)
+    return codes, _IQ4_NL_CELL_LEVELS.to(y.device).index_select(0, cells).view(y.shape)
 
 
 def rule_scales(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -243,7 +246,7 @@ def _iq4_nl_values(blocks: torch.Tensor, weight: torch.Tensor, name: str | None)
     d = iq4_nl_scale(blocks)
     if not bool(torch.isfinite(d).all()):  # an inf or NaN spreads to its block's largest value and scale
         _refuse_non_finite(weight, name)
-    return _IQ4_NL_CELL_LEVELS.index_select(0, _iq4_nl_cells(blocks, d)).view(blocks.shape).mul_(d)
+    return _IQ4_NL_CELL_LEVELS.to(blocks.device).index_select(0, _iq4_nl_cells(blocks, d)).view(blocks.shape).mul_(d)
 
 
 def _q4_k_parts(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -297,7 +300,7 @@ def _grid_bytes(x: torch.Tensor, kind: str) -> np.ndarray:
     n = x.shape[0]
     if kind == "iq4_nl":
         d = iq4_nl_scale(x)
-        codes = _IQ4_NL_CELL_CODES.index_select(0, _iq4_nl_cells(x, d)).view(x.shape)
+        codes = _IQ4_NL_CELL_CODES.to(x.device).index_select(0, _iq4_nl_cells(x, d)).view(x.shape)
         d = torch.where(d == 0, 0.0, d)  # +0, as llama.cpp writes an all-zero block (whose codes are 8, level 1)
         return llama_quants.pack_iq4_nl(d.reshape(n).numpy(), codes.numpy())
     if kind == "q4_k":

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from distill.compress.quant.gguf_grid import BLOCK, iq4_nl_nearest, rule_scales
-from distill.compress.quant.llama_quants import pack_32
+from distill.compress.quant.llama_quants import check_finite, pack_32
 
 LEARNABLE = ("q8_0", "q4_0", "q4_1", "iq4_nl")
 # The range of (w - m) / d each grid stores, in units of the scale; IQ4_NL's are its end levels.
@@ -37,6 +37,15 @@ RANGES = {"q8_0": (-127.0, 127.0), "q4_0": (-8.0, 7.0), "q4_1": (0.0, 15.0), "iq
 CODE_OFFSETS = {"q8_0": 0, "q4_0": 8, "q4_1": 0, "iq4_nl": 0}
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "iq4_nl": 18}
 DEFAULT_GAIN = 10.0
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """fp16 values as their int16 bit patterns: a buffer no mixed-precision strategy casts (FSDP's bf16 would)."""
+    return t.to(torch.float16).view(torch.int16).contiguous()
+
+
+def _from_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.float16).to(torch.float32)
 
 
 def _fp16_ste(t: torch.Tensor) -> torch.Tensor:
@@ -84,18 +93,27 @@ class LearnedScaleQuantizer(nn.Module):
             # The start is what the file can store: fp16, so that at u = v = 0 the forward is the start's grid.
             d0 = d0.to(torch.float16).to(torch.float32)
             low0 = None if low0 is None else low0.to(torch.float16).to(torch.float32)
-        self.register_buffer("d0", d0.contiguous())
-        self.log_ratio = nn.Parameter(torch.zeros_like(d0))
+        # The start is fp16 (what the file stores), kept as bit patterns: FSDP's bf16 mixed precision casts float
+        # buffers in place, which would round it to 8 bits of mantissa for good.
+        self.register_buffer("d0", _bits(d0))
+        self.log_ratio = nn.Parameter(torch.zeros(d0.shape, device=d0.device))
         if kind == "q4_1":
-            self.register_buffer("low0", low0.contiguous())
-            self.shift = nn.Parameter(torch.zeros_like(low0))
+            self.register_buffer("low0", _bits(low0))
+            self.shift = nn.Parameter(torch.zeros(low0.shape, device=low0.device))
 
     def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fp16-valued scale and minimum (None but for Q4_1) per block, (n, 1), with their gradients."""
-        d = _fp16_ste(self.d0 * torch.exp(self.gain * self.log_ratio))
+        # In fp32 whatever a strategy casts Parameters to: the file's fp16 scale must come from the fp32 master.
+        d0 = _from_bits(self.d0)
+        d = _fp16_ste(d0 * torch.exp(self.gain * self.log_ratio.float()))
+        if not bool(torch.isfinite(d).all()):
+            raise FloatingPointError(
+                f"{self.name}: a trained {self.kind} block scale overflowed (gain {self.gain:g}); "
+                "lower callbacks.qat.scale_gain or the learning rate"
+            )
         if self.kind != "q4_1":
             return d, None
-        return d, _fp16_ste(self.low0 + self.gain * self.d0.abs() * self.shift)
+        return d, _fp16_ste(_from_bits(self.low0) + self.gain * d0.abs() * self.shift.float())
 
     def _levels(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored code and the level of each ``y`` (already clamped to the grid's range)."""
@@ -108,9 +126,12 @@ class LearnedScaleQuantizer(nn.Module):
         blocks = weight.float().reshape(-1, BLOCK)
         d, low = self.scales()
         shifted = blocks if low is None else blocks - low
-        # A block whose scale is 0 (all equal weights) stores 0 codes; dividing by 1 keeps its gradient finite.
-        y = (shifted / torch.where(d == 0, torch.ones_like(d), d)).clamp(*RANGES[self.kind])
-        return y, d, low
+        # A block whose scale is 0 (all equal weights at the start) keeps it: d0 · exp(u) stays 0, and its values and
+        # weights get no gradient. Dividing by 1 there keeps the arithmetic finite.
+        y = shifted / torch.where(d == 0, torch.ones_like(d), d)
+        if not bool(torch.isfinite(y).all()):  # refuse a weight holding inf or NaN by name, as the rule's grids do
+            check_finite(weight.detach().float().cpu().numpy(), self.name)
+        return y.clamp(*RANGES[self.kind]), d, low
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Grid values forward; LSQ's straight-through gradients to the weight, the scales and the minima."""

@@ -77,7 +77,7 @@ def test_the_scales_get_lsqs_gradient(kind):
     assert torch.allclose(q.log_ratio.grad.reshape(-1), want, rtol=2e-3, atol=1e-9)
     assert bool((~inside).any())  # the moved scales clip some weights, so both branches are tested
     if kind == "q4_1":
-        want_low = 10.0 * q.d0.abs().reshape(-1) * (grads * ~inside).sum(-1)
+        want_low = 10.0 * q.d0.view(torch.float16).float().abs().reshape(-1) * (grads * ~inside).sum(-1)
         # atol: inside, d · (-1/d) + 1 cancels to a rounding error
         assert torch.allclose(q.shift.grad.reshape(-1), want_low, rtol=2e-3, atol=1e-6)
 
@@ -121,6 +121,26 @@ def test_a_replayed_student_loads_the_trained_scales(tiny_teacher):
     for name, raw in blocks.items():
         value = trained.get_parameter(name).detach().numpy()
         assert np.array_equal(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.IQ4_NL).reshape(value.shape), value)
+
+
+def test_the_start_survives_a_strategy_that_casts_float_buffers_and_bad_values_are_refused_by_name():
+    """FSDP's bf16 mixed precision casts floating buffers in place; the fp16 start is kept as bit patterns."""
+    w = _weight()
+    q = LearnedScaleQuantizer(w, "q4_1", "w")
+    before = q.parts(w)[3]
+    for module in q.modules():  # what FSDP's buffer cast does, in place
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point():
+                setattr(module, name, buffer.to(torch.bfloat16))
+    assert torch.equal(q.parts(w)[3], before)
+    bad = w.clone()
+    bad[3, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"^weight w holds 1 non-finite value \(nan at row 3, col 7\)"):
+        q(bad)
+    with torch.no_grad():
+        q.log_ratio.fill_(1e4)  # exp overflows: the scale is inf
+    with pytest.raises(FloatingPointError, match=r"w: a trained q4_1 block scale overflowed .* lower callbacks.qat"):
+        q(w)
 
 
 def test_bad_settings_are_refused_by_name():
