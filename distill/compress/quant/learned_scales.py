@@ -40,12 +40,15 @@ DEFAULT_GAIN = 10.0
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """fp16 values as their int16 bit patterns: a buffer no mixed-precision strategy casts (FSDP's bf16 would)."""
-    return t.to(torch.float16).view(torch.int16).contiguous()
+    """fp16 values as their bit patterns in int32: a buffer no mixed-precision strategy casts (FSDP's bf16 would).
+
+    int32, not int16: gloo and NCCL broadcast int32 (FSDP's ``sync_module_states``) but refuse int16.
+    """
+    return t.to(torch.float16).view(torch.int16).to(torch.int32).contiguous()
 
 
 def _from_bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.float16).to(torch.float32)
+    return t.to(torch.int16).view(torch.float16).to(torch.float32)
 
 
 def _fp16_ste(t: torch.Tensor) -> torch.Tensor:
