@@ -57,6 +57,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         name: (_report(f"comparisons.{name}.reference", p.reference), _report(f"comparisons.{name}.variant", p.variant))
         for name, p in cfg.comparisons.items()
     }  # every folder checked before anything is written
+    for name, (reference, variant) in reports.items():  # "one setting apart" holds only at equal steps
+        if reference["run"]["steps"] != variant["run"]["steps"]:
+            steps = f"{reference['run']['steps']} and {variant['run']['steps']} steps"
+            raise config_error(f"comparisons.{name}", name, f"its runs trained {steps}; compare runs of equal steps")
     for name, pair in cfg.comparisons.items():
         entry = compare(*reports[name])
         result[name] = {"what": pair.what, "reference": Path(pair.reference).name, "variant": Path(pair.variant).name}

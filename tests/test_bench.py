@@ -289,3 +289,8 @@ def test_paired_runs_gives_the_variant_minus_the_reference_over_the_same_documen
         "| mine (`ref`) | 73 | test (40 docs) | 0.829 → 0.849 | +0.020 [+0.020, +0.020]"
         in (tmp_path / "out" / "paired_runs.md").read_text()
     )
+    unequal = _paired_report(tmp_path / "short", [80.0] * docs, [10.0] * docs, 40)
+    pair = f"{{what: mine, reference: {unequal}, variant: {variant}}}"
+    with pytest.raises(ConfigError, match=r"^comparisons.mine='mine': its runs trained 40 and 73 steps"):
+        run(bench_cfg("paired_runs", ["~comparisons", f"+comparisons={{mine: {pair}}}", f"out={tmp_path / 'out2'}"]))
+    assert not (tmp_path / "out2").exists()

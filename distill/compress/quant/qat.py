@@ -194,6 +194,8 @@ def prepared_summary(student: nn.Module, spec: QuantSpec) -> str:
     modules = fake_quantized(student)
     learned = sum(isinstance(m.weight_fake_quantizer, LearnedScaleQuantizer) for m in modules.values())
     line = f"QAT prepared ({spec.scheme}): {len(modules)} fake-quantized {' and '.join(spec.modules)} modules"
+    if spec.scale_gain and not learned:
+        log.warning("callbacks.qat.learn_scales=true, but no module is an unshared 32-block type to train scales on")
     if spec.scale_gain:
         line += f", {learned} with trained block scales (gain {spec.scale_gain:g}; shared weights, K-quants: the rule)"
     return line
