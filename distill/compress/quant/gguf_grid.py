@@ -81,8 +81,7 @@ _IQ4_NL_CELL_CODES = torch.bucketize(
     torch.arange(512, dtype=torch.float32) / 2 - 128, (_IQ4_NL_LEVELS[1:] + _IQ4_NL_LEVELS[:-1]) / 2, right=True
 )
 _IQ4_NL_CELL_LEVELS = _IQ4_NL_LEVELS[_IQ4_NL_CELL_CODES]
-# Both tables live on the CPU; each lookup moves them to the weight's device (512 entries: a no-op on the CPU, a tiny
-# copy on a GPU, where indexing a CPU table with CUDA indices would fail).
+# Both tables live on the CPU; _lookup moves them to the weight's device (indexing a CPU table with CUDA indices fails).
 FP16_MIN_NORMAL = 2.0**-14
 # Blocks whose largest magnitude is below this can have a subnormal scale with their largest value on a level
 # other than -127 (|d · level| <= 127 |d|); they also try each level for it (see iq4_nl_scale).
@@ -134,14 +133,7 @@ def fake_quantize(weight: torch.Tensor, kind: str, name: str | None = None) -> t
         blocks = weight.detach().to(torch.float32).reshape(-1, BLOCK)
         if kind == "iq4_nl":
             return _iq4_nl_values(blocks, weight, name).reshape(weight.shape).to(weight.dtype)
-        if kind == "q8_0":
-            d = blocks.abs().amax(dim=-1, keepdim=True) / 127
-        elif kind == "q4_0":
-            index = blocks.abs().argmax(dim=-1, keepdim=True)  # the first of equal magnitudes, as numpy's argmax
-            d = torch.gather(blocks, -1, index) / -8
-        else:  # q4_1
-            low = blocks.amin(dim=-1, keepdim=True)
-            d = (blocks.amax(dim=-1, keepdim=True) - low) / 15
+        d, low = rule_scales(blocks, kind)
         # An inf or NaN makes its block's scale inf or NaN (max, argmax and min propagate NaN); checking the
         # scales (1/32 of the weights) costs far less than the weights themselves.
         if not bool(torch.isfinite(d).all()):
@@ -164,10 +156,19 @@ def _refuse_non_finite(weight: torch.Tensor, name: str | None) -> None:
     llama_quants.check_finite(weight.detach().float().cpu().numpy(), name)
 
 
+def _cells(twice: torch.Tensor) -> torch.Tensor:
+    """The flat int32 index into the half-unit cell tables of values given doubled (``twice``, overwritten)."""
+    return twice.add_(256).clamp_(0, 511).to(torch.int32).view(-1)  # non-negative: truncation is floor
+
+
 def _iq4_nl_cells(blocks: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """The flat int32 index of each ``blocks / d`` into the half-unit cell tables (``d`` 0: the cell of 0)."""
-    y = blocks * (2 * _inverse(d))  # ×2 is exact, so the cell of an on-grid value is its level's own
-    return y.add_(256).clamp_(0, 511).to(torch.int32).view(-1)  # non-negative: truncation is floor
+    return _cells(blocks * (2 * _inverse(d)))  # ×2 is exact, so the cell of an on-grid value is its level's own
+
+
+def _lookup(table: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """``table[cells]``, the CPU table moved to the cells' device (a no-op on the CPU; 512 entries on a GPU)."""
+    return table.to(cells.device).index_select(0, cells)
 
 
 def _iq4_nl_best(blocks: torch.Tensor, top: torch.Tensor, trials: tuple[tuple[float, bool], ...]) -> torch.Tensor:
@@ -178,8 +179,7 @@ def _iq4_nl_best(blocks: torch.Tensor, top: torch.Tensor, trials: tuple[tuple[fl
     best_d = best_error = None
     for s, subnormal_only in trials:
         d = _fp16(top / s)
-        levels = _IQ4_NL_CELL_LEVELS.to(blocks.device).index_select(0, _iq4_nl_cells(blocks, d))
-        diff = levels.view(blocks.shape).mul_(d).sub_(blocks)
+        diff = _lookup(_IQ4_NL_CELL_LEVELS, _iq4_nl_cells(blocks, d)).view(blocks.shape).mul_(d).sub_(blocks)
         # Summed in float64: the sum of the 32 fp32 squares is then exact (or rounded far below the gaps between
         # trials), so it does not depend on the order of the additions, which inductor's fused loop
         # (trainer_extras.compile_rounding) chooses differently from eager. Summed in fp32, about 1 block in a
@@ -219,9 +219,8 @@ def iq4_nl_nearest(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     The same lookup as the grid's own rounding (ties to the upper level, as ggml's ``best_index_int8``).
     """
-    cells = (y * 2).add_(256).clamp_(0, 511).to(torch.int32).view(-1)
-    codes = _IQ4_NL_CELL_CODES.to(y.device).index_select(0, cells).view(y.shape)
-    return codes, _IQ4_NL_CELL_LEVELS.to(y.device).index_select(0, cells).view(y.shape)
+    cells = _cells(y * 2)
+    return _lookup(_IQ4_NL_CELL_CODES, cells).view(y.shape), _lookup(_IQ4_NL_CELL_LEVELS, cells).view(y.shape)
 
 
 def rule_scales(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -233,7 +232,7 @@ def rule_scales(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Te
         return iq4_nl_scale(blocks), None
     if kind == "q8_0":
         return blocks.abs().amax(dim=-1, keepdim=True) / 127, None
-    if kind == "q4_0":
+    if kind == "q4_0":  # argmax: the first of equal magnitudes, as numpy's argmax
         return torch.gather(blocks, -1, blocks.abs().argmax(dim=-1, keepdim=True)) / -8, None
     if kind == "q4_1":
         low = blocks.amin(dim=-1, keepdim=True)
@@ -246,7 +245,7 @@ def _iq4_nl_values(blocks: torch.Tensor, weight: torch.Tensor, name: str | None)
     d = iq4_nl_scale(blocks)
     if not bool(torch.isfinite(d).all()):  # an inf or NaN spreads to its block's largest value and scale
         _refuse_non_finite(weight, name)
-    return _IQ4_NL_CELL_LEVELS.to(blocks.device).index_select(0, _iq4_nl_cells(blocks, d)).view(blocks.shape).mul_(d)
+    return _lookup(_IQ4_NL_CELL_LEVELS, _iq4_nl_cells(blocks, d)).view(blocks.shape).mul_(d)
 
 
 def _q4_k_parts(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -300,7 +299,7 @@ def _grid_bytes(x: torch.Tensor, kind: str) -> np.ndarray:
     n = x.shape[0]
     if kind == "iq4_nl":
         d = iq4_nl_scale(x)
-        codes = _IQ4_NL_CELL_CODES.to(x.device).index_select(0, _iq4_nl_cells(x, d)).view(x.shape)
+        codes = _lookup(_IQ4_NL_CELL_CODES, _iq4_nl_cells(x, d)).view(x.shape)
         d = torch.where(d == 0, 0.0, d)  # +0, as llama.cpp writes an all-zero block (whose codes are 8, level 1)
         return llama_quants.pack_iq4_nl(d.reshape(n).numpy(), codes.numpy())
     if kind == "q4_k":
