@@ -35,7 +35,7 @@ from distill.compress.quant.qat import (
     start_from_imatrix,
     with_learned_scales,
 )
-from distill.compress.quant.type_map import TypeMap, calibrated_importance, check_target_ratio, shared_spec_on_budget
+from distill.compress.quant.type_map import TypeMap, calibrated_importance, check_target, shared_spec_on_budget
 from distill.compress.stages import compression_stages
 from distill.config import config_error
 from distill.export import quantized
@@ -58,6 +58,7 @@ class QuantizationAwareTraining(OneShotCompression):
         gguf_types: ``gguf_*`` schemes: ``{module glob: llama.cpp type}``, the last match winning; null: one type.
         target_ratio: for ``gguf_*`` schemes instead of ``gguf_types``: a type per module so the GGUF file is at
             most 1/``target_ratio`` of the student's fp32 bytes (:mod:`distill.compress.quant.type_map`).
+        target_bytes: instead of ``target_ratio``: the file's budget in bytes (``type_map.ByteTarget``).
         init: ``rtn`` (weights as they are) or, on a llama.cpp grid, ``imatrix`` (``qat.start_from_imatrix``).
         learn_scales: train the 32-block types' scales with the weights (:mod:`~distill.compress.quant.learned_scales`).
         scale_gain: with ``learn_scales``, the scales' learning rate relative to the weights'.
@@ -78,6 +79,7 @@ class QuantizationAwareTraining(OneShotCompression):
         modules: list[str] | None = None,
         gguf_types: dict[str, str] | None = None,
         target_ratio: float | None = None,
+        target_bytes: int | None = None,
         calibration_batches: int = 8,
         init: str = "rtn",
         learn_scales: bool = False,
@@ -97,7 +99,7 @@ class QuantizationAwareTraining(OneShotCompression):
         )
         self.spec = with_learned_scales(self.spec, learn_scales, scale_gain)
         check_steps(self.spec, start_step, freeze_ranges_step, calibration_batches)
-        self.target_ratio = check_target_ratio(self.spec, target_ratio, gguf_types)
+        self.target = check_target(self.spec, target_ratio, gguf_types, target_bytes)
         self.init = check_init(self.spec, init)
         self.calibration_batches = calibration_batches
         self.type_map: TypeMap | None = None
@@ -132,14 +134,14 @@ class QuantizationAwareTraining(OneShotCompression):
         others = [cb for cb in compression_stages(trainer.callbacks) if cb is not self]
         if others:  # earlier stages may still reshape the linears; then the check waits for prepare
             return
-        if self.target_ratio is not None:  # the map only gives a module a type its rows take
+        if self.target is not None:  # the map only gives a module a type its rows take
             schemes.check_targets(pl_module.student, self.spec.skip, None, FIELD, self.spec.modules)
         else:
             schemes.check_spec(pl_module.student, self.spec, FIELD)
 
     def apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rebuild: bool) -> None:
         """Insert fake-quant; the weights stay the same objects, so only learned scales need the optimizer rebuilt."""
-        if self.target_ratio is not None:
+        if self.target is not None:
             self._choose_types(trainer, pl_module)
         starts: dict = {}  # init=imatrix: the scales llama.cpp chose, where learned scales start
         if self.init == "imatrix":  # a hand-made map has no importance yet: collect what the budgeted map would
@@ -178,7 +180,7 @@ class QuantizationAwareTraining(OneShotCompression):
         if not self._convert_gathered:
             return
         if not fake_quantized(student):  # gather_student replays the structure log, fake-quant included
-            prepare(student, self.spec)  # the spec as trained (with target_ratio: the map every rank trained on)
+            prepare(student, self.spec)  # the spec as trained (with a byte budget: the map every rank trained on)
         if self._frozen:
             freeze_ranges(student, self._frozen)
         self._convert(student)
@@ -195,11 +197,11 @@ class QuantizationAwareTraining(OneShotCompression):
             pl_module.student,
             self.spec,
             trainer.datamodule,
-            self.target_ratio,
+            self.target,
             getattr(pl_module, "tokenizer", None),
             self.calibration_batches,
         )
-        rank_zero_info(f"QAT type map for 1/{self.target_ratio}: {self.type_map.summary()}")
+        rank_zero_info(f"QAT type map for {self.target}: {self.type_map.summary()}")
 
     def state_dict(self) -> dict[str, Any]:
         """The frozen weight ranges (they are not in the model's state dict)."""

@@ -44,7 +44,7 @@ from bench import ROOT
 from distill.compress.prune.selection import select
 from distill.compress.prune.surgery import PRUNE, apply_spec, shapes
 from distill.compress.quant import gguf_grid, schemes
-from distill.compress.quant.type_map import calibrated_type_map
+from distill.compress.quant.type_map import ByteTarget, calibrated_type_map
 from distill.config import build, config_error
 from distill.cost import disk_bytes, memory_bytes, parameter_count, weight_file_bytes
 from distill.data.sampler import StepBatchSampler
@@ -258,7 +258,7 @@ def mix_types(bench: Bench, model: nn.Module, qat_config: str) -> tuple[str, dic
     node = OmegaConf.load(QAT_CONF / f"{qat_config}.yaml")
     # Every matrix, as the recipe quantizes them (its modules and skip list are the experiment's, not the file's).
     types = node.get("gguf_types")
-    if node.get("target_ratio"):
+    if node.get("target_ratio") or node.get("target_bytes"):
         names = schemes.targets(model, ["*norm*"], ["linear", "embedding"])
         dm = bench.datamodule
         chosen = calibrated_type_map(
@@ -266,7 +266,7 @@ def mix_types(bench: Bench, model: nn.Module, qat_config: str) -> tuple[str, dic
             names,
             dm.train_set,
             dm.block_size,
-            node.target_ratio,
+            ByteTarget(bytes=node.target_bytes) if node.get("target_bytes") else node.target_ratio,
             gguf_grid.KINDS,
             bench.teacher.tokenizer,
             node.get("calibration_batches", 8),

@@ -295,21 +295,46 @@ class TypeMap:
         )
 
 
+@dataclass(frozen=True)
+class ByteTarget:
+    """A GGUF file's byte budget: 1/``ratio`` of the model's own fp32 bytes, or ``bytes`` outright.
+
+    ``bytes`` is for a budget fixed by something other than the model: a depth-reduced student measured against
+    its teacher's fp32 bytes (1/8 of the teacher is not 1/8 of a student with fewer layers), or a device's memory.
+    """
+
+    ratio: float | None = None
+    bytes: int | None = None
+
+    def budget(self, reference: int) -> int:
+        """The file's byte budget for a model of ``reference`` fp32 bytes."""
+        return self.bytes if self.bytes is not None else int(reference / self.ratio)
+
+    def __str__(self) -> str:
+        return f"{self.bytes} bytes" if self.bytes is not None else f"1/{self.ratio:g}"
+
+
+def as_target(target: float | ByteTarget) -> ByteTarget:
+    """A bare number is a ratio (``target_ratio``)."""
+    return target if isinstance(target, ByteTarget) else ByteTarget(ratio=float(target))
+
+
 def budget_type_map(
     model: nn.Module,
     names: Sequence[str],
     batches: Iterable[torch.Tensor],
-    target_ratio: float,
+    target: float | ByteTarget,
     kinds: Sequence[str],
     tokenizer: object = None,
 ) -> TypeMap:
-    """Choose a llama.cpp type per target module so the GGUF file is at most 1/``target_ratio`` of fp32.
+    """Choose a llama.cpp type per target module so the GGUF file fits ``target``'s byte budget.
 
     Args:
         model: the student before fake quantization.
         names: the target module names (what the QAT spec quantizes).
         batches: calibration token ids from the training split.
-        target_ratio: the file may take ``fp32 bytes / target_ratio`` (fp32: 4 bytes per unique parameter).
+        target: a ratio (the file may take ``fp32 bytes / ratio``; fp32: 4 bytes per unique parameter) or a
+            :class:`ByteTarget`.
         kinds: the types allowed (QAT grids).
         tokenizer: the student's tokenizer, for the metadata estimate (None: tensor records only).
 
@@ -320,7 +345,7 @@ def budget_type_map(
     importance = collect_importance(model, names, batches)
     units, unfit = build_units(model, names, importance, kinds)
     reference = 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    budget = int(reference / target_ratio)
+    budget = as_target(target).budget(reference)
     quantized = {id(model.get_submodule(u.modules[0]).weight) for u in units}
     fixed, n_tensors = fixed_bytes(model, quantized)
     fixed += metadata_bytes(tokenizer, n_tensors) if tokenizer is not None else n_tensors * _TENSOR_INFO_BYTES
@@ -334,7 +359,7 @@ def calibrated_type_map(
     names: Sequence[str],
     train_blocks: object,
     block_size: int,
-    target_ratio: float,
+    target: float | ByteTarget,
     kinds: Sequence[str],
     tokenizer: object = None,
     batches: int = 8,
@@ -346,7 +371,7 @@ def calibrated_type_map(
     from distill.compress.depth import calibration_batches
 
     data = calibration_batches(train_blocks, batches=batches, rows=4, tokens=block_size)
-    return budget_type_map(model, names, data, target_ratio, kinds, tokenizer)
+    return budget_type_map(model, names, data, target, kinds, tokenizer)
 
 
 def calibrated_importance(model: nn.Module, spec: QuantSpec, datamodule: object, batches: int = 8) -> dict:
@@ -369,26 +394,38 @@ def calibrated_importance(model: nn.Module, spec: QuantSpec, datamodule: object,
     return computed_on_rank_zero(lambda: collect_importance(model, names, data))
 
 
-def check_target_ratio(spec: QuantSpec, target_ratio: object, gguf_types: object) -> float | None:
-    """A byte budget needs a llama.cpp grid, a ratio above 1, and no hand-made map beside it."""
-    if target_ratio is None:
+def check_target(
+    spec: QuantSpec, target_ratio: object, gguf_types: object, target_bytes: object = None
+) -> ByteTarget | None:
+    """A byte budget needs a llama.cpp grid, a ratio above 1 or a byte count above 0, and no hand-made map."""
+    if target_ratio is None and target_bytes is None:
         return None
-    field = "callbacks.qat." + "target_ratio"
-    if isinstance(target_ratio, bool) or not isinstance(target_ratio, int | float) or not target_ratio > 1:
-        raise config_error(
-            field, target_ratio, "give how many times smaller than fp32 the file should be, > 1 (e.g. 7)"
+    by_bytes = target_bytes is not None
+    field = "callbacks.qat." + ("target_bytes" if by_bytes else "target_ratio")
+    value = target_bytes if by_bytes else target_ratio
+    if by_bytes and target_ratio is not None:
+        raise config_error(field, value, f"and target_ratio={target_ratio} both set the budget; give one (other null)")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if by_bytes else int | float)
+        or not value > (0 if by_bytes else 1)
+    ):
+        fix = (
+            "a whole number of bytes > 0 (e.g. 67257504)"
+            if by_bytes
+            else "how many times smaller than fp32, > 1 (e.g. 7)"
         )
+        raise config_error(field, value, "give " + fix)
     if get_scheme(spec.scheme).gguf is None:
-        raise config_error(
-            field, target_ratio, f"chooses llama.cpp types and needs a gguf_* scheme; {spec.scheme} is torchao's"
-        )
+        needs = f"chooses llama.cpp types and needs a gguf_* scheme; {spec.scheme} is torchao's"
+        raise config_error(field, value, needs)
     if gguf_types:
         raise config_error(
             field,
-            target_ratio,
+            value,
             "and callbacks.qat.gguf_types both choose the types; give one (gguf_types=null to let the budget choose)",
         )
-    return float(target_ratio)
+    return ByteTarget(bytes=target_bytes) if by_bytes else ByteTarget(ratio=float(target_ratio))
 
 
 def spec_on_budget(
@@ -396,7 +433,7 @@ def spec_on_budget(
     spec: QuantSpec,
     train_blocks: object,
     block_size: int,
-    target_ratio: float,
+    target: float | ByteTarget,
     tokenizer: object = None,
     batches: int = 8,
 ) -> tuple[QuantSpec, TypeMap]:
@@ -411,20 +448,20 @@ def spec_on_budget(
     from distill.compress.quant.schemes import targets
 
     names = targets(model, spec.skip, spec.modules)
-    chosen = calibrated_type_map(model, names, train_blocks, block_size, target_ratio, KINDS, tokenizer, batches)
+    chosen = calibrated_type_map(model, names, train_blocks, block_size, target, KINDS, tokenizer, batches)
     if chosen.file_bytes > chosen.budget:
         # A target is a goal, not a promise: a tiny model's tokenizer alone can exceed it. Say so and go on with
         # the smallest file these rows allow; the report gives the size that was reached.
         log.warning(
-            "callbacks.qat.target_ratio=%s: the smallest types this student's rows take give 1/%.2f of its fp32 "
+            "callbacks.qat budget %s: the smallest types this student's rows take give %d bytes, 1/%.2f of its fp32 "
             "bytes (tokenizer and norms included); training on that map",
-            target_ratio,
+            as_target(target),
+            chosen.file_bytes,
             chosen.ratio,
         )
     if chosen.unfit:
         log.warning(
-            "callbacks.qat.target_ratio: %d modules have rows no llama.cpp block divides (%s); they stay in full "
-            "precision",
+            "callbacks.qat budget: %d modules have rows no llama.cpp block divides (%s); they stay in full precision",
             len(chosen.unfit),
             ", ".join(chosen.unfit[:3]),
         )
@@ -433,7 +470,12 @@ def spec_on_budget(
 
 
 def shared_spec_on_budget(
-    model: nn.Module, spec: QuantSpec, datamodule: object, target_ratio: float, tokenizer: object, batches: int
+    model: nn.Module,
+    spec: QuantSpec,
+    datamodule: object,
+    target: float | ByteTarget,
+    tokenizer: object,
+    batches: int,
 ) -> tuple[QuantSpec, TypeMap]:
     """:func:`spec_on_budget` on the datamodule's training split, computed on rank 0 and sent to every rank.
 
@@ -443,6 +485,4 @@ def shared_spec_on_budget(
     from distill.runtime.ranks import computed_on_rank_zero
 
     train_set, block_size = datamodule.train_set, datamodule.block_size  # type: ignore[attr-defined]
-    return computed_on_rank_zero(
-        lambda: spec_on_budget(model, spec, train_set, block_size, target_ratio, tokenizer, batches)
-    )
+    return computed_on_rank_zero(lambda: spec_on_budget(model, spec, train_set, block_size, target, tokenizer, batches))

@@ -341,3 +341,19 @@ def test_a_run_with_init_imatrix_trains_from_the_budgeted_maps_importance(tiny_c
         metrics, _ = train(tiny_cfg(*overrides))
     assert "QAT starts from llama.cpp's importance-weighted rounding of" in caplog.text
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_a_run_with_target_bytes_trains_on_a_map_within_those_bytes(tiny_cfg):
+    # The budget of a student sized against something other than itself (1/8 of a deeper teacher, say).
+    from callbacks.qat import QuantizationAwareTraining
+
+    overrides = ["callbacks=qat", "callbacks/qat=gguf_q4_mix", "callbacks.qat.skip=['*norm*']"]
+    overrides += ["callbacks.qat.modules=[linear,embedding]", "trainer.max_steps=1", "export.enabled=false"]
+    overrides += ["eval.enabled=false", "callbacks.qat.target_ratio=null", "callbacks.qat.target_bytes=45000"]
+    _, objects = train(tiny_cfg(*overrides))
+    (qat,) = [cb for cb in objects["trainer"].callbacks if isinstance(cb, QuantizationAwareTraining)]
+    assert qat.type_map.budget == 45000
+    # Binding: with room, every matrix takes Q8_0 (about 65 kB here); 45 kB forces 4-bit types on some.
+    assert qat.type_map.file_bytes <= 45000
+    assert set(qat.type_map.types.values()) - {"q8_0"}
+    assert dict(qat.spec.gguf_types) == qat.type_map.types  # the run trained on that map

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill.compress.quant import gguf_grid, schemes
 from distill.compress.quant.type_map import (
+    ByteTarget,
     Unit,
     allocate,
     budget_type_map,
@@ -144,3 +145,20 @@ def test_a_budget_smaller_than_the_cheapest_types_gives_the_cheapest_map(tiny_te
         width = model.get_submodule(name).weight.shape[-1]
         fitting = [k for k in gguf_grid.KINDS if width % gguf_grid.BLOCKS[k] == 0]
         assert type_bytes(kind, 1 << 20) == min(type_bytes(k, 1 << 20) for k in fitting)
+
+
+def test_a_budget_in_bytes_is_the_same_budget_as_the_ratio_that_gives_those_bytes(tiny_teacher):
+    # target_bytes: a depth-reduced student sized against its teacher's fp32 bytes, not its own.
+    model = _tiny_llama()
+    names = schemes.targets(model, ["*norm*"], ["linear", "embedding"])
+    batches = [torch.randint(0, 512, (4, 32))]
+    tokenizer = tiny_teacher.tokenizer
+    by_ratio = budget_type_map(model, names, batches, 5.0, gguf_grid.KINDS, tokenizer)
+    by_bytes = budget_type_map(model, names, batches, ByteTarget(bytes=by_ratio.budget), gguf_grid.KINDS, tokenizer)
+    assert by_bytes.budget == by_ratio.budget
+    assert by_bytes.types == by_ratio.types
+    # Without the tokenizer (tensors only): 1/5 of fp32 is 124,774 bytes here, the cheapest types 86,400.
+    larger = budget_type_map(model, names, batches, 5.0, gguf_grid.KINDS)
+    smaller = budget_type_map(model, names, batches, ByteTarget(bytes=100_000), gguf_grid.KINDS)
+    assert smaller.budget == 100_000
+    assert smaller.file_bytes <= 100_000 < larger.file_bytes
