@@ -15,6 +15,8 @@ deployable artifact folder (its size on disk is the report's) and a report again
   fp32 and GGUF forms store it;
 * ``bnb_int8`` / ``bnb_nf4``: bitsandbytes through transformers (``pip install -e '.[bnb]'``); where it does
   not run, the report says why instead of measuring;
+* ``ptq_imatrix_depth_eighth``: a llama.cpp file at 1/8 of the fp32 teacher made with no training (26 of its 30
+  layers, by block influence, imatrix-weighted on a byte-budgeted map): the smallest full-depth file is 1/7.54;
 * ``prune_noheal``: the student of a pruning recipe (``distill_prune``: ``from_teacher``, half the MLP
   channels, 6 of 9 heads, activation importance on its calibration batches) pruned once with no training.
 
@@ -97,6 +99,12 @@ PTQ_IMATRIX: dict[str, tuple[str, str | dict[str, str] | None]] = {
     "ptq_imatrix_q4_mix": ("q4_0", "gguf_q4_mix"),
     "ptq_imatrix_smallest": ("iq4_nl", {"*.mlp.down_proj": "q2_k"}),
 }
+# label → (layers kept, the file's budget as a fraction of the fp32 teacher's bytes): the llama.cpp file a user can
+# make with no training below the smallest full-depth one (1/7.54 here: a 576-wide row takes no type under 4.5 bits
+# per weight): drop the layers that change the residual stream least (block influence, as student=importance_depth
+# measures it on the training split), then llama-imatrix and llama-quantize --imatrix on a byte-budgeted map of the
+# types each row allows. 26 of 30 layers is the most that fit 1/8 here: the QAD run at 1/8 keeps the same 26.
+PTQ_IMATRIX_DEPTH: dict[str, tuple[int, float]] = {"ptq_imatrix_depth_eighth": (26, 8.0)}
 QAT_CONF = ROOT / "conf" / "callbacks" / "qat"
 LABELS = (
     "teacher_fp32",
@@ -106,6 +114,7 @@ LABELS = (
     *PTQ_GGUF,
     *PTQ_GGUF_MIX,
     *PTQ_IMATRIX,
+    *PTQ_IMATRIX_DEPTH,
     *BNB,
     "prune_noheal",
 )
@@ -285,17 +294,22 @@ def teacher_imatrix(bench: Bench) -> Any:
     (:func:`distill.compress.quant.imatrix.collect`).
     """
     if bench.imatrix is None:
-        from distill.compress.depth import calibration_batches
-        from distill.compress.quant import imatrix
-        from distill.export.gguf import imatrix_modules
-
-        dm, model = bench.datamodule, bench.teacher.model
-        rows = calibration_batches(
-            dm.train_set, batches=int(bench.cfg.get("imatrix_batches", 32)), rows=4, tokens=dm.block_size
-        )
-        source = f"training split: {sum(r.numel() for r in rows)} tokens"
-        bench.imatrix = imatrix.collect(model, list(imatrix_modules(model)), rows, source)
+        bench.imatrix = model_imatrix(bench, bench.teacher.model)
     return bench.imatrix
+
+
+def model_imatrix(bench: Bench, model: nn.Module) -> Any:
+    """``model``'s importance matrix over ``cfg.imatrix_batches`` batches of the training split (as llama-imatrix)."""
+    from distill.compress.depth import calibration_batches
+    from distill.compress.quant import imatrix
+    from distill.export.gguf import imatrix_modules
+
+    dm = bench.datamodule
+    rows = calibration_batches(
+        dm.train_set, batches=int(bench.cfg.get("imatrix_batches", 32)), rows=4, tokens=dm.block_size
+    )
+    source = f"training split: {sum(r.numel() for r in rows)} tokens"
+    return imatrix.collect(model, list(imatrix_modules(model)), rows, source)
 
 
 def ptq_gguf(
@@ -323,9 +337,7 @@ def ptq_gguf(
     check = export_gguf(
         model, tokenizer, artifact, gguf_type, trained, pre=pre, name=bench.teacher.name, importance=importance
     )
-    file = check.file
-    reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
-    reloaded = reloaded.to(bench.device).eval()
+    reloaded = _reload(bench, check.file)
     facts = {"gguf_type": gguf_type, "gguf_bytes": check.bytes, "tokenizer_matches": check.tokenizer_matches}
     if trained:
         facts["gguf_types"] = dict(sorted(Counter(trained.values()).items()))
@@ -352,6 +364,64 @@ def ptq_gguf(
     if trained:
         config["gguf_types"] = dict(trained)
     return Candidate(reloaded, artifact, [{"kind": "ptq_gguf", "config": config}], facts, notes)
+
+
+def _reload(bench: Bench, file: Path) -> nn.Module:
+    """A GGUF file as transformers' loader reads it (dequantized to fp32): what the evaluation measures."""
+    reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+    return reloaded.to(bench.device).eval()
+
+
+def ptq_imatrix_depth(bench: Bench, artifact: Path, num_layers: int, fraction: float) -> Candidate:
+    """The teacher less its least influential layers, written with no training as an imatrix-weighted GGUF file.
+
+    The layers are chosen as ``student=importance_depth`` chooses them (block influence on the training split);
+    the types by :func:`~distill.compress.quant.type_map.calibrated_type_map` for ``1/fraction`` of the fp32
+    teacher's bytes; the rounding as ``llama-quantize --imatrix``'s, weighted by the shallower model's own
+    importance matrix (llama-imatrix runs on the model it quantizes).
+    """
+    from distill.export.gguf import export_gguf, teacher_pre
+    from students.from_teacher import build as copy_layers
+
+    teacher, dm = bench.teacher, bench.datamodule
+    model = copy_layers(teacher, num_layers=num_layers, select="block_influence", calibration=dm.train_set)
+    model = model.to(bench.device).eval()
+    fp32 = 4 * sum(p.numel() for p in {id(p): p for p in teacher.model.parameters()}.values())
+    names = schemes.targets(model, ["*norm*"], ["linear", "embedding"])
+    budget = ByteTarget(bytes=int(fp32 / fraction))
+    chosen = calibrated_type_map(model, names, dm.train_set, dm.block_size, budget, gguf_grid.KINDS, teacher.tokenizer)
+    trained = {f"{n}.weight": k for n, k in chosen.types.items()}
+    importance = model_imatrix(bench, model)
+    pre = teacher_pre(bench.cfg.teacher)
+    check = export_gguf(
+        model,
+        teacher.tokenizer,
+        artifact,
+        "q4_0",
+        trained,
+        pre=pre,
+        name=teacher.name,
+        importance=importance.by_weight(),
+    )
+    kept = model.layer_selection["kept"]
+    facts = {
+        "gguf_type": "q4_0",
+        "gguf_bytes": check.bytes,
+        "tokenizer_matches": check.tokenizer_matches,
+        "gguf_types": dict(sorted(Counter(trained.values()).items())),
+        "imatrix": True,
+        "kept_layers": kept,
+        "budget_bytes": budget.bytes,
+    }
+    counts = ", ".join(f"{n} {k.upper()}" for k, n in facts["gguf_types"].items())
+    notes = [
+        f"The teacher's layers {kept} ({num_layers} of {teacher.config.num_hidden_layers}, by block influence on the "
+        f"training split; no training) written by distill.export.gguf on a map chosen for 1/{fraction:g} of the fp32 "
+        f"teacher's bytes ({counts} matrices), rounded as llama-quantize --imatrix rounds, weighted by this model's "
+        f"own importance matrix ({importance.datasets[0]}), and measured as transformers' GGUF loader reloads it.",
+    ]
+    config: dict[str, Any] = {"type": "q4_0", "imatrix": True, "gguf_types": trained, "kept_layers": kept}
+    return Candidate(_reload(bench, check.file), artifact, [{"kind": "ptq_gguf", "config": config}], facts, notes)
 
 
 def _tied_head(model: PreTrainedModel) -> bool:
@@ -640,6 +710,7 @@ def run_baseline(bench: Bench, label: str, layout: Layout) -> dict[str, Any]:
         **{k: (lambda k=k: ptq_gguf(bench, artifact, PTQ_GGUF[k])) for k in PTQ_GGUF},
         **{k: (lambda k=k: ptq_gguf(bench, artifact, "q4_0", PTQ_GGUF_MIX[k])) for k in PTQ_GGUF_MIX},
         **{k: (lambda k=k: ptq_gguf(bench, artifact, *PTQ_IMATRIX[k], weighted=True)) for k in PTQ_IMATRIX},
+        **{k: (lambda k=k: ptq_imatrix_depth(bench, artifact, *PTQ_IMATRIX_DEPTH[k])) for k in PTQ_IMATRIX_DEPTH},
         **{k: (lambda k=k: bnb(bench, artifact, k, _fp32_source(bench, layout))) for k in BNB},
     }
     if label in BNB:

@@ -257,3 +257,21 @@ def test_ptq_curve_sizes_fall_and_error_grows_with_fewer_bits(tmp_path, cache_di
     assert by["int2"]["memory_bytes"] < by["bf16"]["memory_bytes"] < by["fp32"]["memory_bytes"]
     with pytest.raises(ConfigError, match="widths"):
         baselines.ptq_curve(bench, ["int1"])
+
+
+def test_the_depth_reduced_imatrix_row_keeps_the_measured_layers_within_its_byte_budget(
+    tmp_path, cache_dir, monkeypatch
+):
+    # SmolLM2's (26 of 30 layers, 1/8) shrunk to the tiny teacher's 2 layers: keep 1, at 1/3 of its fp32 bytes.
+    monkeypatch.setitem(baselines.PTQ_IMATRIX_DEPTH, "ptq_imatrix_depth_eighth", (1, 3.0))
+    cfg = bench_cfg(tmp_path, cache_dir, "baselines=[ptq_imatrix_depth_eighth]", "imatrix_batches=2")
+    report = baselines.run(cfg)["ptq_imatrix_depth_eighth"]
+    run, student = report["run"], report["metrics"]["student"]
+    file = tmp_path / "runs" / "baseline_ptq_imatrix_depth_eighth" / "artifact" / "student-q4_0.gguf"
+    reader = gguf.GGUFReader(file)
+    blocks = {t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk.")}
+    assert len(run["kept_layers"]) == 1 and blocks == {"0"}
+    assert run["imatrix"] is True and "llama-quantize --imatrix" in report["notes"][0]
+    assert student["cost/bytes_disk"] == file.stat().st_size <= run["budget_bytes"]
+    assert student["cost/ratio_vs_fp32_teacher"] >= 3.0  # the budget is the teacher's bytes, not the copy's
+    assert student["heldout/kl_to_teacher"] > 0
