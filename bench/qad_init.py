@@ -45,7 +45,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from distill.compress.quant import llama_quants, schemes
     from distill.compress.quant.gguf_grid import fake_quantize
     from distill.compress.quant.learned_scales import LEARNABLE, LearnedScaleQuantizer, stored_scales
-    from distill.compress.quant.type_map import collect_importance, spec_on_budget
+    from distill.compress.quant.type_map import check_target, collect_importance, spec_on_budget
     from distill.config import build
 
     torch.set_num_threads(cfg.threads)
@@ -56,8 +56,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = teacher.model
     q = cfg.qat
     spec = schemes.make_spec(q.scheme, q.group_size, list(q.skip), "", list(q.modules), None)
+    target = check_target(spec, q.target_ratio, q.get("gguf_types"), q.get("target_bytes"))
     spec, tmap = spec_on_budget(
-        model, spec, dm.train_set, dm.block_size, q.target_ratio, teacher.tokenizer, q.calibration_batches
+        model, spec, dm.train_set, dm.block_size, target, teacher.tokenizer, q.calibration_batches
     )
     names = schemes.targets(model, spec.skip, spec.modules)
     batches = calibration_batches(dm.train_set, batches=cfg.imatrix_batches, rows=4, tokens=dm.block_size)

@@ -62,7 +62,7 @@ class QuantizationAwareTraining(OneShotCompression):
         init: ``rtn`` (weights as they are) or, on a llama.cpp grid, ``imatrix`` (``qat.start_from_imatrix``).
         learn_scales: train the 32-block types' scales with the weights (:mod:`~distill.compress.quant.learned_scales`).
         scale_gain: with ``learn_scales``, the scales' learning rate relative to the weights'.
-        calibration_batches: with ``target_ratio``: batches of 4 training rows that weigh the rounding errors.
+        calibration_batches: with a byte budget: batches of 4 training rows that weigh the rounding errors.
         start_step: the global step fake-quant goes in (0: in ``setup``, before wrapping, as FSDP needs).
         freeze_ranges_step: from this step weight scales/zero points stay fixed; null: they follow the weights.
         export_dir: folder name under the run directory for the compact quantized export.

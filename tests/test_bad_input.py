@@ -104,6 +104,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("target_ratio_and_types", ["callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "+callbacks.qat.target_ratio=7", "+callbacks.qat.gguf_types={{*:q8_0}}"], r"callbacks.qat.target_ratio=7: and callbacks.qat.gguf_types both choose"),
     ("target_bytes_negative", ["callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "+callbacks.qat.target_bytes=-5"], r"callbacks.qat.target_bytes=-5: give a whole number of bytes > 0"),
     ("target_bytes_and_ratio", ["callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "+callbacks.qat.target_ratio=7", "+callbacks.qat.target_bytes=1000"], r"callbacks.qat.target_bytes=1000: and target_ratio=7 both set the budget"),
+    ("target_bytes_float", ["callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "+callbacks.qat.target_bytes=6.7e7"], r"callbacks.qat.target_bytes=67000000.0: give a whole number of bytes > 0"),
+    ("target_bytes_with_torchao", ["callbacks=qat", "+callbacks.qat.target_bytes=1000"], r"callbacks.qat.target_bytes=1000: chooses llama.cpp types and needs a gguf_\* scheme"),
     ("calibration_batches_zero", ["callbacks=qat", "callbacks.qat.scheme=gguf_q4_0", "+callbacks.qat.calibration_batches=0"], r"callbacks.qat.calibration_batches=0: give a number of batches"),
     ("sparsity_pattern_unknown", ["callbacks=sparsity", "callbacks.sparsity.pattern=3:5"], r"callbacks.sparsity.pattern='3:5'"),
     ("wall_clock_min_ratio", ["+callbacks.wall_clock_lr._target_=callbacks.wall_clock_lr.WallClockCosine", "+callbacks.wall_clock_lr.min_ratio=2"], r"callbacks.wall_clock_lr.min_ratio=2: give a fraction in \[0, 1\]"),

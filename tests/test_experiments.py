@@ -55,7 +55,8 @@ def recipe_cfg(recipe: str, out: Path, cache_dir: Path, *extra: str) -> DictConf
                 node.heads = 3  # the recipes remove one query head per KV group; so does this
             if node._target_ == "callbacks.qat.QuantizationAwareTraining" and node.get("group_size") is not None:
                 node.group_size = 32  # the QAD recipes' 192 fits SmolLM2's widths, not the tiny student's
-            if node.get("target_ratio"):  # down rows 256 wide, so the budget may give them K-quants too
+            # down rows 256 wide, so the budget may give them K-quants too
+            if node.get("target_ratio") or node.get("target_bytes"):
                 cfg.student.intermediate_size = 256
             for key in STEP_KEYS:
                 if node.get(key) is not None:

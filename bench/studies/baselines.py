@@ -15,8 +15,9 @@ deployable artifact folder (its size on disk is the report's) and a report again
   fp32 and GGUF forms store it;
 * ``bnb_int8`` / ``bnb_nf4``: bitsandbytes through transformers (``pip install -e '.[bnb]'``); where it does
   not run, the report says why instead of measuring;
-* ``ptq_imatrix_depth_eighth``: a llama.cpp file at 1/8 of the fp32 teacher made with no training (26 of its 30
-  layers, by block influence, imatrix-weighted on a byte-budgeted map): the smallest full-depth file is 1/7.54;
+* ``ptq_imatrix_depth_eighth`` / ``ptq_imatrix_depth_smallest``: llama.cpp files at 1/8 of the fp32 teacher made
+  with no training (26 or 27 of its 30 layers by block influence, imatrix-weighted; the smallest full-depth file
+  is 1/7.54): :data:`PTQ_IMATRIX_DEPTH`;
 * ``prune_noheal``: the student of a pruning recipe (``distill_prune``: ``from_teacher``, half the MLP
   channels, 6 of 9 heads, activation importance on its calibration batches) pruned once with no training.
 
@@ -46,7 +47,7 @@ from bench import ROOT
 from distill.compress.prune.selection import select
 from distill.compress.prune.surgery import PRUNE, apply_spec, shapes
 from distill.compress.quant import gguf_grid, schemes
-from distill.compress.quant.type_map import ByteTarget, calibrated_type_map
+from distill.compress.quant.type_map import ByteTarget, calibrated_type_map, check_target
 from distill.config import build, config_error
 from distill.cost import disk_bytes, memory_bytes, parameter_count, weight_file_bytes
 from distill.data.sampler import StepBatchSampler
@@ -99,12 +100,18 @@ PTQ_IMATRIX: dict[str, tuple[str, str | dict[str, str] | None]] = {
     "ptq_imatrix_q4_mix": ("q4_0", "gguf_q4_mix"),
     "ptq_imatrix_smallest": ("iq4_nl", {"*.mlp.down_proj": "q2_k"}),
 }
-# label → (layers kept, the file's budget as a fraction of the fp32 teacher's bytes): the llama.cpp file a user can
-# make with no training below the smallest full-depth one (1/7.54 here: a 576-wide row takes no type under 4.5 bits
-# per weight): drop the layers that change the residual stream least (block influence, as student=importance_depth
-# measures it on the training split), then llama-imatrix and llama-quantize --imatrix on a byte-budgeted map of the
-# types each row allows. 26 of 30 layers is the most that fit 1/8 here: the QAD run at 1/8 keeps the same 26.
-PTQ_IMATRIX_DEPTH: dict[str, tuple[int, float]] = {"ptq_imatrix_depth_eighth": (26, 8.0)}
+# label → (layers kept, the file's budget as a fraction of the fp32 teacher's bytes, or a fixed mix): llama.cpp
+# files at 1/8 of the fp32 teacher made with no training, below the smallest full-depth file (1/7.54 here: a 576-wide
+# row takes no type under 4.5 bits per weight). The layers that change the residual stream least are dropped (block
+# influence on the training split, as student=importance_depth chooses them), then llama-imatrix and llama-quantize
+# --imatrix. ``eighth``: 26 layers on a byte-budgeted map of the QAT grids (the most layers those fit in 1/8; the QAD
+# run at 1/8 keeps the same 26 on the same kind of map, so this is its no-training control); ``smallest``: 27
+# layers as ptq_imatrix_smallest writes them (IQ4_NL, Q2_K on the 1,536-wide down projections), the other way a
+# user gets under 1/8 (one layer more, two bits on a third of the weights).
+PTQ_IMATRIX_DEPTH: dict[str, tuple[int, float | dict[str, str]]] = {
+    "ptq_imatrix_depth_eighth": (26, 8.0),
+    "ptq_imatrix_depth_smallest": (27, {"*": "iq4_nl", "*.mlp.down_proj": "q2_k"}),
+}
 QAT_CONF = ROOT / "conf" / "callbacks" / "qat"
 LABELS = (
     "teacher_fp32",
@@ -261,13 +268,16 @@ def ptq(bench: Bench, artifact: Path, spec: schemes.QuantSpec) -> Candidate:
 def mix_types(bench: Bench, model: nn.Module, qat_config: str) -> tuple[str, dict[str, str]]:
     """The scheme's llama.cpp type, and ``{weight name: type}`` on ``model``, of ``conf/callbacks/qat/<name>.yaml``.
 
-    A config with ``target_ratio`` gets the map its QAT run would choose at step 0 (the same calibration text and
-    rule: :func:`~distill.compress.quant.type_map.calibrated_type_map`); one with ``gguf_types`` gets those.
+    A config with a byte budget (``target_ratio`` or ``target_bytes``) gets the map its QAT run would choose at
+    step 0 (the same calibration text and rule: :func:`~distill.compress.quant.type_map.calibrated_type_map`); one
+    with ``gguf_types`` gets those.
     """
     node = OmegaConf.load(QAT_CONF / f"{qat_config}.yaml")
     # Every matrix, as the recipe quantizes them (its modules and skip list are the experiment's, not the file's).
     types = node.get("gguf_types")
-    if node.get("target_ratio") or node.get("target_bytes"):
+    base = schemes.make_spec(node.scheme, node.group_size, ["*norm*"], "", ["linear", "embedding"], types)
+    target = check_target(base, node.get("target_ratio"), types, node.get("target_bytes"))
+    if target is not None:
         names = schemes.targets(model, ["*norm*"], ["linear", "embedding"])
         dm = bench.datamodule
         chosen = calibrated_type_map(
@@ -275,7 +285,7 @@ def mix_types(bench: Bench, model: nn.Module, qat_config: str) -> tuple[str, dic
             names,
             dm.train_set,
             dm.block_size,
-            ByteTarget(bytes=node.target_bytes) if node.get("target_bytes") else node.target_ratio,
+            target,
             gguf_grid.KINDS,
             bench.teacher.tokenizer,
             node.get("calibration_batches", 8),
@@ -372,56 +382,55 @@ def _reload(bench: Bench, file: Path) -> nn.Module:
     return reloaded.to(bench.device).eval()
 
 
-def ptq_imatrix_depth(bench: Bench, artifact: Path, num_layers: int, fraction: float) -> Candidate:
+def ptq_imatrix_depth(bench: Bench, artifact: Path, num_layers: int, types: float | dict[str, str]) -> Candidate:
     """The teacher less its least influential layers, written with no training as an imatrix-weighted GGUF file.
 
-    The layers are chosen as ``student=importance_depth`` chooses them (block influence on the training split);
-    the types by :func:`~distill.compress.quant.type_map.calibrated_type_map` for ``1/fraction`` of the fp32
-    teacher's bytes; the rounding as ``llama-quantize --imatrix``'s, weighted by the shallower model's own
-    importance matrix (llama-imatrix runs on the model it quantizes).
+    The layers are the ones ``student=importance_depth student.num_layers=<num_layers>`` keeps (that config, built
+    on the training split); the types are a fixed ``{glob: type}`` mix, or chosen by
+    :func:`~distill.compress.quant.type_map.calibrated_type_map` for ``1/types`` of the fp32 *teacher's* bytes; the
+    rounding is ``llama-quantize --imatrix``'s, weighted by the shallower model's own importance matrix
+    (llama-imatrix runs on the model it quantizes).
     """
-    from distill.export.gguf import export_gguf, teacher_pre
-    from students.from_teacher import build as copy_layers
+    from bench.studies.recipe import compose_train
+    from distill.export.gguf import export_gguf, glob_types, teacher_pre
 
     teacher, dm = bench.teacher, bench.datamodule
-    model = copy_layers(teacher, num_layers=num_layers, select="block_influence", calibration=dm.train_set)
-    model = model.to(bench.device).eval()
-    fp32 = 4 * sum(p.numel() for p in {id(p): p for p in teacher.model.parameters()}.values())
-    names = schemes.targets(model, ["*norm*"], ["linear", "embedding"])
-    budget = ByteTarget(bytes=int(fp32 / fraction))
-    chosen = calibrated_type_map(model, names, dm.train_set, dm.block_size, budget, gguf_grid.KINDS, teacher.tokenizer)
-    trained = {f"{n}.weight": k for n, k in chosen.types.items()}
+    node = compose_train(["student=importance_depth", f"student.num_layers={num_layers}"], None).student
+    model = build(node, teacher=teacher, calibration=dm.train_set).to(bench.device).eval()
+    facts: dict[str, Any] = {"gguf_type": "q4_0", "imatrix": True, "kept_layers": model.layer_selection["kept"]}
+    if isinstance(types, dict):
+        trained = glob_types(model, types)
+        how = f"in {types}"
+    else:
+        fp32 = 4 * sum(p.numel() for p in {id(p): p for p in teacher.model.parameters()}.values())
+        budget = ByteTarget(bytes=int(fp32 / types))
+        names = schemes.targets(model, ["*norm*"], ["linear", "embedding"])
+        kinds = gguf_grid.KINDS
+        chosen = calibrated_type_map(model, names, dm.train_set, dm.block_size, budget, kinds, teacher.tokenizer)
+        if chosen.file_bytes > chosen.budget:  # a row labelled 1/8 that is larger would mislead every table
+            raise ValueError(f"{num_layers} layers do not fit 1/{types:g} of the teacher: {chosen.summary()}")
+        trained = {f"{n}.weight": k for n, k in chosen.types.items()}
+        how = f"on a map chosen for 1/{types:g} of the fp32 teacher's bytes"
+        facts["budget_bytes"] = budget.bytes
     importance = model_imatrix(bench, model)
-    pre = teacher_pre(bench.cfg.teacher)
+    weights, pre = importance.by_weight(), teacher_pre(bench.cfg.teacher)
     check = export_gguf(
-        model,
-        teacher.tokenizer,
-        artifact,
-        "q4_0",
-        trained,
-        pre=pre,
-        name=teacher.name,
-        importance=importance.by_weight(),
+        model, teacher.tokenizer, artifact, "q4_0", trained, pre=pre, name=teacher.name, importance=weights
     )
-    kept = model.layer_selection["kept"]
-    facts = {
-        "gguf_type": "q4_0",
-        "gguf_bytes": check.bytes,
-        "tokenizer_matches": check.tokenizer_matches,
-        "gguf_types": dict(sorted(Counter(trained.values()).items())),
-        "imatrix": True,
-        "kept_layers": kept,
-        "budget_bytes": budget.bytes,
-    }
+    facts |= {"gguf_bytes": check.bytes, "tokenizer_matches": check.tokenizer_matches}
+    facts["gguf_types"] = dict(sorted(Counter(trained.values()).items()))
     counts = ", ".join(f"{n} {k.upper()}" for k, n in facts["gguf_types"].items())
     notes = [
-        f"The teacher's layers {kept} ({num_layers} of {teacher.config.num_hidden_layers}, by block influence on the "
-        f"training split; no training) written by distill.export.gguf on a map chosen for 1/{fraction:g} of the fp32 "
-        f"teacher's bytes ({counts} matrices), rounded as llama-quantize --imatrix rounds, weighted by this model's "
-        f"own importance matrix ({importance.datasets[0]}), and measured as transformers' GGUF loader reloads it.",
+        f"The teacher's layers {facts['kept_layers']} ({num_layers} of {teacher.config.num_hidden_layers}, by block "
+        f"influence on the training split; no training) written by distill.export.gguf {how} ({counts} matrices), "
+        f"rounded as llama-quantize --imatrix rounds, weighted by this model's own importance matrix "
+        f"({importance.datasets[0]}), and measured as transformers' GGUF loader reloads it.",
     ]
-    config: dict[str, Any] = {"type": "q4_0", "imatrix": True, "gguf_types": trained, "kept_layers": kept}
-    return Candidate(_reload(bench, check.file), artifact, [{"kind": "ptq_gguf", "config": config}], facts, notes)
+    mods = [
+        {"kind": "layer_selection", "config": model.layer_selection},
+        {"kind": "ptq_gguf", "config": {"type": "q4_0", "imatrix": True, "gguf_types": trained}},
+    ]
+    return Candidate(_reload(bench, check.file), artifact, mods, facts, notes)
 
 
 def _tied_head(model: PreTrainedModel) -> bool:

@@ -291,7 +291,7 @@ class TypeMap:
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         return (
             f"{kinds}; file about {self.file_bytes / 2**20:.2f} MiB = 1/{self.ratio:.2f} of "
-            f"{self.reference_bytes / 2**20:.1f} MiB fp32 (budget 1/{self.reference_bytes / self.budget:.2f})"
+            f"{self.reference_bytes / 2**20:.1f} MiB fp32 (budget {self.budget / 2**20:.2f} MiB)"
         )
 
 
@@ -306,12 +306,18 @@ class ByteTarget:
     ratio: float | None = None
     bytes: int | None = None
 
+    def __post_init__(self) -> None:
+        if (self.ratio is None) == (self.bytes is None):
+            raise ValueError(f"ByteTarget takes a ratio or bytes, not both or neither: {self.ratio=}, {self.bytes=}")
+        if (self.ratio is not None and not self.ratio > 1) or (self.bytes is not None and not self.bytes > 0):
+            raise ValueError(f"ByteTarget needs a ratio above 1 or bytes above 0: {self.ratio=}, {self.bytes=}")
+
     def budget(self, reference: int) -> int:
         """The file's byte budget for a model of ``reference`` fp32 bytes."""
         return self.bytes if self.bytes is not None else int(reference / self.ratio)
 
     def __str__(self) -> str:
-        return f"{self.bytes} bytes" if self.bytes is not None else f"1/{self.ratio:g}"
+        return f"{self.bytes} bytes" if self.bytes is not None else f"1/{self.ratio:g} of fp32"
 
 
 def as_target(target: float | ByteTarget) -> ByteTarget:
@@ -404,7 +410,8 @@ def check_target(
     field = "callbacks.qat." + ("target_bytes" if by_bytes else "target_ratio")
     value = target_bytes if by_bytes else target_ratio
     if by_bytes and target_ratio is not None:
-        raise config_error(field, value, f"and target_ratio={target_ratio} both set the budget; give one (other null)")
+        fix = f"and target_ratio={target_ratio} both set the budget; give one (callbacks.qat.target_ratio=null)"
+        raise config_error(field, value, fix)
     if (
         isinstance(value, bool)
         or not isinstance(value, int if by_bytes else int | float)

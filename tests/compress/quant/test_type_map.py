@@ -162,3 +162,9 @@ def test_a_budget_in_bytes_is_the_same_budget_as_the_ratio_that_gives_those_byte
     smaller = budget_type_map(model, names, batches, ByteTarget(bytes=100_000), gguf_grid.KINDS)
     assert smaller.budget == 100_000
     assert smaller.file_bytes <= 100_000 < larger.file_bytes
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"ratio": 7.0, "bytes": 5}, {"ratio": 0.5}, {"bytes": 0}])
+def test_a_byte_target_takes_one_valid_budget(kwargs):
+    with pytest.raises(ValueError, match="ByteTarget"):
+        ByteTarget(**kwargs)
