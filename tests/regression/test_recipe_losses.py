@@ -2,7 +2,7 @@
 
 Each recipe runs 12 fp32 steps from the config's fixed seed, on the tiny_random teacher and a small student,
 with its compression schedule shrunk so that every stage it stacks acts within the run. The losses read back
-from the run's CSV metrics must equal the pins below to rtol 1e-5 (as torchtune's recipe tests do) until a
+from the run's CSV metrics must equal the pins below to rtol 5e-5 (torchtune's recipe tests use 1e-5) until a
 fake-quant grid acts, 1e-4 at the first step through it, and to a wider, measured tolerance after it (see
 ``POST_QAT_RTOL``): a refactoring that changes no maths passes; anything that moves a number fails here first.
 
@@ -321,13 +321,16 @@ PINS: dict[str, list[float]] = {
 
 
 # The tolerance once a rounding grid has acted on an update, per recipe (default POST_QAT_RTOL). Until then every
-# recipe reproduces its pins to 1e-5 on CPUs as different as an AMD EPYC (AVX2) and an Intel Xeon (AVX-512).
+# recipe reproduced its pins to 1e-5 on an AMD EPYC (AVX2) and an Intel Xeon (AVX-512); a later AMD EPYC with
+# AVX-512 moved distill_only's step-4 loss by 1.5e-5, so the pins before the grid hold to PRE_QAT_RTOL = 5e-5
+# (still 14x below what one optimizer step moves them: at least 7e-4 relative between distill_only's pinned steps).
 # After it, it cannot: the kernels' float rounding differs between CPUs in the last bits, a weight that sits
 # on a rounding boundary of the fake-quant grid lands on one side on one CPU and on the other side elsewhere,
 # and Adam turns tiny gradient differences into full-size steps. Measured between the two CPUs (and, on one
 # CPU, between ATen's AVX2 and AVX-512 kernels): the staged recipes move by up to 4e-5 relative; the QAD
 # recipes, whose student starts as the teacher's own copy, by up to 50 % at QUIET's learning rate of 0.01 and
 # by up to 4e-3 at their own 2e-5. The first forward through the grid is pinned to 1e-4 (1.2e-5 measured).
+PRE_QAT_RTOL = 5e-5
 POST_QAT_RTOL = 1e-3
 CROSS_CPU_RTOL = {"qad_int4": 2e-2, "qad_int4_ce": 2e-2, "qad_int3": 2e-2, "qad_q4_0": 2e-2, "qad_q4_mix": 2e-2}
 
@@ -362,7 +365,7 @@ def test_recipe_losses_match_the_pins(recipe, tmp_path, cache_dir):
     assert recipe in PINS, f"{recipe}: no pinned losses; regenerate them (see this module's docstring)"
     qat = cfg.callbacks.get("qat")
     start = STEPS if not qat else int(qat.start_step)
-    assert values[:start] == pytest.approx(PINS[recipe][:start], rel=1e-5)  # no rounding grid has acted yet
+    assert values[:start] == pytest.approx(PINS[recipe][:start], rel=PRE_QAT_RTOL)  # no rounding grid has acted yet
     # The first forward through the grid: weights equal to the last bits, a rare one rounded the other way.
     assert values[start : start + 1] == pytest.approx(PINS[recipe][start : start + 1], rel=1e-4)
     rtol = CROSS_CPU_RTOL.get(recipe, POST_QAT_RTOL)
