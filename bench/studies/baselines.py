@@ -334,24 +334,16 @@ def ptq_gguf(
     With ``mix`` (a QAT config name, :data:`PTQ_GGUF_MIX`, or ``{module glob: type}``), each weight takes the
     type it gives. ``weighted``: rounded as ``llama-quantize --imatrix`` rounds, by :func:`teacher_imatrix`.
     """
-    from distill.export.gguf import export_gguf, glob_types, teacher_pre
+    from distill.export.gguf import glob_types
 
-    model, tokenizer = bench.teacher.model, bench.teacher.tokenizer
-    pre = teacher_pre(bench.cfg.teacher)
+    model = bench.teacher.model
     trained = None
     if isinstance(mix, str):
         gguf_type, trained = mix_types(bench, model, mix)
     elif mix is not None:
         trained = glob_types(model, mix)
-    importance = teacher_imatrix(bench).by_weight() if weighted else None
-    check = export_gguf(
-        model, tokenizer, artifact, gguf_type, trained, pre=pre, name=bench.teacher.name, importance=importance
-    )
-    reloaded = _reload(bench, check.file)
-    facts = {"gguf_type": gguf_type, "gguf_bytes": check.bytes, "tokenizer_matches": check.tokenizer_matches}
-    if trained:
-        facts["gguf_types"] = dict(sorted(Counter(trained.values()).items()))
-    counts = ", ".join(f"{n} {k.upper()}" for k, n in facts.get("gguf_types", {}).items())
+    importance = teacher_imatrix(bench) if weighted else None
+    reloaded, facts, counts = _write_gguf(bench, artifact, model, gguf_type, trained, importance)
     named = isinstance(mix, str)
     source = f"conf/callbacks/qat/{mix}.yaml's mix of types" if named else f"{gguf_type.upper()} with {mix}"
     what = (
@@ -369,17 +361,39 @@ def ptq_gguf(
         f"The teacher written by distill.export.gguf {what}, {rounding}, norms F32, and measured as "
         "transformers' GGUF loader reloads it. In memory it runs dequantized (fp32); the size on disk is the file's.",
     ]
-    facts["imatrix"] = weighted
     config: dict[str, Any] = {"type": gguf_type, "imatrix": weighted}
     if trained:
         config["gguf_types"] = dict(trained)
     return Candidate(reloaded, artifact, [{"kind": "ptq_gguf", "config": config}], facts, notes)
 
 
-def _reload(bench: Bench, file: Path) -> nn.Module:
-    """A GGUF file as transformers' loader reads it (dequantized to fp32): what the evaluation measures."""
+def _write_gguf(
+    bench: Bench, artifact: Path, model: nn.Module, gguf_type: str, trained: dict[str, str] | None, importance: Any
+) -> tuple[nn.Module, dict[str, Any], str]:
+    """``model`` written as a GGUF file (``importance``: imatrix-weighted) and reloaded as transformers reads it.
+
+    Returns the reloaded model (dequantized to fp32: what the evaluation measures), the file's facts, and the
+    type counts of ``trained`` as a phrase ("94 IQ4_NL, 25 Q3_K").
+    """
+    from distill.export.gguf import export_gguf, teacher_pre
+
+    weights = importance.by_weight() if importance is not None else None
+    pre, name = teacher_pre(bench.cfg.teacher), bench.teacher.name
+    check = export_gguf(
+        model, bench.teacher.tokenizer, artifact, gguf_type, trained, pre=pre, name=name, importance=weights
+    )
+    file = check.file
     reloaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
-    return reloaded.to(bench.device).eval()
+    facts: dict[str, Any] = {
+        "gguf_type": gguf_type,
+        "gguf_bytes": check.bytes,
+        "tokenizer_matches": check.tokenizer_matches,
+    }
+    if trained:
+        facts["gguf_types"] = dict(sorted(Counter(trained.values()).items()))
+    facts["imatrix"] = importance is not None
+    counts = ", ".join(f"{n} {k.upper()}" for k, n in facts.get("gguf_types", {}).items())
+    return reloaded.to(bench.device).eval(), facts, counts
 
 
 def ptq_imatrix_depth(bench: Bench, artifact: Path, num_layers: int, types: float | dict[str, str]) -> Candidate:
@@ -392,18 +406,17 @@ def ptq_imatrix_depth(bench: Bench, artifact: Path, num_layers: int, types: floa
     (llama-imatrix runs on the model it quantizes).
     """
     from bench.studies.recipe import compose_train
-    from distill.export.gguf import export_gguf, glob_types, teacher_pre
+    from distill.export.gguf import glob_types
 
     teacher, dm = bench.teacher, bench.datamodule
     node = compose_train(["student=importance_depth", f"student.num_layers={num_layers}"], None).student
     model = build(node, teacher=teacher, calibration=dm.train_set).to(bench.device).eval()
-    facts: dict[str, Any] = {"gguf_type": "q4_0", "imatrix": True, "kept_layers": model.layer_selection["kept"]}
+    kept, extra = model.layer_selection["kept"], {}
     if isinstance(types, dict):
         trained = glob_types(model, types)
         how = f"in {types}"
     else:
-        fp32 = 4 * sum(p.numel() for p in {id(p): p for p in teacher.model.parameters()}.values())
-        budget = ByteTarget(bytes=int(fp32 / types))
+        budget = ByteTarget(bytes=int(4 * parameter_count(teacher.model) / types))
         names = schemes.targets(model, ["*norm*"], ["linear", "embedding"])
         kinds = gguf_grid.KINDS
         chosen = calibrated_type_map(model, names, dm.train_set, dm.block_size, budget, kinds, teacher.tokenizer)
@@ -411,17 +424,12 @@ def ptq_imatrix_depth(bench: Bench, artifact: Path, num_layers: int, types: floa
             raise ValueError(f"{num_layers} layers do not fit 1/{types:g} of the teacher: {chosen.summary()}")
         trained = {f"{n}.weight": k for n, k in chosen.types.items()}
         how = f"on a map chosen for 1/{types:g} of the fp32 teacher's bytes"
-        facts["budget_bytes"] = budget.bytes
+        extra["budget_bytes"] = budget.bytes
     importance = model_imatrix(bench, model)
-    weights, pre = importance.by_weight(), teacher_pre(bench.cfg.teacher)
-    check = export_gguf(
-        model, teacher.tokenizer, artifact, "q4_0", trained, pre=pre, name=teacher.name, importance=weights
-    )
-    facts |= {"gguf_bytes": check.bytes, "tokenizer_matches": check.tokenizer_matches}
-    facts["gguf_types"] = dict(sorted(Counter(trained.values()).items()))
-    counts = ", ".join(f"{n} {k.upper()}" for k, n in facts["gguf_types"].items())
+    reloaded, facts, counts = _write_gguf(bench, artifact, model, "q4_0", trained, importance)
+    facts |= {"kept_layers": kept, **extra}
     notes = [
-        f"The teacher's layers {facts['kept_layers']} ({num_layers} of {teacher.config.num_hidden_layers}, by block "
+        f"The teacher's layers {kept} ({num_layers} of {teacher.config.num_hidden_layers}, by block "
         f"influence on the training split; no training) written by distill.export.gguf {how} ({counts} matrices), "
         f"rounded as llama-quantize --imatrix rounds, weighted by this model's own importance matrix "
         f"({importance.datasets[0]}), and measured as transformers' GGUF loader reloads it.",
@@ -430,7 +438,7 @@ def ptq_imatrix_depth(bench: Bench, artifact: Path, num_layers: int, types: floa
         {"kind": "layer_selection", "config": model.layer_selection},
         {"kind": "ptq_gguf", "config": {"type": "q4_0", "imatrix": True, "gguf_types": trained}},
     ]
-    return Candidate(_reload(bench, check.file), artifact, mods, facts, notes)
+    return Candidate(reloaded, artifact, mods, facts, notes)
 
 
 def _tied_head(model: PreTrainedModel) -> bool:

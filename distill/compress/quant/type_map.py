@@ -35,6 +35,7 @@ from torch import nn
 from distill.compress.quant.gguf_grid import BLOCKS, fake_quantize
 from distill.compress.quant.schemes import QuantSpec, get_scheme
 from distill.config import config_error
+from distill.cost import parameter_count
 
 log = logging.getLogger("distill")
 
@@ -350,7 +351,7 @@ def budget_type_map(
     """
     importance = collect_importance(model, names, batches)
     units, unfit = build_units(model, names, importance, kinds)
-    reference = 4 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    reference = 4 * parameter_count(model)
     budget = as_target(target).budget(reference)
     quantized = {id(model.get_submodule(u.modules[0]).weight) for u in units}
     fixed, n_tensors = fixed_bytes(model, quantized)
