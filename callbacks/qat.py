@@ -56,6 +56,7 @@ class QuantizationAwareTraining(OneShotCompression):
         modules: ``[linear]`` (default) or ``[linear, embedding]`` (weight-only schemes; a ``skip`` without
             ``*embed*``); a tied head shares the embedding's Parameter and codes, and stays tied in the export.
         gguf_types: ``gguf_*`` schemes: ``{module glob: llama.cpp type}``, the last match winning; null: one type.
+        module_schemes: torchao schemes: ``{module glob: scheme or {scheme, group_size}}``, the last match winning.
         target_ratio: for ``gguf_*`` schemes instead of ``gguf_types``: a type per module so the GGUF file is at
             most 1/``target_ratio`` of the student's fp32 bytes (:mod:`distill.compress.quant.type_map`).
         target_bytes: instead of ``target_ratio``: the file's budget in bytes (``type_map.ByteTarget``).
@@ -78,6 +79,7 @@ class QuantizationAwareTraining(OneShotCompression):
         skip: list[str] | None = None,
         modules: list[str] | None = None,
         gguf_types: dict[str, str] | None = None,
+        module_schemes: dict[str, Any] | None = None,
         target_ratio: float | None = None,
         target_bytes: int | None = None,
         calibration_batches: int = 8,
@@ -89,14 +91,8 @@ class QuantizationAwareTraining(OneShotCompression):
         export_dir: str = "student_quantized",
     ) -> None:
         super().__init__()
-        self.spec = schemes.make_spec(
-            scheme,
-            group_size,
-            list(skip) if skip is not None else None,
-            FIELD,
-            list(modules) if modules is not None else None,
-            dict(gguf_types) if gguf_types else None,
-        )
+        skip, modules = list(skip) if skip is not None else None, list(modules) if modules is not None else None
+        self.spec = schemes.make_spec(scheme, group_size, skip, FIELD, modules, gguf_types, module_schemes)
         self.spec = with_learned_scales(self.spec, learn_scales, scale_gain)
         check_steps(self.spec, start_step, freeze_ranges_step, calibration_batches)
         self.target = check_target(self.spec, target_ratio, gguf_types, target_bytes)

@@ -55,6 +55,8 @@ def recipe_cfg(recipe: str, out: Path, cache_dir: Path, *extra: str) -> DictConf
                 node.heads = 3  # the recipes remove one query head per KV group; so does this
             if node._target_ == "callbacks.qat.QuantizationAwareTraining" and node.get("group_size") is not None:
                 node.group_size = 32  # the QAD recipes' 192 fits SmolLM2's widths, not the tiny student's
+                for entry in (node.get("module_schemes") or {}).values():
+                    entry.group_size = 32
             # down rows 256 wide, so the budget may give them K-quants too
             if node.get("target_ratio") or node.get("target_bytes"):
                 cfg.student.intermediate_size = 256
@@ -79,6 +81,7 @@ def test_every_recipe_is_tested():
         "qad_int4",
         "qad_int4_ce",
         "qad_int3",
+        "qad_int3_emb4",
         "qad_q4_0",
         "qad_q4_mix",
         "distill_sparse",
@@ -131,6 +134,9 @@ def test_recipe_runs_on_tiny_models_with_all_its_callbacks(recipe, tmp_path, cac
         assert report["run"]["artifact"] == str(tmp_path / "student_gguf")
     elif "qat" in expected and "lowrank" not in expected:  # QAT's compact form cannot hold factorised layers
         assert (tmp_path / "student_quantized").is_dir()
+        per_module = cfg.callbacks.qat.get("module_schemes") or {}
+        meta = json.loads((tmp_path / "student_quantized" / "quantization.json").read_text())
+        assert [g for g, _, _ in meta.get("module_schemes", [])] == list(per_module)  # as trained, in the file
 
 
 def test_stacked_max_report_lists_modifications_in_order(tmp_path, cache_dir):

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.compress.quant.schemes import QuantSpec, apply, get_scheme, is_quantized
+from distill.compress.quant.schemes import QuantSpec, apply, is_quantized
 from distill.compress.quant.sizes import size_report
 from distill.config import config_error
 from distill.cost import tensor_bytes
@@ -127,7 +127,7 @@ def save_quantized(
             "packed_intx": {k: bits for k, bits in packed.items() if bits != 4},
             "torchao_version": torchao.__version__,
             "torch_version": torch.__version__,
-            "base_config": repr(spec.base_config()),
+            "base_config": repr(spec.base_config()),  # module_schemes (in the spec) name the others
             **(extra or {}),
         }
         meta["size"] = size_report(model, tmp)
@@ -198,7 +198,7 @@ def dequantized_copy(model: PreTrainedModel, spec: QuantSpec | None = None) -> P
     quantize activations it keeps the quantized weights but runs activations in full precision (with ``spec``,
     a warning says so).
     """
-    if spec is not None and get_scheme(spec.scheme).act_bits is not None:
+    if spec is not None and spec.any_act_bits():
         import logging
 
         logging.getLogger("distill").warning(

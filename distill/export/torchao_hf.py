@@ -20,6 +20,8 @@ import copy
 from pathlib import Path
 
 from safetensors.torch import save_file
+from torchao.core.config import AOBaseConfig
+from torchao.quantization import FqnToConfig
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase, TorchAoConfig
 
 from distill.compress.quant.schemes import MODULE_KINDS, QuantSpec, is_quantized
@@ -34,6 +36,16 @@ def _left_alone(model: PreTrainedModel) -> list[str]:
     """Linear and Embedding modules whose weight was not quantized: transformers must leave them as they are."""
     kinds = tuple(MODULE_KINDS.values())
     return [n for n, m in model.named_modules() if isinstance(m, kinds) and not is_quantized(m.weight)]
+
+
+def quant_type(model: PreTrainedModel, spec: QuantSpec) -> AOBaseConfig:
+    """The spec's torchao config; with ``module_schemes``, torchao's ``FqnToConfig`` naming each quantized module."""
+    if not spec.module_schemes:
+        return spec.base_config()
+    by_name = {}
+    for config, keep in spec.applications():
+        by_name.update({name: config for name, m in model.named_modules() if keep(m, name)})
+    return FqnToConfig(by_name)
 
 
 def save_transformers_torchao(
@@ -52,7 +64,7 @@ def save_transformers_torchao(
         save_file(tensors, tmp / WEIGHTS_FILE, metadata=metadata)
         config = copy.deepcopy(model.config)
         config.quantization_config = TorchAoConfig(
-            quant_type=spec.base_config(),
+            quant_type=quant_type(model, spec),
             include_input_output_embeddings="embedding" in spec.modules,
             modules_to_not_convert=_left_alone(model),
         )

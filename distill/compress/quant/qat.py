@@ -57,7 +57,8 @@ def prepare(student: nn.Module, spec: QuantSpec, starts: Starts | None = None) -
     if schemes.get_scheme(spec.scheme).gguf is not None:
         _prepare_gguf(student, spec, starts or {})
         return
-    quantize_(student, QATConfig(spec.base_config(), step="prepare"), filter_fn=spec.filter())
+    for config, keep in spec.applications():  # one pass per scheme (module_schemes); the filters are disjoint
+        quantize_(student, QATConfig(config, step="prepare"), filter_fn=keep)
 
 
 def _swap(student: nn.Module, name: str, new: nn.Module) -> None:
@@ -269,11 +270,13 @@ def convert(student: nn.Module, spec: QuantSpec) -> dict[str, str]:
         if isinstance(fq, IntxFakeQuantizer) and not fq.config.is_dynamic and fq.scale is not None:
             fq.config.range_learning = True
     groups = schemes.shared_parameters(student)
-    quantize_(
-        student,
-        QATConfig(spec.base_config(), step="convert"),
-        filter_fn=lambda m, _fqn: isinstance(m, FAKE_QUANTIZED),
-    )
+    for config, keep in spec.applications():
+        # The fake-quant modules are Linear/Embedding subclasses, so each pass's filter finds its own.
+        quantize_(
+            student,
+            QATConfig(config, step="convert"),
+            filter_fn=lambda m, fqn, keep=keep: isinstance(m, FAKE_QUANTIZED) and keep(m, fqn),
+        )
     # convert quantizes each module's weight on its own; a tied embedding/head becomes one tensor again.
     schemes.retie(student, groups)
     return {}
@@ -348,6 +351,8 @@ def summarize_qat(config: Mapping[str, Any], _state: dict) -> str:
         if known.act_bits:
             what += f", int{known.act_bits} dynamic activations"
         what += f" ({scheme})"
+    for glob, name, group_size in config.get("module_schemes") or []:
+        what += f"; `{glob}`: {name}" + (f" in groups of {group_size}" if group_size else "")
     skip = config.get("skip")
     if skip is None:
         return what + ", default skip list"

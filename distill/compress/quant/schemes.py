@@ -256,13 +256,17 @@ class QuantSpec:
     gguf_types: tuple[tuple[str, str], ...] = ()
     # gguf_* schemes: the trained block scales' rate over the weights' (learned_scales.py); None: the grid's rule.
     scale_gain: float | None = None
+    # (glob, scheme, group size) for torchao schemes: a target whose name matches is quantized with that scheme
+    # instead (the last matching triple wins), e.g. a tied embedding/head kept at int4 while the layers are int3.
+    module_schemes: tuple[tuple[str, str, int | None], ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
         """Inverse of :meth:`to_dict`; records written before ``modules`` existed mean Linear layers only."""
         types = tuple((str(g), str(k)) for g, k in d.get("gguf_types", []))
         modules = tuple(d.get("modules", DEFAULT_MODULES))
-        return cls(d["scheme"], d["group_size"], tuple(d["skip"]), modules, types, d.get("scale_gain"))
+        per_module = tuple((str(g), str(k), n) for g, k, n in d.get("module_schemes", []))
+        return cls(d["scheme"], d["group_size"], tuple(d["skip"]), modules, types, d.get("scale_gain"), per_module)
 
     def gguf_kind(self, name: str) -> str | None:
         """The llama.cpp type of the target called ``name`` (None for torchao schemes)."""
@@ -285,15 +289,48 @@ class QuantSpec:
             d["gguf_types"] = [list(pair) for pair in self.gguf_types]
         if self.scale_gain is not None:
             d["scale_gain"] = self.scale_gain
+        if self.module_schemes:
+            d["module_schemes"] = [list(triple) for triple in self.module_schemes]
         return d
 
     def base_config(self) -> AOBaseConfig:
-        """The torchao PTQ config."""
+        """The torchao PTQ config of the spec's own scheme (the targets no ``module_schemes`` glob matches)."""
         return base_config(get_scheme(self.scheme), self.group_size)
 
     def filter(self) -> Callable[[nn.Module, str], bool]:
         """The ``filter_fn`` selecting the modules to quantize."""
         return module_filter(self.skip, self.modules)
+
+    def scheme_for(self, name: str) -> tuple[str, int | None]:
+        """The torchao scheme and group size of the target called ``name`` (``module_schemes``, last match)."""
+        chosen = (self.scheme, self.group_size)
+        for glob, scheme, group_size in self.module_schemes:
+            if fnmatch.fnmatchcase(name, glob):
+                chosen = (scheme, group_size)
+        return chosen
+
+    def applications(self) -> list[tuple[AOBaseConfig, Callable[[nn.Module, str], bool]]]:
+        """One ``(torchao config, filter_fn)`` per distinct scheme of the targets, for ``quantize_`` in turn.
+
+        The filters are disjoint (each target has one scheme), so applying them one after another quantizes
+        every target once, whatever the order.
+        """
+        keep = self.filter()
+        out = []
+        for scheme, group_size in dict.fromkeys(
+            [(self.scheme, self.group_size)] + [t[1:] for t in self.module_schemes]
+        ):
+
+            def mine(module: nn.Module, fqn: str, chosen: tuple[str, int | None] = (scheme, group_size)) -> bool:
+                return keep(module, fqn) and self.scheme_for(fqn) == chosen
+
+            out.append((base_config(get_scheme(scheme), group_size), mine))
+        return out
+
+    def any_act_bits(self) -> bool:
+        """Whether some target's scheme also quantizes activations (``int8_dynact_*``)."""
+        names = [self.scheme] + [scheme for _, scheme, _ in self.module_schemes]
+        return any(get_scheme(n).act_bits is not None for n in names)
 
 
 def make_spec(
@@ -303,13 +340,44 @@ def make_spec(
     prefix: str = "",
     modules: Sequence[str] | None = None,
     gguf_types: Mapping[str, str] | None = None,
+    module_schemes: Mapping[str, Any] | None = None,
 ) -> QuantSpec:
     """Validate user settings into a :class:`QuantSpec`; ``prefix`` names the config node in errors."""
     s = get_scheme(scheme, f"{prefix}scheme")
     gs = resolve_group_size(s, group_size, f"{prefix}group_size")
     kinds = resolve_modules(s, modules, f"{prefix}modules")
     types = resolve_gguf_types(s, gguf_types, f"{prefix}gguf_types")
-    return QuantSpec(s.name, gs, tuple(DEFAULT_SKIP if skip is None else skip), kinds, types)
+    per_module = resolve_module_schemes(s, module_schemes, f"{prefix}module_schemes")
+    return QuantSpec(s.name, gs, tuple(DEFAULT_SKIP if skip is None else skip), kinds, types, None, per_module)
+
+
+def resolve_module_schemes(
+    scheme: Scheme, module_schemes: Mapping[str, Any] | None, field: str
+) -> tuple[tuple[str, str, int | None], ...]:
+    """Validate per-module torchao schemes: ``{glob: scheme}`` or ``{glob: {scheme: ..., group_size: ...}}``.
+
+    Each scheme must be torchao's (llama.cpp types per module are ``gguf_types``) with a group size it takes;
+    a missing group size is the scheme's default. Whether the globs match and the sizes fit the model is
+    :func:`check_spec`'s.
+    """
+    if not module_schemes:
+        return ()
+    if scheme.gguf is not None:
+        why = f"{scheme.name} is llama.cpp's grid; give per-module llama.cpp types in gguf_types instead"
+        raise config_error(field, dict(module_schemes), why)
+    out = []
+    for glob, value in module_schemes.items():
+        entry = {"scheme": value} if isinstance(value, str) else value
+        if not isinstance(entry, Mapping) or set(entry) - {"scheme", "group_size"} or "scheme" not in entry:
+            why = "give each glob a scheme name or {scheme: <name>, group_size: <int or null>}"
+            raise config_error(f"{field}.{glob}", value, why)
+        chosen = get_scheme(str(entry["scheme"]), f"{field}.{glob}.scheme")
+        if chosen.gguf is not None:
+            why = "per-module schemes are torchao's; llama.cpp types go in gguf_types with a gguf_* scheme"
+            raise config_error(f"{field}.{glob}.scheme", chosen.name, why)
+        group = resolve_group_size(chosen, entry.get("group_size"), f"{field}.{glob}.group_size")
+        out.append((str(glob), chosen.name, group))
+    return tuple(out)
 
 
 def resolve_gguf_types(scheme: Scheme, gguf_types: Mapping[str, str] | None, field: str) -> tuple[tuple[str, str], ...]:
@@ -329,7 +397,11 @@ def resolve_gguf_types(scheme: Scheme, gguf_types: Mapping[str, str] | None, fie
 def check_spec(model: nn.Module, spec: QuantSpec, prefix: str = "") -> None:
     """:func:`check_targets` for torchao's grids; for llama.cpp's, the skip list and each target's type."""
     if get_scheme(spec.scheme).gguf is None:
-        check_targets(model, spec.skip, spec.group_size, prefix, spec.modules)
+        if not spec.module_schemes:
+            check_targets(model, spec.skip, spec.group_size, prefix, spec.modules)
+            return
+        check_targets(model, spec.skip, None, prefix, spec.modules)
+        check_module_schemes(model, spec, prefix)
         return
     check_targets(model, spec.skip, None, prefix, spec.modules)  # the blocks are the types', checked next
     check_gguf_types(model, spec, prefix)
@@ -365,6 +437,40 @@ def check_gguf_types(model: nn.Module, spec: QuantSpec, prefix: str = "") -> Non
                 dict(spec.gguf_types),
                 f"{' and '.join(sorted(owners))} share one weight but get types {', '.join(sorted(kinds))}; "
                 "give them one type",
+            )
+
+
+def check_module_schemes(model: nn.Module, spec: QuantSpec, prefix: str = "") -> None:
+    """Refuse per-module schemes that cannot apply to ``model``, naming the setting and the module.
+
+    A glob that matches no target, a group size that does not divide a target's rows, a scheme with quantized
+    activations on an embedding, and two schemes on one shared (tied) weight are refused.
+    """
+    field = f"{prefix}module_schemes"
+    names = targets(model, spec.skip, spec.modules)
+    for glob, scheme, _ in spec.module_schemes:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            raise config_error(f"{field}.{glob}", scheme, "the glob matches no quantized module; check the names")
+    for name in names:
+        scheme, group_size = spec.scheme_for(name)
+        module = model.get_submodule(name)
+        glob = next((g for g, _, _ in reversed(spec.module_schemes) if fnmatch.fnmatchcase(name, g)), None)
+        at = f"{field}.{glob}." if glob is not None else prefix  # the setting that gave this target its scheme
+        if isinstance(module, nn.Embedding) and get_scheme(scheme).act_bits is not None:
+            raise config_error(f"{at}scheme", scheme, f"{name} is a table lookup; give it a weight-only scheme")
+        width = _group_axis_width(module)
+        if group_size is not None and width % group_size:
+            why = f"it does not divide the {width}-wide rows of {name}; give a group size that does"
+            raise config_error(f"{at}group_size", group_size, why)
+    for group in shared_parameters(model):  # a tied embedding and head are one Parameter: one scheme
+        owners = {n.removesuffix(".weight") for n in group if n.endswith(".weight")} & set(names)
+        chosen = {n: spec.scheme_for(n) for n in sorted(owners)}
+        if len(set(chosen.values())) > 1:
+            each = ", ".join(f"{n} {k}" + (f" in groups of {g}" if g else "") for n, (k, g) in chosen.items())
+            raise config_error(
+                field,
+                {g: [k, n] for g, k, n in spec.module_schemes},
+                f"{' and '.join(chosen)} share one weight but get {each}; give them one scheme",
             )
 
 
@@ -404,14 +510,15 @@ def retie(model: nn.Module, groups: list[list[str]]) -> list[list[str]]:
 def apply(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """``quantize_`` the spec's targets (in place), keeping shared parameters shared (:func:`retie`)."""
     groups = shared_parameters(model)
-    quantize_(model, spec.base_config(), filter_fn=spec.filter())
+    for config, keep in spec.applications():
+        quantize_(model, config, filter_fn=keep)
     retie(model, groups)
     return model
 
 
 def ptq(model: nn.Module, spec: QuantSpec) -> nn.Module:
     """Post-training quantization: apply the scheme's torchao config directly, no training (in place)."""
-    check_targets(model, spec.skip, spec.group_size, modules=spec.modules)
+    check_spec(model, spec)
     return apply(model, spec)
 
 
