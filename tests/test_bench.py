@@ -50,6 +50,7 @@ def test_bench_scripts_are_the_expected_ones():
         "share_lowrank",
         "sparsity",
         "step_time",
+        "table_bits",
         "teacher_cache",
     ]
 
@@ -294,3 +295,24 @@ def test_paired_runs_gives_the_variant_minus_the_reference_over_the_same_documen
     with pytest.raises(ConfigError, match=r"^comparisons.mine='mine': its runs trained 40 and 73 steps"):
         run(bench_cfg("paired_runs", ["~comparisons", f"+comparisons={{mine: {pair}}}", f"out={tmp_path / 'out2'}"]))
     assert not (tmp_path / "out2").exists()
+
+
+def test_table_bits_rounds_only_the_part_each_variant_names_at_the_bits_it_reports():
+    import torch
+
+    from bench.table_bits import VARIANTS, stored_bits, variant_spec
+    from distill.compress.quant import schemes
+    from tests.helpers import tiny_llama
+
+    for label, (layers, table) in VARIANTS.items():
+        model = tiny_llama(vocab_size=128, hidden_size=192, intermediate_size=384, head_dim=48).eval()
+        schemes.ptq(model, variant_spec(layers, table))
+        head, down = model.lm_head.weight, model.model.layers[0].mlp.down_proj.weight
+        assert schemes.is_quantized(head) == (table is not None), label
+        assert schemes.is_quantized(down) == (layers is not None), label
+        assert model.model.embed_tokens.weight is head  # still one tied tensor
+        if table is not None:
+            bits = {"int3_weight_only": 3, "int4_weight_only": 4, "int5_weight_only": 5}[table[0]]
+            assert head.target_dtype == getattr(torch, f"int{bits}")
+            # codes at their width, plus an fp32 scale and an int8 zero point per group
+            assert stored_bits(head) == pytest.approx(bits + 40 / table[1]), label

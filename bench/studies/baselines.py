@@ -18,6 +18,8 @@ deployable artifact folder (its size on disk is the report's) and a report again
 * ``ptq_imatrix_depth_eighth`` / ``ptq_imatrix_depth_smallest``: llama.cpp files at 1/8 of the fp32 teacher made
   with no training (26 or 27 of its 30 layers by block influence, imatrix-weighted; the smallest full-depth file
   is 1/7.54): :data:`PTQ_IMATRIX_DEPTH`;
+* ``ptq_int3_emb4_24layers``: ``experiment=qad_int3_emb4``'s 24 layers and grids (int3 layers, an int4 tied
+  embedding/head) with no training: :data:`PTQ_DEPTH`;
 * ``prune_noheal``: the student of a pruning recipe (``distill_prune``: ``from_teacher``, half the MLP
   channels, 6 of 9 heads, activation importance on its calibration batches) pruned once with no training.
 
@@ -112,6 +114,12 @@ PTQ_IMATRIX_DEPTH: dict[str, tuple[int, float | dict[str, str]]] = {
     "ptq_imatrix_depth_eighth": (26, 8.0),
     "ptq_imatrix_depth_smallest": (27, {"*": "iq4_nl", "*.mlp.down_proj": "q2_k"}),
 }
+# label → (layers kept, the layers' torchao grid, the tied embedding/head's grid): experiment=qad_int3_emb4's
+# student and grids (24 layers by block influence, int3 in groups of 192, the table at int4 in groups of 96: 1/10 of
+# the fp32 teacher) with no training, its control at equal bytes.
+PTQ_DEPTH: dict[str, tuple[int, tuple[str, int], tuple[str, int]]] = {
+    "ptq_int3_emb4_24layers": (24, ("int3_weight_only", 192), ("int4_weight_only", 96)),
+}
 QAT_CONF = ROOT / "conf" / "callbacks" / "qat"
 LABELS = (
     "teacher_fp32",
@@ -122,6 +130,7 @@ LABELS = (
     *PTQ_GGUF_MIX,
     *PTQ_IMATRIX,
     *PTQ_IMATRIX_DEPTH,
+    *PTQ_DEPTH,
     *BNB,
     "prune_noheal",
 )
@@ -235,9 +244,9 @@ def ptq_spec(label: str) -> schemes.QuantSpec:
     return schemes.make_spec(scheme, group_size, list(PTQ_SKIP), modules=PTQ_MODULES)
 
 
-def ptq(bench: Bench, artifact: Path, spec: schemes.QuantSpec) -> Candidate:
-    """Post-training quantization (torchao) of a copy of the teacher, written as the compact quantized export."""
-    model = copy.deepcopy(bench.teacher.model)
+def ptq(bench: Bench, artifact: Path, spec: schemes.QuantSpec, model: nn.Module | None = None) -> Candidate:
+    """Post-training quantization (torchao) of a copy of the teacher (or of ``model``), as the compact export."""
+    model = copy.deepcopy(bench.teacher.model) if model is None else model
     tied = _tied_head(model)
     schemes.ptq(model, spec)
     save_quantized(
@@ -257,12 +266,44 @@ def ptq(bench: Bench, artifact: Path, spec: schemes.QuantSpec) -> Candidate:
         "fp32 scale and int8 zero point each) on every nn.Linear and the token embedding; norms stay fp32. "
         "Codes are packed to their width on disk and kept one per byte in memory (torchao's CPU layout).",
     ]
+    if spec.module_schemes:
+        facts["module_schemes"] = [list(t) for t in spec.module_schemes]
+        each = "; ".join(f"{g}: {k} in groups of {n}" for g, k, n in spec.module_schemes)
+        notes.append(f"Per module instead (module_schemes): {each}.")
     if tied:
         notes.append(
             "The output head is tied to the token embedding: the matrix is quantized once and stays tied, "
             "stored once in the artifact (as in the fp32 and GGUF files)."
         )
     return Candidate(model, artifact, [{"kind": "ptq", "config": spec.to_dict()}], facts, notes)
+
+
+def depth_student(bench: Bench, num_layers: int) -> PreTrainedModel:
+    """The teacher less its least influential layers: what ``student=importance_depth`` keeps, built the same way."""
+    from bench.studies.recipe import compose_train
+
+    node = compose_train(["student=importance_depth", f"student.num_layers={num_layers}"], None).student
+    model = build(node, teacher=bench.teacher, calibration=bench.datamodule.train_set)
+    return model.to(bench.device).eval()
+
+
+def ptq_depth(
+    bench: Bench, artifact: Path, num_layers: int, layers: tuple[str, int], table: tuple[str, int]
+) -> Candidate:
+    """:func:`ptq` of :func:`depth_student` with the layers on one torchao grid and the tied table on another."""
+    model = depth_student(bench, num_layers)
+    per_module = {n: {"scheme": table[0], "group_size": table[1]} for n in ("model.embed_tokens", "lm_head")}
+    spec = schemes.make_spec(*layers, list(PTQ_SKIP), "", PTQ_MODULES, None, per_module)
+    cand = ptq(bench, artifact, spec, model)
+    kept = model.layer_selection["kept"]
+    cand.modifications.insert(0, {"kind": "layer_selection", "config": model.layer_selection})
+    cand.facts["kept_layers"] = kept
+    cand.notes.insert(
+        0,
+        f"The teacher's layers {kept} ({num_layers} of {bench.teacher.config.num_hidden_layers}, by block influence "
+        "on the training split), no training.",
+    )
+    return cand
 
 
 def mix_types(bench: Bench, model: nn.Module, qat_config: str) -> tuple[str, dict[str, str]]:
@@ -405,12 +446,10 @@ def ptq_imatrix_depth(bench: Bench, artifact: Path, num_layers: int, types: floa
     rounding is ``llama-quantize --imatrix``'s, weighted by the shallower model's own importance matrix
     (llama-imatrix runs on the model it quantizes).
     """
-    from bench.studies.recipe import compose_train
     from distill.export.gguf import glob_types
 
     teacher, dm = bench.teacher, bench.datamodule
-    node = compose_train(["student=importance_depth", f"student.num_layers={num_layers}"], None).student
-    model = build(node, teacher=teacher, calibration=dm.train_set).to(bench.device).eval()
+    model = depth_student(bench, num_layers)
     kept, extra = model.layer_selection["kept"], {}
     if isinstance(types, dict):
         trained = glob_types(model, types)
@@ -728,6 +767,7 @@ def run_baseline(bench: Bench, label: str, layout: Layout) -> dict[str, Any]:
         **{k: (lambda k=k: ptq_gguf(bench, artifact, "q4_0", PTQ_GGUF_MIX[k])) for k in PTQ_GGUF_MIX},
         **{k: (lambda k=k: ptq_gguf(bench, artifact, *PTQ_IMATRIX[k], weighted=True)) for k in PTQ_IMATRIX},
         **{k: (lambda k=k: ptq_imatrix_depth(bench, artifact, *PTQ_IMATRIX_DEPTH[k])) for k in PTQ_IMATRIX_DEPTH},
+        **{k: (lambda k=k: ptq_depth(bench, artifact, *PTQ_DEPTH[k])) for k in PTQ_DEPTH},
         **{k: (lambda k=k: bnb(bench, artifact, k, _fp32_source(bench, layout))) for k in BNB},
     }
     if label in BNB:

@@ -2,6 +2,7 @@
 
     python -m distill.export.ptq model=logs/train/runs/<run>/student scheme=int8_dynact_int4_weight \
         [group_size=32] [out=<folder>] [skip='[lm_head,*embed*,*norm*]'] [modules='[linear,embedding]']
+        ['module_schemes={model.embed_tokens: int4_weight_only, lm_head: int4_weight_only}']
 
 Loads a plain Hugging Face folder, applies the scheme's torchao config with ``quantize_`` (no training,
 no calibration data: the weight scales come from the weights themselves), and writes the same compact
@@ -33,11 +34,13 @@ def quantize_export(
     skip: list[str] | None = None,
     out: str | Path | None = None,
     modules: list[str] | None = None,
+    module_schemes: dict | None = None,
 ) -> tuple[PreTrainedModel, Path]:
     """Load ``model_dir``, quantize it post-training with ``scheme`` and write the compact export.
 
     ``modules`` are the module kinds targeted (``linear``, ``embedding``; default Linear layers only);
     ``skip`` globs still apply to them, so quantizing the embedding also needs a skip list without ``*embed*``.
+    ``module_schemes`` gives some modules another scheme (:func:`~distill.compress.quant.schemes.make_spec`).
 
     Returns:
         The quantized model (in memory) and the folder it was written to.
@@ -46,7 +49,7 @@ def quantize_export(
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise config_error("model", str(model_dir), "no config.json there; give a folder written by the plain export")
-    spec = quantization.make_spec(scheme, group_size, skip, modules=modules)
+    spec = quantization.make_spec(scheme, group_size, skip, modules=modules, module_schemes=module_schemes)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir) if (model_dir / "tokenizer_config.json").is_file() else None
     quantization.ptq(model, spec)
@@ -63,7 +66,9 @@ def run(cfg: DictConfig) -> Path:
     skip = OmegaConf.to_container(cfg.skip) if OmegaConf.is_config(cfg.skip) else cfg.skip
     modules = cfg.get("modules")
     modules = OmegaConf.to_container(modules) if OmegaConf.is_config(modules) else modules
-    model, out = quantize_export(cfg.model, cfg.scheme, cfg.group_size, skip, cfg.out, modules)
+    per_module = cfg.get("module_schemes")
+    per_module = OmegaConf.to_container(per_module) if OmegaConf.is_config(per_module) else per_module
+    model, out = quantize_export(cfg.model, cfg.scheme, cfg.group_size, skip, cfg.out, modules, per_module)
     report = size_report(model, out)
     print(
         f"wrote {out}: {int(report['quantized_weights'])} quantized weights at {report['bits_per_weight']:.2f} "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from bench.studies import baselines
 from distill.config import ConfigError
 from distill.cost import disk_bytes
+from distill.export.quantized import load_quantized
 from tests.conftest import CONF, ROOT
 
 TINY_EVAL = [
@@ -284,4 +286,29 @@ def test_the_depth_reduced_imatrix_row_keeps_the_measured_layers_within_its_byte
     )  # the teacher less one layer (both layers have the same shapes)
     assert student["cost/bytes_disk"] > copy_fp32 / 5
     assert len(run["gguf_types"]) > 1  # the budget mixed the types
+    assert student["heldout/kl_to_teacher"] > 0
+
+
+def test_the_mixed_torchao_row_keeps_the_measured_layers_and_stores_the_table_on_its_own_grid(
+    tmp_path, cache_dir, monkeypatch
+):
+    # qad_int3_emb4's control (24 of 30 layers, int3 g192, table int4 g96) shrunk to the tiny teacher: 1 of its 2
+    # layers, groups of 32 (its widths take no 96 or 192).
+    grids = (("int3_weight_only", 32), ("int4_weight_only", 32))
+    monkeypatch.setitem(baselines.PTQ_DEPTH, "ptq_int3_emb4_24layers", (1, *grids))
+    cfg = bench_cfg(tmp_path, cache_dir, "baselines=[ptq_int3_emb4_24layers]")
+    report = baselines.run(cfg)["ptq_int3_emb4_24layers"]
+    run, student = report["run"], report["metrics"]["student"]
+    assert [m["kind"] for m in report["modifications"]] == ["layer_selection", "ptq"]
+    assert len(run["kept_layers"]) == 1 and run["scheme"] == "int3_weight_only"
+    assert run["module_schemes"] == [
+        ["model.embed_tokens", "int4_weight_only", 32],
+        ["lm_head", "int4_weight_only", 32],
+    ]
+    artifact = tmp_path / "runs" / "baseline_ptq_int3_emb4_24layers" / "artifact"
+    reloaded = load_quantized(artifact)
+    assert reloaded.config.num_hidden_layers == 1
+    # the tiny teacher's head is its own matrix: both take the table's grid
+    assert reloaded.lm_head.weight.target_dtype == reloaded.model.embed_tokens.weight.target_dtype == torch.int4
+    assert reloaded.model.layers[0].mlp.down_proj.weight.target_dtype == torch.int3
     assert student["heldout/kl_to_teacher"] > 0

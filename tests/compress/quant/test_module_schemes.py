@@ -111,3 +111,26 @@ def test_bad_module_schemes_are_refused_by_name():
         mixed_spec({"lm_head": {"bits": 4}}, FIELD)
     with pytest.raises(ConfigError, match=r"callbacks.qat.module_schemes=.*gguf_types"):
         schemes.make_spec("gguf_q4_0", None, ["*norm*"], FIELD, None, None, {"lm_head": "int4_weight_only"})
+
+
+def test_the_ptq_command_takes_module_schemes_from_its_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    from distill.export import ptq
+
+    tiny_llama(vocab_size=128).save_pretrained(tmp_path / "fp")
+    cfg = OmegaConf.create(
+        {
+            "model": str(tmp_path / "fp"),
+            "scheme": "int3_weight_only",
+            "group_size": 64,
+            "skip": ["*norm*"],
+            "modules": ["linear", "embedding"],
+            "module_schemes": HEAD_INT4,
+            "out": str(tmp_path / "q"),
+        }
+    )
+    out = ptq.run(cfg)
+    model = load_quantized(out)
+    assert code_width(model.lm_head.weight) == torch.int4 and model.lm_head.weight.block_size[-1] == 32
+    assert code_width(model.model.layers[0].self_attn.o_proj.weight) == torch.int3
