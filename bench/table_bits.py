@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         models[label] = model
         head = model.get_output_embeddings().weight
         bits[label] = stored_bits(head) if schemes.is_quantized(head) else 32.0
-    batches = dm.heldout_dataloader("val", cfg.batches)
+    batches = dm.heldout_dataloader("val", cfg.batches)  # tuning data: the choice of grids is made on it
     eos = teacher.tokenizer.eos_token_id
     scores = heldout_metrics(models, teacher, batches, teacher.vocab_size, eos_token_id=eos)
     rows = {label: {"table_bits_per_weight": bits[label], **scores[label]} for label in VARIANTS}
@@ -116,7 +116,9 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for label, r in result["rows"].items():
         top1 = f"{r['top1_agreement']:.3f} [{r['top1_agreement_ci_low']:.3f}, {r['top1_agreement_ci_high']:.3f}]"
-        lines.append(f"| `{label}` | {r['table_bits_per_weight']:.2f} | {top1} | {r['kl_to_teacher']:.3f} |")
+        bits = r["table_bits_per_weight"]
+        shown = "32 (fp32)" if bits == 32 else f"{bits:.2f}"
+        lines.append(f"| `{label}` | {shown} | {top1} | {r['kl_to_teacher']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
