@@ -69,18 +69,15 @@ def stored_bits(weight: Any) -> float:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Quantize the teacher each way, score every copy in one pass over the validation batches, write the table."""
-    import lightning.pytorch as pl
     import torch
 
+    from bench.studies.baselines import prepare
     from distill.compress.quant import schemes
-    from distill.config import build
     from distill.eval.heldout import heldout_metrics
 
     torch.set_num_threads(cfg.threads)
-    pl.seed_everything(cfg.seed)
-    teacher = build(cfg.teacher)
-    dm = build(cfg.data, tokenizer=teacher.tokenizer)
-    dm.setup("fit")
+    bench = prepare(cfg)  # seed, teacher and data as train.py sets them up
+    teacher, dm = bench.teacher, bench.datamodule
     models, bits = {}, {}
     for label, (layers, table) in VARIANTS.items():
         model = schemes.ptq(copy.deepcopy(teacher.model).eval(), variant_spec(layers, table))

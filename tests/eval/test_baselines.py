@@ -289,6 +289,7 @@ def test_the_depth_reduced_imatrix_row_keeps_the_measured_layers_within_its_byte
     assert student["heldout/kl_to_teacher"] > 0
 
 
+@pytest.mark.slow  # a baseline run (about 30 s); its parts are the default suite's: tests/compress/quant
 def test_the_mixed_torchao_row_keeps_the_measured_layers_and_stores_the_table_on_its_own_grid(
     tmp_path, cache_dir, monkeypatch
 ):
