@@ -30,7 +30,6 @@ from omegaconf import DictConfig
 
 from distill.config import exit_on_config_error
 
-TABLE = ("model.embed_tokens", "lm_head")  # the tied table: one Parameter, so one scheme for both names
 # label → (layers' grid, table's grid); a grid is (torchao scheme, group size), None leaves that part exact.
 VARIANTS: dict[str, tuple[tuple[str, int] | None, tuple[str, int] | None]] = {
     "everything_int3_g192": (("int3_weight_only", 192), ("int3_weight_only", 192)),
@@ -46,25 +45,23 @@ VARIANTS: dict[str, tuple[tuple[str, int] | None, tuple[str, int] | None]] = {
 
 def variant_spec(layers: tuple[str, int] | None, table: tuple[str, int] | None) -> Any:
     """The PTQ spec of one variant: the layers' grid as the scheme, the table's as ``module_schemes``."""
+    from bench.studies.baselines import TABLE, table_schemes
     from distill.compress.quant import schemes
 
-    per_module = {name: {"scheme": table[0], "group_size": table[1]} for name in TABLE} if table else None
     if layers is None:  # the table alone: every Linear but the head skipped
         return schemes.make_spec(table[0], table[1], ["*norm*", "*layers*"], "", ["linear", "embedding"])
     skip = ["*norm*"] if table else ["*norm*", *TABLE]
+    per_module = table_schemes(table) if table else None
     return schemes.make_spec(layers[0], layers[1], skip, "", ["linear", "embedding"], None, per_module)
 
 
 def stored_bits(weight: Any) -> float:
     """Bits per weight a torchao quantized tensor takes on disk: packed codes, scales and zero points."""
+    from distill.cost import tensor_bytes
     from distill.export.quantized import PACKED_BITS
 
-    bits = PACKED_BITS.get(weight.target_dtype, 8)
-    extra = (
-        weight.scale.numel() * weight.scale.element_size()
-        + weight.zero_point.numel() * weight.zero_point.element_size()
-    )
-    return bits + 8 * extra / weight.qdata.numel()
+    codes = weight.qdata.numel()  # one int8 per code in memory; packed to its width on disk
+    return PACKED_BITS.get(weight.target_dtype, 8) + 8 * (tensor_bytes(weight) - codes) / codes
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

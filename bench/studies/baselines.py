@@ -120,6 +120,8 @@ PTQ_IMATRIX_DEPTH: dict[str, tuple[int, float | dict[str, str]]] = {
 PTQ_DEPTH: dict[str, tuple[int, tuple[str, int], tuple[str, int]]] = {
     "ptq_int3_emb4_24layers": (24, ("int3_weight_only", 192), ("int4_weight_only", 96)),
 }
+# SmolLM2's tied token table by its two module names: one Parameter, so module_schemes gives both one grid.
+TABLE = ("model.embed_tokens", "lm_head")
 QAT_CONF = ROOT / "conf" / "callbacks" / "qat"
 LABELS = (
     "teacher_fp32",
@@ -278,6 +280,11 @@ def ptq(bench: Bench, artifact: Path, spec: schemes.QuantSpec, model: nn.Module 
     return Candidate(model, artifact, [{"kind": "ptq", "config": spec.to_dict()}], facts, notes)
 
 
+def table_schemes(grid: tuple[str, int]) -> dict[str, dict[str, Any]]:
+    """``module_schemes`` putting the tied table (:data:`TABLE`) on the torchao ``grid`` (scheme, group size)."""
+    return {name: {"scheme": grid[0], "group_size": grid[1]} for name in TABLE}
+
+
 def depth_student(bench: Bench, num_layers: int) -> PreTrainedModel:
     """The teacher less its least influential layers: what ``student=importance_depth`` keeps, built the same way."""
     from bench.studies.recipe import compose_train
@@ -292,8 +299,7 @@ def ptq_depth(
 ) -> Candidate:
     """:func:`ptq` of :func:`depth_student` with the layers on one torchao grid and the tied table on another."""
     model = depth_student(bench, num_layers)
-    per_module = {n: {"scheme": table[0], "group_size": table[1]} for n in ("model.embed_tokens", "lm_head")}
-    spec = schemes.make_spec(*layers, list(PTQ_SKIP), "", PTQ_MODULES, None, per_module)
+    spec = schemes.make_spec(*layers, list(PTQ_SKIP), "", PTQ_MODULES, None, table_schemes(table))
     cand = ptq(bench, artifact, spec, model)
     kept = model.layer_selection["kept"]
     cand.modifications.insert(0, {"kind": "layer_selection", "config": model.layer_selection})

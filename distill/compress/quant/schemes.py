@@ -301,13 +301,14 @@ class QuantSpec:
         """The ``filter_fn`` selecting the modules to quantize."""
         return module_filter(self.skip, self.modules)
 
+    def module_scheme(self, name: str) -> tuple[str, str, int | None] | None:
+        """The ``module_schemes`` entry (glob, scheme, group size) that decides ``name``: the last match, or None."""
+        return next((t for t in reversed(self.module_schemes) if fnmatch.fnmatchcase(name, t[0])), None)
+
     def scheme_for(self, name: str) -> tuple[str, int | None]:
         """The torchao scheme and group size of the target called ``name`` (``module_schemes``, last match)."""
-        chosen = (self.scheme, self.group_size)
-        for glob, scheme, group_size in self.module_schemes:
-            if fnmatch.fnmatchcase(name, glob):
-                chosen = (scheme, group_size)
-        return chosen
+        entry = self.module_scheme(name)
+        return (self.scheme, self.group_size) if entry is None else entry[1:]
 
     def applications(self) -> list[tuple[AOBaseConfig, Callable[[nn.Module, str], bool]]]:
         """One ``(torchao config, filter_fn)`` per distinct scheme of the targets, for ``quantize_`` in turn.
@@ -454,8 +455,8 @@ def check_module_schemes(model: nn.Module, spec: QuantSpec, prefix: str = "") ->
     for name in names:
         scheme, group_size = spec.scheme_for(name)
         module = model.get_submodule(name)
-        glob = next((g for g, _, _ in reversed(spec.module_schemes) if fnmatch.fnmatchcase(name, g)), None)
-        at = f"{field}.{glob}." if glob is not None else prefix  # the setting that gave this target its scheme
+        entry = spec.module_scheme(name)
+        at = f"{field}.{entry[0]}." if entry is not None else prefix  # the setting that gave this target its scheme
         if isinstance(module, nn.Embedding) and get_scheme(scheme).act_bits is not None:
             raise config_error(f"{at}scheme", scheme, f"{name} is a table lookup; give it a weight-only scheme")
         width = _group_axis_width(module)
