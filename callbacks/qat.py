@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from callbacks.base import OneShotCompression
 from distill.compress.quant import schemes
+from distill.compress.quant.budget import check_budget, shared_spec_on_budget
 from distill.compress.quant.qat import (
     FIELD,
     QAT,
@@ -35,7 +36,7 @@ from distill.compress.quant.qat import (
     start_from_imatrix,
     with_learned_scales,
 )
-from distill.compress.quant.type_map import TypeMap, calibrated_importance, check_target, shared_spec_on_budget
+from distill.compress.quant.type_map import TypeMap, calibrated_importance
 from distill.compress.stages import compression_stages
 from distill.config import config_error
 from distill.export import quantized
@@ -59,7 +60,8 @@ class QuantizationAwareTraining(OneShotCompression):
         module_schemes: torchao schemes: ``{module glob: scheme or {scheme, group_size}}``, the last match winning.
         target_ratio: for ``gguf_*`` schemes instead of ``gguf_types``: a type per module so the GGUF file is at
             most 1/``target_ratio`` of the student's fp32 bytes (:mod:`distill.compress.quant.type_map`).
-        target_bytes: instead of ``target_ratio``: the file's budget in bytes (``type_map.ByteTarget``).
+        target_bytes: instead of ``target_ratio``: the file's budget in bytes (``type_map.ByteTarget``). On a torchao
+            scheme either one chooses a grid per module among ``budget_grids`` (``quant.grid_budget``).
         init: ``rtn`` (weights as they are) or, on a llama.cpp grid, ``imatrix`` (``qat.start_from_imatrix``).
         learn_scales: train the 32-block types' scales with the weights (:mod:`~distill.compress.quant.learned_scales`).
         scale_gain: with ``learn_scales``, the scales' learning rate relative to the weights'.
@@ -82,6 +84,7 @@ class QuantizationAwareTraining(OneShotCompression):
         module_schemes: dict[str, Any] | None = None,
         target_ratio: float | None = None,
         target_bytes: int | None = None,
+        budget_grids: list[Any] | None = None,
         calibration_batches: int = 8,
         init: str = "rtn",
         learn_scales: bool = False,
@@ -95,7 +98,7 @@ class QuantizationAwareTraining(OneShotCompression):
         self.spec = schemes.make_spec(scheme, group_size, skip, FIELD, modules, gguf_types, module_schemes)
         self.spec = with_learned_scales(self.spec, learn_scales, scale_gain)
         check_steps(self.spec, start_step, freeze_ranges_step, calibration_batches)
-        self.target = check_target(self.spec, target_ratio, gguf_types, target_bytes)
+        self.target = check_budget(self.spec, target_ratio, gguf_types, target_bytes, budget_grids)
         self.init = check_init(self.spec, init)
         self.calibration_batches = calibration_batches
         self.type_map: TypeMap | None = None

@@ -38,6 +38,7 @@ def test_bench_scripts_are_the_expected_ones():
         "deploy_speed",
         "fsdp_memory",
         "generation",
+        "grid_budget",
         "headline",
         "kd_vs_ce",
         "llama_cpp_fixtures",
@@ -316,3 +317,23 @@ def test_table_bits_rounds_only_the_part_each_variant_names_at_the_bits_it_repor
             assert head.target_dtype == getattr(torch, f"int{bits}")
             # codes at their width, plus an fp32 scale and an int8 zero point per group
             assert stored_bits(head) == pytest.approx(bits + 40 / table[1]), label
+
+
+def test_grid_budget_rows_name_each_maps_grids_and_the_export_bytes_they_cost(tmp_path):
+    from bench.grid_budget import exported_bytes, grids_of, markdown
+    from distill.compress.quant import schemes
+    from distill.cost import disk_bytes
+    from distill.export.quantized import save_quantized
+    from tests.helpers import tiny_llama
+
+    model = tiny_llama(vocab_size=128).eval()
+    table = {"model.embed_tokens": {"scheme": "int4_weight_only", "group_size": 32}, "lm_head": "int4_weight_only"}
+    spec = schemes.make_spec("int3_weight_only", 64, ["*norm*"], "", ["linear", "embedding"], None, table)
+    names = schemes.targets(model, spec.skip, spec.modules)
+    assert grids_of(spec, names) == "14 int3_weight_only/g64, 2 int4_weight_only/g32"  # 7 matrices a layer, 2 layers
+    schemes.ptq(model, spec)
+    assert exported_bytes(model, None, spec) == disk_bytes(save_quantized(model, None, tmp_path / "q", spec))
+    score = {"top1_agreement": 0.5, "top1_agreement_ci_low": 0.4, "top1_agreement_ci_high": 0.6, "kl_to_teacher": 1.0}
+    row = {"layers": 2, "map": "hand", "bytes": 1234, "table": "2 int4_weight_only/g32", "grids": "x", "documents": 3}
+    text = markdown({"batches": 1, "rows": {"2layers_hand": {**row, **score, "tokens": 10}}})
+    assert "| 2 | `hand` | 1,234 | 2 int4_weight_only/g32 | x | 0.500 [0.400, 0.600] | 1.000 |" in text

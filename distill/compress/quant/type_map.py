@@ -306,6 +306,8 @@ class ByteTarget:
 
     ratio: float | None = None
     bytes: int | None = None
+    # torchao schemes: the (scheme, group size) grids the budget chooses among (grid_budget.py); () = its defaults
+    grids: tuple[tuple[str, int | None], ...] = ()
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.bytes is None):
@@ -401,10 +403,8 @@ def calibrated_importance(model: nn.Module, spec: QuantSpec, datamodule: object,
     return computed_on_rank_zero(lambda: collect_importance(model, names, data))
 
 
-def check_target(
-    spec: QuantSpec, target_ratio: object, gguf_types: object, target_bytes: object = None
-) -> ByteTarget | None:
-    """A byte budget needs a llama.cpp grid, a ratio above 1 or a byte count above 0, and no hand-made map."""
+def parse_budget(target_ratio: object, target_bytes: object) -> tuple[str, object, ByteTarget] | None:
+    """The budget a ratio above 1 or a byte count above 0 sets, with the field and value that set it (or None)."""
     if target_ratio is None and target_bytes is None:
         return None
     by_bytes = target_bytes is not None
@@ -424,6 +424,17 @@ def check_target(
             else "how many times smaller than fp32, > 1 (e.g. 7)"
         )
         raise config_error(field, value, "give " + fix)
+    return field, value, ByteTarget(bytes=target_bytes) if by_bytes else ByteTarget(ratio=float(target_ratio))
+
+
+def check_target(
+    spec: QuantSpec, target_ratio: object, gguf_types: object, target_bytes: object = None
+) -> ByteTarget | None:
+    """A llama.cpp type budget: a valid ratio or byte count (:func:`parse_budget`), a gguf_* scheme, no hand map."""
+    parsed = parse_budget(target_ratio, target_bytes)
+    if parsed is None:
+        return None
+    field, value, target = parsed
     if get_scheme(spec.scheme).gguf is None:
         needs = f"chooses llama.cpp types and needs a gguf_* scheme; {spec.scheme} is torchao's"
         raise config_error(field, value, needs)
@@ -433,7 +444,7 @@ def check_target(
             value,
             "and callbacks.qat.gguf_types both choose the types; give one (gguf_types=null to let the budget choose)",
         )
-    return ByteTarget(bytes=target_bytes) if by_bytes else ByteTarget(ratio=float(target_ratio))
+    return target
 
 
 def spec_on_budget(
@@ -475,22 +486,3 @@ def spec_on_budget(
         )
     new = dataclasses.replace(spec, skip=(*spec.skip, *chosen.unfit), gguf_types=tuple(sorted(chosen.types.items())))
     return new, chosen
-
-
-def shared_spec_on_budget(
-    model: nn.Module,
-    spec: QuantSpec,
-    datamodule: object,
-    target: float | ByteTarget,
-    tokenizer: object,
-    batches: int,
-) -> tuple[QuantSpec, TypeMap]:
-    """:func:`spec_on_budget` on the datamodule's training split, computed on rank 0 and sent to every rank.
-
-    FSDP (scale_out.md): ranks > 0 may hold the student empty before wrapping, and every rank must train on one
-    map (one process: computed here).
-    """
-    from distill.runtime.ranks import computed_on_rank_zero
-
-    train_set, block_size = datamodule.train_set, datamodule.block_size  # type: ignore[attr-defined]
-    return computed_on_rank_zero(lambda: spec_on_budget(model, spec, train_set, block_size, target, tokenizer, batches))
