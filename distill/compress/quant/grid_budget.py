@@ -118,14 +118,12 @@ def rounded(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, int]:
     """
     from torchao.quantization import quantize_
 
-    from distill.export.quantized import PACKED_BITS
-
     rows, width = weight.shape
     holder = nn.Linear(width, rows, bias=False, device=weight.device, dtype=weight.dtype)
     holder.weight.data.copy_(weight)
     quantize_(holder, base_config(get_scheme(grid[0]), grid[1]))
     q = holder.weight
-    bits = PACKED_BITS.get(q.target_dtype, 8)
+    bits = get_scheme(grid[0]).weight_bits  # the code width; int8 codes are stored as they are
     codes = q.qdata.numel() * bits // 8 if width % 8 == 0 else q.qdata.numel()
     return q.dequantize().to(weight.dtype), codes + tensor_bytes(q) - q.qdata.numel() * q.qdata.element_size()
 
