@@ -40,7 +40,7 @@ from distill.compress.quant.type_map import (
     allocate,
     as_target,
     collect_importance,
-    relative_error,
+    weighed_units,
 )
 from distill.config import config_error
 from distill.cost import parameter_count, tensor_bytes
@@ -227,30 +227,19 @@ def measure_grids(
     """
     batches = list(batches)
     importance = collect_importance(model, names, batches)
-    by_param: dict[int, list[str]] = {}
-    for name in names:
-        by_param.setdefault(id(model.get_submodule(name).weight), []).append(name)
-    units, unfit, params, probe_grids = [], [], [], []
-    for group in by_param.values():
-        module = model.get_submodule(group[0])
-        w = module.weight.detach()
-        fitting = [g for g in grids if fits(g, w.shape[-1])]
-        if not fitting:
-            unfit += group
-            continue
-        energy = w.float().square()
-        sizes, error = {}, {}
-        for grid in fitting:
-            value, sizes[grid_label(grid)] = rounded(w, grid)
-            squared = (value.float() - w.float()).square_()
-            error[grid_label(grid)] = sum(
-                relative_error(squared, energy, importance[n], isinstance(model.get_submodule(n), nn.Embedding))
-                for n in group
-            )
-        order = tuple(sorted(sizes, key=lambda k: (sizes[k], error[k])))
-        units.append(Unit(tuple(group), w.numel(), order, sizes, error))
-        params.append(module.weight)
-        probe_grids.append(probe if probe in fitting else next(g for g in fitting if grid_label(g) == order[0]))
+    by_label = {grid_label(g): g for g in grids}
+    units, unfit = weighed_units(
+        model,
+        names,
+        importance,
+        lambda width: [grid_label(g) for g in grids if fits(g, width)],
+        lambda w, label: rounded(w, by_label[label]),
+    )
+    params = [model.get_submodule(u.modules[0]).weight for u in units]
+    # The probe's grid where it fits the unit's rows, else the cheapest grid that does.
+    probe_grids = [
+        probe if probe is not None and grid_label(probe) in u.candidates else by_label[u.candidates[0]] for u in units
+    ]
     probed: list[tuple[str, float]] = []
     if probe is not None and units:
         width = min(256, *(b.shape[-1] for b in batches))

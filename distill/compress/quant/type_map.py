@@ -153,11 +153,40 @@ def relative_error(squared: torch.Tensor, energy: torch.Tensor, importance: torc
 def build_units(
     model: nn.Module, names: Sequence[str], importance: Mapping[str, torch.Tensor], kinds: Sequence[str]
 ) -> tuple[list[Unit], list[str]]:
-    """One :class:`Unit` per quantized Parameter, with each candidate's bytes and error.
+    """One :class:`Unit` per quantized Parameter, with each llama.cpp type's bytes and error.
 
     Returns:
         The units, and the target modules no candidate fits (rows not a multiple of any block; they stay
         unquantized).
+
+    """
+    return weighed_units(
+        model,
+        names,
+        importance,
+        lambda width: [k for k in kinds if width % BLOCKS[k] == 0],
+        lambda w, k: (fake_quantize(w, k), type_bytes(k, w.numel())),
+    )
+
+
+def weighed_units(
+    model: nn.Module,
+    names: Sequence[str],
+    importance: Mapping[str, torch.Tensor],
+    candidates: Callable[[int], Sequence[str]],
+    rounding: Callable[[torch.Tensor, str], tuple[torch.Tensor, int]],
+) -> tuple[list[Unit], list[str]]:
+    """One :class:`Unit` per quantized Parameter, for any family of candidates (llama.cpp types, torchao grids).
+
+    Args:
+        model: the student.
+        names: the target module names; modules sharing a Parameter (a tied embedding and head) make one unit.
+        importance: target module → its :func:`collect_importance` entry.
+        candidates: row width → the candidates that fit it.
+        rounding: (fp32 weight, candidate) → the rounded weight and the bytes it is stored in.
+
+    Returns:
+        The units, and the target modules no candidate fits (they stay unquantized).
 
     """
     by_param: dict[int, list[str]] = {}
@@ -166,23 +195,22 @@ def build_units(
     units, unfit = [], []
     for group in by_param.values():
         module = model.get_submodule(group[0])
-        width, numel = _width(module), module.weight.numel()
-        fits = [k for k in kinds if width % BLOCKS[k] == 0]
+        fits = candidates(_width(module))
         if not fits:
             unfit += group
             continue
-        sizes = {k: type_bytes(k, numel) for k in fits}
         w = module.weight.detach().float()
         energy = w.square()
-        error = {}
-        for k in fits:  # one rounding per type, shared by the modules that read the Parameter
-            squared = fake_quantize(w, k).sub_(w).square_()
+        sizes, error = {}, {}
+        for k in fits:  # one rounding per candidate, shared by the modules that read the Parameter
+            value, sizes[k] = rounding(w, k)
+            squared = value.float().sub_(w).square_()
             error[k] = sum(
                 relative_error(squared, energy, importance[n], isinstance(model.get_submodule(n), nn.Embedding))
                 for n in group
             )
         order = tuple(sorted(fits, key=lambda k: (sizes[k], error[k])))
-        units.append(Unit(tuple(group), numel, order, sizes, error))
+        units.append(Unit(tuple(group), module.weight.numel(), order, sizes, error))
     return units, unfit
 
 
