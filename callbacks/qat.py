@@ -62,6 +62,8 @@ class QuantizationAwareTraining(OneShotCompression):
             most 1/``target_ratio`` of the student's fp32 bytes (:mod:`distill.compress.quant.type_map`).
         target_bytes: instead of ``target_ratio``: the file's budget in bytes (``type_map.ByteTarget``). On a torchao
             scheme either one chooses a grid per module among ``budget_grids`` (``quant.grid_budget``).
+        budget_probe: scale each module's error by the KL its rounding alone causes (``quant.probe``); null: on for
+            torchao's grids, off for llama.cpp's types.
         init: ``rtn`` (weights as they are) or, on a llama.cpp grid, ``imatrix`` (``qat.start_from_imatrix``).
         learn_scales: train the 32-block types' scales with the weights (:mod:`~distill.compress.quant.learned_scales`).
         scale_gain: with ``learn_scales``, the scales' learning rate relative to the weights'.
@@ -85,6 +87,7 @@ class QuantizationAwareTraining(OneShotCompression):
         target_ratio: float | None = None,
         target_bytes: int | None = None,
         budget_grids: list[Any] | None = None,
+        budget_probe: bool | None = None,
         calibration_batches: int = 8,
         init: str = "rtn",
         learn_scales: bool = False,
@@ -98,7 +101,7 @@ class QuantizationAwareTraining(OneShotCompression):
         self.spec = schemes.make_spec(scheme, group_size, skip, FIELD, modules, gguf_types, module_schemes)
         self.spec = with_learned_scales(self.spec, learn_scales, scale_gain)
         check_steps(self.spec, start_step, freeze_ranges_step, calibration_batches)
-        self.target = check_budget(self.spec, target_ratio, gguf_types, target_bytes, budget_grids)
+        self.target = check_budget(self.spec, target_ratio, gguf_types, target_bytes, budget_grids, budget_probe)
         self.init = check_init(self.spec, init)
         self.calibration_batches = calibration_batches
         self.type_map: TypeMap | None = None
@@ -231,10 +234,8 @@ class QuantizationAwareTraining(OneShotCompression):
                 "so there is no quantized model to export"
             )
         if self.gguf_types:
-            rank_zero_info(
-                f"{self.spec.scheme}: the compact form of a llama.cpp grid is the GGUF file that "
-                "export.formats=[hf,gguf] writes; no torchao folder is written"
-            )
+            why = "the compact form of a llama.cpp grid is the GGUF file that export.formats=[hf,gguf] writes"
+            rank_zero_info(f"{self.spec.scheme}: {why}; no torchao folder is written")
             return None
         return quantized.save_checked(model, tokenizer, Path(run_dir) / self.export_dir, self.spec)
 

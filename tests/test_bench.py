@@ -38,6 +38,7 @@ def test_bench_scripts_are_the_expected_ones():
         "deploy_speed",
         "fsdp_memory",
         "generation",
+        "gguf_probe",
         "grid_budget",
         "headline",
         "kd_vs_ce",
@@ -337,3 +338,21 @@ def test_grid_budget_rows_name_each_maps_grids_and_the_export_bytes_they_cost(tm
     row = {"layers": 2, "map": "hand", "bytes": 1234, "table": "2 int4_weight_only/g32", "grids": "x", "documents": 3}
     text = markdown({"batches": 1, "rows": {"2layers_hand": {**row, **score, "tokens": 10}}})
     assert "| 2 | `hand` | 1,234 | 2 int4_weight_only/g32 | x | 0.500 [0.400, 0.600] | 1.000 |" in text
+
+
+def test_gguf_probe_rows_give_each_maps_table_types_and_score():
+    from bench.gguf_probe import markdown
+
+    score = {"top1_agreement": 0.7, "top1_agreement_ci_low": 0.6, "top1_agreement_ci_high": 0.8, "kl_to_teacher": 0.2}
+    row = {
+        "type_set": "all",
+        "map": "kl_probe",
+        "rounding": "rtn",
+        "file_bytes": 76_000_000,
+        "budget": 76_865_718,
+        "table": "q5_0",
+    }
+    rows = {"kl_probe_rtn": {**row, **score, "types": "3 Q4_1", "documents": 3, "tokens": 10}}
+    text = markdown({"qat_config": "gguf_q4_mix", "batches": 1, "rows": rows})
+    assert "budget (76,865,718 bytes)" in text
+    assert "| all | `kl_probe` | rtn | 76,000,000 | Q5_0 | 3 Q4_1 | 0.700 [0.600, 0.800] | 0.200 |" in text

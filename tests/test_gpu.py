@@ -15,7 +15,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q4_k", "q3_k", "iq4_nl"])
+@pytest.mark.parametrize("kind", ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q3_k", "iq4_nl"])
 def test_the_gguf_grids_round_on_the_gpu_exactly_as_on_the_cpu(kind):
     from distill.compress.quant.gguf_grid import fake_quantize
 

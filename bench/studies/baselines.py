@@ -316,14 +316,14 @@ def mix_types(bench: Bench, model: nn.Module, qat_config: str) -> tuple[str, dic
     """The scheme's llama.cpp type, and ``{weight name: type}`` on ``model``, of ``conf/callbacks/qat/<name>.yaml``.
 
     A config with a byte budget (``target_ratio`` or ``target_bytes``) gets the map its QAT run would choose at
-    step 0 (the same calibration text and rule: :func:`~distill.compress.quant.type_map.calibrated_type_map`); one
-    with ``gguf_types`` gets those.
+    step 0 (the same calibration text and rule, ``budget_probe`` included:
+    :func:`~distill.compress.quant.type_map.calibrated_type_map`); one with ``gguf_types`` gets those.
     """
     node = OmegaConf.load(QAT_CONF / f"{qat_config}.yaml")
     # Every matrix, as the recipe quantizes them (its modules and skip list are the experiment's, not the file's).
     types = node.get("gguf_types")
     base = schemes.make_spec(node.scheme, node.group_size, ["*norm*"], "", ["linear", "embedding"], types)
-    target = check_target(base, node.get("target_ratio"), types, node.get("target_bytes"))
+    target = check_target(base, node.get("target_ratio"), types, node.get("target_bytes"), node.get("budget_probe"))
     if target is not None:
         names = schemes.targets(model, ["*norm*"], ["linear", "embedding"])
         dm = bench.datamodule
@@ -336,6 +336,7 @@ def mix_types(bench: Bench, model: nn.Module, qat_config: str) -> tuple[str, dic
             gguf_grid.KINDS,
             bench.teacher.tokenizer,
             node.get("calibration_batches", 8),
+            schemes.get_scheme(node.scheme).gguf if target.probe else None,  # as type_map.spec_on_budget probes
         )
         types = chosen.types
     spec = schemes.make_spec(node.scheme, node.group_size, ["*norm*"], "", ["linear", "embedding"], types)

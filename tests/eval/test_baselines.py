@@ -190,7 +190,7 @@ def test_a_mixed_gguf_ptq_row_writes_each_tensor_in_its_recipes_type(tmp_path, c
     conf = tmp_path / "qat"
     conf.mkdir()
     real = OmegaConf.load(baselines.QAT_CONF / "gguf_q4_mix.yaml")
-    real.target_ratio = None  # a hand-made map instead of the recipe's byte budget
+    real.target_ratio = real.budget_probe = None  # a hand-made map instead of the recipe's byte budget
     real.gguf_types = {"*.mlp.down_proj": "q8_0", "*.layers.1.mlp.down_proj": "q4_1"}
     OmegaConf.save(real, conf / "gguf_q4_mix.yaml")
     monkeypatch.setattr(baselines, "QAT_CONF", conf)

@@ -27,14 +27,14 @@ from train import train
 
 QUIET = ["eval.max_batches=1", "eval.tasks=[]", "eval.new_tokens=0", "eval.speed_runs=0"]
 QTYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
-QTYPES["q4_1"] = gguf.GGMLQuantizationType.Q4_1
+QTYPES |= {k: gguf.GGMLQuantizationType[k.upper()] for k in ("q4_1", "q5_0", "q5_1")}
 
 
 def _types(file: Path) -> dict[str, str]:
     return {t.name: t.tensor_type.name for t in gguf.GGUFReader(file).tensors}
 
 
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("kind", ["q8_0", "q5_1", "q5_0", "q4_0", "q4_1"])
 def test_fake_quant_grid_is_gguf_py_bit_for_bit_and_a_fixed_point_of_it(kind):
     torch.manual_seed(0)
     w = torch.randn(16, 128) * 0.05

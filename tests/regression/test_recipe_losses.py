@@ -60,6 +60,7 @@ TINY_Q4_MIX = [
     # The recipe chooses its map from a byte budget (tests/compress/quant/test_type_map.py); the pins hold the
     # numerics of training on one fixed mix of grids, as they did before the budget chose it.
     "callbacks.qat.target_ratio=null",
+    "callbacks.qat.budget_probe=null",
     "+callbacks.qat.gguf_types={*.mlp.down_proj:q4_k,*.layers.1.mlp.down_proj:q3_k}",
 ]
 PRUNE_BY_6 = ["callbacks.prune.heads=3", "callbacks.prune.end_step=6", "callbacks.prune.every_n_steps=2"]

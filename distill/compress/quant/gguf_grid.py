@@ -1,4 +1,4 @@
-"""Fake quantization on llama.cpp's block grids (Q8_0, Q4_0, Q4_1, IQ4_NL, Q4_K, Q3_K): QAT students export as trained.
+"""Fake quantization on llama.cpp's block grids (Q8_0, Q5_x, Q4_x, IQ4_NL, Q4_K, Q3_K): QAT students export as trained.
 
 llama.cpp stores these types in blocks of 32 weights along a row (a Linear's in-features, an embedding's
 vector), each block with an fp16 scale, and for Q4_1 an fp16 minimum:
@@ -7,6 +7,9 @@ vector), each block with an fp16 scale, and for Q4_1 an fp16 minimum:
 - Q4_0: ``d = m / -8`` where ``m`` is the block's value of largest magnitude (sign kept), codes
   ``trunc(x / d + 8.5)`` clipped to [0, 15], value ``(q - 8) · d``;
 - Q4_1: ``d = (max - min) / 15``, codes ``trunc((x - min) / d + 0.5)`` clipped to [0, 15], value ``q · d + min``;
+- Q5_0 and Q5_1: Q4_0's and Q4_1's rules with 5-bit codes (``d = m / -16``, codes ``trunc(x / d + 16.5)`` in
+  [0, 31], value ``(q - 16) · d``; ``d = (max - min) / 31``): 5.5 and 6 bits per weight, between the 4-bit types
+  and Q8_0, where a tensor the output feels (a tied table) can sit without Q8_0's cost;
 - IQ4_NL: value ``d · v[q]`` with ``v`` llama.cpp's 16 non-linear levels (−127 … 113, denser near 0, as
   weights are) and codes 0..15 (4.5 bits per weight, as Q4_0). The rule here tries five scales that put the
   block's value of largest magnitude at ``−s`` for ``s`` in :data:`IQ4_NL_TRIALS` (all nearer −127 than −104,
@@ -64,7 +67,20 @@ from distill.compress.quant import llama_quants
 
 BLOCK = 32  # the legacy types quantize blocks of 32 weights along the last dim
 SUPER_BLOCK = 256  # the K-quants' super-blocks (QK_K in ggml)
-BLOCKS = {"q8_0": BLOCK, "q4_0": BLOCK, "q4_1": BLOCK, "q4_k": SUPER_BLOCK, "q3_k": SUPER_BLOCK, "iq4_nl": BLOCK}
+BLOCKS = {
+    "q8_0": BLOCK,
+    "q4_0": BLOCK,
+    "q4_1": BLOCK,
+    "q4_k": SUPER_BLOCK,
+    "q3_k": SUPER_BLOCK,
+    "iq4_nl": BLOCK,
+    "q5_0": BLOCK,
+    "q5_1": BLOCK,
+}
+# The legacy symmetric types (Q4_0, Q5_0): a block's value of largest magnitude goes to level -HALF; codes 0..2·HALF-1.
+_HALF = {"q4_0": 8, "q5_0": 16}
+# The legacy types with a minimum (Q4_1, Q5_1): the block's range in TOP steps; codes 0..TOP.
+_TOP = {"q4_1": 15, "q5_1": 31}
 KINDS = tuple(BLOCKS)
 K_KINDS = ("q4_k", "q3_k")
 # The types this module writes itself (gguf-py only decodes them); the others are gguf-py's encoders.
@@ -140,13 +156,14 @@ def fake_quantize(weight: torch.Tensor, kind: str, name: str | None = None) -> t
             _refuse_non_finite(weight, name)
         if kind == "q8_0":
             values = _roundf(blocks * _inverse(d)) * _fp16(d)
-        elif kind == "q4_0":
+        elif kind in _HALF:
             # In place on one temporary: this runs on every weight at every step, and on CPU each extra
             # weight-sized temporary (fresh pages) costs about as much as the arithmetic. Same roundings.
+            half = _HALF[kind]
             values = blocks * _inverse(d)
-            values.add_(8.5).trunc_().clamp_(0, 15).sub_(8).mul_(_fp16(d))
+            values.add_(half + 0.5).trunc_().clamp_(0, 2 * half - 1).sub_(half).mul_(_fp16(d))
         else:
-            codes = torch.trunc((blocks - low) * _inverse(d) + 0.5).clamp(0, 15)
+            codes = torch.trunc((blocks - low) * _inverse(d) + 0.5).clamp(0, _TOP[kind])
             values = _fp16(d) * codes + _fp16(low)
     return values.reshape(weight.shape).to(weight.dtype)
 
@@ -232,12 +249,12 @@ def rule_scales(blocks: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Te
         return iq4_nl_scale(blocks), None
     if kind == "q8_0":
         return blocks.abs().amax(dim=-1, keepdim=True) / 127, None
-    if kind == "q4_0":  # argmax: the first of equal magnitudes, as numpy's argmax
-        return torch.gather(blocks, -1, blocks.abs().argmax(dim=-1, keepdim=True)) / -8, None
-    if kind == "q4_1":
+    if kind in _HALF:  # argmax: the first of equal magnitudes, as numpy's argmax
+        return torch.gather(blocks, -1, blocks.abs().argmax(dim=-1, keepdim=True)) / -_HALF[kind], None
+    if kind in _TOP:
         low = blocks.amin(dim=-1, keepdim=True)
-        return (blocks.amax(dim=-1, keepdim=True) - low) / 15, low
-    raise ValueError(f"{kind} is not a 32-block type; rule_scales takes q8_0, q4_0, q4_1 or iq4_nl")
+        return (blocks.amax(dim=-1, keepdim=True) - low) / _TOP[kind], low
+    raise ValueError(f"{kind} is not a 32-block type; rule_scales takes q8_0, q5_0, q5_1, q4_0, q4_1 or iq4_nl")
 
 
 def _iq4_nl_values(blocks: torch.Tensor, weight: torch.Tensor, name: str | None) -> torch.Tensor:

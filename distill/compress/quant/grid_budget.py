@@ -6,14 +6,10 @@ their width plus an fp32 scale and an int8 zero point per group (:func:`distill.
 The result is the spec's ``module_schemes``, one exact module name per entry, so QAT, the exports and
 ``load_quantized`` carry it as they carry a hand-made map (``experiment=qad_int3_emb4``'s).
 
-Sensitivity is calibrated where the importance-weighted error alone misleads. The importance-weighted relative
-error (``type_map.relative_error``) ranks the grids *of one tensor* well, but every tensor's relative error counts
-the same, whatever the tensor does to the output: SmolLM2's tied table (2 of 169 tensors) rounded to int3 alone
-loses more top-1 agreement than all 168 layer matrices at int3 together (``bench/results/table_bits.md``). So each
-tensor's error curve is scaled by a probe: the KL between the student's logits and those with that one tensor
-rounded to the ``probe`` grid, on calibration batches of the training split. A tensor's error at grid ``g`` is
-``KL_probe × err(g) / err(probe)``: measured at the probe, following the weighted error elsewhere. The greedy
-walk of ``type_map.allocate`` then buys the upgrades with the most error removed per byte.
+Each tensor's importance-weighted error curve is scaled by the KL its rounding to the ``probe`` grid causes alone
+(:mod:`~distill.compress.quant.probe`; without it the tied table gets two bits and the model loses all agreement,
+``bench/results/grid_budget.md``). The greedy walk of ``type_map.allocate`` then buys the upgrades with the most
+error removed per byte.
 
 Hand-written because torchao has no byte-budgeted per-module choice; the rounding itself is torchao's
 (``quantize_`` with the scheme's ``IntxWeightOnlyConfig`` on a one-matrix module).
@@ -29,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from distill.compress.quant.probe import PROBE_TOKENS, probe_kl, probe_rows
 from distill.compress.quant.schemes import QuantSpec, base_config, get_scheme, resolve_group_size, targets
 from distill.compress.quant.type_map import (
     ByteTarget,
@@ -39,6 +35,7 @@ from distill.compress.quant.type_map import (
     Unit,
     allocate,
     as_target,
+    calibrated,
     collect_importance,
     weighed_units,
 )
@@ -128,39 +125,6 @@ def rounded(weight: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, int]:
     return q.dequantize().to(weight.dtype), codes + tensor_bytes(q) - q.qdata.numel() * q.qdata.element_size()
 
 
-@torch.no_grad()
-def probe_kl(model: nn.Module, params: Sequence[nn.Parameter], probe_grids: Sequence[Grid], batches: list) -> list:
-    """Per Parameter: KL(student ‖ student with that one Parameter rounded to its grid), nats per token.
-
-    Each rounding is made when its turn comes and undone after, so the probe holds one rounded copy at a time.
-    """
-    device = next(model.parameters()).device
-
-    def logprobs() -> list[torch.Tensor]:
-        return [F.log_softmax(model(input_ids=ids.to(device)).logits.float(), -1) for ids in batches]
-
-    was_training = model.training
-    model.eval()
-    try:
-        reference = logprobs()
-        out = []
-        for param, grid in zip(params, probe_grids, strict=True):
-            kept = param.data.clone()
-            param.data.copy_(rounded(kept, grid)[0])
-            try:
-                now = logprobs()
-            finally:
-                param.data.copy_(kept)
-            kls = [
-                F.kl_div(lp, ref, log_target=True, reduction="none").sum(-1).flatten()
-                for lp, ref in zip(now, reference, strict=True)
-            ]
-            out.append(max(0.0, float(torch.cat(kls).mean())))  # float noise can dip a tiny KL below 0
-    finally:
-        model.train(was_training)
-    return out
-
-
 def export_file_bytes(model: nn.Module, tokenizer: object) -> int:
     """Bytes of the config and tokenizer files as the compact export writes them."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,13 +159,7 @@ class Measured:
 
     def calibrated(self) -> list[Unit]:
         """The units with each error curve scaled to pass through its probe's KL (unscaled without a probe)."""
-        if not self.probe:
-            return self.units
-        out = []
-        for unit, (at, kl) in zip(self.units, self.probe, strict=True):
-            scale = kl / unit.error[at] if unit.error[at] > 0 else 1.0
-            out.append(dataclasses.replace(unit, error={k: e * scale for k, e in unit.error.items()}))
-        return out
+        return calibrated(self.units, self.probe) if self.probe else self.units
 
 
 def measure_grids(
@@ -210,7 +168,7 @@ def measure_grids(
     batches: Iterable[torch.Tensor],
     grids: Sequence[Grid],
     probe: Grid | None,
-    probe_tokens: int = 1024,
+    probe_tokens: int = PROBE_TOKENS,
 ) -> Measured:
     """Round every target Parameter on every grid its rows take, weigh the errors, and probe each alone.
 
@@ -242,9 +200,8 @@ def measure_grids(
     ]
     probed: list[tuple[str, float]] = []
     if probe is not None and units:
-        width = min(256, *(b.shape[-1] for b in batches))
-        rows = torch.cat([b[:, :width] for b in batches])
-        kls = probe_kl(model, params, probe_grids, [rows[: max(1, probe_tokens // rows.shape[-1])]])
+        roundings = [lambda w, g=g: rounded(w, g)[0] for g in probe_grids]
+        kls = probe_kl(model, params, roundings, probe_rows(batches, probe_tokens))
         probed = [(grid_label(g), kl) for g, kl in zip(probe_grids, kls, strict=True)]
     chosen = {id(p) for p in params}
     exact = {n: tensor_bytes(p) for n, p in model.named_parameters() if id(p) not in chosen}  # shared ones once
@@ -267,7 +224,9 @@ def choose_grids(
     fixed = sum(measured.exact.values()) + export_file_bytes(model, tokenizer) + records
     choice, total = allocate(units, budget, fixed)
     types = {name: choice[i] for i, u in enumerate(units) for name in u.modules}
-    return TypeMap(types, measured.unfit, total, budget, reference, measured.importance)
+    return TypeMap(
+        types, measured.unfit, total, budget, reference, measured.importance, calibrated and bool(measured.probe)
+    )
 
 
 def budget_grid_map(
@@ -305,14 +264,15 @@ def spec_on_grid_budget(
     """``spec`` with :func:`budget_grid_map`'s choice as its ``module_schemes`` (unfit modules skipped).
 
     The spec's own scheme and group size are the probe grid (``qad_int3``'s int3 g192: where the student would
-    otherwise sit), and ``target.grids`` (or :data:`DEFAULT_GRIDS`) the candidates.
+    otherwise sit; none when ``target.probe`` is off), and ``target.grids`` (or :data:`DEFAULT_GRIDS`) the candidates.
     """
     from distill.compress.depth import calibration_batches
 
     names = targets(model, spec.skip, spec.modules)
     data = calibration_batches(train_blocks, batches=batches, rows=4, tokens=block_size)
     grids = target.grids or DEFAULT_GRIDS
-    chosen = budget_grid_map(model, names, data, target, grids, (spec.scheme, spec.group_size), tokenizer)
+    probe = (spec.scheme, spec.group_size) if target.probe else None
+    chosen = budget_grid_map(model, names, data, target, grids, probe, tokenizer)
     if chosen.file_bytes > chosen.budget:
         log.warning(
             "callbacks.qat budget %s: the cheapest grids give about %d bytes (1/%.2f of fp32); training on that",

@@ -12,7 +12,9 @@ the map is derived from the model at start-up, so one recipe fits every student:
    rounding error of each weight times the mean square of the input channel it multiplies, collected on
    calibration batches of the training split (for a token embedding read as a lookup, each row is weighted by
    how often its token occurs). It is divided by the same weighting of the weights themselves, so every
-   tensor's error is a relative output error and tensors of different scales compare.
+   tensor's error is a relative output error and tensors of different scales compare. With a probe
+   (``callbacks.qat.budget_probe``), each tensor's curve is then scaled by the KL its rounding alone causes
+   (:mod:`~distill.compress.quant.probe`), so a tensor the output feels more (the tied table) weighs more.
 3. **Allocation.** Every Parameter starts at its cheapest type; then, while the budget allows, the upgrade
    that removes the most relative error per added byte is taken (a greedy walk along each tensor's
    error/size curve, the usual Lagrangian heuristic for this knapsack).
@@ -27,12 +29,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from distill.compress.quant.gguf_grid import BLOCKS, fake_quantize
+from distill.compress.quant.probe import probe_kl, probe_rows
 from distill.compress.quant.schemes import QuantSpec, get_scheme
 from distill.config import config_error
 from distill.cost import parameter_count
@@ -214,6 +217,18 @@ def weighed_units(
     return units, unfit
 
 
+def calibrated(units: Sequence[Unit], probe: Sequence[tuple[str, float]]) -> list[Unit]:
+    """``units`` with each error curve scaled to pass through its probe: (the candidate probed, the KL it caused).
+
+    A unit whose weighted error at the probe is 0 (a rounding that changes nothing) keeps its curve.
+    """
+    out = []
+    for unit, (at, kl) in zip(units, probe, strict=True):
+        scale = kl / unit.error[at] if unit.error[at] > 0 else 1.0
+        out.append(replace(unit, error={k: e * scale for k, e in unit.error.items()}))
+    return out
+
+
 def allocate(units: Sequence[Unit], budget: int, fixed: int) -> tuple[dict[int, str], int]:
     """Greedy allocation: cheapest types first, then the upgrades with the most error removed per byte.
 
@@ -297,6 +312,7 @@ class TypeMap:
         reference_bytes: the fp32 bytes the budget is a fraction of.
         importance: target module name → the importance it was chosen with (``callbacks.qat.init=imatrix``
             starts from llama.cpp's rounding weighted by it).
+        probed: whether each tensor's error curve was scaled by its KL probe.
 
     """
 
@@ -306,6 +322,7 @@ class TypeMap:
     budget: int
     reference_bytes: int
     importance: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    probed: bool = False
 
     @property
     def ratio(self) -> float:
@@ -321,6 +338,7 @@ class TypeMap:
         return (
             f"{kinds}; file about {self.file_bytes / 2**20:.2f} MiB = 1/{self.ratio:.2f} of "
             f"{self.reference_bytes / 2**20:.1f} MiB fp32 (budget {self.budget / 2**20:.2f} MiB)"
+            + ("; errors scaled by a KL probe" if self.probed else "")
         )
 
 
@@ -336,6 +354,8 @@ class ByteTarget:
     bytes: int | None = None
     # torchao schemes: the (scheme, group size) grids the budget chooses among (grid_budget.py); () = its defaults
     grids: tuple[tuple[str, int | None], ...] = ()
+    # whether each tensor's error curve is scaled by the KL its rounding alone causes (probe.py)
+    probe: bool = False
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.bytes is None):
@@ -363,6 +383,7 @@ def budget_type_map(
     target: float | ByteTarget,
     kinds: Sequence[str],
     tokenizer: object = None,
+    probe: str | None = None,
 ) -> TypeMap:
     """Choose a llama.cpp type per target module so the GGUF file fits ``target``'s byte budget.
 
@@ -374,13 +395,22 @@ def budget_type_map(
             :class:`ByteTarget`.
         kinds: the types allowed (QAT grids).
         tokenizer: the student's tokenizer, for the metadata estimate (None: tensor records only).
+        probe: the type each tensor is rounded to alone to scale its error curve by the KL that causes (where
+            its rows do not take it, its cheapest type); None: the importance-weighted errors as they are.
 
     Returns:
         The map; ``file_bytes > budget`` when even the cheapest types do not fit (the caller decides).
 
     """
+    batches = list(batches)
     importance = collect_importance(model, names, batches)
     units, unfit = build_units(model, names, importance, kinds)
+    if probe is not None and units:
+        probed = [probe if probe in u.candidates else u.candidates[0] for u in units]
+        params = [model.get_submodule(u.modules[0]).weight for u in units]
+        roundings = [lambda w, k=k: fake_quantize(w, k) for k in probed]
+        kls = probe_kl(model, params, roundings, probe_rows(batches))
+        units = calibrated(units, list(zip(probed, kls, strict=True)))
     reference = 4 * parameter_count(model)
     budget = as_target(target).budget(reference)
     quantized = {id(model.get_submodule(u.modules[0]).weight) for u in units}
@@ -388,7 +418,7 @@ def budget_type_map(
     fixed += metadata_bytes(tokenizer, n_tensors) if tokenizer is not None else n_tensors * _TENSOR_INFO_BYTES
     choice, total = allocate(units, budget, fixed)
     types = {name: choice[i] for i, u in enumerate(units) for name in u.modules}
-    return TypeMap(types, unfit, total, budget, reference, importance)
+    return TypeMap(types, unfit, total, budget, reference, importance, probe is not None)
 
 
 def calibrated_type_map(
@@ -400,6 +430,7 @@ def calibrated_type_map(
     kinds: Sequence[str],
     tokenizer: object = None,
     batches: int = 8,
+    probe: str | None = None,
 ) -> TypeMap:
     """:func:`budget_type_map` on ``batches`` calibration batches of 4 rows spread over the training blocks.
 
@@ -408,7 +439,7 @@ def calibrated_type_map(
     from distill.compress.depth import calibration_batches
 
     data = calibration_batches(train_blocks, batches=batches, rows=4, tokens=block_size)
-    return budget_type_map(model, names, data, target, kinds, tokenizer)
+    return budget_type_map(model, names, data, target, kinds, tokenizer, probe)
 
 
 def calibrated_importance(model: nn.Module, spec: QuantSpec, datamodule: object, batches: int = 8) -> dict:
@@ -456,10 +487,14 @@ def parse_budget(target_ratio: object, target_bytes: object) -> tuple[str, objec
 
 
 def check_target(
-    spec: QuantSpec, target_ratio: object, gguf_types: object, target_bytes: object = None
+    spec: QuantSpec, target_ratio: object, gguf_types: object, target_bytes: object = None, probe: object = None
 ) -> ByteTarget | None:
-    """A llama.cpp type budget: a valid ratio or byte count (:func:`parse_budget`), a gguf_* scheme, no hand map."""
+    """A llama.cpp type budget: a valid ratio or byte count (:func:`parse_budget`), a gguf_* scheme, no hand map.
+
+    ``probe`` (``budget_probe``): true scales each tensor's error curve by its KL probe; null or false does not.
+    """
     parsed = parse_budget(target_ratio, target_bytes)
+    check_probe(probe, parsed is not None)
     if parsed is None:
         return None
     field, value, target = parsed
@@ -472,7 +507,21 @@ def check_target(
             value,
             "and callbacks.qat.gguf_types both choose the types; give one (gguf_types=null to let the budget choose)",
         )
-    return target
+    return replace(target, probe=bool(probe))
+
+
+PROBE_FIELD = "callbacks.qat.budget_probe"
+
+
+def check_probe(probe: object, budget: bool) -> None:
+    """``budget_probe`` is null or a bool, and true only with a budget to calibrate."""
+    if probe is not None and not isinstance(probe, bool):
+        raise config_error(PROBE_FIELD, probe, "give true (scale each tensor's error by its KL probe), false or null")
+    if probe and not budget:
+        why = (
+            "calibrates a byte budget's errors; give callbacks.qat.target_ratio or target_bytes too (or leave it null)"
+        )
+        raise config_error(PROBE_FIELD, probe, why)
 
 
 def spec_on_budget(
@@ -489,13 +538,12 @@ def spec_on_budget(
     The QAT callback's choice at ``start_step`` (:func:`calibrated_type_map` on the modules ``spec`` targets),
     with a warning when the budget cannot be met or a module fits no llama.cpp block.
     """
-    import dataclasses
-
     from distill.compress.quant.gguf_grid import KINDS
     from distill.compress.quant.schemes import targets
 
     names = targets(model, spec.skip, spec.modules)
-    chosen = calibrated_type_map(model, names, train_blocks, block_size, target, KINDS, tokenizer, batches)
+    probe = get_scheme(spec.scheme).gguf if as_target(target).probe else None  # the grid the student would sit on
+    chosen = calibrated_type_map(model, names, train_blocks, block_size, target, KINDS, tokenizer, batches, probe)
     if chosen.file_bytes > chosen.budget:
         # A target is a goal, not a promise: a tiny model's tokenizer alone can exceed it. Say so and go on with
         # the smallest file these rows allow; the report gives the size that was reached.
@@ -512,5 +560,5 @@ def spec_on_budget(
             len(chosen.unfit),
             ", ".join(chosen.unfit[:3]),
         )
-    new = dataclasses.replace(spec, skip=(*spec.skip, *chosen.unfit), gguf_types=tuple(sorted(chosen.types.items())))
+    new = replace(spec, skip=(*spec.skip, *chosen.unfit), gguf_types=tuple(sorted(chosen.types.items())))
     return new, chosen

@@ -13,10 +13,10 @@ from distill.compress.quant.grid_budget import (
     budget_grid_map,
     grid_label,
     map_schemes,
-    probe_kl,
     resolve_grids,
     rounded,
 )
+from distill.compress.quant.probe import probe_kl
 from distill.compress.quant.type_map import ByteTarget
 from distill.config import ConfigError
 from distill.cost import disk_bytes
@@ -53,9 +53,8 @@ def test_the_probe_measures_each_rounding_alone_and_leaves_the_weights_as_they_w
     before = {k: v.clone() for k, v in model.state_dict().items()}
     down = model.model.layers[0].mlp.down_proj.weight
     ids = [torch.randint(0, 128, (2, 16))]
-    kl = probe_kl(
-        model, [down, down, down], [("int8_weight_only", None), ("int4_weight_only", 32), ("int2_weight_only", 64)], ids
-    )
+    grids = [("int8_weight_only", None), ("int4_weight_only", 32), ("int2_weight_only", 64)]
+    kl = probe_kl(model, [down] * 3, [lambda w, g=g: rounded(w, g)[0] for g in grids], ids)
     assert 0 <= kl[0] < kl[1] < kl[2]  # coarser grids move the logits more
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key

@@ -160,7 +160,7 @@ NAME = "model.layers.3.mlp.down_proj.weight"
 
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q4_k", "q3_k"])
+@pytest.mark.parametrize("kind", ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q3_k"])
 def test_fake_quantize_refuses_inf_and_nan_naming_the_weight(kind, bad):
     w = torch.randn(8, 512)
     w[5, 17] = bad

@@ -164,6 +164,42 @@ def test_a_budget_in_bytes_is_the_same_budget_as_the_ratio_that_gives_those_byte
     assert smaller.file_bytes <= 100_000 < larger.file_bytes
 
 
+def test_the_kl_probe_gives_the_upgrade_to_the_table_the_output_feels():
+    """Layers scaled to barely reach the residual stream: their relative errors stay as large, their effect does not.
+
+    Unprobed, the greedy walk upgrades the small layer matrices first (as much relative error per tensor, far fewer
+    bytes); with the probe, the room for one table upgrade goes to the tied table.
+    """
+    model = _tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(1e-3)
+            layer.mlp.down_proj.weight.mul_(1e-3)
+    names = schemes.targets(model, ["*norm*"], ["linear", "embedding"])
+    batches = [torch.randint(0, 512, (4, 32))]
+    kinds = ("q4_0", "q8_0")
+    cheapest = budget_type_map(model, names, batches, 100.0, kinds).file_bytes
+    table = model.lm_head.weight.numel()
+    target = ByteTarget(bytes=cheapest + type_bytes("q8_0", table) - type_bytes("q4_0", table))
+    plain = budget_type_map(model, names, batches, target, kinds)
+    probed = budget_type_map(model, names, batches, target, kinds, probe="q4_0")
+    assert (plain.probed, probed.probed) == (False, True)
+    assert plain.types["lm_head"] == "q4_0" and any(k == "q8_0" for k in plain.types.values())
+    assert probed.types["lm_head"] == probed.types["model.embed_tokens"] == "q8_0"
+    assert probed.file_bytes <= target.bytes and "KL probe" in probed.summary()
+
+
+def test_budget_probe_reaches_the_map_the_callback_trains_on():
+    from distill.compress.quant.budget import check_budget
+
+    gguf = schemes.make_spec("gguf_q4_0", None, ["*norm*"], "", ["linear", "embedding"])
+    torchao = schemes.make_spec("int3_weight_only", 32, ["*norm*"], "", ["linear", "embedding"])
+    assert check_budget(gguf, 7.0, None, None, None).probe is False  # llama.cpp's default: the imatrix rule alone
+    assert check_budget(gguf, 7.0, None, None, None, True).probe is True
+    assert check_budget(torchao, 7.0, None, None, None).probe is True  # torchao's default: probed
+    assert check_budget(torchao, 7.0, None, None, None, False).probe is False
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"ratio": 7.0, "bytes": 5}, {"ratio": 0.5}, {"bytes": 0}])
 def test_a_byte_target_takes_one_valid_budget(kwargs):
     with pytest.raises(ValueError, match="ByteTarget"):
