@@ -37,8 +37,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import torch
 
     from bench.studies.baselines import QAT_CONF, prepare
-    from distill.compress.quant import gguf_grid, schemes
-    from distill.compress.quant.qat import start_from_imatrix
+    from distill.compress.quant import gguf_grid, qat, schemes
     from distill.compress.quant.type_map import calibrated_type_map, check_target
     from distill.eval.heldout import heldout_metrics
 
@@ -72,14 +71,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for rounding in ("rtn", "imatrix"):
             model = copy.deepcopy(teacher.model).eval()
             if rounding == "imatrix":  # the values llama-quantize --imatrix stores
-                start_from_imatrix(model, mapped, chosen.importance)
-            else:
-                rounded = {}  # by Parameter: a tied table is rounded once
-                with torch.no_grad():
-                    for name in names:
-                        weight = model.get_submodule(name).weight
-                        if id(weight) not in rounded:
-                            rounded[id(weight)] = weight.copy_(gguf_grid.fake_quantize(weight, chosen.types[name]))
+                qat.start_from_imatrix(model, mapped, chosen.importance)
+            else:  # the grids' own rounding, as QAT's prepare and convert leave the weights (a tied table once)
+                qat.prepare(model, mapped)
+                qat.convert(model, mapped)
             models[f"{types}_{label}_{rounding}"] = model
             rows[f"{types}_{label}_{rounding}"] = {**facts, "rounding": rounding}
     batches = dm.heldout_dataloader("val", cfg.batches)  # tuning data: the choice is made on it
